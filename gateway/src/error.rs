@@ -1,0 +1,221 @@
+//! The one error type handlers return, rendered as OpenAI's error object.
+//!
+//! `{"error":{"message","type","param","code"}}` with the status and the stable `type`/`code`
+//! strings the official SDKs understand. A 5xx never carries internals in `message`: the detail
+//! goes into the log (with the request's span), the client gets a plain sentence.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// An error as the client sees it.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&'static str>,
+    param: Option<String>,
+    message: String,
+    should_retry: Option<bool>,
+}
+
+/// OpenAI's error body.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    /// The error object.
+    pub error: ErrorObject,
+}
+
+/// OpenAI's error object.
+#[derive(Debug, Serialize)]
+pub struct ErrorObject {
+    /// A sentence for humans.
+    pub message: String,
+    /// `invalid_request_error`, `not_found_error`, `server_error`, …
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The request field at fault, if any.
+    pub param: Option<String>,
+    /// A stable machine-readable code, if any.
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            param: None,
+            message: message.into(),
+            should_retry: None,
+        }
+    }
+
+    /// 400: a field is missing or invalid.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            message,
+        );
+        e.param = Some(param.into());
+        e
+    }
+
+    /// 400: the body is not JSON at all.
+    pub fn malformed_json(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            message,
+        )
+    }
+
+    /// 400: the prompt plus `max_tokens` exceeds the model's context window.
+    pub fn context_length(message: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some("context_length_exceeded"),
+            message,
+        );
+        e.param = Some("messages".into());
+        e
+    }
+
+    /// 400: a `verification_mode` that is valid but not available yet.
+    pub fn unsupported_mode(mode: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some("unsupported_verification_mode"),
+            format!(
+                "verification_mode '{mode}' is not available on this gateway yet; use 'none' or 'merkle'"
+            ),
+        );
+        e.param = Some("verification_mode".into());
+        e
+    }
+
+    /// 404: no provider on the mesh serves this model.
+    pub fn model_not_found(model: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("model_not_found"),
+            format!(
+                "The model '{model}' does not exist or no provider on the mesh serves it; see GET /v1/models"
+            ),
+        );
+        e.param = Some("model".into());
+        e
+    }
+
+    /// 404: no such route.
+    pub fn route_not_found(path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("unknown_url"),
+            format!("Unknown request URL: {path}"),
+        )
+    }
+
+    /// 413: the body is over the limit.
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            Some("request_too_large"),
+            format!("Request body exceeds the limit of {limit} bytes"),
+        )
+    }
+
+    /// 503: no provider can take the request.
+    pub fn no_provider(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some("no_provider_available"),
+            message,
+        )
+    }
+
+    /// 502: the provider failed.
+    pub fn provider_failed(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            Some("provider_error"),
+            message,
+        )
+    }
+
+    /// 502: the answer failed verification; retrying the same request cannot help the client.
+    pub fn verification_failed(verdict: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            Some("verification_failed"),
+            format!("The provider's answer failed verification ({verdict}) and was discarded"),
+        );
+        e.should_retry = Some(false);
+        e
+    }
+
+    /// 504: the provider went silent.
+    pub fn provider_timeout() -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            Some("provider_timeout"),
+            "The provider stopped responding",
+        )
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The machine-readable code, if any.
+    pub fn code(&self) -> Option<&'static str> {
+        self.code
+    }
+
+    /// OpenAI's error body for this error (also used inside SSE streams).
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorObject {
+                message: self.message.clone(),
+                kind: self.kind,
+                param: self.param.clone(),
+                code: self.code,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, code = ?self.code, message = %self.message, "request failed");
+        }
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(retry) = self.should_retry {
+            response.headers_mut().insert(
+                "x-should-retry",
+                HeaderValue::from_static(if retry { "true" } else { "false" }),
+            );
+        }
+        response
+    }
+}

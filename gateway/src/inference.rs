@@ -1,0 +1,237 @@
+//! Running one generation on a provider over a `/proofmesh/generate/1` stream.
+//!
+//! [`start`] tries the candidates in order (at most [`MAX_ATTEMPTS`]) until one accepts the
+//! request; failures before the first token cool the provider down and move on. [`complete`]
+//! also retries when a provider fails mid-generation, which is safe because nothing has reached
+//! the client yet; streaming responses only fail over before their first byte.
+
+use std::time::Duration;
+
+use proofmesh_shared::commit::SignedCommitment;
+use proofmesh_shared::protocol::{
+    FRAME_GAP_TIMEOUT, FinishReason, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest,
+    MAX_STREAM_FRAME, RemoteErrorKind, read_frame, write_frame,
+};
+
+use crate::error::ApiError;
+use crate::registry::{Candidate, FAILURE_COOLDOWN, LoadGuard};
+use crate::state::AppState;
+
+/// One first attempt plus at most two failovers (../STACK.md: what OpenAI SDK users expect).
+pub const MAX_ATTEMPTS: usize = 3;
+/// Opening a stream and sending the request: a healthy provider on a live connection answers
+/// in milliseconds.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A generation in progress on one provider.
+#[derive(Debug)]
+pub struct Generation {
+    /// The provider and its model card.
+    pub candidate: Candidate,
+    /// Prompt length the provider reported.
+    pub prompt_tokens: u32,
+    stream: libp2p::Stream,
+    _load: LoadGuard,
+}
+
+/// The result of a finished generation, before the audit.
+#[derive(Debug)]
+pub struct Completed {
+    /// The tokens streamed, in order.
+    pub tokens: Vec<u32>,
+    /// The visible text.
+    pub text: String,
+    /// Why it stopped.
+    pub finish_reason: FinishReason,
+    /// The provider's signed commitment.
+    pub commitment: SignedCommitment,
+}
+
+/// Why an attempt failed, and whether another provider may do better.
+enum Attempt {
+    Retry(ApiError),
+    Fatal(ApiError),
+}
+
+impl Generation {
+    /// The next frame; a silent or broken provider becomes a 504 or 502.
+    pub async fn next(&mut self) -> Result<GenerateFrame, ApiError> {
+        match tokio::time::timeout(
+            FRAME_GAP_TIMEOUT,
+            read_frame(&mut self.stream, MAX_STREAM_FRAME),
+        )
+        .await
+        {
+            Ok(Ok(frame)) => Ok(frame),
+            Ok(Err(e)) => {
+                tracing::warn!(provider = %self.candidate.peer, error = %e, "provider stream broke");
+                Err(ApiError::provider_failed(
+                    "The provider closed the stream before finishing",
+                ))
+            }
+            Err(_) => Err(ApiError::provider_timeout()),
+        }
+    }
+
+    /// Reads frames until `Done`, checking that steps arrive in order.
+    pub async fn collect(&mut self) -> Result<Completed, ApiError> {
+        let mut tokens = Vec::new();
+        let mut text = String::new();
+        loop {
+            match self.next().await? {
+                GenerateFrame::Token {
+                    step,
+                    token,
+                    text: piece,
+                } => {
+                    if step as usize != tokens.len() {
+                        return Err(ApiError::provider_failed(
+                            "The provider sent steps out of order",
+                        ));
+                    }
+                    tokens.push(token);
+                    text.push_str(&piece);
+                }
+                GenerateFrame::Done {
+                    finish_reason,
+                    text: tail,
+                    commitment,
+                } => {
+                    text.push_str(&tail);
+                    return Ok(Completed {
+                        tokens,
+                        text,
+                        finish_reason,
+                        commitment,
+                    });
+                }
+                GenerateFrame::Error { kind, message } => return Err(remote_error(kind, &message)),
+                GenerateFrame::Accepted { .. } => {
+                    return Err(ApiError::provider_failed(
+                        "The provider violated the protocol",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn remote_error(kind: RemoteErrorKind, message: &str) -> ApiError {
+    match kind {
+        RemoteErrorKind::InvalidRequest => ApiError::invalid("messages", message),
+        RemoteErrorKind::ContextLength => ApiError::context_length(message),
+        RemoteErrorKind::UnknownModel | RemoteErrorKind::Overloaded => {
+            ApiError::no_provider("No provider could take the request right now")
+        }
+        RemoteErrorKind::Internal => {
+            ApiError::provider_failed("The provider failed while generating")
+        }
+    }
+}
+
+fn classify(kind: RemoteErrorKind, message: &str) -> Attempt {
+    let error = remote_error(kind, message);
+    match kind {
+        RemoteErrorKind::InvalidRequest | RemoteErrorKind::ContextLength => Attempt::Fatal(error),
+        _ => Attempt::Retry(error),
+    }
+}
+
+/// Opens a generation on the first candidate that accepts `request`.
+pub async fn start(
+    state: &AppState,
+    candidates: &[Candidate],
+    request: &GenerateRequest,
+) -> Result<Generation, ApiError> {
+    let mut last = ApiError::no_provider("No provider could take the request right now");
+    for candidate in candidates.iter().take(MAX_ATTEMPTS) {
+        match try_start(state, candidate, request).await {
+            Ok(generation) => return Ok(generation),
+            Err(Attempt::Fatal(e)) => return Err(e),
+            Err(Attempt::Retry(e)) => {
+                tracing::warn!(provider = %candidate.peer, code = ?e.code(), "provider failed before the first token; trying another");
+                state.registry.cool_down(&candidate.peer, FAILURE_COOLDOWN);
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Runs `request` to completion, failing over (within [`MAX_ATTEMPTS`] in total) when a
+/// provider fails at any point.
+pub async fn complete(
+    state: &AppState,
+    candidates: &[Candidate],
+    request: &GenerateRequest,
+) -> Result<(Generation, Completed), ApiError> {
+    let mut last = ApiError::no_provider("No provider could take the request right now");
+    for candidate in candidates.iter().take(MAX_ATTEMPTS) {
+        let mut generation = match start(state, std::slice::from_ref(candidate), request).await {
+            Ok(generation) => generation,
+            Err(e) if e.status().is_server_error() => {
+                last = e;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match generation.collect().await {
+            Ok(done) => return Ok((generation, done)),
+            Err(e) if e.status().is_server_error() => {
+                tracing::warn!(provider = %candidate.peer, code = ?e.code(), "provider failed mid-generation; trying another");
+                state.registry.cool_down(&candidate.peer, FAILURE_COOLDOWN);
+                last = e;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+async fn try_start(
+    state: &AppState,
+    candidate: &Candidate,
+    request: &GenerateRequest,
+) -> Result<Generation, Attempt> {
+    let load = state.registry.track(candidate.peer);
+    let unreachable = |what: &str| {
+        Attempt::Retry(ApiError::provider_failed(format!(
+            "The provider could not be reached ({what})"
+        )))
+    };
+    let mut control = state.net.stream_control();
+    let mut stream = match tokio::time::timeout(
+        OPEN_TIMEOUT,
+        control.open_stream(candidate.peer, GENERATE_PROTOCOL),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(provider = %candidate.peer, error = %e, "cannot open a generate stream");
+            return Err(unreachable("stream refused"));
+        }
+        Err(_) => return Err(unreachable("timeout")),
+    };
+    match tokio::time::timeout(OPEN_TIMEOUT, write_frame(&mut stream, request)).await {
+        Ok(Ok(())) => {}
+        _ => return Err(unreachable("request not delivered")),
+    }
+    let mut generation = Generation {
+        candidate: candidate.clone(),
+        prompt_tokens: 0,
+        stream,
+        _load: load,
+    };
+    match generation.next().await {
+        Ok(GenerateFrame::Accepted { prompt_tokens }) => {
+            generation.prompt_tokens = prompt_tokens;
+            Ok(generation)
+        }
+        Ok(GenerateFrame::Error { kind, message }) => Err(classify(kind, &message)),
+        Ok(_) => Err(Attempt::Retry(ApiError::provider_failed(
+            "The provider violated the protocol",
+        ))),
+        Err(e) => Err(Attempt::Retry(e)),
+    }
+}

@@ -1,0 +1,11 @@
+//! OpenAI's wire types for chat completions and models, kept apart from internal types.
+//!
+//! # Layout
+//! - [`request`]: `POST /v1/chat/completions` body, its validation and conversion into a
+//!   [`proofmesh_shared::protocol::GenerateRequest`].
+//! - [`response`]: the non-streaming response, the SSE chunks and `/v1/models`.
+//! - [`extract`]: the JSON extractor whose rejections are [`crate::error::ApiError`]s.
+
+pub mod extract;
+pub mod request;
+pub mod response;

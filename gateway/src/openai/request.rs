@@ -1,0 +1,388 @@
+//! The chat completion request as OpenAI's SDKs send it, plus `verification_mode`.
+
+use proofmesh_shared::protocol::{ChatMessage, MAX_MESSAGES, MAX_STOP_LEN, MAX_STOP_SEQUENCES};
+use proofmesh_shared::sampling::SamplerParams;
+use serde::Deserialize;
+
+use crate::error::ApiError;
+
+/// Completion length when the client names none. Small models ramble; clients that want more say
+/// so with `max_tokens`.
+pub const DEFAULT_MAX_TOKENS: u32 = 512;
+/// Upper bound on `max_tokens` before the provider's context window is even consulted.
+pub const MAX_MAX_TOKENS: u32 = 32_768;
+
+/// `POST /v1/chat/completions`. Unknown fields are ignored, as OpenAI's SDKs send many.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// Model id from `/v1/models`, or a GGUF digest `sha256:<hex>`.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<RequestMessage>,
+    /// Stream the answer as server-sent events.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Sampling temperature in `[0, 2]`; 0 is greedy.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Nucleus mass in `(0, 1]`.
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Keep at most this many candidates (llama.cpp extension).
+    #[serde(default)]
+    pub top_k: Option<u32>,
+    /// Minimum probability relative to the best token (llama.cpp extension).
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// Seed for reproducible sampling.
+    #[serde(default)]
+    pub seed: Option<i64>,
+    /// Most tokens to generate.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Newer name for `max_tokens`.
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    /// Stop sequences.
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    /// Number of choices; only 1 is supported.
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// How the gateway checks the answer: `none`, `merkle` (default), `fraud`, `consensus`, `zk`.
+    #[serde(default)]
+    pub verification_mode: Option<String>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct StreamOptions {
+    /// Send a final chunk with `usage`.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// A single stop sequence.
+    One(String),
+    /// Several stop sequences.
+    Many(Vec<String>),
+}
+
+/// One message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RequestMessage {
+    /// `system`, `developer`, `user` or `assistant`.
+    pub role: String,
+    /// Text, or a list of parts of which only `text` parts are supported.
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// Message content.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Content parts.
+    Parts(Vec<ContentPart>),
+}
+
+/// One content part.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    /// Part type; only `text` is supported.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text of a `text` part.
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// How a request is verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerificationMode {
+    /// Signed, not audited.
+    None,
+    /// Challenge random steps, check Merkle paths and replay the sampler.
+    Merkle,
+}
+
+impl VerificationMode {
+    /// The name used on the wire and in headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Merkle => "merkle",
+        }
+    }
+
+    /// Parses a mode name; modes that exist in the design but are not available yet are a clear
+    /// error, unknown names an invalid parameter.
+    pub fn parse(name: &str) -> Result<Self, ApiError> {
+        match name {
+            "none" => Ok(Self::None),
+            "merkle" => Ok(Self::Merkle),
+            "fraud" | "consensus" | "zk" => Err(ApiError::unsupported_mode(name)),
+            other => Err(ApiError::invalid(
+                "verification_mode",
+                format!(
+                    "Invalid verification_mode '{other}'; expected one of none, merkle, fraud, consensus, zk"
+                ),
+            )),
+        }
+    }
+}
+
+/// A request that passed validation, in internal terms.
+#[derive(Debug, Clone)]
+pub struct ValidatedChat {
+    /// The model asked for.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+    /// Sampler settings (the seed is filled in when the client gave none).
+    pub sampler: SamplerParams,
+    /// Most tokens.
+    pub max_tokens: u32,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+    /// Stream as SSE.
+    pub stream: bool,
+    /// Add a usage chunk to the stream.
+    pub include_usage: bool,
+    /// How to verify.
+    pub mode: VerificationMode,
+}
+
+impl ChatCompletionRequest {
+    /// Checks every field and converts; errors name the offending `param`.
+    pub fn validate(self, default_mode: VerificationMode) -> Result<ValidatedChat, ApiError> {
+        if self.model.trim().is_empty() {
+            return Err(ApiError::invalid(
+                "model",
+                "'model' must be a non-empty string",
+            ));
+        }
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid(
+                "messages",
+                "'messages' must contain at least one message",
+            ));
+        }
+        if self.messages.len() > MAX_MESSAGES {
+            return Err(ApiError::invalid(
+                "messages",
+                format!("'messages' may contain at most {MAX_MESSAGES} messages"),
+            ));
+        }
+        let messages = self
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| convert_message(i, m))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(ApiError::invalid("n", "Only n = 1 is supported"));
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !temperature.is_finite() || !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid(
+                "temperature",
+                "'temperature' must be between 0 and 2",
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !top_p.is_finite() || top_p <= 0.0 || top_p > 1.0 {
+            return Err(ApiError::invalid(
+                "top_p",
+                "'top_p' must be greater than 0 and at most 1",
+            ));
+        }
+        let min_p = self.min_p.unwrap_or(0.0);
+        if !min_p.is_finite() || !(0.0..=1.0).contains(&min_p) {
+            return Err(ApiError::invalid(
+                "min_p",
+                "'min_p' must be between 0 and 1",
+            ));
+        }
+        let (max_param, max_tokens) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", m),
+            (None, Some(m)) => ("max_tokens", m),
+            (None, None) => ("max_tokens", DEFAULT_MAX_TOKENS),
+        };
+        if max_tokens == 0 || max_tokens > MAX_MAX_TOKENS {
+            return Err(ApiError::invalid(
+                max_param,
+                format!("'{max_param}' must be between 1 and {MAX_MAX_TOKENS}"),
+            ));
+        }
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        if stop.len() > MAX_STOP_SEQUENCES
+            || stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN)
+        {
+            return Err(ApiError::invalid(
+                "stop",
+                format!(
+                    "'stop' takes at most {MAX_STOP_SEQUENCES} non-empty sequences of at most {MAX_STOP_LEN} bytes"
+                ),
+            ));
+        }
+        let mode = match self.verification_mode.as_deref() {
+            None => default_mode,
+            Some(name) => VerificationMode::parse(name)?,
+        };
+        let seed = self.seed.map_or_else(rand::random::<u64>, |s| s as u64);
+        Ok(ValidatedChat {
+            model: self.model,
+            messages,
+            sampler: SamplerParams {
+                temperature,
+                top_p,
+                top_k: self.top_k.unwrap_or(0),
+                min_p,
+                seed,
+            },
+            max_tokens,
+            stop,
+            stream: self.stream.unwrap_or(false),
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            mode,
+        })
+    }
+}
+
+fn convert_message(index: usize, message: RequestMessage) -> Result<ChatMessage, ApiError> {
+    let role = match message.role.as_str() {
+        "system" | "developer" => "system",
+        "user" => "user",
+        "assistant" => "assistant",
+        other => {
+            return Err(ApiError::invalid(
+                format!("messages[{index}].role"),
+                format!(
+                    "Unsupported role '{other}'; expected system, developer, user or assistant"
+                ),
+            ));
+        }
+    };
+    let content = match message.content {
+        None => String::new(),
+        Some(Content::Text(text)) => text,
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for (j, part) in parts.into_iter().enumerate() {
+                match (part.kind.as_str(), part.text) {
+                    ("text", Some(t)) => text.push_str(&t),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            format!("messages[{index}].content[{j}]"),
+                            "Only text content parts are supported",
+                        ));
+                    }
+                }
+            }
+            text
+        }
+    };
+    if content.contains('\0') {
+        return Err(ApiError::invalid(
+            format!("messages[{index}].content"),
+            "Message content must not contain NUL characters",
+        ));
+    }
+    Ok(ChatMessage {
+        role: role.into(),
+        content,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: serde_json::Value) -> Result<ValidatedChat, ApiError> {
+        let request: ChatCompletionRequest = serde_json::from_value(json).unwrap();
+        request.validate(VerificationMode::Merkle)
+    }
+
+    #[test]
+    fn defaults_and_conversions() {
+        let v = parse(serde_json::json!({
+            "model": "m", "messages": [{"role": "developer", "content": [{"type": "text", "text": "hi"}]}],
+            "stop": "END", "seed": 7, "verification_mode": "none"
+        }))
+        .unwrap();
+        assert_eq!(v.messages[0].role, "system");
+        assert_eq!(v.messages[0].content, "hi");
+        assert_eq!(v.stop, vec!["END".to_string()]);
+        assert_eq!(v.sampler.seed, 7);
+        assert_eq!(v.max_tokens, DEFAULT_MAX_TOKENS);
+        assert_eq!(v.mode, VerificationMode::None);
+    }
+
+    #[test]
+    fn bad_fields_name_their_param() {
+        let cases = [
+            (
+                serde_json::json!({"model": "m", "messages": []}),
+                "messages",
+            ),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}),
+                "messages[0].role",
+            ),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}),
+                "temperature",
+            ),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}),
+                "top_p",
+            ),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+                "max_tokens",
+            ),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}),
+                "n",
+            ),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "verification_mode": "bogus"}),
+                "verification_mode",
+            ),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}),
+                "stop",
+            ),
+        ];
+        for (json, param) in cases {
+            let err = parse(json).unwrap_err();
+            assert_eq!(err.status(), 400);
+            assert_eq!(err.body().error.param.as_deref(), Some(param));
+        }
+    }
+
+    #[test]
+    fn future_modes_are_a_clear_error() {
+        for mode in ["fraud", "consensus", "zk"] {
+            let err = parse(serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "verification_mode": mode}))
+                .unwrap_err();
+            assert_eq!(err.code(), Some("unsupported_verification_mode"));
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Responses: the chat completion, its streaming chunks, and the model list.
+
+use serde::Serialize;
+
+/// What proofmesh adds to every answer: who served it, what it was bound to, how it was checked.
+/// Sent as `x-proofmesh-*` headers, as `proofmesh` in the JSON body, and in the last SSE event.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProofmeshInfo {
+    /// `none` or `merkle`.
+    pub verification_mode: &'static str,
+    /// The provider's peer id (also its commitment signing key).
+    pub provider: String,
+    /// `sha256:<hex>` of the GGUF that served the request.
+    pub model_digest: String,
+    /// Hex Merkle root over the step leaves.
+    pub merkle_root: String,
+    /// Number of committed steps.
+    pub steps: u32,
+    /// The step indices that were challenged and checked.
+    pub challenged: Vec<u32>,
+    /// `unaudited`, `passed` or `failed:<reason>`.
+    pub verdict: String,
+    /// The sampler seed used (random when the client gave none).
+    pub seed: u64,
+    /// Time spent on the audit after the last token, in milliseconds.
+    pub audit_ms: u64,
+}
+
+/// Token counts.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Usage {
+    /// Prompt tokens after the chat template.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Their sum.
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    /// Usage from the two counts.
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// A non-streaming chat completion.
+#[derive(Debug, Serialize)]
+pub struct ChatCompletion {
+    /// `chatcmpl-<request id>`.
+    pub id: String,
+    /// `chat.completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model id.
+    pub model: String,
+    /// Always one choice.
+    pub choices: Vec<Choice>,
+    /// Token counts.
+    pub usage: Usage,
+    /// Always null.
+    pub system_fingerprint: Option<String>,
+    /// Verification details.
+    pub proofmesh: ProofmeshInfo,
+}
+
+/// One choice of a completion.
+#[derive(Debug, Serialize)]
+pub struct Choice {
+    /// Always 0.
+    pub index: u32,
+    /// The assistant's message.
+    pub message: AssistantMessage,
+    /// `stop` or `length`.
+    pub finish_reason: &'static str,
+    /// Always null.
+    pub logprobs: Option<()>,
+}
+
+/// The assistant's message.
+#[derive(Debug, Serialize)]
+pub struct AssistantMessage {
+    /// `assistant`.
+    pub role: &'static str,
+    /// The generated text.
+    pub content: String,
+}
+
+/// One SSE chunk.
+#[derive(Debug, Serialize)]
+pub struct ChatCompletionChunk {
+    /// Same id on every chunk of a stream.
+    pub id: String,
+    /// `chat.completion.chunk`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model id.
+    pub model: String,
+    /// One choice, or none on the usage chunk.
+    pub choices: Vec<ChunkChoice>,
+    /// Only on the usage chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// Only on the last event(s): verification details.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proofmesh: Option<ProofmeshInfo>,
+}
+
+/// A streamed choice.
+#[derive(Debug, Serialize)]
+pub struct ChunkChoice {
+    /// Always 0.
+    pub index: u32,
+    /// What is new.
+    pub delta: Delta,
+    /// Set on the last content chunk.
+    pub finish_reason: Option<&'static str>,
+    /// Always null.
+    pub logprobs: Option<()>,
+}
+
+/// A streamed message delta.
+#[derive(Debug, Default, Serialize)]
+pub struct Delta {
+    /// `assistant` on the first chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// New text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Serialize)]
+pub struct ModelList {
+    /// `list`.
+    pub object: &'static str,
+    /// The models the mesh serves right now.
+    pub data: Vec<ModelObject>,
+}
+
+/// One model.
+#[derive(Debug, Serialize)]
+pub struct ModelObject {
+    /// The id to put in `model`.
+    pub id: String,
+    /// `model`.
+    pub object: &'static str,
+    /// Unix seconds (when the gateway first saw it).
+    pub created: u64,
+    /// `proofmesh`.
+    pub owned_by: &'static str,
+    /// Mesh details.
+    pub proofmesh: ModelMeshInfo,
+}
+
+/// What the mesh knows about a model.
+#[derive(Debug, Serialize)]
+pub struct ModelMeshInfo {
+    /// `sha256:<hex>` of the GGUF file.
+    pub digest: String,
+    /// Quantization, e.g. `Q4_1`.
+    pub quantization: String,
+    /// Providers serving it now.
+    pub providers: usize,
+    /// Smallest context window among them.
+    pub context_size: u32,
+    /// Devices they run on (`cpu`, `gpu`).
+    pub devices: Vec<String>,
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

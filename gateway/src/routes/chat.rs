@@ -1,0 +1,275 @@
+//! `POST /v1/chat/completions`: validate, route, generate, audit, answer.
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use proofmesh_shared::commit::SignedCommitment;
+use proofmesh_shared::protocol::{GenerateFrame, GenerateRequest, RequestId};
+use proofmesh_shared::verify::AuditVerdict;
+
+use crate::audit::{AuditOutcome, audit};
+use crate::error::ApiError;
+use crate::inference::{self, Generation};
+use crate::openai::extract::OpenAiJson;
+use crate::openai::request::{ChatCompletionRequest, ValidatedChat};
+use crate::openai::response::{
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
+    ProofmeshInfo, Usage, unix_now,
+};
+use crate::registry::{Candidate, Lookup};
+use crate::state::AppState;
+
+/// The handler.
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OpenAiJson(body): OpenAiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let chat = body.validate(state.default_mode)?;
+    let mut candidates = resolve(&state, &chat.model)?;
+    if let Some(pinned) = headers.get(PIN_HEADER) {
+        let peer = pinned
+            .to_str()
+            .ok()
+            .and_then(|p| p.parse::<libp2p::PeerId>().ok())
+            .ok_or_else(|| {
+                ApiError::invalid(PIN_HEADER, "x-proofmesh-provider must be a peer id")
+            })?;
+        candidates.retain(|c| c.peer == peer);
+        if candidates.is_empty() {
+            return Err(ApiError::no_provider(format!(
+                "Provider {peer} is not available for '{}'",
+                chat.model
+            )));
+        }
+    }
+    let request = GenerateRequest {
+        version: GenerateRequest::VERSION,
+        request_id: RequestId::random(),
+        model_digest: candidates[0].card.digest,
+        messages: chat.messages.clone(),
+        sampler: chat.sampler,
+        max_tokens: chat.max_tokens,
+        stop: chat.stop.clone(),
+    };
+    tracing::debug!(request = %request.request_id, model = %chat.model, mode = chat.mode.as_str(), "chat completion");
+    if chat.stream {
+        let generation = inference::start(&state, &candidates, &request).await?;
+        Ok(stream_response(state, chat, request, generation))
+    } else {
+        let (generation, done) = inference::complete(&state, &candidates, &request).await?;
+        let outcome = audit(
+            &state,
+            generation.candidate.peer,
+            &request,
+            &done.tokens,
+            &done.commitment,
+            chat.mode,
+        )
+        .await;
+        let info = proofmesh_info(&chat, &generation, &done.commitment, &outcome);
+        if let AuditVerdict::Failed(_) = outcome.verdict {
+            return Err(ApiError::verification_failed(&info.verdict));
+        }
+        let body = ChatCompletion {
+            id: completion_id(&request.request_id),
+            object: "chat.completion",
+            created: unix_now(),
+            model: chat.model.clone(),
+            choices: vec![Choice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: done.text,
+                },
+                finish_reason: done.finish_reason.as_openai(),
+                logprobs: None,
+            }],
+            usage: Usage::new(generation.prompt_tokens, done.tokens.len() as u32),
+            system_fingerprint: None,
+            proofmesh: info.clone(),
+        };
+        let mut response = axum::Json(body).into_response();
+        set_headers(response.headers_mut(), &info, true);
+        Ok(response)
+    }
+}
+
+/// Request header that pins a request to one provider (by peer id), for debugging a provider or
+/// comparing two.
+pub const PIN_HEADER: &str = "x-proofmesh-provider";
+
+/// Providers for the requested model, or the right error.
+fn resolve(state: &AppState, model: &str) -> Result<Vec<Candidate>, ApiError> {
+    match state.registry.lookup(model) {
+        Lookup::Found(candidates) => Ok(candidates),
+        Lookup::UnknownModel => Err(ApiError::model_not_found(model)),
+        Lookup::AllCoolingDown => Err(ApiError::no_provider(format!(
+            "Every provider of '{model}' failed recently; try again in a few seconds"
+        ))),
+        Lookup::NoProviders => Err(ApiError::no_provider(
+            "No provider is reachable on the mesh right now",
+        )),
+    }
+}
+
+fn completion_id(id: &RequestId) -> String {
+    format!("chatcmpl-{id}")
+}
+
+fn proofmesh_info(
+    chat: &ValidatedChat,
+    generation: &Generation,
+    signed: &SignedCommitment,
+    outcome: &AuditOutcome,
+) -> ProofmeshInfo {
+    ProofmeshInfo {
+        verification_mode: chat.mode.as_str(),
+        provider: generation.candidate.peer.to_string(),
+        model_digest: generation.candidate.card.digest.to_string(),
+        merkle_root: hex::encode(signed.commitment.merkle_root),
+        steps: signed.commitment.steps,
+        challenged: outcome.challenged.clone(),
+        verdict: outcome.verdict.label(),
+        seed: chat.sampler.seed,
+        audit_ms: outcome.elapsed.as_millis() as u64,
+    }
+}
+
+fn header(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), value);
+    }
+}
+
+/// The `x-proofmesh-*` headers; streaming responses only know the first three when headers go out.
+fn set_headers(headers: &mut HeaderMap, info: &ProofmeshInfo, complete: bool) {
+    header(headers, "x-proofmesh-mode", info.verification_mode);
+    header(headers, "x-proofmesh-provider", &info.provider);
+    header(headers, "x-proofmesh-model-digest", &info.model_digest);
+    header(headers, "x-proofmesh-seed", &info.seed.to_string());
+    if complete {
+        header(headers, "x-proofmesh-merkle-root", &info.merkle_root);
+        let challenged: Vec<String> = info.challenged.iter().map(u32::to_string).collect();
+        header(headers, "x-proofmesh-challenged", &challenged.join(","));
+        header(headers, "x-proofmesh-verdict", &info.verdict);
+        header(headers, "x-proofmesh-audit-ms", &info.audit_ms.to_string());
+    }
+}
+
+fn json_event<T: serde::Serialize>(value: &T) -> Event {
+    Event::default().data(serde_json::to_string(value).unwrap_or_else(|_| "{}".into()))
+}
+
+fn stream_response(
+    state: AppState,
+    chat: ValidatedChat,
+    request: GenerateRequest,
+    generation: Generation,
+) -> Response {
+    let mut headers = HeaderMap::new();
+    let early = ProofmeshInfo {
+        verification_mode: chat.mode.as_str(),
+        provider: generation.candidate.peer.to_string(),
+        model_digest: generation.candidate.card.digest.to_string(),
+        merkle_root: String::new(),
+        steps: 0,
+        challenged: Vec::new(),
+        verdict: String::new(),
+        seed: chat.sampler.seed,
+        audit_ms: 0,
+    };
+    set_headers(&mut headers, &early, false);
+    let sse = Sse::new(events(state, chat, request, generation)).keep_alive(KeepAlive::default());
+    (headers, sse).into_response()
+}
+
+/// The SSE body: a role chunk, content chunks, then (after the audit) the finish chunk carrying
+/// `proofmesh`, an optional usage chunk, and `[DONE]`. Failures become an error event.
+fn events(
+    state: AppState,
+    chat: ValidatedChat,
+    request: GenerateRequest,
+    mut generation: Generation,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let id = completion_id(&request.request_id);
+    let created = unix_now();
+    let model = chat.model.clone();
+    let chunk = move |delta: Delta, finish_reason: Option<&'static str>| ChatCompletionChunk {
+        id: id.clone(),
+        object: "chat.completion.chunk",
+        created,
+        model: model.clone(),
+        choices: vec![ChunkChoice {
+            index: 0,
+            delta,
+            finish_reason,
+            logprobs: None,
+        }],
+        usage: None,
+        proofmesh: None,
+    };
+    async_stream::stream! {
+        yield Ok(json_event(&chunk(Delta { role: Some("assistant"), content: Some(String::new()) }, None)));
+        let mut tokens: Vec<u32> = Vec::new();
+        loop {
+            let frame = match generation.next().await {
+                Ok(frame) => frame,
+                Err(e) => {
+                    yield Ok(json_event(&e.body()));
+                    return;
+                }
+            };
+            match frame {
+                GenerateFrame::Token { step, token, text } => {
+                    if step as usize != tokens.len() {
+                        yield Ok(json_event(&ApiError::provider_failed("The provider sent steps out of order").body()));
+                        return;
+                    }
+                    tokens.push(token);
+                    if !text.is_empty() {
+                        yield Ok(json_event(&chunk(Delta { content: Some(text), ..Delta::default() }, None)));
+                    }
+                }
+                GenerateFrame::Done { finish_reason, text, commitment } => {
+                    if !text.is_empty() {
+                        yield Ok(json_event(&chunk(Delta { content: Some(text), ..Delta::default() }, None)));
+                    }
+                    let outcome = audit(&state, generation.candidate.peer, &request, &tokens, &commitment, chat.mode).await;
+                    let info = proofmesh_info(&chat, &generation, &commitment, &outcome);
+                    if let AuditVerdict::Failed(_) = outcome.verdict {
+                        let mut body = serde_json::to_value(ApiError::verification_failed(&info.verdict).body()).unwrap_or_default();
+                        body["proofmesh"] = serde_json::to_value(&info).unwrap_or_default();
+                        yield Ok(json_event(&body));
+                        return;
+                    }
+                    let mut last = chunk(Delta::default(), Some(finish_reason.as_openai()));
+                    last.proofmesh = Some(info.clone());
+                    yield Ok(json_event(&last));
+                    if chat.include_usage {
+                        let mut usage = chunk(Delta::default(), None);
+                        usage.choices.clear();
+                        usage.usage = Some(Usage::new(generation.prompt_tokens, tokens.len() as u32));
+                        usage.proofmesh = Some(info);
+                        yield Ok(json_event(&usage));
+                    }
+                    yield Ok(Event::default().data("[DONE]"));
+                    return;
+                }
+                GenerateFrame::Error { message, .. } => {
+                    tracing::warn!(provider = %generation.candidate.peer, %message, "provider failed mid-stream");
+                    yield Ok(json_event(&ApiError::provider_failed("The provider failed while generating").body()));
+                    return;
+                }
+                GenerateFrame::Accepted { .. } => {
+                    yield Ok(json_event(&ApiError::provider_failed("The provider violated the protocol").body()));
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+
+use proofmesh_shared::net::Client;
+
+use crate::openai::request::VerificationMode;
+use crate::registry::Registry;
+
+/// Shared handler state: the provider registry, the mesh client and the audit settings.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// Providers and their load.
+    pub registry: Registry,
+    /// The mesh.
+    pub net: Client,
+    /// Secret mixed into challenge derivation, so providers cannot predict challenged steps.
+    pub audit_secret: Arc<[u8; 32]>,
+    /// Steps challenged per merkle audit.
+    pub challenge_count: usize,
+    /// Mode for requests that name none.
+    pub default_mode: VerificationMode,
+    /// How long a provider whose answer failed an audit is kept out of routing.
+    pub failed_audit_cooldown: std::time::Duration,
+}

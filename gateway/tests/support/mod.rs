@@ -1,0 +1,269 @@
+//! Shared fixtures for real-path tests: a real gateway, real providers running the real default
+//! model, real libp2p swarms on loopback and a real HTTP server. mDNS stays off; providers
+//! bootstrap from the gateway at 127.0.0.1.
+
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use proofmesh_gateway::GatewayConfig;
+use proofmesh_gateway::openai::request::VerificationMode;
+use proofmesh_provider::engine::EngineConfig;
+use proofmesh_provider::{ProviderConfig, Tamper};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+/// The default model name as providers advertise it.
+pub const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+/// The default model, fetched into the cache with the project's own command when missing.
+pub fn model_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = proofmesh_provider::fetch::default_model_path();
+        if !path.is_file() {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime
+                .block_on(proofmesh_provider::fetch::fetch_default_model(
+                    &proofmesh_provider::fetch::default_model_dir(),
+                    None,
+                ))
+                .expect("fetching the default model");
+        }
+        path
+    })
+    .clone()
+}
+
+fn loopback() -> Vec<libp2p::Multiaddr> {
+    vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")]
+}
+
+/// One provider in a test mesh.
+pub struct ProviderHandle {
+    pub peer_id: PeerId,
+    pub name: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ProviderHandle {
+    /// Stops the provider: its swarm is dropped and its connections close.
+    pub async fn kill(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// A gateway and its providers, all in this process.
+pub struct Mesh {
+    pub base: String,
+    pub gateway_peer: PeerId,
+    pub p2p_addrs: Vec<libp2p::Multiaddr>,
+    pub providers: Vec<ProviderHandle>,
+    gateway_shutdown: Option<oneshot::Sender<()>>,
+}
+
+/// How a test provider is set up: its advertised name and its behaviour.
+#[derive(Clone, Copy)]
+pub struct ProviderSpec {
+    pub name: &'static str,
+    pub tamper: Tamper,
+}
+
+pub const HONEST: ProviderSpec = ProviderSpec {
+    name: MODEL,
+    tamper: Tamper::None,
+};
+
+pub async fn start_gateway() -> (Mesh, proofmesh_gateway::Started) {
+    let (tx, rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let config = GatewayConfig {
+        http_listen: "127.0.0.1:0".parse().expect("addr"),
+        p2p_listen: loopback(),
+        bootstrap: vec![],
+        mdns: false,
+        keypair: libp2p::identity::Keypair::generate_secp256k1(),
+        challenge_count: proofmesh_shared::verify::DEFAULT_CHALLENGE_COUNT,
+        default_mode: VerificationMode::Merkle,
+        // Tests probe the same forging provider several times; benching it would hide the verdicts.
+        failed_audit_cooldown: Duration::ZERO,
+    };
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop_rx.await;
+        };
+        if let Err(e) = proofmesh_gateway::run(config, shutdown, Some(tx)).await {
+            eprintln!("gateway failed: {e}");
+        }
+    });
+    let started = rx.await.expect("gateway started");
+    let mesh = Mesh {
+        base: format!("http://{}", started.http_addr),
+        gateway_peer: started.peer_id,
+        p2p_addrs: started.p2p_addrs.clone(),
+        providers: Vec::new(),
+        gateway_shutdown: Some(stop_tx),
+    };
+    (mesh, started)
+}
+
+impl Mesh {
+    /// A gateway and one provider per spec; returns once `/v1/models` shows all of them.
+    pub async fn start(specs: &[ProviderSpec]) -> Mesh {
+        let (mut mesh, _) = start_gateway().await;
+        for spec in specs {
+            mesh.add_provider(*spec).await;
+        }
+        mesh.wait_for_providers(specs.len()).await;
+        mesh
+    }
+
+    pub async fn add_provider(&mut self, spec: ProviderSpec) {
+        let (tx, rx) = oneshot::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let config = ProviderConfig {
+            engine: EngineConfig {
+                model_path: model_path(),
+                threads: 2,
+                context_size: 1024,
+                parallel: 2,
+                batch_size: 256,
+                gpu_layers: 0,
+            },
+            model_name: Some(spec.name.to_string()),
+            keypair: libp2p::identity::Keypair::generate_secp256k1(),
+            listen: loopback(),
+            bootstrap: self.p2p_addrs.clone(),
+            mdns: false,
+            leaf_store_bytes: 64 << 20,
+            tamper: spec.tamper,
+        };
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop_rx.await;
+            };
+            if let Err(e) = proofmesh_provider::run(config, shutdown, Some(tx)).await {
+                eprintln!("provider failed: {e}");
+            }
+        });
+        let started = rx.await.expect("provider started");
+        self.providers.push(ProviderHandle {
+            peer_id: started.peer_id,
+            name: spec.name.to_string(),
+            shutdown: Some(stop_tx),
+            task,
+        });
+    }
+
+    /// Waits (at most 60 s) until the gateway routes to `n` providers.
+    pub async fn wait_for_providers(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let health: Value = reqwest::get(format!("{}/healthz", self.base))
+                .await
+                .expect("healthz")
+                .json()
+                .await
+                .expect("json");
+            if health["providers"].as_u64() == Some(n as u64) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway saw {health} instead of {n} providers"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// POSTs a chat completion and returns status, headers and JSON body.
+    pub async fn chat(&self, body: Value) -> (u16, reqwest::header::HeaderMap, Value) {
+        self.chat_with(body, None).await
+    }
+
+    pub async fn chat_with(
+        &self,
+        body: Value,
+        pin: Option<PeerId>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut request = reqwest::Client::new()
+            .post(self.url("/v1/chat/completions"))
+            .json(&body);
+        if let Some(peer) = pin {
+            request = request.header("x-proofmesh-provider", peer.to_string());
+        }
+        let response = request.send().await.expect("send");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+
+    /// Streams a chat completion; returns the `data:` payloads in order.
+    pub async fn chat_stream(&self, body: Value) -> (u16, reqwest::header::HeaderMap, Vec<String>) {
+        use eventsource_stream::Eventsource;
+        use futures::StreamExt;
+        let response = reqwest::Client::new()
+            .post(self.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let mut data = Vec::new();
+        let mut events = response.bytes_stream().eventsource();
+        while let Some(event) = events.next().await {
+            let event = event.expect("sse event");
+            data.push(event.data);
+        }
+        (status, headers, data)
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for p in &mut self.providers {
+            if let Some(tx) = p.shutdown.take() {
+                let _ = tx.send(());
+            }
+        }
+        if let Some(tx) = self.gateway_shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A short chat request body.
+pub fn chat_body(content: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 24,
+        "temperature": 0,
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    body
+}
+
+pub fn header<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}

@@ -1,0 +1,253 @@
+//! The engine thread's loop: continuous batching over sequence slots.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use proofmesh_shared::commit::StepLeaf;
+use proofmesh_shared::protocol::FinishReason;
+use proofmesh_shared::sampling;
+
+use super::{Job, StepEvent};
+
+/// What the thread needs to build its context.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Settings {
+    pub(super) threads: i32,
+    pub(super) context_size: u32,
+    pub(super) parallel: u32,
+    pub(super) batch_size: u32,
+}
+
+/// A running sequence.
+#[derive(Debug)]
+struct Slot {
+    seq: i32,
+    job: Job,
+    /// Prompt tokens already decoded.
+    prefilled: usize,
+    /// The token to feed next, once the prompt is in.
+    next: Option<u32>,
+    /// Position of `next` in the sequence.
+    pos: i32,
+    steps: u32,
+}
+
+impl Slot {
+    fn prefilling(&self) -> bool {
+        self.prefilled < self.job.prompt.len()
+    }
+}
+
+/// Runs until every [`super::Engine`] handle is dropped.
+pub(super) fn run(
+    backend: &'static LlamaBackend,
+    model: Arc<LlamaModel>,
+    settings: Settings,
+    queue: Receiver<Job>,
+    ready: Sender<Result<(), String>>,
+) {
+    let params = LlamaContextParams::default()
+        .with_n_ctx(super::total_context(
+            settings.context_size,
+            settings.parallel,
+        ))
+        .with_n_batch(settings.batch_size)
+        .with_n_ubatch(settings.batch_size)
+        .with_n_seq_max(settings.parallel)
+        .with_n_threads(settings.threads)
+        .with_n_threads_batch(settings.threads);
+    let mut ctx = match model.new_context(backend, params) {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let mut batch = LlamaBatch::new(settings.batch_size as usize, 1);
+    let mut free: Vec<i32> = (0..settings.parallel as i32).rev().collect();
+    let mut slots: Vec<Slot> = Vec::new();
+    loop {
+        // Admit new jobs between decode steps; block only when idle.
+        if slots.is_empty() {
+            match queue.recv() {
+                Ok(job) => admit(&mut slots, &mut free, job),
+                Err(_) => return,
+            }
+        }
+        while !free.is_empty() {
+            match queue.try_recv() {
+                Ok(job) => admit(&mut slots, &mut free, job),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        // Callers that left free their slot now.
+        slots.retain(|slot| {
+            let keep = !slot.job.events.is_closed();
+            if !keep {
+                release(&mut ctx, &mut free, slot.seq);
+            }
+            keep
+        });
+        if slots.is_empty() {
+            continue;
+        }
+        let wants_logits = fill_batch(&mut batch, &mut slots, settings.batch_size as usize);
+        if let Err(e) = ctx.decode(&mut batch) {
+            let message = format!("llama_decode failed: {e}");
+            tracing::error!(%message);
+            for slot in slots.drain(..) {
+                let _ = slot.job.events.send(StepEvent::Failed {
+                    message: message.clone(),
+                });
+                release(&mut ctx, &mut free, slot.seq);
+            }
+            continue;
+        }
+        let mut finished = Vec::new();
+        for (slot_index, batch_index) in wants_logits {
+            let slot = &mut slots[slot_index];
+            if let Some(reason) = step(&ctx, &model, slot, batch_index) {
+                let _ = slot.job.events.send(StepEvent::Finished { reason });
+                finished.push(slot_index);
+            }
+        }
+        for slot_index in finished.into_iter().rev() {
+            let slot = slots.swap_remove(slot_index);
+            release(&mut ctx, &mut free, slot.seq);
+        }
+    }
+}
+
+fn admit(slots: &mut Vec<Slot>, free: &mut Vec<i32>, job: Job) {
+    let Some(seq) = free.pop() else { return };
+    if job.prompt.is_empty() {
+        let _ = job.events.send(StepEvent::Failed {
+            message: "empty prompt".into(),
+        });
+        free.push(seq);
+        return;
+    }
+    slots.push(Slot {
+        seq,
+        job,
+        prefilled: 0,
+        next: None,
+        pos: 0,
+        steps: 0,
+    });
+}
+
+fn release(ctx: &mut LlamaContext<'_>, free: &mut Vec<i32>, seq: i32) {
+    if let Err(e) = ctx.clear_kv_cache_seq(u32::try_from(seq).ok(), None, None) {
+        tracing::warn!(seq, error = %e, "cannot clear a sequence's cache");
+    }
+    free.push(seq);
+}
+
+/// Puts one token per generating slot and then prompt chunks into the batch. Returns
+/// `(slot index, batch index)` for every position whose logits are needed.
+fn fill_batch(
+    batch: &mut LlamaBatch<'_>,
+    slots: &mut [Slot],
+    capacity: usize,
+) -> Vec<(usize, i32)> {
+    batch.clear();
+    let mut wants = Vec::new();
+    for (i, slot) in slots.iter_mut().enumerate() {
+        if let Some(token) = slot.next.take() {
+            if batch
+                .add(LlamaToken(token as i32), slot.pos, &[slot.seq], true)
+                .is_ok()
+            {
+                wants.push((i, batch.n_tokens() - 1));
+                slot.pos += 1;
+            } else {
+                slot.next = Some(token);
+            }
+        }
+    }
+    for (i, slot) in slots.iter_mut().enumerate() {
+        if !slot.prefilling() {
+            continue;
+        }
+        let room = capacity.saturating_sub(batch.n_tokens() as usize);
+        let take = room.min(slot.job.prompt.len() - slot.prefilled);
+        for j in slot.prefilled..slot.prefilled + take {
+            let last = j + 1 == slot.job.prompt.len();
+            if batch
+                .add(
+                    LlamaToken(slot.job.prompt[j] as i32),
+                    j as i32,
+                    &[slot.seq],
+                    last,
+                )
+                .is_err()
+            {
+                break;
+            }
+            slot.prefilled += 1;
+            if last {
+                wants.push((i, batch.n_tokens() - 1));
+            }
+        }
+        slot.pos = slot.prefilled as i32;
+    }
+    wants
+}
+
+/// Samples one step from the logits at `batch_index`; returns a finish reason when the job ends.
+fn step(
+    ctx: &LlamaContext<'_>,
+    model: &LlamaModel,
+    slot: &mut Slot,
+    batch_index: i32,
+) -> Option<FinishReason> {
+    let logits = ctx.get_logits_ith(batch_index);
+    let top = sampling::top_candidates(logits);
+    let draw = sampling::draw(slot.job.sampler.seed, &slot.job.request_id, slot.steps);
+    let Some(token) = sampling::sample(&top, &slot.job.sampler, draw) else {
+        let _ = slot.job.events.send(StepEvent::Failed {
+            message: "no finite logits".into(),
+        });
+        return Some(FinishReason::Stop);
+    };
+    let leaf = StepLeaf {
+        step: slot.steps,
+        token,
+        draw,
+        logsumexp: sampling::logsumexp(logits),
+        top,
+    };
+    let llama_token = LlamaToken(token as i32);
+    let eog = model.vocab().is_eog(llama_token);
+    let piece = if eog {
+        Vec::new()
+    } else {
+        model.vocab().token_to_piece(llama_token, false, None)
+    };
+    slot.steps += 1;
+    if slot
+        .job
+        .events
+        .send(StepEvent::Step { leaf, piece })
+        .is_err()
+    {
+        // The caller left; the slot is released by the caller of `step` on the next pass.
+        return Some(FinishReason::Stop);
+    }
+    if eog {
+        Some(FinishReason::Stop)
+    } else if slot.steps >= slot.job.max_tokens {
+        Some(FinishReason::Length)
+    } else {
+        slot.next = Some(token);
+        None
+    }
+}

@@ -1,0 +1,341 @@
+//! Serving generate streams and leaf openings.
+//!
+//! For each inbound `/proofmesh/generate/1` stream: read one request frame (size-limited, with a
+//! timeout), validate it, apply the chat template, queue a job on the engine, forward each step
+//! as a `Token` frame while keeping its leaf, then build the Merkle tree, sign the commitment,
+//! store the leaves for challenges and send `Done`. Leaf openings arrive as mesh events and are
+//! answered from the [`LeafStore`].
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use proofmesh_shared::commit::{Commitment, LeafTree, StepLeaf, output_hash};
+use proofmesh_shared::net::{Client, Event};
+use proofmesh_shared::protocol::{
+    FinishReason, FrameError, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest, MAX_MESSAGES,
+    MAX_REQUEST_FRAME, MAX_STOP_LEN, MAX_STOP_SEQUENCES, ModelDigest, OpenLeavesResponse,
+    REQUEST_READ_TIMEOUT, RemoteErrorKind, read_frame, write_frame,
+};
+use tokio::sync::mpsc;
+
+use crate::engine::{Engine, EngineError, Job, StepEvent};
+use crate::leaf_store::LeafStore;
+use crate::stop::{Pushed, TextStream};
+use crate::tamper::Tamper;
+
+/// How long writing one frame may take before the gateway is considered gone.
+const FRAME_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What every stream handler shares.
+#[derive(Debug)]
+pub(crate) struct Service {
+    pub(crate) engine: Engine,
+    pub(crate) keypair: Keypair,
+    pub(crate) digest: ModelDigest,
+    pub(crate) leaves: LeafStore,
+    pub(crate) tamper: Tamper,
+}
+
+/// A refusal sent as an `Error` frame.
+struct Refusal {
+    kind: RemoteErrorKind,
+    message: String,
+}
+
+impl Refusal {
+    fn new(kind: RemoteErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl Service {
+    /// Accepts generate streams until the mesh stops.
+    pub(crate) async fn accept_streams(self: Arc<Self>, client: Client) {
+        let mut incoming = match client.stream_control().accept(GENERATE_PROTOCOL) {
+            Ok(incoming) => incoming,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot accept generate streams");
+                return;
+            }
+        };
+        while let Some((peer, stream)) = incoming.next().await {
+            let service = Arc::clone(&self);
+            tokio::spawn(async move { service.serve(peer, stream).await });
+        }
+    }
+
+    /// Answers challenges until the mesh stops.
+    pub(crate) async fn answer_events(
+        self: Arc<Self>,
+        client: Client,
+        mut events: mpsc::Receiver<Event>,
+    ) {
+        while let Some(event) = events.recv().await {
+            if let Event::OpenLeaves {
+                peer,
+                request,
+                channel,
+            } = event
+            {
+                let mut response = self.leaves.open(&peer, &request);
+                self.tamper_opening(&mut response);
+                tracing::debug!(%peer, request = %request.request_id, n = request.indices.len(), "opening leaves");
+                if client.respond_open_leaves(channel, response).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn tamper_opening(&self, response: &mut OpenLeavesResponse) {
+        if let OpenLeavesResponse::Opened { leaves, proof } = response {
+            match self.tamper {
+                Tamper::TamperLeaf => {
+                    if let Some(candidate) = leaves.first_mut().and_then(|l| l.top.first_mut()) {
+                        candidate.logit += 1.0;
+                    }
+                }
+                Tamper::WrongPath => {
+                    if let Some(hash) = proof.first_mut() {
+                        hash[0] ^= 0x01;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn serve(&self, peer: PeerId, mut stream: libp2p::Stream) {
+        let request: GenerateRequest = match tokio::time::timeout(
+            REQUEST_READ_TIMEOUT,
+            read_frame(&mut stream, MAX_REQUEST_FRAME),
+        )
+        .await
+        {
+            Ok(Ok(request)) => request,
+            Ok(Err(FrameError::TooLarge { len, max })) => {
+                let refusal = Refusal::new(
+                    RemoteErrorKind::InvalidRequest,
+                    format!("request of {len} bytes exceeds {max}"),
+                );
+                let _ = send_refusal(&mut stream, refusal).await;
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "unreadable generate request");
+                let _ = send_refusal(
+                    &mut stream,
+                    Refusal::new(RemoteErrorKind::InvalidRequest, e.to_string()),
+                )
+                .await;
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "no request frame in time");
+                return;
+            }
+        };
+        let request_id = request.request_id;
+        match self.generate(peer, &request, &mut stream).await {
+            Ok(()) => {}
+            Err(Some(refusal)) => {
+                tracing::info!(%peer, request = %request_id, kind = ?refusal.kind, message = %refusal.message, "request refused");
+                let _ = send_refusal(&mut stream, refusal).await;
+            }
+            Err(None) => tracing::debug!(%peer, request = %request_id, "gateway left mid-stream"),
+        }
+        let _ = futures::AsyncWriteExt::close(&mut stream).await;
+    }
+
+    fn validate(&self, request: &GenerateRequest) -> Result<(), Refusal> {
+        let invalid = |m: &str| Err(Refusal::new(RemoteErrorKind::InvalidRequest, m));
+        if request.version != GenerateRequest::VERSION {
+            return invalid("unsupported protocol version");
+        }
+        if request.model_digest != self.digest {
+            return Err(Refusal::new(
+                RemoteErrorKind::UnknownModel,
+                format!("this provider serves {}", self.digest),
+            ));
+        }
+        if request.messages.is_empty() || request.messages.len() > MAX_MESSAGES {
+            return invalid("between 1 and 256 messages are required");
+        }
+        if request.max_tokens == 0 {
+            return invalid("max_tokens must be at least 1");
+        }
+        if request.stop.len() > MAX_STOP_SEQUENCES
+            || request.stop.iter().any(|s| s.len() > MAX_STOP_LEN)
+        {
+            return invalid("at most 4 stop sequences of at most 256 bytes");
+        }
+        let s = &request.sampler;
+        let sane = s.temperature.is_finite()
+            && (0.0..=2.0).contains(&s.temperature)
+            && s.top_p.is_finite()
+            && s.top_p > 0.0
+            && s.top_p <= 1.0
+            && s.min_p.is_finite()
+            && (0.0..=1.0).contains(&s.min_p);
+        if !sane {
+            return invalid("sampler settings out of range");
+        }
+        Ok(())
+    }
+
+    /// Runs one request. `Err(Some)` is a refusal to send; `Err(None)` means the stream is gone.
+    async fn generate(
+        &self,
+        peer: PeerId,
+        request: &GenerateRequest,
+        stream: &mut libp2p::Stream,
+    ) -> Result<(), Option<Refusal>> {
+        self.validate(request)?;
+        let prompt = self
+            .engine
+            .tokenize_chat(&request.messages)
+            .map_err(|e| Refusal::new(RemoteErrorKind::InvalidRequest, e.to_string()))?;
+        let window = self.engine.info().context_size as usize;
+        if prompt.len() + request.max_tokens as usize > window {
+            return Err(Some(Refusal::new(
+                RemoteErrorKind::ContextLength,
+                format!(
+                    "this model's context window is {window} tokens; the prompt is {} tokens and max_tokens is {}",
+                    prompt.len(),
+                    request.max_tokens
+                ),
+            )));
+        }
+        let prompt_tokens = prompt.len() as u32;
+        let (events, mut steps) = mpsc::unbounded_channel();
+        self.engine
+            .submit(Job {
+                request_id: request.request_id,
+                prompt,
+                sampler: request.sampler,
+                max_tokens: request.max_tokens,
+                events,
+            })
+            .map_err(|e| match e {
+                EngineError::Overloaded => {
+                    Refusal::new(RemoteErrorKind::Overloaded, "provider queue is full")
+                }
+                other => Refusal::new(RemoteErrorKind::Internal, other.to_string()),
+            })?;
+        send(stream, &GenerateFrame::Accepted { prompt_tokens }).await?;
+
+        let mut text = TextStream::new(&request.stop);
+        let mut leaves: Vec<StepLeaf> = Vec::new();
+        let finish_reason = loop {
+            let Some(event) = steps.recv().await else {
+                return Err(Some(Refusal::new(
+                    RemoteErrorKind::Internal,
+                    "engine stopped",
+                )));
+            };
+            match event {
+                StepEvent::Step { mut leaf, piece } => {
+                    let piece = self.tamper_step(&mut leaf).unwrap_or(piece);
+                    let (visible, stopped) = match text.push(&piece) {
+                        Pushed::Text(t) => (t, false),
+                        Pushed::Stopped(t) => (t, true),
+                    };
+                    let frame = GenerateFrame::Token {
+                        step: leaf.step,
+                        token: leaf.token,
+                        text: visible,
+                    };
+                    let step = leaf.step;
+                    leaves.push(leaf);
+                    send(stream, &frame).await?;
+                    if self.tamper == Tamper::HangUp && step >= 2 {
+                        return Err(None);
+                    }
+                    if stopped {
+                        break FinishReason::Stop;
+                    }
+                }
+                StepEvent::Finished { reason } => break reason,
+                StepEvent::Failed { message } => {
+                    tracing::error!(%message, "engine failed");
+                    return Err(Some(Refusal::new(
+                        RemoteErrorKind::Internal,
+                        "the engine failed",
+                    )));
+                }
+            }
+        };
+        // Dropping the receiver tells the engine to free the slot (after a stop sequence).
+        drop(steps);
+
+        let tree = LeafTree::build(&leaves);
+        let tokens: Vec<u32> = leaves.iter().map(|l| l.token).collect();
+        let commitment = Commitment {
+            version: Commitment::VERSION,
+            request_id: request.request_id,
+            request_hash: request.hash(),
+            model_digest: self.digest,
+            prompt_tokens,
+            steps: leaves.len() as u32,
+            merkle_root: tree.root(),
+            output_hash: output_hash(&tokens),
+            finish_reason,
+        };
+        let signer = if self.tamper == Tamper::ForeignKey {
+            Keypair::generate_secp256k1()
+        } else {
+            self.keypair.clone()
+        };
+        let commitment = commitment
+            .sign(&signer)
+            .map_err(|e| Refusal::new(RemoteErrorKind::Internal, e.to_string()))?;
+        self.leaves.insert(request.request_id, peer, leaves, tree);
+        send(
+            stream,
+            &GenerateFrame::Done {
+                finish_reason,
+                text: text.finish(),
+                commitment,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Applies [`Tamper::OffPolicyToken`]: at step 1 commit and emit the runner-up candidate.
+    /// Returns the replacement token's text when it changed the step.
+    fn tamper_step(&self, leaf: &mut StepLeaf) -> Option<Vec<u8>> {
+        if self.tamper != Tamper::OffPolicyToken || leaf.step != 1 {
+            return None;
+        }
+        let runner_up = leaf.top.iter().find(|c| c.id != leaf.token)?.id;
+        leaf.token = runner_up;
+        Some(Vec::new())
+    }
+}
+
+async fn send(stream: &mut libp2p::Stream, frame: &GenerateFrame) -> Result<(), Option<Refusal>> {
+    match tokio::time::timeout(FRAME_WRITE_TIMEOUT, write_frame(stream, frame)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(None),
+    }
+}
+
+async fn send_refusal(
+    stream: &mut libp2p::Stream,
+    refusal: Refusal,
+) -> Result<(), Option<Refusal>> {
+    send(
+        stream,
+        &GenerateFrame::Error {
+            kind: refusal.kind,
+            message: refusal.message,
+        },
+    )
+    .await
+}

@@ -1,0 +1,41 @@
+//! The contract between proofmesh gateways and providers.
+//!
+//! Everything that both sides of a request must agree on lives here, so that a gateway and a
+//! provider built from the same version cannot disagree about bytes on the wire, about what a
+//! commitment covers, about which token the sampler picks, or about what an audit accepts.
+//! There is no HTTP and no llama.cpp in this crate.
+//!
+//! # Layout
+//!
+//! - [`protocol`]: versioned wire messages (generate request, stream frames, leaf openings,
+//!   capabilities), their size limits and the length-prefixed CBOR framing.
+//! - [`commit`]: per-step [`commit::StepLeaf`]s, the domain-separated Merkle tree over them and the
+//!   signed [`commit::Commitment`].
+//! - [`sampling`]: the reproducible sampler: the draw is a keyed PRF of (seed, request id, step),
+//!   so anyone holding the committed logits can replay a provider's choice.
+//! - [`verify`]: the audit rule: [`verify::Challenge`] derivation and the exact checks that turn
+//!   a commitment plus opened leaves into an [`verify::AuditVerdict`].
+//! - [`identity`]: the node key (secp256k1), stored with 0600 permissions, shared by libp2p and
+//!   the commitment signer so a signature is bound to a peer id.
+//! - [`net`]: the libp2p behaviour and the one task that owns the `Swarm`, with a cloneable
+//!   [`net::Client`] for everyone else.
+
+pub mod commit;
+pub mod identity;
+pub mod net;
+pub mod protocol;
+pub mod sampling;
+pub mod verify;
+
+/// A 32-byte SHA-256 digest, used for model digests, request and output hashes and Merkle nodes.
+pub type Digest32 = [u8; 32];
+
+/// SHA-256 of `parts`, each preceded by nothing: callers put a domain tag first.
+pub fn sha256(parts: &[&[u8]]) -> Digest32 {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}

@@ -1,0 +1,120 @@
+//! The libp2p mesh shared by gateways and providers.
+//!
+//! One task owns the `Swarm` ([`EventLoop::run`]); everything else talks to it through a
+//! cloneable [`Client`] that sends [`Command`](client)s over a channel, each with its own reply
+//! `oneshot`. The loop reports what the application must act on as [`Event`]s on a second channel.
+//! Token streams bypass the loop entirely: they run on `libp2p-stream` substreams opened through
+//! the client's stream `Control`, so generation never queues behind swarm work.
+//!
+//! Transports: TCP and QUIC, Noise, Yamux. Discovery: explicit bootstrap addresses (re-dialled on
+//! a timer while no peer is connected), mDNS on the LAN when enabled, Kademlia provider records
+//! under a key derived from each model digest and under one well-known key for "all providers".
+
+mod behaviour;
+mod client;
+mod event_loop;
+
+use libp2p::identity::Keypair;
+use libp2p::request_response::ResponseChannel;
+use libp2p::{Multiaddr, PeerId};
+
+pub use client::Client;
+pub use event_loop::EventLoop;
+
+use crate::protocol::{Capabilities, OpenLeavesRequest, OpenLeavesResponse};
+
+/// What a node is on the mesh.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// Serves models; answers capability queries with these and publishes provider records.
+    Provider(Capabilities),
+    /// Looks for providers: queries the capabilities of every peer it identifies.
+    Gateway,
+}
+
+/// How to start a node's mesh side.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// The node key (secp256k1): peer id and commitment signer.
+    pub keypair: Keypair,
+    /// Addresses to listen on, e.g. `/ip4/127.0.0.1/tcp/0` and `/ip4/127.0.0.1/udp/0/quic-v1`.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start and whenever no peer is connected.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Whether to run mDNS. It multicasts on every non-loopback interface, so tests and the
+    /// loopback demo keep it off.
+    pub mdns: bool,
+    /// Provider or gateway.
+    pub role: Role,
+}
+
+/// What the event loop tells the application.
+#[derive(Debug)]
+pub enum Event {
+    /// A peer answered a capability query with at least one model.
+    ProviderUp {
+        /// The provider.
+        peer: PeerId,
+        /// What it serves.
+        capabilities: Capabilities,
+    },
+    /// The last connection to a peer closed.
+    PeerGone {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// A gateway challenges this provider to open leaves; answer with
+    /// [`Client::respond_open_leaves`].
+    OpenLeaves {
+        /// Who asks.
+        peer: PeerId,
+        /// What it asks for.
+        request: OpenLeavesRequest,
+        /// Where the answer goes.
+        channel: ResponseChannel<OpenLeavesResponse>,
+    },
+}
+
+/// Failures of mesh operations.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// The swarm could not be built.
+    #[error("mesh setup failed: {message}")]
+    Setup {
+        /// What went wrong.
+        message: String,
+    },
+    /// A listen address was refused.
+    #[error("cannot listen on {addr}: {message}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// What went wrong.
+        message: String,
+    },
+    /// A dial failed at once.
+    #[error("dial failed: {message}")]
+    Dial {
+        /// What went wrong.
+        message: String,
+    },
+    /// A request to a peer failed or timed out.
+    #[error("request to {peer} failed: {message}")]
+    Request {
+        /// The peer.
+        peer: PeerId,
+        /// What went wrong.
+        message: String,
+    },
+    /// The event loop has stopped.
+    #[error("mesh event loop stopped")]
+    Stopped,
+}
+
+/// Builds the swarm and returns the client, the application's event stream and the loop to spawn.
+pub fn new(
+    config: NetConfig,
+) -> Result<(Client, tokio::sync::mpsc::Receiver<Event>, EventLoop), NetError> {
+    event_loop::build(config)
+}

@@ -1,0 +1,82 @@
+//! The composed libp2p behaviour and its protocol settings.
+
+use std::time::Duration;
+
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{StreamProtocol, identify, identity::Keypair, kad, mdns, ping, request_response};
+
+use crate::protocol::{
+    CAPS_PROTOCOL, CONTROL_TIMEOUT, Capabilities, CapsRequest, MAX_CAPS_MESSAGE, MAX_OPEN_REQUEST,
+    MAX_OPEN_RESPONSE, OPEN_PROTOCOL, OpenLeavesRequest, OpenLeavesResponse,
+};
+
+/// Kademlia protocol name, so proofmesh's DHT never mixes with the public IPFS one.
+pub(crate) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/kad/1.0.0");
+/// Identify protocol version string.
+pub(crate) const IDENTIFY_PROTOCOL: &str = "/proofmesh/1";
+/// Concurrent control streams per connection: a busy gateway opens leaves for many requests at
+/// once, each one short.
+const MAX_CONTROL_STREAMS: usize = 256;
+
+/// Every protocol a proofmesh node speaks.
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub(crate) identify: identify::Behaviour,
+    pub(crate) ping: ping::Behaviour,
+    pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
+    pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub(crate) open: request_response::cbor::Behaviour<OpenLeavesRequest, OpenLeavesResponse>,
+    pub(crate) caps: request_response::cbor::Behaviour<CapsRequest, Capabilities>,
+    pub(crate) stream: libp2p_stream::Behaviour,
+}
+
+impl Behaviour {
+    pub(crate) fn new(key: &Keypair, mdns: bool) -> std::io::Result<Self> {
+        let peer_id = key.public().to_peer_id();
+        let mdns = if mdns {
+            Some(mdns::tokio::Behaviour::new(
+                mdns::Config::default(),
+                peer_id,
+            )?)
+        } else {
+            None
+        };
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        kad_config.set_query_timeout(Duration::from_secs(30));
+        let mut kad =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        // On loopback and private networks no external address is ever confirmed, and a node in
+        // client mode is never added to others' routing tables; every proofmesh node serves the DHT.
+        kad.set_mode(Some(kad::Mode::Server));
+        let control = request_response::Config::default()
+            .with_request_timeout(CONTROL_TIMEOUT)
+            .with_max_concurrent_streams(MAX_CONTROL_STREAMS);
+        let open_codec = request_response::cbor::codec::Codec::default()
+            .set_request_size_maximum(MAX_OPEN_REQUEST)
+            .set_response_size_maximum(MAX_OPEN_RESPONSE);
+        let caps_codec = request_response::cbor::codec::Codec::default()
+            .set_request_size_maximum(MAX_CAPS_MESSAGE)
+            .set_response_size_maximum(MAX_CAPS_MESSAGE);
+        Ok(Self {
+            identify: identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                    .with_agent_version(format!("proofmesh/{}", env!("CARGO_PKG_VERSION"))),
+            ),
+            ping: ping::Behaviour::default(),
+            mdns: mdns.into(),
+            kad,
+            open: request_response::Behaviour::with_codec(
+                open_codec,
+                [(OPEN_PROTOCOL, request_response::ProtocolSupport::Full)],
+                control.clone(),
+            ),
+            caps: request_response::Behaviour::with_codec(
+                caps_codec,
+                [(CAPS_PROTOCOL, request_response::ProtocolSupport::Full)],
+                control,
+            ),
+            stream: libp2p_stream::Behaviour::new(),
+        })
+    }
+}

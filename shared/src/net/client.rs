@@ -1,0 +1,127 @@
+//! The cloneable handle everyone but the event loop uses.
+
+use libp2p::request_response::ResponseChannel;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot};
+
+use super::NetError;
+use crate::protocol::{OpenLeavesRequest, OpenLeavesResponse};
+
+/// A request to the event loop; each carries its own reply channel.
+#[derive(Debug)]
+pub(crate) enum Command {
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    OpenLeaves {
+        peer: PeerId,
+        request: OpenLeavesRequest,
+        reply: oneshot::Sender<Result<OpenLeavesResponse, NetError>>,
+    },
+    RespondOpenLeaves {
+        channel: ResponseChannel<OpenLeavesResponse>,
+        response: OpenLeavesResponse,
+    },
+    ConnectedPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+}
+
+/// Talks to the event loop. Cheap to clone; the loop stops when every clone is dropped.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) sender: mpsc::Sender<Command>,
+    pub(crate) control: libp2p_stream::Control,
+    pub(crate) local_peer_id: PeerId,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("local_peer_id", &self.local_peer_id)
+            .finish()
+    }
+}
+
+impl Client {
+    /// This node's peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    /// The `libp2p-stream` control for opening and accepting raw streams.
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.control.clone()
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(make(reply))
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        answer.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// The addresses the node listens on right now (empty until the transports report them).
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        self.ask(|reply| Command::ListenAddrs { reply }).await
+    }
+
+    /// Waits (at most 10 s) until the transports report listen addresses and returns them with
+    /// `/p2p/<peer id>` appended, ready to hand to other nodes as bootstrap addresses.
+    pub async fn wait_listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        for _ in 0..200 {
+            let addrs = self.listen_addrs().await?;
+            if !addrs.is_empty() {
+                let p2p = libp2p::multiaddr::Protocol::P2p(self.local_peer_id);
+                return Ok(addrs.into_iter().map(|a| a.with(p2p.clone())).collect());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Ok(Vec::new())
+    }
+
+    /// Dials an address (with or without a `/p2p/` suffix); returns once the dial has started.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.ask(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    /// Asks `peer` to open the leaves of a past request.
+    pub async fn open_leaves(
+        &self,
+        peer: PeerId,
+        request: OpenLeavesRequest,
+    ) -> Result<OpenLeavesResponse, NetError> {
+        self.ask(|reply| Command::OpenLeaves {
+            peer,
+            request,
+            reply,
+        })
+        .await?
+    }
+
+    /// Answers a challenge received as [`super::Event::OpenLeaves`].
+    pub async fn respond_open_leaves(
+        &self,
+        channel: ResponseChannel<OpenLeavesResponse>,
+        response: OpenLeavesResponse,
+    ) -> Result<(), NetError> {
+        self.sender
+            .send(Command::RespondOpenLeaves { channel, response })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// Peers with at least one open connection.
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetError> {
+        self.ask(|reply| Command::ConnectedPeers { reply }).await
+    }
+}

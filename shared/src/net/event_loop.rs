@@ -1,0 +1,358 @@
+//! The task that owns the `Swarm`.
+//!
+//! Inputs: [`Command`]s from [`Client`]s, swarm events, and a maintenance tick. Outputs: replies
+//! on each command's `oneshot`, and [`Event`]s for the application. Capability queries are
+//! answered here from the node's [`Role`]; gateways query every peer they identify and report the
+//! providers they find. Nothing here blocks: every reply is a channel send.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, noise, ping, tcp, yamux};
+use tokio::sync::{mpsc, oneshot};
+
+use super::behaviour::{Behaviour, BehaviourEvent};
+use super::client::{Client, Command};
+use super::{Event, NetConfig, NetError, Role};
+use crate::protocol::{
+    CAPS_PROTOCOL, Capabilities, CapsRequest, GenerateRequest, ModelDigest, OpenLeavesResponse,
+};
+
+/// How often the loop re-dials bootstrap peers (when alone), refreshes Kademlia and, on
+/// gateways, looks up provider records.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
+/// Connections stay open while idle: gateways route to providers they are connected to, so an
+/// idle timeout would make a quiet provider vanish from `/v1/models`.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Room for commands waiting for the loop.
+const COMMAND_QUEUE: usize = 256;
+/// Room for events waiting for the application; beyond it events are dropped with a warning
+/// rather than stalling the swarm.
+const EVENT_QUEUE: usize = 1024;
+
+/// The Kademlia key under which every provider publishes a record.
+pub(crate) fn all_providers_key() -> kad::RecordKey {
+    kad::RecordKey::new(&crate::sha256(&[b"proofmesh/providers/v1"]))
+}
+
+/// The Kademlia key under which providers of one model publish a record.
+pub(crate) fn model_key(digest: &ModelDigest) -> kad::RecordKey {
+    kad::RecordKey::new(&crate::sha256(&[b"proofmesh/model/v1", &digest.0]))
+}
+
+/// Owns the swarm; spawn [`EventLoop::run`].
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    role: Role,
+    bootstrap: Vec<Multiaddr>,
+    pending_open: HashMap<
+        OutboundRequestId,
+        (
+            PeerId,
+            oneshot::Sender<Result<OpenLeavesResponse, NetError>>,
+        ),
+    >,
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop")
+            .field("peer", self.swarm.local_peer_id())
+            .finish()
+    }
+}
+
+pub(super) fn build(
+    config: NetConfig,
+) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), NetError> {
+    let setup = |e: &dyn std::fmt::Display| NetError::Setup {
+        message: e.to_string(),
+    };
+    let mdns = config.mdns;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| setup(&e))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| setup(&e))?
+        .with_behaviour(
+            |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                Ok(Behaviour::new(key, mdns)?)
+            },
+        )
+        .map_err(|e| setup(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                message: e.to_string(),
+            })?;
+    }
+    if let Role::Provider(caps) = &config.role {
+        let kad = &mut swarm.behaviour_mut().kad;
+        let mut keys = vec![all_providers_key()];
+        keys.extend(caps.models.iter().map(|m| model_key(&m.digest)));
+        for key in keys {
+            if let Err(e) = kad.start_providing(key) {
+                tracing::warn!(error = %e, "cannot store provider record");
+            }
+        }
+    }
+    let (command_tx, commands) = mpsc::channel(COMMAND_QUEUE);
+    let (events, event_rx) = mpsc::channel(EVENT_QUEUE);
+    let client = Client {
+        sender: command_tx,
+        control: swarm.behaviour().stream.new_control(),
+        local_peer_id: *swarm.local_peer_id(),
+    };
+    let event_loop = EventLoop {
+        swarm,
+        commands,
+        events,
+        role: config.role,
+        bootstrap: config.bootstrap,
+        pending_open: HashMap::new(),
+    };
+    Ok((client, event_rx, event_loop))
+}
+
+impl EventLoop {
+    /// Runs until every [`Client`] is dropped.
+    pub async fn run(mut self) {
+        self.dial_bootstrap();
+        let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => return,
+                },
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    fn dial_bootstrap(&mut self) {
+        for addr in self.bootstrap.clone() {
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::warn!(%addr, error = %e, "bootstrap dial failed");
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if self.swarm.connected_peers().next().is_none() {
+            self.dial_bootstrap();
+            return;
+        }
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        // Fails only with an empty routing table; the next tick tries again.
+        let _ = kad.bootstrap();
+        if matches!(self.role, Role::Gateway) {
+            kad.get_providers(all_providers_key());
+        }
+    }
+
+    fn emit(&self, event: Event) {
+        if let Err(e) = self.events.try_send(event) {
+            tracing::warn!(error = %e, "application is not keeping up with mesh events; dropped one");
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Dial { addr, reply } => {
+                let result = self.swarm.dial(addr).map_err(|e| NetError::Dial {
+                    message: e.to_string(),
+                });
+                let _ = reply.send(result);
+            }
+            Command::OpenLeaves {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self.swarm.behaviour_mut().open.send_request(&peer, request);
+                self.pending_open.insert(id, (peer, reply));
+            }
+            Command::RespondOpenLeaves { channel, response } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .open
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!("challenger left before the opening was sent");
+                }
+            }
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, peer = %self.swarm.local_peer_id(), "listening");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, ?cause, "connection closed");
+                if num_established == 0 {
+                    self.emit(Event::PeerGone { peer: peer_id });
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                for addr in &info.listen_addrs {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, addr.clone());
+                }
+                if matches!(self.role, Role::Gateway) && info.protocols.contains(&CAPS_PROTOCOL) {
+                    self.swarm
+                        .behaviour_mut()
+                        .caps
+                        .send_request(&peer_id, CapsRequest);
+                }
+            }
+            BehaviourEvent::Caps(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request { channel, .. } => {
+                        let caps = match &self.role {
+                            Role::Provider(caps) => caps.clone(),
+                            Role::Gateway => Capabilities {
+                                version: GenerateRequest::VERSION,
+                                models: vec![],
+                            },
+                        };
+                        let _ = self.swarm.behaviour_mut().caps.send_response(channel, caps);
+                    }
+                    request_response::Message::Response { response, .. } => {
+                        if !response.models.is_empty() {
+                            self.emit(Event::ProviderUp {
+                                peer,
+                                capabilities: response,
+                            });
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Caps(request_response::Event::OutboundFailure {
+                peer, error, ..
+            }) => {
+                tracing::debug!(%peer, %error, "capability query failed");
+            }
+            BehaviourEvent::Open(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        self.emit(Event::OpenLeaves {
+                            peer,
+                            request,
+                            channel,
+                        });
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some((_, reply)) = self.pending_open.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Open(request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                ..
+            }) => {
+                if let Some((peer, reply)) = self.pending_open.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        message: error.to_string(),
+                    }));
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self
+                            .swarm
+                            .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result:
+                    kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                        providers,
+                        ..
+                    })),
+                ..
+            }) => {
+                let me = *self.swarm.local_peer_id();
+                for peer in providers {
+                    if peer != me && !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(peer);
+                    }
+                }
+            }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(error),
+            }) => {
+                tracing::debug!(%peer, %error, "ping failed; closing the connection");
+                self.swarm.close_connection(connection);
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! Versioned wire messages between gateways and providers, their limits, and the framing.
+//!
+//! Three protocols run between peers:
+//!
+//! - [`GENERATE_PROTOCOL`], a raw `libp2p-stream`: the gateway writes one [`GenerateRequest`]
+//!   frame; the provider answers with [`GenerateFrame`]s: `Accepted`, one `Token` per generated
+//!   step, and `Done` carrying the signed commitment last (or `Error`).
+//! - [`OPEN_PROTOCOL`], request-response: the gateway sends an [`OpenLeavesRequest`] for the
+//!   steps it challenges and gets the leaves and a Merkle multi-proof back.
+//! - [`CAPS_PROTOCOL`], request-response: a gateway asks a newly identified provider what it
+//!   serves and gets [`Capabilities`].
+//!
+//! Every frame is a big-endian `u32` length followed by that many bytes of CBOR. Readers check the
+//! length against a per-direction maximum before they allocate or parse anything.
+
+use std::fmt;
+use std::time::Duration;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::Digest32;
+use crate::commit::{SignedCommitment, StepLeaf};
+use crate::sampling::SamplerParams;
+
+/// The token stream protocol.
+pub const GENERATE_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/generate/1");
+/// The leaf-opening request-response protocol.
+pub const OPEN_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/open/1");
+/// The capability query protocol.
+pub const CAPS_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/caps/1");
+
+/// Largest generate request frame: 1 MiB of prompt is far beyond any context window we serve, and
+/// the gateway's HTTP body limit is below it.
+pub const MAX_REQUEST_FRAME: usize = 1024 * 1024 + 64 * 1024;
+/// Largest provider-to-gateway frame. A token frame is tens of bytes; the `Done` frame carries a
+/// commitment (~300 bytes) and the last held-back text.
+pub const MAX_STREAM_FRAME: usize = 64 * 1024;
+/// Largest leaf-opening request: [`MAX_OPEN_INDICES`] `u32`s plus overhead.
+pub const MAX_OPEN_REQUEST: u64 = 16 * 1024;
+/// Largest leaf-opening response: [`MAX_OPEN_INDICES`] leaves of ~300 bytes plus a multi-proof.
+pub const MAX_OPEN_RESPONSE: u64 = 512 * 1024;
+/// Most leaves one opening request may ask for.
+pub const MAX_OPEN_INDICES: usize = 256;
+/// Largest capability message (a handful of model cards).
+pub const MAX_CAPS_MESSAGE: u64 = 64 * 1024;
+/// How long a provider waits for the request frame after a stream opens. A gateway writes it at
+/// once, so a peer that stays silent this long is stuck or hostile.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest gap between two frames a gateway accepts while a generation runs. Generous: a
+/// queued request on a busy CPU provider may wait for earlier ones to finish first.
+pub const FRAME_GAP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Timeout for leaf openings and capability queries: both are answered from memory.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most messages a request may carry.
+pub const MAX_MESSAGES: usize = 256;
+/// Most stop sequences a request may carry (OpenAI allows 4).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+/// Longest stop sequence, in bytes.
+pub const MAX_STOP_LEN: usize = 256;
+
+/// A 16-byte random request id chosen by the gateway; it keys the draw PRF and the leaf store.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RequestId([u8; 16]);
+
+impl RequestId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+
+    /// An id from raw bytes.
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RequestId({self})")
+    }
+}
+
+/// SHA-256 of a GGUF file: the identity of a model, independent of its file name.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ModelDigest(pub Digest32);
+
+impl ModelDigest {
+    /// Parses 64 hex digits, with or without a `sha256:` prefix.
+    pub fn parse(text: &str) -> Option<Self> {
+        let hex_part = text.strip_prefix("sha256:").unwrap_or(text);
+        let bytes = hex::decode(hex_part).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+}
+
+impl fmt::Display for ModelDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for ModelDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ModelDigest({self})")
+    }
+}
+
+/// One chat message as the provider's chat template receives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// Plain text content.
+    pub content: String,
+}
+
+/// What a gateway asks a provider to generate. Its hash binds the commitment to the prompt, the
+/// model and the sampler settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// Wire version, [`GenerateRequest::VERSION`].
+    pub version: u16,
+    /// Chosen by the gateway; keys the draw PRF.
+    pub request_id: RequestId,
+    /// The model the gateway wants, by content.
+    pub model_digest: ModelDigest,
+    /// The conversation; the provider applies the model's own chat template.
+    pub messages: Vec<ChatMessage>,
+    /// Sampler settings.
+    pub sampler: SamplerParams,
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// Stop sequences; generation ends when the visible text contains one.
+    pub stop: Vec<String>,
+}
+
+impl GenerateRequest {
+    /// The current wire version.
+    pub const VERSION: u16 = 1;
+
+    /// `SHA-256("proofmesh/request/v1" ‖ CBOR(self))`: what a commitment's `request_hash` must be.
+    pub fn hash(&self) -> Digest32 {
+        let mut bytes = Vec::new();
+        // Writing CBOR into a Vec cannot fail for these plain types.
+        if ciborium::into_writer(self, &mut bytes).is_err() {
+            bytes.clear();
+        }
+        crate::sha256(&[b"proofmesh/request/v1", &bytes])
+    }
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FinishReason {
+    /// End-of-generation token or a stop sequence.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    /// OpenAI's spelling.
+    pub fn as_openai(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// Classes of provider-side failure, so the gateway can map them to HTTP statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoteErrorKind {
+    /// The request was malformed or asks for something the provider cannot do.
+    InvalidRequest,
+    /// The prompt plus `max_tokens` does not fit the context window.
+    ContextLength,
+    /// The provider does not serve the requested model digest.
+    UnknownModel,
+    /// The provider is at capacity.
+    Overloaded,
+    /// Anything else went wrong inside the provider.
+    Internal,
+}
+
+/// One frame from provider to gateway on a generate stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GenerateFrame {
+    /// The request was admitted; the prompt is this many tokens long.
+    Accepted {
+        /// Prompt length after the chat template.
+        prompt_tokens: u32,
+    },
+    /// One generated step.
+    Token {
+        /// Step index, starting at 0.
+        step: u32,
+        /// The token id committed at this step.
+        token: u32,
+        /// Visible text released at this step (may be empty while a possible stop sequence is
+        /// held back, or for control tokens).
+        text: String,
+    },
+    /// Generation finished; the signed commitment covers every step sent.
+    Done {
+        /// Why it stopped.
+        finish_reason: FinishReason,
+        /// Held-back text released at the end.
+        text: String,
+        /// The signed commitment.
+        commitment: SignedCommitment,
+    },
+    /// The provider gave up.
+    Error {
+        /// What kind of failure.
+        kind: RemoteErrorKind,
+        /// A human-readable explanation.
+        message: String,
+    },
+}
+
+/// The gateway's challenge: open these steps of that request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenLeavesRequest {
+    /// The request whose leaves are wanted.
+    pub request_id: RequestId,
+    /// Step indices, sorted and distinct, at most [`MAX_OPEN_INDICES`].
+    pub indices: Vec<u32>,
+}
+
+/// The provider's answer to an [`OpenLeavesRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OpenLeavesResponse {
+    /// The leaves, in the order of the requested indices, and a Merkle multi-proof for them.
+    Opened {
+        /// One leaf per requested index.
+        leaves: Vec<StepLeaf>,
+        /// rs_merkle multi-proof hashes.
+        proof: Vec<Digest32>,
+    },
+    /// The provider cannot open them (unknown or expired request, bad indices).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A capability query (empty: providers answer with everything they serve).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapsRequest;
+
+/// One model a provider serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// The model id clients use (`model` in OpenAI requests).
+    pub name: String,
+    /// SHA-256 of the GGUF file.
+    pub digest: ModelDigest,
+    /// Quantization, e.g. `Q4_1`.
+    pub quantization: String,
+    /// Context window per sequence, in tokens.
+    pub context_size: u32,
+    /// Sequences decoded concurrently.
+    pub parallel: u32,
+    /// `cpu` or `gpu`.
+    pub device: String,
+    /// Layers offloaded to a GPU.
+    pub gpu_layers: u32,
+}
+
+/// Everything a provider advertises.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Wire version of the provider's protocols.
+    pub version: u16,
+    /// Models served.
+    pub models: Vec<ModelCard>,
+}
+
+/// Failures reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The peer announced a frame larger than allowed.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The stream ended cleanly before a frame started.
+    #[error("stream closed")]
+    Closed,
+    /// I/O failed, or the stream ended inside a frame.
+    #[error("stream i/o failed")]
+    Io {
+        /// The cause.
+        #[from]
+        source: std::io::Error,
+    },
+    /// The bytes were not the expected CBOR message.
+    #[error("malformed frame: {message}")]
+    Malformed {
+        /// The decoder's explanation.
+        message: String,
+    },
+}
+
+/// Writes one length-prefixed CBOR frame and flushes.
+pub async fn write_frame<W, T>(io: &mut W, value: &T) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let mut bytes = Vec::with_capacity(64);
+    ciborium::into_writer(value, &mut bytes).map_err(|e| FrameError::Malformed {
+        message: e.to_string(),
+    })?;
+    let len = u32::try_from(bytes.len()).map_err(|_| FrameError::TooLarge {
+        len: bytes.len(),
+        max: u32::MAX as usize,
+    })?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(&bytes).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+/// Reads one length-prefixed CBOR frame of at most `max` bytes.
+pub async fn read_frame<R, T>(io: &mut R, max: usize) -> Result<T, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let mut len_bytes = [0u8; 4];
+    let mut filled = 0;
+    while filled < 4 {
+        let n = io.read(&mut len_bytes[filled..]).await?;
+        if n == 0 {
+            return Err(if filled == 0 {
+                FrameError::Closed
+            } else {
+                FrameError::Io {
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                }
+            });
+        }
+        filled += n;
+    }
+    let len = u32::from_be_bytes(len_bytes) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let mut bytes = vec![0u8; len];
+    io.read_exact(&mut bytes).await?;
+    ciborium::from_reader(bytes.as_slice()).map_err(|e| FrameError::Malformed {
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> GenerateRequest {
+        GenerateRequest {
+            version: GenerateRequest::VERSION,
+            request_id: RequestId::from_bytes([1; 16]),
+            model_digest: ModelDigest([2; 32]),
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            sampler: SamplerParams::default(),
+            max_tokens: 16,
+            stop: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &request()).await.unwrap();
+        let mut cursor = futures::io::Cursor::new(buf);
+        let back: GenerateRequest = read_frame(&mut cursor, MAX_REQUEST_FRAME).await.unwrap();
+        assert_eq!(back, request());
+        let end: Result<GenerateRequest, _> = read_frame(&mut cursor, MAX_REQUEST_FRAME).await;
+        assert!(matches!(end, Err(FrameError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn oversized_and_malformed_frames_are_refused() {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&(10_000_000u32).to_be_bytes());
+        let mut cursor = futures::io::Cursor::new(buf);
+        let r: Result<GenerateRequest, _> = read_frame(&mut cursor, 1024).await;
+        assert!(matches!(r, Err(FrameError::TooLarge { .. })));
+
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&3u32.to_be_bytes());
+        buf.extend_from_slice(&[0xff, 0x00, 0x12]);
+        let mut cursor = futures::io::Cursor::new(buf);
+        let r: Result<GenerateRequest, _> = read_frame(&mut cursor, 1024).await;
+        assert!(matches!(r, Err(FrameError::Malformed { .. })));
+
+        let mut cursor = futures::io::Cursor::new(vec![0u8, 0]);
+        let r: Result<GenerateRequest, _> = read_frame(&mut cursor, 1024).await;
+        assert!(matches!(r, Err(FrameError::Io { .. })));
+    }
+
+    #[test]
+    fn request_hash_covers_prompt_and_sampler() {
+        let base = request().hash();
+        let mut other = request();
+        other.messages[0].content = "hello".into();
+        assert_ne!(base, other.hash());
+        let mut other = request();
+        other.sampler.temperature = 0.5;
+        assert_ne!(base, other.hash());
+        let mut other = request();
+        other.max_tokens = 17;
+        assert_ne!(base, other.hash());
+        assert_eq!(base, request().hash());
+    }
+
+    #[test]
+    fn digest_parses_with_and_without_prefix() {
+        let d = ModelDigest([0xab; 32]);
+        assert_eq!(ModelDigest::parse(&d.to_string()), Some(d));
+        assert_eq!(ModelDigest::parse(&hex::encode([0xab; 32])), Some(d));
+        assert_eq!(ModelDigest::parse("sha256:zz"), None);
+    }
+}

@@ -1,0 +1,270 @@
+//! The reproducible sampler.
+//!
+//! Sampling happens here and not in llama.cpp, so that a verifier holding a provider's committed
+//! logits can replay the choice exactly. The steps, in this order:
+//!
+//! 1. candidates: the [`CANDIDATES`] most likely tokens, sorted by logit (descending, ties by
+//!    lower token id); `top_k` can narrow this further. These are exactly the logits a
+//!    [`crate::commit::StepLeaf`] commits, which is what makes replay possible.
+//! 2. temperature 0 means greedy: the first candidate.
+//! 3. otherwise softmax of `logit / temperature` over the candidates (f64, `libm::exp` so that
+//!    every platform computes the same bits), then `min_p` (keep candidates with probability at
+//!    least `min_p` times the best one) and `top_p` (keep the shortest prefix whose mass reaches
+//!    `top_p`).
+//! 4. the draw `u` in `[0, 1)` comes from [`draw`], a SHA-256 PRF of (seed, request id, step):
+//!    the provider does not choose it, and the verifier recomputes it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::RequestId;
+
+/// How many candidates the sampler considers and a leaf commits per step. 32 keeps a leaf under
+/// 300 bytes while covering essentially all probability mass at usual temperatures; a request's
+/// `top_k` above this value is treated as this value.
+pub const CANDIDATES: usize = 32;
+
+/// The sampler settings of one request; they are part of the request hash.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SamplerParams {
+    /// 0 means greedy decoding.
+    pub temperature: f32,
+    /// Nucleus sampling mass in `(0, 1]`.
+    pub top_p: f32,
+    /// Keep at most this many candidates; 0 means [`CANDIDATES`].
+    pub top_k: u32,
+    /// Drop candidates whose probability is below `min_p` times the best one's.
+    pub min_p: f32,
+    /// Seed of the draw PRF.
+    pub seed: u64,
+}
+
+impl Default for SamplerParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+/// One candidate token with the raw logit the model gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TopLogit {
+    /// Token id in the model's vocabulary.
+    pub id: u32,
+    /// The model's raw (f32) logit for that token.
+    pub logit: f32,
+}
+
+/// The draw for one step: 53 uniform bits from `SHA-256("proofmesh/draw/v1" ‖ seed ‖ request id
+/// ‖ step)`. Kept as an integer so it is committed and compared exactly.
+pub fn draw(seed: u64, request_id: &RequestId, step: u32) -> u64 {
+    let digest = crate::sha256(&[
+        b"proofmesh/draw/v1",
+        &seed.to_le_bytes(),
+        request_id.as_bytes(),
+        &step.to_le_bytes(),
+    ]);
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(head) >> 11
+}
+
+/// The draw as a number in `[0, 1)`.
+pub fn draw_unit(draw: u64) -> f64 {
+    // 53 bits fit a f64 mantissa exactly.
+    draw as f64 / (1u64 << 53) as f64
+}
+
+/// The `CANDIDATES` best tokens of a full logit vector, sorted by logit descending and by id
+/// ascending on ties. NaN logits are never selected.
+pub fn top_candidates(logits: &[f32]) -> Vec<TopLogit> {
+    let mut top: Vec<TopLogit> = Vec::with_capacity(CANDIDATES + 1);
+    for (id, &logit) in logits.iter().enumerate() {
+        if logit.is_nan() {
+            continue;
+        }
+        if top.len() == CANDIDATES && !better(logit, id as u32, top[CANDIDATES - 1]) {
+            continue;
+        }
+        let at = top.partition_point(|c| {
+            better(
+                c.logit,
+                c.id,
+                TopLogit {
+                    id: id as u32,
+                    logit,
+                },
+            )
+        });
+        top.insert(
+            at,
+            TopLogit {
+                id: id as u32,
+                logit,
+            },
+        );
+        top.truncate(CANDIDATES);
+    }
+    top
+}
+
+/// Whether `(logit, id)` sorts before `other`.
+fn better(logit: f32, id: u32, other: TopLogit) -> bool {
+    logit > other.logit || (logit == other.logit && id < other.id)
+}
+
+/// `log(sum(exp(logits)))` over the full vocabulary, computed in f64.
+pub fn logsumexp(logits: &[f32]) -> f32 {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| libm::exp(f64::from(l) - f64::from(max)))
+        .sum();
+    (f64::from(max) + libm::log(sum)) as f32
+}
+
+/// Picks the token from sorted `candidates` (as produced by [`top_candidates`]) with the draw
+/// `draw`. Returns `None` only when there are no candidates.
+pub fn sample(candidates: &[TopLogit], params: &SamplerParams, draw: u64) -> Option<u32> {
+    let first = candidates.first()?;
+    if params.temperature <= 0.0 {
+        return Some(first.id);
+    }
+    let k = match params.top_k {
+        0 => CANDIDATES,
+        k => (k as usize).min(CANDIDATES),
+    }
+    .min(candidates.len());
+    let candidates = &candidates[..k];
+    let temperature = f64::from(params.temperature);
+    let max = f64::from(first.logit);
+    let weights: Vec<f64> = candidates
+        .iter()
+        .map(|c| libm::exp((f64::from(c.logit) - max) / temperature))
+        .collect();
+    let total: f64 = weights.iter().sum();
+    // min_p: weights are sorted, the best one has weight 1.
+    let min_weight = f64::from(params.min_p.max(0.0));
+    let mut keep = weights
+        .iter()
+        .take_while(|&&w| w >= min_weight)
+        .count()
+        .max(1);
+    // top_p: the shortest prefix whose probability mass reaches top_p.
+    if params.top_p < 1.0 {
+        let target = f64::from(params.top_p.max(0.0)) * total;
+        let mut mass = 0.0;
+        let mut prefix = 0;
+        for w in &weights {
+            mass += w;
+            prefix += 1;
+            if mass >= target {
+                break;
+            }
+        }
+        keep = keep.min(prefix.max(1));
+    }
+    let kept_total: f64 = weights[..keep].iter().sum();
+    let target = draw_unit(draw) * kept_total;
+    let mut acc = 0.0;
+    for (c, w) in candidates[..keep].iter().zip(&weights) {
+        acc += w;
+        if target < acc {
+            return Some(c.id);
+        }
+    }
+    candidates[..keep].last().map(|c| c.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rid() -> RequestId {
+        RequestId::from_bytes([7; 16])
+    }
+
+    #[test]
+    fn top_candidates_sorted_and_tie_broken_by_id() {
+        let mut logits = vec![0.0f32; 100];
+        logits[5] = 3.0;
+        logits[9] = 3.0;
+        logits[50] = 4.0;
+        logits[70] = f32::NAN;
+        let top = top_candidates(&logits);
+        assert_eq!(top.len(), CANDIDATES);
+        assert_eq!(top[0].id, 50);
+        assert_eq!(top[1].id, 5);
+        assert_eq!(top[2].id, 9);
+        assert!(top.iter().all(|c| c.id != 70));
+        assert!(top.windows(2).all(|w| !better(w[1].logit, w[1].id, w[0])));
+    }
+
+    #[test]
+    fn greedy_is_argmax() {
+        let logits: Vec<f32> = (0..64).map(|i| ((i * 37) % 64) as f32).collect();
+        let top = top_candidates(&logits);
+        let params = SamplerParams {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        assert_eq!(sample(&top, &params, 12345), Some(top[0].id));
+        assert_eq!(logits[top[0].id as usize], 63.0);
+    }
+
+    #[test]
+    fn draw_depends_on_every_input() {
+        let a = draw(1, &rid(), 0);
+        assert_ne!(a, draw(2, &rid(), 0));
+        assert_ne!(a, draw(1, &RequestId::from_bytes([8; 16]), 0));
+        assert_ne!(a, draw(1, &rid(), 1));
+        assert_eq!(a, draw(1, &rid(), 0));
+        assert!(draw_unit(a) < 1.0);
+    }
+
+    #[test]
+    fn sampling_follows_the_draw() {
+        let top = vec![
+            TopLogit { id: 1, logit: 0.0 },
+            TopLogit { id: 2, logit: 0.0 },
+        ];
+        let params = SamplerParams {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        assert_eq!(sample(&top, &params, 0), Some(1));
+        assert_eq!(sample(&top, &params, (1u64 << 53) - 1), Some(2));
+        let nucleus = SamplerParams {
+            top_p: 0.4,
+            ..params
+        };
+        assert_eq!(sample(&top, &nucleus, (1u64 << 53) - 1), Some(1));
+        let min_p = SamplerParams {
+            min_p: 1.0,
+            ..params
+        };
+        // Both have weight 1, so min_p = 1 keeps both.
+        assert_eq!(sample(&top, &min_p, (1u64 << 53) - 1), Some(2));
+        let top_k = SamplerParams { top_k: 1, ..params };
+        assert_eq!(sample(&top, &top_k, (1u64 << 53) - 1), Some(1));
+    }
+
+    #[test]
+    fn logsumexp_matches_direct_sum() {
+        let logits = [1.0f32, 2.0, 3.0];
+        let direct = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln() as f32;
+        assert!((logsumexp(&logits) - direct).abs() < 1e-6);
+    }
+}
