@@ -102,7 +102,7 @@ impl Generation {
                         tokens,
                         text,
                         finish_reason,
-                        commitment,
+                        commitment: *commitment,
                     });
                 }
                 GenerateFrame::Error { kind, message } => return Err(remote_error(kind, &message)),

@@ -83,7 +83,7 @@ async fn merkle_verified_completion_plain_and_streamed() {
     assert_eq!(usage["usage"]["completion_tokens"].as_u64(), Some(steps));
     assert_eq!(
         usage["proofmesh"]["merkle_root"],
-        answer["proofmesh"]["merkle_root"]
+        finish["proofmesh"]["merkle_root"]
     );
 
     // `none` still signs and reports, without an audit.
@@ -112,7 +112,7 @@ async fn two_providers_give_identical_output_for_the_same_seed() {
     let mesh = Mesh::start(&[HONEST, HONEST]).await;
     let (a, b) = (mesh.providers[0].peer_id, mesh.providers[1].peer_id);
     for extra in [
-        json!({"temperature": 0, "max_tokens": 32}),
+        json!({"temperature": 0, "seed": 7, "max_tokens": 32}),
         json!({"temperature": 0.9, "top_p": 0.95, "seed": 1234, "max_tokens": 32}),
     ] {
         let body = chat_body("Write a short poem about the sea.", extra.clone());
@@ -122,13 +122,13 @@ async fn two_providers_give_identical_output_for_the_same_seed() {
         assert_eq!(header(&ha, "x-proofmesh-provider"), a.to_string());
         assert_eq!(header(&hb, "x-proofmesh-provider"), b.to_string());
         assert_eq!(content(&ra), content(&rb), "{extra}");
-        assert!(!content(&ra).is_empty());
-        // Same tokens, same candidates, same logits: the commitments' Merkle roots agree too.
+        // Same tokens, draws, candidates and logits, bit for bit: the Merkle roots agree too.
         assert_eq!(
             header(&ha, "x-proofmesh-merkle-root"),
             header(&hb, "x-proofmesh-merkle-root"),
             "{extra}"
         );
+        assert!(!content(&ra).is_empty());
         assert_eq!(header(&ha, "x-proofmesh-verdict"), "passed");
         assert_eq!(header(&hb, "x-proofmesh-verdict"), "passed");
     }

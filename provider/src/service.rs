@@ -300,7 +300,7 @@ impl Service {
             &GenerateFrame::Done {
                 finish_reason,
                 text: text.finish(),
-                commitment,
+                commitment: Box::new(commitment),
             },
         )
         .await?;

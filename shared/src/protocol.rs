@@ -221,7 +221,7 @@ pub enum GenerateFrame {
         /// Held-back text released at the end.
         text: String,
         /// The signed commitment.
-        commitment: SignedCommitment,
+        commitment: Box<SignedCommitment>,
     },
     /// The provider gave up.
     Error {

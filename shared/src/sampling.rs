@@ -11,12 +11,13 @@
 //!    every platform computes the same bits), then `min_p` (keep candidates with probability at
 //!    least `min_p` times the best one) and `top_p` (keep the shortest prefix whose mass reaches
 //!    `top_p`).
-//! 4. the draw `u` in `[0, 1)` comes from [`draw`], a SHA-256 PRF of (seed, request id, step):
-//!    the provider does not choose it, and the verifier recomputes it.
+//! 4. the draw `u` in `[0, 1)` comes from [`draw`], a SHA-256 PRF of (seed, step): the provider
+//!    does not choose it (the seed comes from the client, or from the gateway when the client
+//!    gives none), and the verifier recomputes it. The request id is deliberately not an input:
+//!    OpenAI's `seed` promises that the same request with the same seed samples the same tokens,
+//!    on any provider and in any later request; the commitment binds the request id instead.
 
 use serde::{Deserialize, Serialize};
-
-use crate::protocol::RequestId;
 
 /// How many candidates the sampler considers and a leaf commits per step. 32 keeps a leaf under
 /// 300 bytes while covering essentially all probability mass at usual temperatures; a request's
@@ -59,13 +60,12 @@ pub struct TopLogit {
     pub logit: f32,
 }
 
-/// The draw for one step: 53 uniform bits from `SHA-256("proofmesh/draw/v1" ‖ seed ‖ request id
-/// ‖ step)`. Kept as an integer so it is committed and compared exactly.
-pub fn draw(seed: u64, request_id: &RequestId, step: u32) -> u64 {
+/// The draw for one step: 53 uniform bits from `SHA-256("proofmesh/draw/v1" ‖ seed ‖ step)`.
+/// Kept as an integer so it is committed and compared exactly.
+pub fn draw(seed: u64, step: u32) -> u64 {
     let digest = crate::sha256(&[
         b"proofmesh/draw/v1",
         &seed.to_le_bytes(),
-        request_id.as_bytes(),
         &step.to_le_bytes(),
     ]);
     let mut head = [0u8; 8];
@@ -192,10 +192,6 @@ pub fn sample(candidates: &[TopLogit], params: &SamplerParams, draw: u64) -> Opt
 mod tests {
     use super::*;
 
-    fn rid() -> RequestId {
-        RequestId::from_bytes([7; 16])
-    }
-
     #[test]
     fn top_candidates_sorted_and_tie_broken_by_id() {
         let mut logits = vec![0.0f32; 100];
@@ -226,11 +222,10 @@ mod tests {
 
     #[test]
     fn draw_depends_on_every_input() {
-        let a = draw(1, &rid(), 0);
-        assert_ne!(a, draw(2, &rid(), 0));
-        assert_ne!(a, draw(1, &RequestId::from_bytes([8; 16]), 0));
-        assert_ne!(a, draw(1, &rid(), 1));
-        assert_eq!(a, draw(1, &rid(), 0));
+        let a = draw(1, 0);
+        assert_ne!(a, draw(2, 0));
+        assert_ne!(a, draw(1, 1));
+        assert_eq!(a, draw(1, 0));
         assert!(draw_unit(a) < 1.0);
     }
 

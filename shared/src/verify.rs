@@ -193,7 +193,7 @@ fn check_leaf(
         return Err(AuditFailure::LeafMismatch);
     }
     let seed = request.sampler.seed;
-    if leaf.draw != sampling::draw(seed, &request.request_id, leaf.step) {
+    if leaf.draw != sampling::draw(seed, leaf.step) {
         return Err(AuditFailure::DrawMismatch);
     }
     let top = &leaf.top;
@@ -260,7 +260,7 @@ mod tests {
                 .map(|i| ((i * 7919 + step * 104_729) % 1000) as f32 / 100.0)
                 .collect();
             let top = top_candidates(&logits);
-            let draw = sampling::draw(42, &request.request_id, step);
+            let draw = sampling::draw(42, step);
             let token = sampling::sample(&top, &request.sampler, draw).unwrap();
             leaves.push(StepLeaf {
                 step,

@@ -3,6 +3,8 @@
 //! bootstrap from the gateway at 127.0.0.1.
 
 #![allow(dead_code, unreachable_pub, missing_docs)]
+// Test fixtures: a failure here is a failed test, and should say so loudly.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -211,7 +211,7 @@ fn step(
 ) -> Option<FinishReason> {
     let logits = ctx.get_logits_ith(batch_index);
     let top = sampling::top_candidates(logits);
-    let draw = sampling::draw(slot.job.sampler.seed, &slot.job.request_id, slot.steps);
+    let draw = sampling::draw(slot.job.sampler.seed, slot.steps);
     let Some(token) = sampling::sample(&top, &slot.job.sampler, draw) else {
         let _ = slot.job.events.send(StepEvent::Failed {
             message: "no finite logits".into(),
