@@ -3,6 +3,11 @@
 # llama.cpp, clang + libclang for llama-cpp-2's bindgen. Does nothing when they are present.
 set -euo pipefail
 
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "proofmesh needs a Rust toolchain (1.88 or newer): install it from https://rustup.rs and rerun." >&2
+  exit 1
+fi
+
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v clang >/dev/null 2>&1 || missing+=(clang)

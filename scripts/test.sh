@@ -6,7 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
+# The official OpenAI client, for the test that drives the gateway as an SDK user would.
+python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet 'openai>=1.50'
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo run --quiet --locked -p proofmesh-provider -- fetch-model >/dev/null
-cargo test --workspace --locked
+# One test at a time: each real-path test runs llama.cpp providers whose worker threads spin;
+# two meshes at once on 2 cores oversubscribe them and run ~10x slower.
+cargo test --workspace --locked -- --test-threads=1

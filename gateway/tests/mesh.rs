@@ -155,6 +155,7 @@ async fn forged_answers_are_rejected() {
         spec("tamper-path", Tamper::WrongPath),
         spec("tamper-token", Tamper::OffPolicyToken),
         spec("tamper-key", Tamper::ForeignKey),
+        spec("tamper-sig", Tamper::CorruptSignature),
     ])
     .await;
     // Long enough that not every step is opened, so the multi-proof has hashes to corrupt.
@@ -164,6 +165,7 @@ async fn forged_answers_are_rejected() {
         ("tamper-path", "failed:merkle_path_invalid"),
         ("tamper-token", "failed:sampler_mismatch"),
         ("tamper-key", "failed:wrong_signer"),
+        ("tamper-sig", "failed:bad_signature"),
     ];
     for (model, verdict) in cases {
         let mut body = chat_body(
@@ -383,4 +385,54 @@ async fn no_provider_means_503() {
     assert_eq!(s, 503);
     assert_eq!(v["error"]["code"], "no_provider_available");
     assert_eq!(v["error"]["type"], "server_error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_all_succeed_and_verify() {
+    // Two batching slots, five requests at once: some share decode batches, the rest queue.
+    let mesh = Mesh::start(&[HONEST]).await;
+    let prompts = [
+        "Name a fruit.",
+        "Name a color.",
+        "Count to five.",
+        "Say hello in French.",
+        "What is 2+2?",
+    ];
+    let requests = prompts.iter().enumerate().map(|(i, p)| {
+        let body = chat_body(p, json!({"max_tokens": 24, "temperature": 0.7, "seed": i}));
+        let mesh = &mesh;
+        async move {
+            if i % 2 == 0 {
+                let (status, headers, body) = mesh.chat(body).await;
+                (
+                    status,
+                    header(&headers, "x-proofmesh-verdict").to_string(),
+                    content(&body).to_string(),
+                )
+            } else {
+                let mut body = body;
+                body["stream"] = json!(true);
+                let (status, _, events) = mesh.chat_stream(body).await;
+                let finish: Value = events
+                    .iter()
+                    .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+                    .find(|c| c["proofmesh"].is_object())
+                    .unwrap_or(Value::Null);
+                (
+                    status,
+                    finish["proofmesh"]["verdict"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                    String::from("streamed"),
+                )
+            }
+        }
+    });
+    let results = futures::future::join_all(requests).await;
+    for (i, (status, verdict, text)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}");
+        assert_eq!(verdict, "passed", "request {i}");
+        assert!(!text.is_empty(), "request {i}");
+    }
 }

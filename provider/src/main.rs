@@ -86,10 +86,11 @@ struct ServeArgs {
 
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,llama_cpp_2=warn,libp2p=warn")
+        tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn,libp2p=warn")
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

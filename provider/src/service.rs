@@ -291,9 +291,14 @@ impl Service {
         } else {
             self.keypair.clone()
         };
-        let commitment = commitment
+        let mut commitment = commitment
             .sign(&signer)
             .map_err(|e| Refusal::new(RemoteErrorKind::Internal, e.to_string()))?;
+        if self.tamper == Tamper::CorruptSignature
+            && let Some(byte) = commitment.signature.get_mut(7)
+        {
+            *byte ^= 0x40;
+        }
         self.leaves.insert(request.request_id, peer, leaves, tree);
         send(
             stream,

@@ -16,6 +16,8 @@ pub enum Tamper {
     OffPolicyToken,
     /// Signs the commitment with a key that is not its node key.
     ForeignKey,
+    /// Sends a commitment whose signature bytes are corrupted.
+    CorruptSignature,
     /// Hangs up after the third token, without a commitment.
     HangUp,
 }

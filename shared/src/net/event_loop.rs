@@ -28,6 +28,9 @@ const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
 /// Connections stay open while idle: gateways route to providers they are connected to, so an
 /// idle timeout would make a quiet provider vanish from `/v1/models`.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// How often a provider re-publishes its provider records. Kademlia's own republication runs
+/// every 12 hours; records published before a node had any peer reached nobody.
+const REANNOUNCE_INTERVAL: Duration = Duration::from_secs(300);
 /// Room for commands waiting for the loop.
 const COMMAND_QUEUE: usize = 256;
 /// Room for events waiting for the application; beyond it events are dropped with a warning
@@ -51,6 +54,8 @@ pub struct EventLoop {
     events: mpsc::Sender<Event>,
     role: Role,
     bootstrap: Vec<Multiaddr>,
+    /// When a provider last published its records while connected to someone.
+    announced: Option<std::time::Instant>,
     pending_open: HashMap<
         OutboundRequestId,
         (
@@ -102,16 +107,6 @@ pub(super) fn build(
                 message: e.to_string(),
             })?;
     }
-    if let Role::Provider(caps) = &config.role {
-        let kad = &mut swarm.behaviour_mut().kad;
-        let mut keys = vec![all_providers_key()];
-        keys.extend(caps.models.iter().map(|m| model_key(&m.digest)));
-        for key in keys {
-            if let Err(e) = kad.start_providing(key) {
-                tracing::warn!(error = %e, "cannot store provider record");
-            }
-        }
-    }
     let (command_tx, commands) = mpsc::channel(COMMAND_QUEUE);
     let (events, event_rx) = mpsc::channel(EVENT_QUEUE);
     let client = Client {
@@ -125,6 +120,7 @@ pub(super) fn build(
         events,
         role: config.role,
         bootstrap: config.bootstrap,
+        announced: None,
         pending_open: HashMap::new(),
     };
     Ok((client, event_rx, event_loop))
@@ -161,11 +157,38 @@ impl EventLoop {
             self.dial_bootstrap();
             return;
         }
-        let kad = &mut self.swarm.behaviour_mut().kad;
         // Fails only with an empty routing table; the next tick tries again.
-        let _ = kad.bootstrap();
-        if matches!(self.role, Role::Gateway) {
-            kad.get_providers(all_providers_key());
+        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        self.discover();
+    }
+
+    /// Providers publish their records (first connection, then every [`REANNOUNCE_INTERVAL`]);
+    /// gateways look providers up.
+    fn discover(&mut self) {
+        match &self.role {
+            Role::Provider(caps) => {
+                if self
+                    .announced
+                    .is_some_and(|t| t.elapsed() < REANNOUNCE_INTERVAL)
+                {
+                    return;
+                }
+                let mut keys = vec![all_providers_key()];
+                keys.extend(caps.models.iter().map(|m| model_key(&m.digest)));
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                for key in keys {
+                    if let Err(e) = kad.start_providing(key) {
+                        tracing::warn!(error = %e, "cannot store provider record");
+                    }
+                }
+                self.announced = Some(std::time::Instant::now());
+            }
+            Role::Gateway => {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(all_providers_key());
+            }
         }
     }
 

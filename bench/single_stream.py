@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Single-stream generation speed: proofmesh (gateway + provider over loopback libp2p) next to
+llama.cpp's own llama-bench on the same model, threads and machine, in one run.
+
+    bench/single_stream.py [--requests 5] [--tokens 128] [--threads 2]
+
+Builds what it needs (release binaries; llama-bench via bench/llama_cpp.sh, outside the repo),
+starts a gateway and one provider on 127.0.0.1 (no mDNS), and prints a table.
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+PROMPT = "Write a long story about a dragon who learns to fly. Describe every step in detail."
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post_stream(url, body):
+    """Streams one completion; returns (ttft, decode_window, tokens, total)."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    start = time.perf_counter()
+    first = last = None
+    tokens = None
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk)
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    total = time.perf_counter() - start
+    return first - start, last - first, tokens, total
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "proofmesh-gateway", "-p", "proofmesh-provider"],
+                   cwd=ROOT, check=True)
+    bins = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"), "release")
+    model = subprocess.run([os.path.join(bins, "proofmesh-provider"), "fetch-model"], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    llama_bin = subprocess.run([os.path.join(ROOT, "bench", "llama_cpp.sh"), "llama-bench"], check=True,
+                               capture_output=True, text=True).stdout.strip()
+
+    # llama.cpp's own figure: tg128 (pure decode, no sampling, no HTTP).
+    out = subprocess.run([os.path.join(llama_bin, "llama-bench"), "-m", model, "-t", str(args.threads),
+                          "-p", "0", "-n", str(args.tokens), "-r", str(args.requests), "-o", "json"],
+                         check=True, capture_output=True, text=True).stdout
+    bench = json.loads(out)[0]
+    llama_tps, llama_sd = bench["avg_ts"], bench["stddev_ts"]
+
+    http, p2p = free_port(), free_port()
+    logs = tempfile.mkdtemp(prefix="proofmesh-bench-")
+    procs = []
+    try:
+        procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-gateway"), "--listen", f"127.0.0.1:{http}",
+                                       "--p2p-listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--ephemeral-key"],
+                                      stderr=open(os.path.join(logs, "gateway.log"), "w")))
+        procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-provider"), "--model", model, "--ephemeral-key",
+                                       "--threads", str(args.threads), "--parallel", "1",
+                                       "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", f"/ip4/127.0.0.1/tcp/{p2p}"],
+                                      stderr=open(os.path.join(logs, "provider.log"), "w")))
+        base = f"http://127.0.0.1:{http}"
+        for _ in range(240):
+            try:
+                if json.load(urllib.request.urlopen(base + "/healthz"))["providers"] == 1:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.25)
+        else:
+            sys.exit(f"provider did not join; logs in {logs}")
+
+        rows = {}
+        for mode in ["none", "merkle"]:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": args.tokens,
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+                    "verification_mode": mode}
+            post_stream(base + "/v1/chat/completions", body)  # warm-up
+            runs = [post_stream(base + "/v1/chat/completions", body) for _ in range(args.requests)]
+            decode = [(n - 1) / window for _, window, n, _ in runs]
+            e2e = [n / total for _, _, n, total in runs]
+            rows[mode] = (statistics.mean(decode), statistics.pstdev(decode), statistics.median(e2e),
+                          statistics.median(r[0] for r in runs) * 1000, runs[0][2])
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; threads {args.threads}; {args.requests} requests x {args.tokens} tokens")
+    print(f"model: {os.path.basename(model)}\n")
+    print("| engine | decode tok/s | end-to-end tok/s | TTFT p50 | ratio to llama-bench |")
+    print("|---|---|---|---|---|")
+    print(f"| llama-bench tg{args.tokens} | {llama_tps:.1f} ± {llama_sd:.1f} | - | - | 1.00 |")
+    for mode, (tps, sd, e2e, ttft, n) in rows.items():
+        print(f"| proofmesh, verification {mode} | {tps:.1f} ± {sd:.1f} | {e2e:.1f} | {ttft:.0f} ms | {tps / llama_tps:.2f} |")
+    print(f"\n(proofmesh tokens per request: {rows['none'][4]}; logs in {logs})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+//! The official `openai` Python package against a real mesh: what a user who only changes
+//! `base_url` sees. Needs `python3` with `openai` installed (scripts/test.sh installs it).
+
+mod support;
+
+use support::{HONEST, MODEL, Mesh};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_python_client_works_unchanged() {
+    let mesh = Mesh::start(&[HONEST]).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scripts/openai_sdk_check.py"
+    );
+    let output = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(format!("{}/v1", mesh.base))
+        .arg(MODEL)
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "openai client check failed:\n{stdout}\n{stderr}"
+    );
+    eprintln!("{stdout}");
+}

@@ -1,0 +1,105 @@
+//! Real swarms on loopback: QUIC transport, capability discovery, and Kademlia provider records
+//! leading a gateway to a provider it was never told about.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use proofmesh_shared::net::{self, Client, Event, NetConfig, Role};
+use proofmesh_shared::protocol::{Capabilities, GenerateRequest, ModelCard, ModelDigest};
+use tokio::sync::mpsc;
+
+fn caps() -> Capabilities {
+    Capabilities {
+        version: GenerateRequest::VERSION,
+        models: vec![ModelCard {
+            name: "m".into(),
+            digest: ModelDigest([7; 32]),
+            quantization: "Q4_1".into(),
+            context_size: 512,
+            parallel: 1,
+            device: "cpu".into(),
+            gpu_layers: 0,
+        }],
+    }
+}
+
+async fn node(
+    role: Role,
+    listen: &str,
+    bootstrap: Vec<Multiaddr>,
+) -> (Client, mpsc::Receiver<Event>, Vec<Multiaddr>) {
+    let (client, events, event_loop) = net::new(NetConfig {
+        keypair: libp2p::identity::Keypair::generate_secp256k1(),
+        listen: vec![listen.parse().unwrap()],
+        bootstrap,
+        mdns: false,
+        role,
+    })
+    .unwrap();
+    tokio::spawn(event_loop.run());
+    let addrs = client.wait_listen_addrs().await.unwrap();
+    assert!(!addrs.is_empty());
+    (client, events, addrs)
+}
+
+/// Waits for `ProviderUp` from `peer`, at most `secs` seconds.
+async fn provider_up(events: &mut mpsc::Receiver<Event>, peer: PeerId, secs: u64) -> Capabilities {
+    tokio::time::timeout(Duration::from_secs(secs), async {
+        loop {
+            match events.recv().await {
+                Some(Event::ProviderUp {
+                    peer: p,
+                    capabilities,
+                }) if p == peer => return capabilities,
+                Some(_) => {}
+                None => panic!("event loop stopped"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no ProviderUp from {peer} within {secs} s"))
+}
+
+#[tokio::test]
+async fn gateway_finds_provider_over_quic() {
+    let (provider, _pe, provider_addrs) = node(
+        Role::Provider(caps()),
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+        vec![],
+    )
+    .await;
+    assert!(provider_addrs[0].to_string().contains("quic-v1"));
+    let (_gateway, mut events, _) = node(
+        Role::Gateway,
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+        provider_addrs,
+    )
+    .await;
+    let found = provider_up(&mut events, provider.local_peer_id(), 20).await;
+    assert_eq!(found, caps());
+}
+
+#[tokio::test]
+async fn gateway_discovers_a_provider_through_kademlia_records() {
+    let (gateway, mut events, gateway_addrs) =
+        node(Role::Gateway, "/ip4/127.0.0.1/tcp/0", vec![]).await;
+    let (first, _e1, first_addrs) = node(
+        Role::Provider(caps()),
+        "/ip4/127.0.0.1/tcp/0",
+        gateway_addrs,
+    )
+    .await;
+    provider_up(&mut events, first.local_peer_id(), 20).await;
+    // The second provider only knows the first one; the gateway learns of it from the DHT.
+    let (second, _e2, _) = node(Role::Provider(caps()), "/ip4/127.0.0.1/tcp/0", first_addrs).await;
+    provider_up(&mut events, second.local_peer_id(), 40).await;
+    assert!(
+        gateway
+            .connected_peers()
+            .await
+            .unwrap()
+            .contains(&second.local_peer_id())
+    );
+}
