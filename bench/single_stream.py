@@ -2,7 +2,10 @@
 """Single-stream generation speed: proofmesh (gateway + provider over loopback libp2p) next to
 llama.cpp's own llama-bench on the same model, threads and machine, in one run.
 
-    bench/single_stream.py [--requests 5] [--tokens 128] [--threads 2]
+    bench/single_stream.py [--rounds 5] [--tokens 128] [--threads 2]
+
+Rounds interleave llama-bench, the in-process engine and requests through the gateway, so that
+the machine's drift hits all of them alike; ratios are taken within a round.
 
 Builds what it needs (release binaries; llama-bench via bench/llama_cpp.sh, outside the repo),
 starts a gateway and one provider on 127.0.0.1 (no mDNS), and prints a table.
@@ -53,31 +56,45 @@ def post_stream(url, body):
     return first - start, last - first, tokens, total
 
 
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the machine is noisy)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "proofmesh-gateway", "-p", "proofmesh-provider"],
-                   cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "proofmesh-gateway", "-p", "proofmesh-provider",
+                    "--example", "engine_decode"], cwd=ROOT, check=True)
     bins = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"), "release")
     model = subprocess.run([os.path.join(bins, "proofmesh-provider"), "fetch-model"], check=True,
                            capture_output=True, text=True).stdout.strip()
     llama_bin = subprocess.run([os.path.join(ROOT, "bench", "llama_cpp.sh"), "llama-bench"], check=True,
                                capture_output=True, text=True).stdout.strip()
 
-    # llama.cpp's own figure: tg128 (pure decode, no sampling, no HTTP).
-    out = subprocess.run([os.path.join(llama_bin, "llama-bench"), "-m", model, "-t", str(args.threads),
-                          "-p", "0", "-n", str(args.tokens), "-r", str(args.requests), "-o", "json"],
-                         check=True, capture_output=True, text=True).stdout
-    bench = json.loads(out)[0]
-    llama_tps, llama_sd = bench["avg_ts"], bench["stddev_ts"]
+    def llama_bench():
+        # llama.cpp's own figure: tg (pure decode of N tokens, no sampling, no HTTP).
+        out = subprocess.run([os.path.join(llama_bin, "llama-bench"), "-m", model, "-t", str(args.threads),
+                              "-p", "0", "-n", str(args.tokens), "-r", "2", "-o", "json"],
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out)[0]["avg_ts"]
+
+    def engine_in_process():
+        # Our engine thread alone: sampling, leaves, channels; no mesh, no HTTP.
+        out = subprocess.run([os.path.join(bins, "examples", "engine_decode"), model, str(args.threads),
+                              str(args.tokens), "2"], check=True, capture_output=True, text=True).stdout
+        return median([float(l.split("decode ")[1].split()[0]) for l in out.splitlines() if "decode" in l])
 
     http, p2p = free_port(), free_port()
     logs = tempfile.mkdtemp(prefix="proofmesh-bench-")
     procs = []
+    results = {"llama-bench": [], "engine": [], "none": [], "merkle": []}
+    e2e = {"none": [], "merkle": []}
+    ttft = {"none": [], "merkle": []}
+    ratios = {"engine": [], "none": [], "merkle": []}
     try:
         procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-gateway"), "--listen", f"127.0.0.1:{http}",
                                        "--p2p-listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--ephemeral-key"],
@@ -97,17 +114,25 @@ def main():
         else:
             sys.exit(f"provider did not join; logs in {logs}")
 
-        rows = {}
-        for mode in ["none", "merkle"]:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": args.tokens,
+        def body(mode):
+            return {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": args.tokens,
                     "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
                     "verification_mode": mode}
-            post_stream(base + "/v1/chat/completions", body)  # warm-up
-            runs = [post_stream(base + "/v1/chat/completions", body) for _ in range(args.requests)]
-            decode = [(n - 1) / window for _, window, n, _ in runs]
-            e2e = [n / total for _, _, n, total in runs]
-            rows[mode] = (statistics.mean(decode), statistics.pstdev(decode), statistics.median(e2e),
-                          statistics.median(r[0] for r in runs) * 1000, runs[0][2])
+
+        post_stream(base + "/v1/chat/completions", body("none"))  # warm-up
+        for _ in range(args.rounds):
+            reference = llama_bench()
+            results["llama-bench"].append(reference)
+            engine = engine_in_process()
+            results["engine"].append(engine)
+            ratios["engine"].append(engine / reference)
+            for mode in ["none", "merkle"]:
+                runs = [post_stream(base + "/v1/chat/completions", body(mode)) for _ in range(2)]
+                tps = median([(n - 1) / window for _, window, n, _ in runs])
+                results[mode].append(tps)
+                ratios[mode].append(tps / reference)
+                e2e[mode] += [n / total for _, _, n, total in runs]
+                ttft[mode] += [r[0] * 1000 for r in runs]
     finally:
         for p in procs:
             p.terminate()
@@ -115,14 +140,21 @@ def main():
             p.wait(timeout=10)
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; threads {args.threads}; {args.requests} requests x {args.tokens} tokens")
+    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; threads {args.threads}; {args.rounds} interleaved rounds; "
+          f"{args.tokens} tokens per request, greedy")
     print(f"model: {os.path.basename(model)}\n")
-    print("| engine | decode tok/s | end-to-end tok/s | TTFT p50 | ratio to llama-bench |")
+    print("| engine | decode tok/s (median, min-max) | end-to-end tok/s | TTFT p50 | ratio to llama-bench (median of rounds) |")
     print("|---|---|---|---|---|")
-    print(f"| llama-bench tg{args.tokens} | {llama_tps:.1f} ± {llama_sd:.1f} | - | - | 1.00 |")
-    for mode, (tps, sd, e2e, ttft, n) in rows.items():
-        print(f"| proofmesh, verification {mode} | {tps:.1f} ± {sd:.1f} | {e2e:.1f} | {ttft:.0f} ms | {tps / llama_tps:.2f} |")
-    print(f"\n(proofmesh tokens per request: {rows['none'][4]}; logs in {logs})")
+    ref = results["llama-bench"]
+    print(f"| llama-bench tg{args.tokens} | {median(ref):.1f} ({min(ref):.1f}-{max(ref):.1f}) | - | - | 1.00 |")
+    row = results["engine"]
+    print(f"| proofmesh engine in-process | {median(row):.1f} ({min(row):.1f}-{max(row):.1f}) | - | - | "
+          f"{median(ratios['engine']):.2f} |")
+    for mode in ["none", "merkle"]:
+        row = results[mode]
+        print(f"| proofmesh gateway+mesh, verification {mode} | {median(row):.1f} ({min(row):.1f}-{max(row):.1f}) | "
+              f"{median(e2e[mode]):.1f} | {median(ttft[mode]):.0f} ms | {median(ratios[mode]):.2f} |")
+    print(f"\n(logs in {logs})")
 
 
 if __name__ == "__main__":
