@@ -35,8 +35,8 @@ struct Cli {
     #[arg(long, conflicts_with = "key")]
     ephemeral_key: bool,
     /// Steps challenged per merkle audit (all of them when the answer is shorter).
-    #[arg(long, env = "PROOFMESH_CHALLENGES", default_value_t = proofmesh_shared::verify::DEFAULT_CHALLENGE_COUNT)]
-    challenges: usize,
+    #[arg(long, env = "PROOFMESH_CHALLENGES", default_value_t = proofmesh_shared::verify::DEFAULT_CHALLENGE_COUNT as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    challenges: u16,
     /// Verification for requests that do not set `verification_mode`.
     #[arg(long, env = "PROOFMESH_DEFAULT_VERIFICATION", value_enum, default_value_t = Mode::Merkle)]
     default_verification_mode: Mode,
@@ -54,24 +54,10 @@ enum Mode {
     Merkle,
 }
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_json);
+    proofmesh_shared::process::init_tracing(cli.log_json, "info,libp2p=warn");
     let keypair = if cli.ephemeral_key {
         libp2p::identity::Keypair::generate_secp256k1()
     } else {
@@ -88,35 +74,13 @@ async fn main() -> anyhow::Result<()> {
         bootstrap: cli.bootstrap,
         mdns: cli.mdns,
         keypair,
-        challenge_count: cli.challenges,
+        challenge_count: usize::from(cli.challenges),
         default_mode: match cli.default_verification_mode {
             Mode::None => VerificationMode::None,
             Mode::Merkle => VerificationMode::Merkle,
         },
         failed_audit_cooldown: std::time::Duration::from_secs(cli.failed_audit_cooldown_secs),
     };
-    proofmesh_gateway::run(config, shutdown_signal(), None).await?;
+    proofmesh_gateway::run(config, proofmesh_shared::process::shutdown_signal(), None).await?;
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
 }

@@ -2,7 +2,12 @@
 //!
 //! `cargo run --release -p proofmesh-provider --example engine_decode -- [MODEL] [THREADS] [TOKENS] [RUNS]`
 
-#![allow(clippy::print_stdout, clippy::expect_used, clippy::unwrap_used)]
+#![allow(
+    clippy::print_stdout,
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic
+)]
 
 use std::time::Instant;
 
@@ -13,12 +18,24 @@ use proofmesh_shared::sampling::SamplerParams;
 #[tokio::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let model = args.next().map_or_else(proofmesh_provider::fetch::default_model_path, Into::into);
+    let model = args
+        .next()
+        .map_or_else(proofmesh_provider::fetch::default_model_path, Into::into);
     let threads: u32 = args.next().map_or(2, |t| t.parse().expect("threads"));
     let tokens: u32 = args.next().map_or(128, |t| t.parse().expect("tokens"));
     let runs: usize = args.next().map_or(5, |t| t.parse().expect("runs"));
-    let config = EngineConfig { model_path: model, threads, context_size: 2048, parallel: 1, batch_size: 512, gpu_layers: 0 };
-    let engine = tokio::task::spawn_blocking(move || Engine::start(&config)).await.unwrap().expect("engine");
+    let config = EngineConfig {
+        model_path: model,
+        threads,
+        context_size: 2048,
+        parallel: 1,
+        batch_size: 512,
+        gpu_layers: 0,
+    };
+    let engine = tokio::task::spawn_blocking(move || Engine::start(&config))
+        .await
+        .unwrap()
+        .expect("engine");
     let prompt = engine
         .tokenize_chat(&[ChatMessage {
             role: "user".into(),
@@ -27,10 +44,19 @@ async fn main() {
         .expect("prompt");
     for run in 0..=runs {
         let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let sampler = SamplerParams { temperature: 0.0, ..Default::default() };
+        let sampler = SamplerParams {
+            temperature: 0.0,
+            ..Default::default()
+        };
         let started = Instant::now();
         engine
-            .submit(Job { request_id: RequestId::random(), prompt: prompt.clone(), sampler, max_tokens: tokens, events })
+            .submit(Job {
+                request_id: RequestId::random(),
+                prompt: prompt.clone(),
+                sampler,
+                max_tokens: tokens,
+                events,
+            })
             .expect("submit");
         let (mut first, mut n) = (None, 0u32);
         while let Some(event) = rx.recv().await {

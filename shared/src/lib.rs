@@ -17,12 +17,14 @@
 //!   a commitment plus opened leaves into an [`verify::AuditVerdict`].
 //! - [`identity`]: the node key (secp256k1), stored with 0600 permissions, shared by libp2p and
 //!   the commitment signer so a signature is bound to a peer id.
+//! - [`process`]: logging set-up and the shutdown signal both binaries use.
 //! - [`net`]: the libp2p behaviour and the one task that owns the `Swarm`, with a cloneable
 //!   [`net::Client`] for everyone else.
 
 pub mod commit;
 pub mod identity;
 pub mod net;
+pub mod process;
 pub mod protocol;
 pub mod sampling;
 pub mod verify;
