@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use proofmesh_shared::commit::SignedCommitment;
 use proofmesh_shared::protocol::{
-    FRAME_GAP_TIMEOUT, FinishReason, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest,
+    FRAME_GAP_TIMEOUT, FinishReason, FrameError, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest,
     MAX_STREAM_FRAME, RemoteErrorKind, read_frame, write_frame,
 };
 
@@ -22,6 +22,8 @@ pub const MAX_ATTEMPTS: usize = 3;
 /// Opening a stream and sending the request: a healthy provider on a live connection answers
 /// in milliseconds.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tries at opening a stream that the provider's stream acceptor dropped (see `try_start`).
+const OPEN_ATTEMPTS: u32 = 8;
 
 /// A generation in progress on one provider.
 #[derive(Debug)]
@@ -194,44 +196,84 @@ async fn try_start(
     request: &GenerateRequest,
 ) -> Result<Generation, Attempt> {
     let load = state.registry.track(candidate.peer);
+    // libp2p-stream hands inbound streams to the provider's acceptor through a channel with room
+    // for one: a second stream negotiated before the acceptor took the first is dropped. So this
+    // gateway opens one stream per provider at a time (until the provider's first frame), and a
+    // stream closed before any frame (another gateway won the race) is retried, not blamed.
+    let gate = state.registry.open_gate(&candidate.peer);
+    let _opening = gate.lock().await;
+    for attempt in 1..=OPEN_ATTEMPTS {
+        let mut stream = open(state, candidate).await?;
+        let written = tokio::time::timeout(OPEN_TIMEOUT, write_frame(&mut stream, request)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            if attempt < OPEN_ATTEMPTS {
+                tracing::debug!(provider = %candidate.peer, attempt, "stream dropped before the request; reopening");
+                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt)) + jitter()).await;
+                continue;
+            }
+            return Err(Attempt::Retry(ApiError::provider_failed(
+                "The provider could not be reached (request not delivered)",
+            )));
+        }
+        match tokio::time::timeout(FRAME_GAP_TIMEOUT, read_frame(&mut stream, MAX_STREAM_FRAME))
+            .await
+        {
+            Ok(Ok(GenerateFrame::Accepted { prompt_tokens })) => {
+                return Ok(Generation {
+                    candidate: candidate.clone(),
+                    prompt_tokens,
+                    stream,
+                    _load: load,
+                });
+            }
+            Ok(Ok(GenerateFrame::Error { kind, message })) => return Err(classify(kind, &message)),
+            Ok(Ok(_)) => {
+                return Err(Attempt::Retry(ApiError::provider_failed(
+                    "The provider violated the protocol",
+                )));
+            }
+            Ok(Err(FrameError::Closed)) if attempt < OPEN_ATTEMPTS => {
+                tracing::debug!(provider = %candidate.peer, attempt, "stream dropped before the first frame; reopening");
+                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt)) + jitter()).await;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(provider = %candidate.peer, error = %e, "provider stream broke");
+                return Err(Attempt::Retry(ApiError::provider_failed(
+                    "The provider closed the stream before answering",
+                )));
+            }
+            Err(_) => return Err(Attempt::Retry(ApiError::provider_timeout())),
+        }
+    }
+    Err(Attempt::Retry(ApiError::provider_failed(
+        "The provider kept dropping the stream",
+    )))
+}
+
+/// Opens a generate stream to the candidate.
+async fn open(state: &AppState, candidate: &Candidate) -> Result<libp2p::Stream, Attempt> {
     let unreachable = |what: &str| {
         Attempt::Retry(ApiError::provider_failed(format!(
             "The provider could not be reached ({what})"
         )))
     };
     let mut control = state.net.stream_control();
-    let mut stream = match tokio::time::timeout(
+    match tokio::time::timeout(
         OPEN_TIMEOUT,
         control.open_stream(candidate.peer, GENERATE_PROTOCOL),
     )
     .await
     {
-        Ok(Ok(stream)) => stream,
+        Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => {
             tracing::debug!(provider = %candidate.peer, error = %e, "cannot open a generate stream");
-            return Err(unreachable("stream refused"));
+            Err(unreachable("stream refused"))
         }
-        Err(_) => return Err(unreachable("timeout")),
-    };
-    match tokio::time::timeout(OPEN_TIMEOUT, write_frame(&mut stream, request)).await {
-        Ok(Ok(())) => {}
-        _ => return Err(unreachable("request not delivered")),
+        Err(_) => Err(unreachable("timeout")),
     }
-    let mut generation = Generation {
-        candidate: candidate.clone(),
-        prompt_tokens: 0,
-        stream,
-        _load: load,
-    };
-    match generation.next().await {
-        Ok(GenerateFrame::Accepted { prompt_tokens }) => {
-            generation.prompt_tokens = prompt_tokens;
-            Ok(generation)
-        }
-        Ok(GenerateFrame::Error { kind, message }) => Err(classify(kind, &message)),
-        Ok(_) => Err(Attempt::Retry(ApiError::provider_failed(
-            "The provider violated the protocol",
-        ))),
-        Err(e) => Err(Attempt::Retry(e)),
-    }
+}
+
+/// Up to 10 ms of randomness, so racing gateways do not retry in lockstep.
+fn jitter() -> Duration {
+    Duration::from_micros(rand::random::<u64>() % 10_000)
 }

@@ -14,8 +14,13 @@ pub const FAILURE_COOLDOWN: Duration = Duration::from_secs(5);
 struct Entry {
     models: Vec<ModelCard>,
     in_flight: usize,
+    /// Tried last until then (it failed recently), but still tried when nothing else serves.
     cooldown_until: Option<Instant>,
+    /// Not routed to at all until then (its answer failed an audit).
+    benched_until: Option<Instant>,
     first_seen: u64,
+    /// Serialises this gateway's stream opens to the provider (see `inference::try_start`).
+    open_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Known providers and their load. Cheap to clone.
@@ -38,8 +43,8 @@ pub struct Candidate {
 pub enum Lookup {
     /// Providers to try, best first.
     Found(Vec<Candidate>),
-    /// Providers exist, but all are cooling down after failures.
-    AllCoolingDown,
+    /// Providers exist, but all are benched after failed audits.
+    AllBenched,
     /// Nobody serves it.
     UnknownModel,
     /// No provider at all is connected.
@@ -92,7 +97,9 @@ impl Registry {
             models: Vec::new(),
             in_flight: 0,
             cooldown_until: None,
+            benched_until: None,
             first_seen: crate::openai::response::unix_now(),
+            open_gate: Arc::default(),
         });
         entry.models = models;
         tracing::info!(%peer, models = ?entry.models.iter().map(|m| &m.name).collect::<Vec<_>>(), "provider available");
@@ -105,11 +112,28 @@ impl Registry {
         }
     }
 
-    /// Skips a provider for [`FAILURE_COOLDOWN`].
+    /// Tries a provider that just failed after the others for `duration` (LiteLLM-style
+    /// cool-down). With no other provider it is still tried: a transient failure must not turn
+    /// into seconds of 503s.
     pub fn cool_down(&self, peer: &PeerId, duration: Duration) {
         if let Some(entry) = self.lock().get_mut(peer) {
             entry.cooldown_until = Some(Instant::now() + duration);
         }
+    }
+
+    /// Takes a provider out of routing for `duration`: its answer failed verification.
+    pub fn bench(&self, peer: &PeerId, duration: Duration) {
+        if let Some(entry) = self.lock().get_mut(peer) {
+            entry.benched_until = Some(Instant::now() + duration);
+        }
+    }
+
+    /// The lock this gateway holds while opening a stream to `peer`.
+    pub fn open_gate(&self, peer: &PeerId) -> Arc<tokio::sync::Mutex<()>> {
+        self.lock()
+            .get(peer)
+            .map(|e| Arc::clone(&e.open_gate))
+            .unwrap_or_default()
     }
 
     /// Number of providers connected.
@@ -141,13 +165,15 @@ impl Registry {
             return Lookup::NoProviders;
         }
         let by_digest = ModelDigest::parse(model);
-        let mut matching: Vec<(PeerId, ModelCard, usize, bool)> = Vec::new();
         let now = Instant::now();
+        // (peer, card, cooling down, load, benched)
+        let mut matching: Vec<(PeerId, ModelCard, bool, usize, bool)> = Vec::new();
         for (peer, entry) in map.iter() {
             for card in &entry.models {
                 if card.name == model || by_digest == Some(card.digest) {
                     let cooling = entry.cooldown_until.is_some_and(|t| t > now);
-                    matching.push((*peer, card.clone(), entry.in_flight, cooling));
+                    let benched = entry.benched_until.is_some_and(|t| t > now);
+                    matching.push((*peer, card.clone(), cooling, entry.in_flight, benched));
                 }
             }
         }
@@ -155,23 +181,29 @@ impl Registry {
             return Lookup::UnknownModel;
         }
         let mut counts: HashMap<ModelDigest, usize> = HashMap::new();
-        for (_, card, _, _) in &matching {
+        for (_, card, ..) in &matching {
             *counts.entry(card.digest).or_default() += 1;
         }
         let best = counts
             .into_iter()
             .max_by_key(|(d, n)| (*n, *d))
             .map(|(d, _)| d);
-        matching.retain(|(_, card, _, cooling)| Some(card.digest) == best && !cooling);
+        matching.retain(|(_, card, _, _, benched)| Some(card.digest) == best && !benched);
         if matching.is_empty() {
-            return Lookup::AllCoolingDown;
+            return Lookup::AllBenched;
         }
-        let mut keyed: Vec<(usize, u64, Candidate)> = matching
+        // Healthy before cooling down, then least loaded, ties at random.
+        let mut keyed: Vec<((bool, usize, u64), Candidate)> = matching
             .into_iter()
-            .map(|(peer, card, load, _)| (load, rand::random::<u64>(), Candidate { peer, card }))
+            .map(|(peer, card, cooling, load, _)| {
+                (
+                    (cooling, load, rand::random::<u64>()),
+                    Candidate { peer, card },
+                )
+            })
             .collect();
-        keyed.sort_by_key(|(load, tie, _)| (*load, *tie));
-        Lookup::Found(keyed.into_iter().map(|(_, _, c)| c).collect())
+        keyed.sort_by_key(|(key, _)| *key);
+        Lookup::Found(keyed.into_iter().map(|(_, c)| c).collect())
     }
 
     /// Models served right now, grouped by name and digest.
@@ -238,14 +270,24 @@ mod tests {
             panic!("expected providers")
         };
         assert_eq!(found[0].peer, c);
+        // A provider cooling down is still tried when it is the only one...
         r.cool_down(&c, Duration::from_secs(60));
-        assert!(matches!(
-            r.lookup(&ModelDigest([2; 32]).to_string()),
-            Lookup::AllCoolingDown
-        ));
+        let Lookup::Found(found) = r.lookup(&ModelDigest([2; 32]).to_string()) else {
+            panic!("expected providers")
+        };
+        assert_eq!(found[0].peer, c);
+        // ...and after the healthy ones otherwise.
+        r.cool_down(&b, Duration::from_secs(60));
+        let Lookup::Found(found) = r.lookup("m") else {
+            panic!("expected providers")
+        };
+        assert_eq!(found.iter().map(|c| c.peer).collect::<Vec<_>>(), vec![a, b]);
+        // A benched provider is not tried at all.
+        r.bench(&a, Duration::from_secs(60));
+        r.bench(&b, Duration::from_secs(60));
+        assert!(matches!(r.lookup("m"), Lookup::AllBenched));
         r.remove(&a);
         r.remove(&b);
-        assert!(matches!(r.lookup("m"), Lookup::AllCoolingDown));
         assert_eq!(r.models().len(), 1);
     }
 }

@@ -108,8 +108,8 @@ fn resolve(state: &AppState, model: &str) -> Result<Vec<Candidate>, ApiError> {
     match state.registry.lookup(model) {
         Lookup::Found(candidates) => Ok(candidates),
         Lookup::UnknownModel => Err(ApiError::model_not_found(model)),
-        Lookup::AllCoolingDown => Err(ApiError::no_provider(format!(
-            "Every provider of '{model}' failed recently; try again in a few seconds"
+        Lookup::AllBenched => Err(ApiError::no_provider(format!(
+            "Every provider of '{model}' recently failed verification"
         ))),
         Lookup::NoProviders => Err(ApiError::no_provider(
             "No provider is reachable on the mesh right now",

@@ -47,6 +47,7 @@ fn loopback() -> Vec<libp2p::Multiaddr> {
 /// One provider in a test mesh.
 pub struct ProviderHandle {
     pub peer_id: PeerId,
+    pub addrs: Vec<libp2p::Multiaddr>,
     pub name: String,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -84,12 +85,19 @@ pub const HONEST: ProviderSpec = ProviderSpec {
 };
 
 pub async fn start_gateway() -> (Mesh, proofmesh_gateway::Started) {
+    start_gateway_with(vec![]).await
+}
+
+/// A gateway that dials `bootstrap` at start.
+pub async fn start_gateway_with(
+    bootstrap: Vec<libp2p::Multiaddr>,
+) -> (Mesh, proofmesh_gateway::Started) {
     let (tx, rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let config = GatewayConfig {
         http_listen: "127.0.0.1:0".parse().expect("addr"),
         p2p_listen: loopback(),
-        bootstrap: vec![],
+        bootstrap,
         mdns: false,
         keypair: libp2p::identity::Keypair::generate_secp256k1(),
         challenge_count: proofmesh_shared::verify::DEFAULT_CHALLENGE_COUNT,
@@ -158,6 +166,7 @@ impl Mesh {
         let started = rx.await.expect("provider started");
         self.providers.push(ProviderHandle {
             peer_id: started.peer_id,
+            addrs: started.listen_addrs.clone(),
             name: spec.name.to_string(),
             shutdown: Some(stop_tx),
             task,

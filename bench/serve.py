@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Serving under load: proofmesh (gateway + provider over loopback libp2p) against llama.cpp's own
+OpenAI-compatible server, same model, threads and parallel slots, same prompts, one run.
+
+    bench/serve.py [--concurrency 1,4,16] [--tokens 128] [--threads 2] [--rounds 2]
+
+For each concurrency level both servers are (re)started with `parallel = max(4, concurrency)`
+slots (llama-server's default is 4) and a context of 1024 tokens per slot; then, in interleaved
+rounds, each target gets the same fixed prompt set from `concurrency` client threads, streaming
+and not. Prints one table: aggregate generated tokens/s, TTFT and latency p50/p99, failures, and
+the proofmesh/llama-server ratio. Everything listens on 127.0.0.1; every loop is bounded.
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+PROMPTS = [
+    "Write a long story about a dragon who learns to fly.",
+    "Explain how a bicycle works, step by step.",
+    "List twenty fruits and say one thing about each.",
+    "Write a Python function that sorts a list, and explain it.",
+    "Describe a day in the life of a lighthouse keeper.",
+    "What are the planets of the solar system? Describe each one.",
+    "Write a letter to a friend about your holiday by the sea.",
+    "Explain what a computer network is to a child.",
+]
+CTX_PER_SLOT = 1024
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(xs, p):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+def one_request(url, prompt, tokens, stream, mode):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+            "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    if mode:
+        body["verification_mode"] = mode
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    start = time.perf_counter()
+    ttft, generated, chunks = None, None, 0
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        if not stream:
+            answer = json.load(resp)
+            generated = answer["usage"]["completion_tokens"]
+        else:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"])
+                if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                    chunks += 1
+                    ttft = ttft or time.perf_counter() - start
+                if chunk.get("usage"):
+                    generated = chunk["usage"]["completion_tokens"]
+    latency = time.perf_counter() - start
+    return (ttft if stream else latency), latency, generated if generated is not None else chunks
+
+
+def load(url, concurrency, tokens, stream, mode, requests):
+    """Runs `requests` requests from `concurrency` threads; returns metrics."""
+    jobs = list(range(requests))
+    lock = threading.Lock()
+    results, failures = [], []
+
+    def worker():
+        while True:
+            with lock:
+                if not jobs:
+                    return
+                i = jobs.pop()
+            try:
+                r = one_request(url, PROMPTS[i % len(PROMPTS)], tokens, stream, mode)
+                with lock:
+                    results.append(r)
+            except Exception as e:  # noqa: BLE001 - every failure is counted and shown
+                with lock:
+                    failures.append(repr(e))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    wall = time.perf_counter() - start
+    generated = sum(r[2] for r in results)
+    return {
+        "tps": generated / wall,
+        "ttft": [r[0] * 1000 for r in results],
+        "lat": [r[1] * 1000 for r in results],
+        "failures": failures,
+    }
+
+
+def wait_ready(check, procs, logs, what):
+    for _ in range(480):
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        for p in procs:
+            if p.poll() is not None:
+                sys.exit(f"{what} exited; logs in {logs}")
+        time.sleep(0.25)
+    sys.exit(f"{what} not ready in 120 s; logs in {logs}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "proofmesh-gateway", "-p", "proofmesh-provider"],
+                   cwd=ROOT, check=True)
+    bins = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"), "release")
+    model = subprocess.run([os.path.join(bins, "proofmesh-provider"), "fetch-model"], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    llama_bin = subprocess.run([os.path.join(ROOT, "bench", "llama_cpp.sh"), "llama-server"], check=True,
+                               capture_output=True, text=True).stdout.strip()
+    logs = tempfile.mkdtemp(prefix="proofmesh-serve-")
+    rows = []
+    for c in levels:
+        parallel = max(4, c)
+        procs = []
+        try:
+            ls_port, http, p2p = free_port(), free_port(), free_port()
+            log = lambda name: open(os.path.join(logs, f"{name}-c{c}.log"), "w")  # noqa: E731
+            procs.append(subprocess.Popen([os.path.join(llama_bin, "llama-server"), "-m", model, "-t", str(args.threads),
+                                           "-np", str(parallel), "-c", str(CTX_PER_SLOT * parallel),
+                                           "--host", "127.0.0.1", "--port", str(ls_port)], stderr=log("llama-server"),
+                                          stdout=subprocess.DEVNULL))
+            procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-gateway"), "--listen", f"127.0.0.1:{http}",
+                                           "--p2p-listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--ephemeral-key"],
+                                          stderr=log("gateway")))
+            procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-provider"), "--model", model, "--ephemeral-key",
+                                           "--threads", str(args.threads), "--parallel", str(parallel),
+                                           "--ctx-size", str(CTX_PER_SLOT), "--listen", "/ip4/127.0.0.1/tcp/0",
+                                           "--bootstrap", f"/ip4/127.0.0.1/tcp/{p2p}"], stderr=log("provider")))
+            ls = f"http://127.0.0.1:{ls_port}"
+            pm = f"http://127.0.0.1:{http}"
+            wait_ready(lambda: urllib.request.urlopen(ls + "/health").status == 200, procs, logs, "llama-server")
+            wait_ready(lambda: json.load(urllib.request.urlopen(pm + "/healthz"))["providers"] == 1, procs, logs,
+                       "proofmesh")
+            targets = [("llama-server", ls, None), ("proofmesh none", pm, "none"), ("proofmesh merkle", pm, "merkle")]
+            for _, url, mode in targets:  # warm-up
+                one_request(url + "/v1/chat/completions", PROMPTS[0], 16, True, mode)
+            requests = max(8, 2 * c)
+            for stream in [True, False]:
+                agg = {name: {"tps": [], "ttft": [], "lat": [], "failures": []} for name, _, _ in targets}
+                for _ in range(args.rounds):
+                    for name, url, mode in targets:
+                        m = load(url + "/v1/chat/completions", c, args.tokens, stream, mode, requests)
+                        agg[name]["tps"].append(m["tps"])
+                        for k in ["ttft", "lat", "failures"]:
+                            agg[name][k] += m[k]
+                base = statistics.median(agg["llama-server"]["tps"])
+                for name, _, _ in targets:
+                    a = agg[name]
+                    rows.append((c, parallel, "stream" if stream else "plain", name, statistics.median(a["tps"]),
+                                 percentile(a["ttft"], 50), percentile(a["ttft"], 99), percentile(a["lat"], 50),
+                                 percentile(a["lat"], 99), len(a["failures"]), statistics.median(a["tps"]) / base))
+                    for f in a["failures"][:3]:
+                        print(f"  {name} c={c}: {f}", file=sys.stderr)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; threads {args.threads}; model {os.path.basename(model)}; "
+          f"greedy, max_tokens {args.tokens}; {args.rounds} interleaved rounds; context {CTX_PER_SLOT}/slot\n")
+    print("| conc | slots | mode | server | gen tok/s | TTFT p50 | TTFT p99 | latency p50 | latency p99 | failed | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for c, par, kind, name, tps, t50, t99, l50, l99, failed, ratio in rows:
+        ttft = f"{t50:.0f} ms | {t99:.0f} ms" if kind == "stream" else "- | -"
+        print(f"| {c} | {par} | {kind} | {name} | {tps:.1f} | {ttft} | {l50:.0f} ms | {l99:.0f} ms | {failed} | {ratio:.2f} |")
+    print(f"\n(logs in {logs})")
+
+
+if __name__ == "__main__":
+    main()
