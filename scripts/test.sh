@@ -12,5 +12,9 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo run --quiet --locked -p proofmesh-provider -- fetch-model >/dev/null
 # One test at a time: each real-path test runs llama.cpp providers whose worker threads spin;
-# two meshes at once on 2 cores oversubscribe them and run ~10x slower.
-cargo test --workspace --locked -- --test-threads=1
+# two meshes at once on 2 cores oversubscribe them and run ~10x slower. (No doc-tests: the
+# crates have no examples in docs, and their empty runs would end the log on "0 passed".)
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked --lib --bins --tests -- --test-threads=1 2>&1 | tee "$log"
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
