@@ -346,9 +346,15 @@ impl EventLoop {
                         .kad
                         .add_address(&peer, addr.clone());
                     if !self.swarm.is_connected(&peer) {
-                        let _ = self
-                            .swarm
-                            .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                        // Both sides hear each other's announcement at the same moment and dial
+                        // at once; dialling from the listen port (libp2p's default port reuse)
+                        // then makes a TCP simultaneous open that fails the Noise handshake on
+                        // both sides. A fresh source port keeps the two dials apart.
+                        let opts = DialOpts::peer_id(peer)
+                            .addresses(vec![addr])
+                            .allocate_new_port()
+                            .build();
+                        let _ = self.swarm.dial(opts);
                     }
                 }
             }
