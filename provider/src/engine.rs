@@ -84,7 +84,7 @@ pub enum EngineError {
 /// One generation request for the engine thread.
 #[derive(Debug)]
 pub struct Job {
-    /// Keys the draw PRF.
+    /// The gateway's request id, for logs.
     pub request_id: RequestId,
     /// Prompt tokens (chat template applied).
     pub prompt: Vec<u32>,

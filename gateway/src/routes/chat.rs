@@ -23,7 +23,7 @@ use crate::openai::response::{
 use crate::registry::{Candidate, Lookup};
 use crate::state::AppState;
 
-/// The handler.
+/// The handler: validate, pick providers, then answer plainly or as a stream.
 pub async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -32,20 +32,7 @@ pub async fn completions(
     let chat = body.validate(state.default_mode)?;
     let mut candidates = resolve(&state, &chat.model)?;
     if let Some(pinned) = headers.get(PIN_HEADER) {
-        let peer = pinned
-            .to_str()
-            .ok()
-            .and_then(|p| p.parse::<libp2p::PeerId>().ok())
-            .ok_or_else(|| {
-                ApiError::invalid(PIN_HEADER, "x-proofmesh-provider must be a peer id")
-            })?;
-        candidates.retain(|c| c.peer == peer);
-        if candidates.is_empty() {
-            return Err(ApiError::no_provider(format!(
-                "Provider {peer} is not available for '{}'",
-                chat.model
-            )));
-        }
+        pin(&mut candidates, pinned, &chat.model)?;
     }
     let request = GenerateRequest {
         version: GenerateRequest::VERSION,
@@ -61,42 +48,68 @@ pub async fn completions(
         let generation = inference::start(&state, &candidates, &request).await?;
         Ok(stream_response(state, chat, request, generation))
     } else {
-        let (generation, done) = inference::complete(&state, &candidates, &request).await?;
-        let outcome = audit(
-            &state,
-            generation.candidate.peer,
-            &request,
-            &done.tokens,
-            &done.commitment,
-            chat.mode,
-        )
-        .await;
-        let info = proofmesh_info(&chat, &generation, &done.commitment, &outcome);
-        if let AuditVerdict::Failed(_) = outcome.verdict {
-            return Err(ApiError::verification_failed(&info.verdict));
-        }
-        let body = ChatCompletion {
-            id: completion_id(&request.request_id),
-            object: "chat.completion",
-            created: unix_now(),
-            model: chat.model.clone(),
-            choices: vec![Choice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: done.text,
-                },
-                finish_reason: done.finish_reason.as_openai(),
-                logprobs: None,
-            }],
-            usage: Usage::new(generation.prompt_tokens, done.tokens.len() as u32),
-            system_fingerprint: None,
-            proofmesh: info.clone(),
-        };
-        let mut response = axum::Json(body).into_response();
-        set_headers(response.headers_mut(), &info, true);
-        Ok(response)
+        plain_response(&state, &chat, &request, &candidates).await
     }
+}
+
+/// Keeps only the provider named in the pin header.
+fn pin(candidates: &mut Vec<Candidate>, pinned: &HeaderValue, model: &str) -> Result<(), ApiError> {
+    let peer = pinned
+        .to_str()
+        .ok()
+        .and_then(|p| p.parse::<libp2p::PeerId>().ok())
+        .ok_or_else(|| ApiError::invalid(PIN_HEADER, "x-proofmesh-provider must be a peer id"))?;
+    candidates.retain(|c| c.peer == peer);
+    if candidates.is_empty() {
+        return Err(ApiError::no_provider(format!(
+            "Provider {peer} is not available for '{model}'"
+        )));
+    }
+    Ok(())
+}
+
+/// Generates to the end (failing over if a provider breaks), audits, then answers in one body.
+async fn plain_response(
+    state: &AppState,
+    chat: &ValidatedChat,
+    request: &GenerateRequest,
+    candidates: &[Candidate],
+) -> Result<Response, ApiError> {
+    let (generation, done) = inference::complete(state, candidates, request).await?;
+    let outcome = audit(
+        state,
+        generation.candidate.peer,
+        request,
+        &done.tokens,
+        &done.commitment,
+        chat.mode,
+    )
+    .await;
+    let info = proofmesh_info(chat, &generation, &done.commitment, &outcome);
+    if let AuditVerdict::Failed(_) = outcome.verdict {
+        return Err(ApiError::verification_failed(&info.verdict));
+    }
+    let body = ChatCompletion {
+        id: completion_id(&request.request_id),
+        object: "chat.completion",
+        created: unix_now(),
+        model: chat.model.clone(),
+        choices: vec![Choice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant",
+                content: done.text,
+            },
+            finish_reason: done.finish_reason.as_openai(),
+            logprobs: None,
+        }],
+        usage: Usage::new(generation.prompt_tokens, done.tokens.len() as u32),
+        system_fingerprint: None,
+        proofmesh: info.clone(),
+    };
+    let mut response = axum::Json(body).into_response();
+    set_headers(response.headers_mut(), &info, true);
+    Ok(response)
 }
 
 /// Request header that pins a request to one provider (by peer id), for debugging a provider or

@@ -134,6 +134,7 @@ fn admit(slots: &mut Vec<Slot>, free: &mut Vec<i32>, job: Job) {
         free.push(seq);
         return;
     }
+    tracing::debug!(request = %job.request_id, seq, prompt = job.prompt.len(), "sequence admitted");
     slots.push(Slot {
         seq,
         job,
