@@ -13,7 +13,6 @@ the proofmesh/llama-server ratio. Everything listens on 127.0.0.1; every loop is
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import tempfile
 import threading
 import time
 import urllib.request
+
+from common import free_port, stream_chat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
@@ -35,12 +36,6 @@ PROMPTS = [
     "Explain what a computer network is to a child.",
 ]
 CTX_PER_SLOT = 1024
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(xs, p):
@@ -58,28 +53,15 @@ def one_request(url, prompt, tokens, stream, mode):
         body["stream_options"] = {"include_usage": True}
     if mode:
         body["verification_mode"] = mode
+    if stream:
+        t = stream_chat(url, body, timeout=600)
+        return t.first - t.start, t.end - t.start, t.tokens if t.tokens is not None else t.chunks
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     start = time.perf_counter()
-    ttft, generated, chunks = None, None, 0
     with urllib.request.urlopen(req, timeout=600) as resp:
-        if not stream:
-            answer = json.load(resp)
-            generated = answer["usage"]["completion_tokens"]
-        else:
-            for raw in resp:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"])
-                if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
-                    chunks += 1
-                    ttft = ttft or time.perf_counter() - start
-                if chunk.get("usage"):
-                    generated = chunk["usage"]["completion_tokens"]
+        generated = json.load(resp)["usage"]["completion_tokens"]
     latency = time.perf_counter() - start
-    return (ttft if stream else latency), latency, generated if generated is not None else chunks
+    return latency, latency, generated
 
 
 def load(url, concurrency, tokens, stream, mode, requests):

@@ -13,7 +13,6 @@ starts a gateway and one provider on 127.0.0.1 (no mDNS), and prints a table.
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,39 +20,17 @@ import tempfile
 import time
 import urllib.request
 
+from common import free_port, stream_chat
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 PROMPT = "Write a long story about a dragon who learns to fly. Describe every step in detail."
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post_stream(url, body):
     """Streams one completion; returns (ttft, decode_window, tokens, total)."""
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    start = time.perf_counter()
-    first = last = None
-    tokens = None
-    with urllib.request.urlopen(req, timeout=300) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk)
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    total = time.perf_counter() - start
-    return first - start, last - first, tokens, total
+    t = stream_chat(url, body, timeout=300)
+    return t.first - t.start, t.last - t.first, t.tokens, t.end - t.start
 
 
 def median(xs):
