@@ -7,11 +7,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use proofmesh_shared::net::{self, Event, NetConfig, Role};
-use proofmesh_shared::protocol::{Capabilities, GenerateRequest, ModelCard, ModelDigest};
+use support::caps;
 
 const TEST_NAME: &str = "mdns_discovery_between_network_namespaces";
 
@@ -43,21 +45,6 @@ fn ip(args: &[&str]) {
         "ip {} failed (this test needs root)",
         args.join(" ")
     );
-}
-
-fn caps() -> Capabilities {
-    Capabilities {
-        version: GenerateRequest::VERSION,
-        models: vec![ModelCard {
-            name: "mdns-model".into(),
-            digest: ModelDigest([3; 32]),
-            quantization: "Q4_1".into(),
-            context_size: 512,
-            parallel: 1,
-            device: "cpu".into(),
-            gpu_layers: 0,
-        }],
-    }
 }
 
 /// The child's part: run a node with mDNS on; the gateway exits once it found a provider.

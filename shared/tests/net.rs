@@ -3,27 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+mod support;
+
 use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
 use proofmesh_shared::net::{self, Client, Event, NetConfig, Role};
-use proofmesh_shared::protocol::{Capabilities, GenerateRequest, ModelCard, ModelDigest};
+use proofmesh_shared::protocol::Capabilities;
+use support::caps;
 use tokio::sync::mpsc;
-
-fn caps() -> Capabilities {
-    Capabilities {
-        version: GenerateRequest::VERSION,
-        models: vec![ModelCard {
-            name: "m".into(),
-            digest: ModelDigest([7; 32]),
-            quantization: "Q4_1".into(),
-            context_size: 512,
-            parallel: 1,
-            device: "cpu".into(),
-            gpu_layers: 0,
-        }],
-    }
-}
 
 async fn node(
     role: Role,
