@@ -14,6 +14,7 @@ use proofmesh_shared::verify::{
     AuditFailure, AuditVerdict, Challenge, check_commitment, check_openings,
 };
 
+use crate::metrics::VerdictLabels;
 use crate::openai::request::VerificationMode;
 use crate::state::AppState;
 
@@ -64,6 +65,25 @@ pub async fn audit(
         }
     };
     let verdict = result.unwrap_or_else(AuditVerdict::Failed);
+    let elapsed = started.elapsed();
+    let labels = match &verdict {
+        AuditVerdict::Unaudited => VerdictLabels {
+            verdict: "unaudited",
+            reason: String::new(),
+        },
+        AuditVerdict::Passed => VerdictLabels {
+            verdict: "passed",
+            reason: String::new(),
+        },
+        AuditVerdict::Failed(failure) => VerdictLabels {
+            verdict: "failed",
+            reason: failure.to_string(),
+        },
+    };
+    state.metrics.audits.get_or_create(&labels).inc();
+    if mode == VerificationMode::Merkle {
+        state.metrics.audit_seconds.observe(elapsed.as_secs_f64());
+    }
     if let AuditVerdict::Failed(failure) = &verdict {
         tracing::warn!(
             %provider,
@@ -81,6 +101,6 @@ pub async fn audit(
     AuditOutcome {
         verdict,
         challenged,
-        elapsed: started.elapsed(),
+        elapsed,
     }
 }

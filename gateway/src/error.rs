@@ -7,6 +7,7 @@
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// An error as the client sees it.
 #[derive(Debug, Clone)]
@@ -20,14 +21,14 @@ pub struct ApiError {
 }
 
 /// OpenAI's error body.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// The error object.
     pub error: ErrorObject,
 }
 
 /// OpenAI's error object.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorObject {
     /// A sentence for humans.
     pub message: String,
@@ -146,6 +147,16 @@ impl ApiError {
             "server_error",
             Some("no_provider_available"),
             message,
+        )
+    }
+
+    /// 503: the gateway is shutting down; another replica (or a retry later) can serve.
+    pub fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some("shutting_down"),
+            "The gateway is shutting down",
         )
     }
 

@@ -32,6 +32,8 @@ pub struct Generation {
     pub candidate: Candidate,
     /// Prompt length the provider reported.
     pub prompt_tokens: u32,
+    /// When the first token frame arrived (for time-to-first-token).
+    pub first_token_at: Option<std::time::Instant>,
     stream: libp2p::Stream,
     _load: LoadGuard,
 }
@@ -64,7 +66,12 @@ impl Generation {
         )
         .await
         {
-            Ok(Ok(frame)) => Ok(frame),
+            Ok(Ok(frame)) => {
+                if self.first_token_at.is_none() && matches!(frame, GenerateFrame::Token { .. }) {
+                    self.first_token_at = Some(std::time::Instant::now());
+                }
+                Ok(frame)
+            }
             Ok(Err(e)) => {
                 tracing::warn!(provider = %self.candidate.peer, error = %e, "provider stream broke");
                 Err(ApiError::provider_failed(
@@ -122,7 +129,9 @@ fn remote_error(kind: RemoteErrorKind, message: &str) -> ApiError {
     match kind {
         RemoteErrorKind::InvalidRequest => ApiError::invalid("messages", message),
         RemoteErrorKind::ContextLength => ApiError::context_length(message),
-        RemoteErrorKind::UnknownModel | RemoteErrorKind::Overloaded => {
+        RemoteErrorKind::UnknownModel
+        | RemoteErrorKind::Overloaded
+        | RemoteErrorKind::ShuttingDown => {
             ApiError::no_provider("No provider could take the request right now")
         }
         RemoteErrorKind::Internal => {
@@ -222,6 +231,7 @@ async fn try_start(
                 return Ok(Generation {
                     candidate: candidate.clone(),
                     prompt_tokens,
+                    first_token_at: None,
                     stream,
                     _load: load,
                 });

@@ -7,20 +7,28 @@
 //!
 //! # Layout
 //!
-//! - [`routes`]: `POST /v1/chat/completions`, `GET /v1/models`, `GET /healthz`.
+//! - [`routes`]: `POST /v1/chat/completions`, `GET /v1/models`, `/healthz`, `/readyz`,
+//!   `/metrics`.
+//! - [`openapi`]: the OpenAPI document generated from those routes, and `/docs`.
 //! - [`openai`]: OpenAI's wire types and the JSON extractor.
 //! - [`error`]: [`error::ApiError`], rendered as OpenAI's error object.
 //! - [`registry`]: providers known from the mesh, their models and load.
 //! - [`inference`]: one generation over a `/proofmesh/generate/1` stream, with failover.
 //! - [`audit`]: signature, commitment binding and Merkle challenges.
 //! - [`state`]: [`state::AppState`], shared by handlers.
+//! - [`metrics`]: the Prometheus metrics; [`lifecycle`]: draining on shutdown.
+//! - [`settings`]: the layered configuration behind the command line.
 
 pub mod audit;
 pub mod error;
 pub mod inference;
+pub mod lifecycle;
+pub mod metrics;
 pub mod openai;
+pub mod openapi;
 pub mod registry;
 pub mod routes;
+pub mod settings;
 pub mod state;
 
 use std::future::Future;
@@ -28,8 +36,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use proofmesh_shared::net::{self, Event, NetConfig, Role};
@@ -37,6 +46,8 @@ use tokio::sync::{mpsc, oneshot};
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
+use crate::lifecycle::Lifecycle;
+use crate::metrics::{GatewayMetrics, RequestLabels};
 use crate::openai::extract::MAX_BODY_BYTES;
 use crate::openai::request::VerificationMode;
 use crate::registry::Registry;
@@ -61,6 +72,8 @@ pub struct GatewayConfig {
     pub default_mode: VerificationMode,
     /// How long a provider whose answer failed an audit is kept out of routing.
     pub failed_audit_cooldown: std::time::Duration,
+    /// How long running requests may take to finish after SIGTERM.
+    pub drain_timeout: std::time::Duration,
 }
 
 /// What a running gateway reports once it is up.
@@ -86,16 +99,56 @@ pub enum GatewayError {
     Net(#[from] net::NetError),
 }
 
-/// The HTTP application.
+/// The HTTP application: the documented API routes, `/openapi.json` and the offline API
+/// reference at `/docs`.
 pub fn app(state: AppState) -> Router {
+    let (api, doc) = openapi::api_router().split_for_parts();
+    let api = api.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        count_requests,
+    ));
     Router::new()
-        .route("/v1/chat/completions", post(routes::chat::completions))
-        .route("/v1/models", get(routes::models::list))
-        .route("/healthz", get(routes::health::healthz))
+        .merge(api)
+        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", doc))
         .fallback(|uri: axum::http::Uri| async move { ApiError::route_not_found(uri.path()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(http_span))
         .with_state(state)
+}
+
+/// The span of one HTTP request, continuing the client's W3C trace when it sent one.
+fn http_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "http.request",
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    proofmesh_shared::telemetry::set_parent_from_headers(&span, request.headers());
+    span
+}
+
+/// Counts chat completions by verification mode and status (the handler leaves the mode on the
+/// response), and the ones in flight.
+async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if request.uri().path() != "/v1/chat/completions" {
+        return next.run(request).await;
+    }
+    state.metrics.requests_in_flight.inc();
+    let response = next.run(request).await;
+    state.metrics.requests_in_flight.dec();
+    let mode = response
+        .extensions()
+        .get::<routes::chat::ModeLabel>()
+        .map_or("invalid", |m| m.0);
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            mode,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
 }
 
 /// Starts the mesh side and the HTTP server; serves until `shutdown` resolves.
@@ -121,7 +174,11 @@ pub async fn run(
         challenge_count: config.challenge_count.max(1),
         default_mode: config.default_mode,
         failed_audit_cooldown: config.failed_audit_cooldown,
+        metrics: Arc::new(GatewayMetrics::default()),
+        lifecycle: Lifecycle::default(),
+        started: std::time::Instant::now(),
     };
+    let lifecycle = state.lifecycle.clone();
     let listener = tokio::net::TcpListener::bind(config.http_listen).await?;
     let http_addr = listener.local_addr()?;
     let p2p_addrs = client.wait_listen_addrs().await?;
@@ -137,9 +194,25 @@ pub async fn run(
         });
     }
     drop(client);
-    let served = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let drain_timeout = config.drain_timeout;
+    let draining = lifecycle.clone();
+    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        draining.begin_drain(drain_timeout);
+    });
+    // Streams end themselves at the drain deadline; this bounds the rest (a client that never
+    // reads its last bytes).
+    let hard_stop = async {
+        lifecycle.deadline().await;
+        tokio::time::sleep(lifecycle::CLOSE_GRACE).await;
+    };
+    let served = tokio::select! {
+        served = serve => served,
+        () = hard_stop => {
+            tracing::warn!("connections still open after the drain deadline; closing them");
+            Ok(())
+        }
+    };
     registry_task.abort();
     net_task.abort();
     tracing::info!("gateway stopped");
@@ -151,7 +224,7 @@ async fn track_providers(registry: Registry, mut events: mpsc::Receiver<Event>) 
     while let Some(event) = events.recv().await {
         match event {
             Event::ProviderUp { peer, capabilities } => registry.upsert(peer, capabilities.models),
-            Event::PeerGone { peer } => registry.remove(&peer),
+            Event::ProviderLeaving { peer } | Event::PeerGone { peer } => registry.remove(&peer),
             // Gateways keep no leaves; dropping the channel tells the asker so.
             Event::OpenLeaves { .. } => {}
         }

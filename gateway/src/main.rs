@@ -2,85 +2,166 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use proofmesh_gateway::GatewayConfig;
 use proofmesh_gateway::openai::request::VerificationMode;
+use proofmesh_gateway::settings::GatewaySettings;
+use proofmesh_shared::config::{self, CONFIG_ENV};
+use proofmesh_shared::telemetry::{self, LogFormat, TelemetryConfig};
+use serde::Serialize;
 
 /// Serve OpenAI's chat completions API from a peer-to-peer mesh of llama.cpp providers, and check
 /// that every answer came from the model it claims (signed Merkle commitments, random challenges,
 /// sampler replay).
+///
+/// Settings come from built-in defaults, then the TOML file (--config / PROOFMESH_CONFIG), then
+/// PROOFMESH_* environment variables, then flags; each layer overrides the one before. File keys
+/// are the flag names with underscores (see deploy/gateway.toml). --print-config shows the
+/// result.
 #[derive(Debug, Parser)]
-#[command(name = "proofmesh-gateway", version)]
+#[command(
+    name = "proofmesh-gateway",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
-    /// HTTP listen address for the OpenAI API.
-    #[arg(long, env = "PROOFMESH_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// Mesh listen addresses (TCP and QUIC) that providers dial.
-    #[arg(long, env = "PROOFMESH_P2P_LISTEN", value_delimiter = ',',
-          default_values = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"])]
-    p2p_listen: Vec<Multiaddr>,
-    /// Peers to dial at start (providers or other gateways).
-    #[arg(long, env = "PROOFMESH_BOOTSTRAP", value_delimiter = ',')]
-    bootstrap: Vec<Multiaddr>,
-    /// Discover providers on the local network with mDNS (multicast on every interface).
-    #[arg(long, env = "PROOFMESH_MDNS")]
-    mdns: bool,
-    /// Node key file, created with mode 0600 on first start.
-    #[arg(long, env = "PROOFMESH_KEY")]
-    key: Option<PathBuf>,
-    /// Use a throw-away key instead of a key file.
-    #[arg(long, conflicts_with = "key")]
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// TOML config file.
+    #[arg(long, env = CONFIG_ENV)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration (secrets masked) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Use a throw-away node key instead of the key file.
+    #[arg(long)]
     ephemeral_key: bool,
-    /// Steps challenged per merkle audit (all of them when the answer is shorter).
-    #[arg(long, env = "PROOFMESH_CHALLENGES", default_value_t = proofmesh_shared::verify::DEFAULT_CHALLENGE_COUNT as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
-    challenges: u16,
-    /// Verification for requests that do not set `verification_mode`.
-    #[arg(long, env = "PROOFMESH_DEFAULT_VERIFICATION", value_enum, default_value_t = Mode::Merkle)]
-    default_verification_mode: Mode,
-    /// Seconds a provider whose answer failed an audit is kept out of routing.
-    #[arg(long, env = "PROOFMESH_FAILED_AUDIT_COOLDOWN", default_value_t = 300)]
-    failed_audit_cooldown_secs: u64,
-    /// Log as JSON lines instead of human-readable text.
-    #[arg(long, env = "PROOFMESH_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    flags: Flags,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Mode {
-    None,
-    Merkle,
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the OpenAPI 3.1 document of the HTTP API (the committed openapi/openapi.json).
+    Openapi,
+}
+
+/// Flags and their environment variables; unset ones leave the file and defaults alone.
+#[derive(Debug, clap::Args, Serialize)]
+struct Flags {
+    /// HTTP listen address for the OpenAI API, /metrics, /healthz, /readyz and /docs
+    /// [default: 127.0.0.1:8080].
+    #[arg(long, env = "PROOFMESH_HTTP_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_listen: Option<SocketAddr>,
+    /// Mesh listen addresses, comma-separated
+    /// [default: /ip4/0.0.0.0/tcp/4001,/ip4/0.0.0.0/udp/4001/quic-v1].
+    #[arg(long, env = "PROOFMESH_P2P_LISTEN", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p2p_listen: Option<Vec<Multiaddr>>,
+    /// Peers to dial at start (providers or other gateways), comma-separated.
+    #[arg(long, env = "PROOFMESH_BOOTSTRAP", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bootstrap: Option<Vec<Multiaddr>>,
+    /// Discover providers on the local network with mDNS (multicast on every interface)
+    /// [default: false].
+    #[arg(long, env = "PROOFMESH_MDNS", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mdns: Option<bool>,
+    /// Node key file, created with mode 0600 on first start
+    /// [default: <data dir>/proofmesh/gateway.key].
+    #[arg(long, env = "PROOFMESH_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<PathBuf>,
+    /// Steps challenged per merkle audit, 1-256; all of them when the answer is shorter
+    /// [default: 16].
+    #[arg(long, env = "PROOFMESH_CHALLENGES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    challenges: Option<u16>,
+    /// Verification for requests that do not set `verification_mode` [default: merkle].
+    #[arg(long, env = "PROOFMESH_DEFAULT_VERIFICATION_MODE", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    default_verification_mode: Option<VerificationMode>,
+    /// Seconds a provider whose answer failed an audit is kept out of routing [default: 300].
+    #[arg(long, env = "PROOFMESH_FAILED_AUDIT_COOLDOWN_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed_audit_cooldown_secs: Option<u64>,
+    /// Seconds running requests get to finish after SIGTERM; streams still running then end
+    /// with an error event [default: 30].
+    #[arg(long, env = "PROOFMESH_DRAIN_TIMEOUT_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain_timeout_secs: Option<u64>,
+    /// Log line format on stderr [default: text]. RUST_LOG sets the filter.
+    #[arg(long, env = "PROOFMESH_LOG_FORMAT", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<LogFormat>,
+    /// OTLP/HTTP endpoint to export traces to, e.g. http://127.0.0.1:4318 [default: none].
+    #[arg(long, env = "PROOFMESH_OTLP_ENDPOINT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_endpoint: Option<String>,
+    /// Extra OTLP headers, name=value, comma-separated (e.g. an API key; masked when printed).
+    #[arg(
+        long,
+        env = "PROOFMESH_OTLP_HEADERS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_headers: Option<Vec<String>>,
+}
+
+fn default_key_path() -> PathBuf {
+    directories::BaseDirs::new()
+        .map(|d| d.data_local_dir().join("proofmesh").join("gateway.key"))
+        .unwrap_or_else(|| PathBuf::from("gateway.key"))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    proofmesh_shared::process::init_tracing(cli.log_json, "info,libp2p=warn");
+    if let Some(Command::Openapi) = cli.command {
+        print!("{}", proofmesh_gateway::openapi::document_json());
+        return Ok(());
+    }
+    let settings: GatewaySettings = config::layered(cli.config.as_deref(), &cli.flags)?;
+    settings.validate()?;
+    if cli.print_config {
+        print!("{}", config::to_toml(&settings.masked())?);
+        return Ok(());
+    }
+    let telemetry = telemetry::init(&TelemetryConfig {
+        service_name: "proofmesh-gateway",
+        default_filter: "info,libp2p=warn",
+        log_format: settings.log_format,
+        otlp_endpoint: settings.otlp_endpoint.clone(),
+        otlp_headers: settings.otlp_headers.clone(),
+    })?;
+    if let Some(path) = &cli.config {
+        tracing::info!(config = %path.display(), "configuration file loaded");
+    }
     let keypair = if cli.ephemeral_key {
         libp2p::identity::Keypair::generate_secp256k1()
     } else {
-        let path = cli.key.unwrap_or_else(|| {
-            directories::BaseDirs::new()
-                .map(|d| d.data_local_dir().join("proofmesh").join("gateway.key"))
-                .unwrap_or_else(|| PathBuf::from("gateway.key"))
-        });
+        let path = settings.key.clone().unwrap_or_else(default_key_path);
         proofmesh_shared::identity::load_or_create(&path).context("loading the node key")?
     };
     let config = GatewayConfig {
-        http_listen: cli.listen,
-        p2p_listen: cli.p2p_listen,
-        bootstrap: cli.bootstrap,
-        mdns: cli.mdns,
+        http_listen: settings.http_listen,
+        p2p_listen: settings.p2p_listen,
+        bootstrap: settings.bootstrap,
+        mdns: settings.mdns,
         keypair,
-        challenge_count: usize::from(cli.challenges),
-        default_mode: match cli.default_verification_mode {
-            Mode::None => VerificationMode::None,
-            Mode::Merkle => VerificationMode::Merkle,
-        },
-        failed_audit_cooldown: std::time::Duration::from_secs(cli.failed_audit_cooldown_secs),
+        challenge_count: usize::from(settings.challenges),
+        default_mode: settings.default_verification_mode,
+        failed_audit_cooldown: Duration::from_secs(settings.failed_audit_cooldown_secs),
+        drain_timeout: Duration::from_secs(settings.drain_timeout_secs),
     };
-    proofmesh_gateway::run(config, proofmesh_shared::process::shutdown_signal(), None).await?;
-    Ok(())
+    let result =
+        proofmesh_gateway::run(config, proofmesh_shared::process::shutdown_signal(), None).await;
+    telemetry.shutdown();
+    Ok(result?)
 }

@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use proofmesh_shared::net::Client;
 
+use crate::lifecycle::Lifecycle;
+use crate::metrics::GatewayMetrics;
 use crate::openai::request::VerificationMode;
 use crate::registry::Registry;
 
@@ -22,4 +24,10 @@ pub struct AppState {
     pub default_mode: VerificationMode,
     /// How long a provider whose answer failed an audit is kept out of routing.
     pub failed_audit_cooldown: std::time::Duration,
+    /// Prometheus metrics.
+    pub metrics: Arc<GatewayMetrics>,
+    /// Draining state, for readiness and graceful shutdown.
+    pub lifecycle: Lifecycle,
+    /// When the gateway started.
+    pub started: std::time::Instant,
 }

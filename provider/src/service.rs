@@ -7,6 +7,7 @@
 //! answered from the [`LeafStore`].
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::StreamExt;
 use libp2p::PeerId;
@@ -19,9 +20,12 @@ use proofmesh_shared::protocol::{
     REQUEST_READ_TIMEOUT, RemoteErrorKind, read_frame, write_frame,
 };
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::engine::{Engine, EngineError, Job, StepEvent};
 use crate::leaf_store::LeafStore;
+use crate::metrics::ProviderMetrics;
 use crate::stop::{Pushed, TextStream};
 use crate::tamper::Tamper;
 
@@ -36,6 +40,9 @@ pub(crate) struct Service {
     pub(crate) digest: ModelDigest,
     pub(crate) leaves: LeafStore,
     pub(crate) tamper: Tamper,
+    pub(crate) metrics: Arc<ProviderMetrics>,
+    /// Cancelled on shutdown: new requests are refused, running ones finish.
+    pub(crate) draining: CancellationToken,
 }
 
 /// A refusal sent as an `Error` frame.
@@ -140,15 +147,46 @@ impl Service {
                 return;
             }
         };
+        let read_at = Instant::now();
         let request_id = request.request_id;
-        match self.generate(peer, &request, &mut stream).await {
-            Ok(()) => {}
+        let span = tracing::info_span!(
+            "provider.generate",
+            request_id = %request_id,
+            gateway = %peer,
+            prompt_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+        );
+        if let Some(trace) = request.trace.as_ref().filter(|t| t.is_valid()) {
+            proofmesh_shared::telemetry::set_parent(&span, trace);
+        }
+        let result = if self.draining.is_cancelled() {
+            Err(Some(Refusal::new(
+                RemoteErrorKind::ShuttingDown,
+                "provider is shutting down",
+            )))
+        } else {
+            self.metrics.requests_processing.inc();
+            let result = self
+                .generate(peer, &request, &mut stream, read_at)
+                .instrument(span.clone())
+                .await;
+            self.metrics.requests_processing.dec();
+            result
+        };
+        let _entered = span.enter();
+        let outcome = match result {
+            Ok(()) => "completed",
             Err(Some(refusal)) => {
                 tracing::info!(%peer, request = %request_id, kind = ?refusal.kind, message = %refusal.message, "request refused");
                 let _ = send_refusal(&mut stream, refusal).await;
+                "refused"
             }
-            Err(None) => tracing::debug!(%peer, request = %request_id, "gateway left mid-stream"),
-        }
+            Err(None) => {
+                tracing::debug!(%peer, request = %request_id, "gateway left mid-stream");
+                "abandoned"
+            }
+        };
+        self.metrics.request_ended(outcome);
         let _ = futures::AsyncWriteExt::close(&mut stream).await;
     }
 
@@ -194,6 +232,7 @@ impl Service {
         peer: PeerId,
         request: &GenerateRequest,
         stream: &mut libp2p::Stream,
+        read_at: Instant,
     ) -> Result<(), Option<Refusal>> {
         self.validate(request)?;
         let prompt = self
@@ -228,6 +267,8 @@ impl Service {
                 other => Refusal::new(RemoteErrorKind::Internal, other.to_string()),
             })?;
         send(stream, &GenerateFrame::Accepted { prompt_tokens }).await?;
+        self.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
+        tracing::Span::current().record("prompt_tokens", prompt_tokens);
 
         let mut text = TextStream::new(&request.stop);
         let mut leaves: Vec<StepLeaf> = Vec::new();
@@ -240,6 +281,12 @@ impl Service {
             };
             match event {
                 StepEvent::Step { mut leaf, piece } => {
+                    if leaf.step == 0 {
+                        self.metrics
+                            .time_to_first_token
+                            .observe(read_at.elapsed().as_secs_f64());
+                    }
+                    self.metrics.tokens_predicted.inc();
                     let piece = self.tamper_step(&mut leaf).unwrap_or(piece);
                     let (visible, stopped) = match text.push(&piece) {
                         Pushed::Text(t) => (t, false),
@@ -272,6 +319,7 @@ impl Service {
         };
         // Dropping the receiver tells the engine to free the slot (after a stop sequence).
         drop(steps);
+        tracing::Span::current().record("completion_tokens", leaves.len());
 
         let tree = LeafTree::build(&leaves);
         let tokens: Vec<u32> = leaves.iter().map(|l| l.token).collect();

@@ -42,6 +42,8 @@ async fn provider() -> (proofmesh_provider::Started, oneshot::Sender<()>) {
         bootstrap: vec![],
         mdns: false,
         leaf_store_bytes: 1 << 20,
+        http_listen: None,
+        drain_timeout: std::time::Duration::from_secs(5),
         tamper: Tamper::None,
     };
     let (tx, rx) = oneshot::channel();
@@ -116,6 +118,7 @@ fn request(digest: ModelDigest, max_tokens: u32) -> GenerateRequest {
         },
         max_tokens,
         stop: vec![],
+        trace: None,
     }
 }
 

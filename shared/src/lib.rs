@@ -11,22 +11,28 @@
 //!   capabilities), their size limits and the length-prefixed CBOR framing.
 //! - [`commit`]: per-step [`commit::StepLeaf`]s, the domain-separated Merkle tree over them and the
 //!   signed [`commit::Commitment`].
-//! - [`sampling`]: the reproducible sampler: the draw is a keyed PRF of (seed, request id, step),
-//!   so anyone holding the committed logits can replay a provider's choice.
+//! - [`sampling`]: the reproducible sampler: the draw is a keyed PRF of (seed, step), so anyone
+//!   holding the committed logits can replay a provider's choice.
 //! - [`verify`]: the audit rule: [`verify::Challenge`] derivation and the exact checks that turn
 //!   a commitment plus opened leaves into an [`verify::AuditVerdict`].
 //! - [`identity`]: the node key (secp256k1), stored with 0600 permissions, shared by libp2p and
 //!   the commitment signer so a signature is bound to a peer id.
-//! - [`process`]: logging set-up and the shutdown signal both binaries use.
+//! - [`process`]: the shutdown signal both binaries use.
+//! - [`config`]: layered configuration (defaults, TOML file, environment, flags).
+//! - [`telemetry`]: logs and OTLP traces, and the trace context carried across the mesh.
+//! - [`metrics`]: the Prometheus text encoding both `/metrics` endpoints use.
 //! - [`net`]: the libp2p behaviour and the one task that owns the `Swarm`, with a cloneable
 //!   [`net::Client`] for everyone else.
 
 pub mod commit;
+pub mod config;
 pub mod identity;
+pub mod metrics;
 pub mod net;
 pub mod process;
 pub mod protocol;
 pub mod sampling;
+pub mod telemetry;
 pub mod verify;
 
 /// A 32-byte SHA-256 digest, used for model digests, request and output hashes and Merkle nodes.

@@ -58,6 +58,11 @@ pub enum Event {
         /// What it serves.
         capabilities: Capabilities,
     },
+    /// A provider announced that it is shutting down: route nothing new to it.
+    ProviderLeaving {
+        /// The provider.
+        peer: PeerId,
+    },
     /// The last connection to a peer closed.
     PeerGone {
         /// The peer.

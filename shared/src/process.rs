@@ -1,20 +1,4 @@
-//! What both binaries do at start and stop: logging set-up and the shutdown signal.
-
-/// Installs the tracing subscriber on stderr: human-readable (coloured on a terminal) or JSON
-/// lines. `RUST_LOG` overrides `default_filter`.
-pub fn init_tracing(json: bool, default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
+//! What both binaries do at stop: the shutdown signal.
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {

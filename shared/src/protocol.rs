@@ -9,6 +9,8 @@
 //!   steps it challenges and gets the leaves and a Merkle multi-proof back.
 //! - [`CAPS_PROTOCOL`], request-response: a gateway asks a newly identified provider what it
 //!   serves and gets [`Capabilities`].
+//! - [`LEAVE_PROTOCOL`], request-response: a provider that is shutting down tells its peers with
+//!   [`Leaving`], so gateways stop routing to it at once while its running streams finish.
 //!
 //! Every frame is a big-endian `u32` length followed by that many bytes of CBOR. Readers check the
 //! length against a per-direction maximum before they allocate or parse anything.
@@ -30,6 +32,8 @@ pub const GENERATE_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/ge
 pub const OPEN_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/open/1");
 /// The capability query protocol.
 pub const CAPS_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/caps/1");
+/// The shutdown announcement protocol.
+pub const LEAVE_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/leave/1");
 
 /// Largest generate request frame: 1 MiB of prompt is far beyond any context window we serve, and
 /// the gateway's HTTP body limit is below it.
@@ -145,20 +149,73 @@ pub struct GenerateRequest {
     pub max_tokens: u32,
     /// Stop sequences; generation ends when the visible text contains one.
     pub stop: Vec<String>,
+    /// The gateway's trace context, so the provider's spans join the request's trace. Not
+    /// covered by [`GenerateRequest::hash`]: it says nothing about what is generated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
 }
 
 impl GenerateRequest {
     /// The current wire version.
     pub const VERSION: u16 = 1;
 
-    /// `SHA-256("proofmesh/request/v1" ‖ CBOR(self))`: what a commitment's `request_hash` must be.
+    /// `SHA-256("proofmesh/request/v1" ‖ CBOR(fields))` over every field but `trace`: what a
+    /// commitment's `request_hash` must be.
     pub fn hash(&self) -> Digest32 {
+        #[derive(Serialize)]
+        struct Bound<'a> {
+            version: u16,
+            request_id: &'a RequestId,
+            model_digest: &'a ModelDigest,
+            messages: &'a [ChatMessage],
+            sampler: &'a SamplerParams,
+            max_tokens: u32,
+            stop: &'a [String],
+        }
+        let bound = Bound {
+            version: self.version,
+            request_id: &self.request_id,
+            model_digest: &self.model_digest,
+            messages: &self.messages,
+            sampler: &self.sampler,
+            max_tokens: self.max_tokens,
+            stop: &self.stop,
+        };
         let mut bytes = Vec::new();
         // Writing CBOR into a Vec cannot fail for these plain types.
-        if ciborium::into_writer(self, &mut bytes).is_err() {
+        if ciborium::into_writer(&bound, &mut bytes).is_err() {
             bytes.clear();
         }
         crate::sha256(&[b"proofmesh/request/v1", &bytes])
+    }
+}
+
+/// A W3C trace context (`traceparent`, optional `tracestate`) carried across the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// `00-<trace id>-<span id>-<flags>`.
+    pub traceparent: String,
+    /// Vendor state, passed through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// Longest `tracestate` accepted (the W3C limit is 32 members of ~256 bytes; we keep less).
+    pub const MAX_STATE_LEN: usize = 512;
+
+    /// Whether it has the W3C shape and bounded size; others are ignored, never an error.
+    pub fn is_valid(&self) -> bool {
+        let p = self.traceparent.as_bytes();
+        p.len() == 55
+            && p.iter().enumerate().all(|(i, b)| match i {
+                2 | 35 | 52 => *b == b'-',
+                _ => b.is_ascii_hexdigit(),
+            })
+            && self
+                .tracestate
+                .as_ref()
+                .is_none_or(|s| s.len() <= Self::MAX_STATE_LEN && s.is_ascii())
     }
 }
 
@@ -192,6 +249,8 @@ pub enum RemoteErrorKind {
     UnknownModel,
     /// The provider is at capacity.
     Overloaded,
+    /// The provider is shutting down and takes no new requests.
+    ShuttingDown,
     /// Anything else went wrong inside the provider.
     Internal,
 }
@@ -257,6 +316,14 @@ pub enum OpenLeavesResponse {
         reason: String,
     },
 }
+
+/// A provider's announcement that it is shutting down and takes no new requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leaving;
+
+/// The acknowledgement of [`Leaving`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaveAck;
 
 /// A capability query (empty: providers answer with everything they serve).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -388,6 +455,7 @@ mod tests {
             sampler: SamplerParams::default(),
             max_tokens: 16,
             stop: vec![],
+            trace: None,
         }
     }
 

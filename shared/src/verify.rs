@@ -253,6 +253,7 @@ mod tests {
             },
             max_tokens: steps,
             stop: vec![],
+            trace: None,
         };
         let mut leaves = Vec::new();
         for step in 0..steps {

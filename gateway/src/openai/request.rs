@@ -3,6 +3,7 @@
 use proofmesh_shared::protocol::{ChatMessage, MAX_MESSAGES, MAX_STOP_LEN, MAX_STOP_SEQUENCES};
 use proofmesh_shared::sampling::SamplerParams;
 use serde::Deserialize;
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 
@@ -13,11 +14,13 @@ pub const DEFAULT_MAX_TOKENS: u32 = 512;
 pub const MAX_MAX_TOKENS: u32 = 32_768;
 
 /// `POST /v1/chat/completions`. Unknown fields are ignored, as OpenAI's SDKs send many.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
     /// Model id from `/v1/models`, or a GGUF digest `sha256:<hex>`.
+    #[schema(min_length = 1, example = "SmolLM2-135M-Instruct.Q4_1")]
     pub model: String,
     /// The conversation.
+    #[schema(min_items = 1, max_items = 256)]
     pub messages: Vec<RequestMessage>,
     /// Stream the answer as server-sent events.
     #[serde(default)]
@@ -27,38 +30,51 @@ pub struct ChatCompletionRequest {
     pub stream_options: Option<StreamOptions>,
     /// Sampling temperature in `[0, 2]`; 0 is greedy.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
     /// Nucleus mass in `(0, 1]`.
     #[serde(default)]
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
-    /// Keep at most this many candidates (llama.cpp extension).
+    /// Keep at most this many candidates (llama.cpp extension; 0 = no limit, values above 32
+    /// keep the 32 committed candidates).
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub top_k: Option<u32>,
     /// Minimum probability relative to the best token (llama.cpp extension).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
     pub min_p: Option<f32>,
     /// Seed for reproducible sampling.
     #[serde(default)]
     pub seed: Option<i64>,
-    /// Most tokens to generate.
+    /// Most tokens to generate (default 512).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 32768)]
     pub max_tokens: Option<u32>,
-    /// Newer name for `max_tokens`.
+    /// Newer name for `max_tokens`; wins when both are given.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 32768)]
     pub max_completion_tokens: Option<u32>,
     /// Stop sequences.
     #[serde(default)]
     pub stop: Option<Stop>,
     /// Number of choices; only 1 is supported.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
-    /// How the gateway checks the answer: `none`, `merkle` (default), `fraud`, `consensus`, `zk`.
+    /// How the gateway checks the answer (proofmesh extension). `merkle` (the default): the
+    /// provider's signed Merkle commitment is audited by challenging random steps and replaying
+    /// the sampler; `none`: only the signature and its binding to the request are checked.
+    /// `fraud`, `consensus` and `zk` are reserved and answered with 400
+    /// `unsupported_verification_mode`.
     #[serde(default)]
+    #[schema(value_type = Option<String>, example = "merkle")]
     pub verification_mode: Option<String>,
 }
 
 /// `stream_options`.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
 pub struct StreamOptions {
     /// Send a final chunk with `usage`.
     #[serde(default)]
@@ -66,17 +82,17 @@ pub struct StreamOptions {
 }
 
 /// `stop`: one string or a list.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Stop {
     /// A single stop sequence.
     One(String),
-    /// Several stop sequences.
+    /// Several stop sequences (at most 4).
     Many(Vec<String>),
 }
 
 /// One message.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct RequestMessage {
     /// `system`, `developer`, `user` or `assistant`.
     pub role: String,
@@ -86,7 +102,7 @@ pub struct RequestMessage {
 }
 
 /// Message content.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     /// Plain text.
@@ -96,7 +112,7 @@ pub enum Content {
 }
 
 /// One content part.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ContentPart {
     /// Part type; only `text` is supported.
     #[serde(rename = "type")]
@@ -107,7 +123,8 @@ pub struct ContentPart {
 }
 
 /// How a request is verified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum VerificationMode {
     /// Signed, not audited.
     None,

@@ -1,10 +1,11 @@
 //! Responses: the chat completion, its streaming chunks, and the model list.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// What proofmesh adds to every answer: who served it, what it was bound to, how it was checked.
 /// Sent as `x-proofmesh-*` headers, as `proofmesh` in the JSON body, and in the last SSE event.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ProofmeshInfo {
     /// `none` or `merkle`.
     pub verification_mode: &'static str,
@@ -27,7 +28,7 @@ pub struct ProofmeshInfo {
 }
 
 /// Token counts.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 pub struct Usage {
     /// Prompt tokens after the chat template.
     pub prompt_tokens: u32,
@@ -49,7 +50,7 @@ impl Usage {
 }
 
 /// A non-streaming chat completion.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatCompletion {
     /// `chatcmpl-<request id>`.
     pub id: String,
@@ -70,7 +71,7 @@ pub struct ChatCompletion {
 }
 
 /// One choice of a completion.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Choice {
     /// Always 0.
     pub index: u32,
@@ -83,7 +84,7 @@ pub struct Choice {
 }
 
 /// The assistant's message.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AssistantMessage {
     /// `assistant`.
     pub role: &'static str,
@@ -92,7 +93,7 @@ pub struct AssistantMessage {
 }
 
 /// One SSE chunk.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatCompletionChunk {
     /// Same id on every chunk of a stream.
     pub id: String,
@@ -113,7 +114,7 @@ pub struct ChatCompletionChunk {
 }
 
 /// A streamed choice.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChunkChoice {
     /// Always 0.
     pub index: u32,
@@ -126,7 +127,7 @@ pub struct ChunkChoice {
 }
 
 /// A streamed message delta.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, ToSchema)]
 pub struct Delta {
     /// `assistant` on the first chunk.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -137,7 +138,7 @@ pub struct Delta {
 }
 
 /// `GET /v1/models`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelList {
     /// `list`.
     pub object: &'static str,
@@ -146,7 +147,7 @@ pub struct ModelList {
 }
 
 /// One model.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelObject {
     /// The id to put in `model`.
     pub id: String,
@@ -161,7 +162,7 @@ pub struct ModelObject {
 }
 
 /// What the mesh knows about a model.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelMeshInfo {
     /// `sha256:<hex>` of the GGUF file.
     pub digest: String,

@@ -1,21 +1,24 @@
 //! `POST /v1/chat/completions`: validate, route, generate, audit, answer.
 
 use std::convert::Infallible;
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use proofmesh_shared::commit::SignedCommitment;
 use proofmesh_shared::protocol::{GenerateFrame, GenerateRequest, RequestId};
 use proofmesh_shared::verify::AuditVerdict;
 
 use crate::audit::{AuditOutcome, audit};
 use crate::error::ApiError;
+use crate::error::ErrorBody;
 use crate::inference::{self, Generation};
+use crate::lifecycle::Lifecycle;
 use crate::openai::extract::OpenAiJson;
-use crate::openai::request::{ChatCompletionRequest, ValidatedChat};
+use crate::openai::request::{ChatCompletionRequest, ValidatedChat, VerificationMode};
 use crate::openai::response::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
     ProofmeshInfo, Usage, unix_now,
@@ -24,12 +27,80 @@ use crate::registry::{Candidate, Lookup};
 use crate::state::AppState;
 
 /// The handler: validate, pick providers, then answer plainly or as a stream.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "chat",
+    request_body(content = ChatCompletionRequest, content_type = "application/json"),
+    params(
+        ("x-proofmesh-provider" = Option<String>, Header,
+            description = "Pin the request to one provider, by libp2p peer id (debugging, comparisons)"),
+    ),
+    responses(
+        (status = 200,
+            description = "The completion. With `stream: true`, server-sent events instead: one \
+`ChatCompletionChunk` per `data:` line, the finish chunk carrying `proofmesh`, then `data: [DONE]`. \
+A failure after the stream started arrives as a `data:` line holding an `ErrorBody`.",
+            content(
+                (ChatCompletion = "application/json"),
+                (String = "text/event-stream"),
+            ),
+            headers(
+                ("x-proofmesh-mode" = String, description = "`none` or `merkle`"),
+                ("x-proofmesh-provider" = String, description = "Peer id of the provider that answered"),
+                ("x-proofmesh-model-digest" = String, description = "`sha256:<hex>` of the GGUF that served"),
+                ("x-proofmesh-seed" = String, description = "Sampler seed (the client's, or a random one)"),
+                ("x-proofmesh-merkle-root" = String, description = "Hex Merkle root of the step leaves (non-streaming only)"),
+                ("x-proofmesh-challenged" = String, description = "Comma-separated challenged steps (non-streaming only)"),
+                ("x-proofmesh-verdict" = String, description = "`unaudited`, `passed` or `failed:<reason>` (non-streaming only)"),
+                ("x-proofmesh-audit-ms" = String, description = "Audit time in milliseconds (non-streaming only)"),
+            )),
+        (status = 400, description = "Invalid request (`param` names the field), `context_length_exceeded` or `unsupported_verification_mode`", body = ErrorBody),
+        (status = 404, description = "`model_not_found`", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 502, description = "The provider failed, or `verification_failed` (then `x-should-retry: false`)", body = ErrorBody,
+            headers(("x-should-retry" = String, description = "`false` when retrying cannot help"))),
+        (status = 503, description = "`no_provider_available` or `shutting_down`", body = ErrorBody),
+        (status = 504, description = "The provider did not answer in time", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(
+    name = "chat.completions",
+    skip_all,
+    fields(request_id = tracing::field::Empty, model = tracing::field::Empty, verification_mode = tracing::field::Empty)
+)]
 pub async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
     OpenAiJson(body): OpenAiJson<ChatCompletionRequest>,
+) -> Response {
+    let arrived = Instant::now();
+    let mut mode = None;
+    let mut response = answer(state, &headers, body, arrived, &mut mode)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    if let Some(mode) = mode {
+        response.extensions_mut().insert(ModeLabel(mode.as_str()));
+    }
+    response
+}
+
+/// The verification mode of a request, left on its response for the request counter.
+#[derive(Debug, Clone, Copy)]
+pub struct ModeLabel(pub &'static str);
+
+async fn answer(
+    state: AppState,
+    headers: &HeaderMap,
+    body: ChatCompletionRequest,
+    arrived: Instant,
+    mode: &mut Option<VerificationMode>,
 ) -> Result<Response, ApiError> {
+    if state.lifecycle.is_draining() {
+        return Err(ApiError::shutting_down());
+    }
     let chat = body.validate(state.default_mode)?;
+    *mode = Some(chat.mode);
     let mut candidates = resolve(&state, &chat.model)?;
     if let Some(pinned) = headers.get(PIN_HEADER) {
         pin(&mut candidates, pinned, &chat.model)?;
@@ -42,13 +113,17 @@ pub async fn completions(
         sampler: chat.sampler,
         max_tokens: chat.max_tokens,
         stop: chat.stop.clone(),
+        trace: proofmesh_shared::telemetry::current_context(),
     };
-    tracing::debug!(request = %request.request_id, model = %chat.model, mode = chat.mode.as_str(), "chat completion");
+    tracing::Span::current()
+        .record("request_id", tracing::field::display(&request.request_id))
+        .record("model", chat.model.as_str())
+        .record("verification_mode", chat.mode.as_str());
     if chat.stream {
         let generation = inference::start(&state, &candidates, &request).await?;
-        Ok(stream_response(state, chat, request, generation))
+        Ok(stream_response(state, chat, request, generation, arrived))
     } else {
-        plain_response(&state, &chat, &request, &candidates).await
+        plain_response(&state, &chat, &request, &candidates, arrived).await
     }
 }
 
@@ -74,8 +149,10 @@ async fn plain_response(
     chat: &ValidatedChat,
     request: &GenerateRequest,
     candidates: &[Candidate],
+    arrived: Instant,
 ) -> Result<Response, ApiError> {
     let (generation, done) = inference::complete(state, candidates, request).await?;
+    record_usage(state, &generation, done.tokens.len(), arrived);
     let outcome = audit(
         state,
         generation.candidate.peer,
@@ -127,6 +204,20 @@ fn resolve(state: &AppState, model: &str) -> Result<Vec<Candidate>, ApiError> {
         Lookup::NoProviders => Err(ApiError::no_provider(
             "No provider is reachable on the mesh right now",
         )),
+    }
+}
+
+/// Counts a finished generation's tokens (and its time to first token, when not yet counted).
+fn record_usage(state: &AppState, generation: &Generation, tokens: usize, arrived: Instant) {
+    let metrics = &state.metrics;
+    metrics.tokens_generated.inc_by(tokens as u64);
+    metrics
+        .prompt_tokens
+        .inc_by(u64::from(generation.prompt_tokens));
+    if let Some(first) = generation.first_token_at {
+        metrics
+            .time_to_first_token
+            .observe(first.saturating_duration_since(arrived).as_secs_f64());
     }
 }
 
@@ -183,6 +274,7 @@ fn stream_response(
     chat: ValidatedChat,
     request: GenerateRequest,
     generation: Generation,
+    arrived: Instant,
 ) -> Response {
     let mut headers = HeaderMap::new();
     let early = ProofmeshInfo {
@@ -197,7 +289,9 @@ fn stream_response(
         audit_ms: 0,
     };
     set_headers(&mut headers, &early, false);
-    let sse = Sse::new(events(state, chat, request, generation)).keep_alive(KeepAlive::default());
+    let deadline = state.lifecycle.clone();
+    let events = until_drained(events(state, chat, request, generation, arrived), deadline);
+    let sse = Sse::new(events).keep_alive(KeepAlive::default());
     (headers, sse).into_response()
 }
 
@@ -208,6 +302,7 @@ fn events(
     chat: ValidatedChat,
     request: GenerateRequest,
     mut generation: Generation,
+    arrived: Instant,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let id = completion_id(&request.request_id);
     let created = unix_now();
@@ -249,6 +344,7 @@ fn events(
                     }
                 }
                 GenerateFrame::Done { finish_reason, text, commitment } => {
+                    record_usage(&state, &generation, tokens.len(), arrived);
                     if !text.is_empty() {
                         yield Ok(json_event(&chunk(Delta { content: Some(text), ..Delta::default() }, None)));
                     }
@@ -280,6 +376,30 @@ fn events(
                 }
                 GenerateFrame::Accepted { .. } => {
                     yield Ok(json_event(&ApiError::provider_failed("The provider violated the protocol").body()));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Passes `events` through until the drain deadline; a stream still running then ends with a
+/// `shutting_down` error event (and no `[DONE]`), which SDKs raise as an error.
+fn until_drained(
+    events: impl Stream<Item = Result<Event, Infallible>>,
+    lifecycle: Lifecycle,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    async_stream::stream! {
+        futures::pin_mut!(events);
+        loop {
+            tokio::select! {
+                item = events.next() => match item {
+                    Some(item) => yield item,
+                    None => return,
+                },
+                () = lifecycle.deadline() => {
+                    tracing::warn!("drain deadline passed; ending a running stream");
+                    yield Ok(json_event(&ApiError::shutting_down().body()));
                     return;
                 }
             }

@@ -7,6 +7,8 @@ use crate::openai::response::{ModelList, ModelMeshInfo, ModelObject};
 use crate::state::AppState;
 
 /// The models the mesh serves right now, with their digests and provider counts.
+#[utoipa::path(get, path = "/v1/models", tag = "models",
+    responses((status = 200, description = "Models served by at least one connected provider", body = ModelList)))]
 pub async fn list(State(state): State<AppState>) -> Json<ModelList> {
     let data = state
         .registry

@@ -6,6 +6,8 @@
 // Test fixtures: a failure here is a failed test, and should say so loudly.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+pub mod collector;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -104,6 +106,8 @@ pub async fn start_gateway_with(
         default_mode: VerificationMode::Merkle,
         // Tests probe the same forging provider several times; benching it would hide the verdicts.
         failed_audit_cooldown: Duration::ZERO,
+        // Short, so the drain-deadline test ends quickly.
+        drain_timeout: Duration::from_secs(1),
     };
     tokio::spawn(async move {
         let shutdown = async move {
@@ -153,6 +157,10 @@ impl Mesh {
             bootstrap: self.p2p_addrs.clone(),
             mdns: false,
             leaf_store_bytes: 64 << 20,
+            http_listen: None,
+            // `kill` stands for a crash: no time for running streams (the binaries' graceful
+            // drain is tested in topology.rs).
+            drain_timeout: Duration::ZERO,
             tamper: spec.tamper,
         };
         let task = tokio::spawn(async move {
@@ -171,6 +179,13 @@ impl Mesh {
             shutdown: Some(stop_tx),
             task,
         });
+    }
+
+    /// Sends the gateway its shutdown signal (as SIGTERM would): it starts draining.
+    pub fn stop_gateway(&mut self) {
+        if let Some(tx) = self.gateway_shutdown.take() {
+            let _ = tx.send(());
+        }
     }
 
     /// Waits (at most 60 s) until the gateway routes to `n` providers.

@@ -1,6 +1,7 @@
 //! The engine thread's loop: continuous batching over sequence slots.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 
 use llama_cpp_2::context::LlamaContext;
@@ -13,7 +14,7 @@ use proofmesh_shared::commit::StepLeaf;
 use proofmesh_shared::protocol::FinishReason;
 use proofmesh_shared::sampling;
 
-use super::{Job, StepEvent};
+use super::{EngineLoad, Job, StepEvent};
 
 /// What the thread needs to build its context.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +50,7 @@ pub(super) fn run(
     backend: &'static LlamaBackend,
     model: Arc<LlamaModel>,
     settings: Settings,
+    load: Arc<EngineLoad>,
     queue: Receiver<Job>,
     ready: Sender<Result<(), String>>,
 ) {
@@ -76,17 +78,25 @@ pub(super) fn run(
     loop {
         // Admit new jobs between decode steps; block only when idle.
         if slots.is_empty() {
+            load.busy_slots.store(0, Ordering::Relaxed);
             match queue.recv() {
-                Ok(job) => admit(&mut slots, &mut free, job),
+                Ok(job) => {
+                    load.waiting.fetch_sub(1, Ordering::Relaxed);
+                    admit(&mut slots, &mut free, job);
+                }
                 Err(_) => return,
             }
         }
         while !free.is_empty() {
             match queue.try_recv() {
-                Ok(job) => admit(&mut slots, &mut free, job),
+                Ok(job) => {
+                    load.waiting.fetch_sub(1, Ordering::Relaxed);
+                    admit(&mut slots, &mut free, job);
+                }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
+        load.busy_slots.store(slots.len(), Ordering::Relaxed);
         // Callers that left free their slot now.
         slots.retain(|slot| {
             let keep = !slot.job.events.is_closed();

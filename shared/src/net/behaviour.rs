@@ -7,8 +7,9 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{StreamProtocol, identify, identity::Keypair, kad, mdns, ping, request_response};
 
 use crate::protocol::{
-    CAPS_PROTOCOL, CONTROL_TIMEOUT, Capabilities, CapsRequest, MAX_CAPS_MESSAGE, MAX_OPEN_REQUEST,
-    MAX_OPEN_RESPONSE, OPEN_PROTOCOL, OpenLeavesRequest, OpenLeavesResponse,
+    CAPS_PROTOCOL, CONTROL_TIMEOUT, Capabilities, CapsRequest, LEAVE_PROTOCOL, LeaveAck, Leaving,
+    MAX_CAPS_MESSAGE, MAX_OPEN_REQUEST, MAX_OPEN_RESPONSE, OPEN_PROTOCOL, OpenLeavesRequest,
+    OpenLeavesResponse,
 };
 
 /// Kademlia protocol name, so proofmesh's DHT never mixes with the public IPFS one.
@@ -18,6 +19,8 @@ pub(crate) const IDENTIFY_PROTOCOL: &str = "/proofmesh/1";
 /// Concurrent control streams per connection: a busy gateway opens leaves for many requests at
 /// once, each one short.
 const MAX_CONTROL_STREAMS: usize = 256;
+/// How long a leaving provider waits for each peer to acknowledge.
+pub(crate) const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Every protocol a proofmesh node speaks.
 #[derive(NetworkBehaviour)]
@@ -28,6 +31,7 @@ pub(crate) struct Behaviour {
     pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
     pub(crate) open: request_response::cbor::Behaviour<OpenLeavesRequest, OpenLeavesResponse>,
     pub(crate) caps: request_response::cbor::Behaviour<CapsRequest, Capabilities>,
+    pub(crate) leave: request_response::cbor::Behaviour<Leaving, LeaveAck>,
     pub(crate) stream: libp2p_stream::Behaviour,
 }
 
@@ -72,9 +76,16 @@ impl Behaviour {
                 control.clone(),
             ),
             caps: request_response::Behaviour::with_codec(
-                caps_codec,
+                caps_codec.clone(),
                 [(CAPS_PROTOCOL, request_response::ProtocolSupport::Full)],
-                control,
+                control.clone(),
+            ),
+            leave: request_response::Behaviour::with_codec(
+                request_response::cbor::codec::Codec::default()
+                    .set_request_size_maximum(1024)
+                    .set_response_size_maximum(1024),
+                [(LEAVE_PROTOCOL, request_response::ProtocolSupport::Full)],
+                control.with_request_timeout(LEAVE_TIMEOUT),
             ),
             stream: libp2p_stream::Behaviour::new(),
         })

@@ -29,6 +29,9 @@ pub(crate) enum Command {
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    Leave {
+        reply: oneshot::Sender<usize>,
+    },
 }
 
 /// Talks to the event loop. Cheap to clone; the loop stops when every clone is dropped.
@@ -118,6 +121,13 @@ impl Client {
             .send(Command::RespondOpenLeaves { channel, response })
             .await
             .map_err(|_| NetError::Stopped)
+    }
+
+    /// Announces to every connected peer that this provider is leaving, and from now on answers
+    /// capability queries with no models. Returns once every peer acknowledged or timed out
+    /// (3 s), with the number of peers that acknowledged.
+    pub async fn announce_leaving(&self) -> Result<usize, NetError> {
+        self.ask(|reply| Command::Leave { reply }).await
     }
 
     /// Peers with at least one open connection.

@@ -19,7 +19,8 @@ use super::behaviour::{Behaviour, BehaviourEvent};
 use super::client::{Client, Command};
 use super::{Event, NetConfig, NetError, Role};
 use crate::protocol::{
-    CAPS_PROTOCOL, Capabilities, CapsRequest, GenerateRequest, ModelDigest, OpenLeavesResponse,
+    CAPS_PROTOCOL, Capabilities, CapsRequest, GenerateRequest, LeaveAck, Leaving, ModelDigest,
+    OpenLeavesResponse,
 };
 
 /// How often the loop re-dials bootstrap peers (when alone), refreshes Kademlia and, on
@@ -63,6 +64,15 @@ pub struct EventLoop {
             oneshot::Sender<Result<OpenLeavesResponse, NetError>>,
         ),
     >,
+    /// A running leave announcement: peers not yet answered, acknowledgements, the reply.
+    leaving: Option<Leave>,
+}
+
+/// The state of a leave announcement.
+struct Leave {
+    pending: std::collections::HashSet<OutboundRequestId>,
+    acked: usize,
+    reply: oneshot::Sender<usize>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -122,6 +132,7 @@ pub(super) fn build(
         bootstrap: config.bootstrap,
         announced: None,
         pending_open: HashMap::new(),
+        leaving: None,
     };
     Ok((client, event_rx, event_loop))
 }
@@ -231,6 +242,45 @@ impl EventLoop {
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
+            Command::Leave { reply } => self.start_leaving(reply),
+        }
+    }
+
+    /// Stops advertising models and tells every connected peer; replies when all have answered.
+    fn start_leaving(&mut self, reply: oneshot::Sender<usize>) {
+        if let Role::Provider(caps) = &mut self.role {
+            caps.models.clear();
+        }
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        let pending = peers
+            .iter()
+            .map(|peer| self.swarm.behaviour_mut().leave.send_request(peer, Leaving))
+            .collect::<std::collections::HashSet<_>>();
+        tracing::info!(peers = peers.len(), "announcing shutdown to peers");
+        let leave = Leave {
+            pending,
+            acked: 0,
+            reply,
+        };
+        if leave.pending.is_empty() {
+            let _ = leave.reply.send(0);
+        } else {
+            self.leaving = Some(leave);
+        }
+    }
+
+    /// Records one peer's answer (or failure) to the leave announcement.
+    fn leave_answered(&mut self, id: OutboundRequestId, acked: bool) {
+        let Some(leave) = self.leaving.as_mut() else {
+            return;
+        };
+        if leave.pending.remove(&id) && acked {
+            leave.acked += 1;
+        }
+        if leave.pending.is_empty()
+            && let Some(leave) = self.leaving.take()
+        {
+            let _ = leave.reply.send(leave.acked);
         }
     }
 
@@ -301,6 +351,25 @@ impl EventLoop {
                     }
                 }
             }
+            BehaviourEvent::Leave(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request { channel, .. } => {
+                        tracing::info!(%peer, "peer announced it is leaving");
+                        self.emit(Event::ProviderLeaving { peer });
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .leave
+                            .send_response(channel, LeaveAck);
+                    }
+                    request_response::Message::Response { request_id, .. } => {
+                        self.leave_answered(request_id, true);
+                    }
+                }
+            }
+            BehaviourEvent::Leave(request_response::Event::OutboundFailure {
+                request_id, ..
+            }) => self.leave_answered(request_id, false),
             BehaviourEvent::Caps(request_response::Event::OutboundFailure {
                 peer, error, ..
             }) => {

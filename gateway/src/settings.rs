@@ -1,0 +1,93 @@
+//! The gateway's settings: built-in defaults, then the TOML file (`--config` or
+//! `PROOFMESH_CONFIG`), then `PROOFMESH_*` environment variables, then flags. Keys are the flag
+//! names with underscores; `proofmesh-gateway --print-config` shows the effective result.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use libp2p::Multiaddr;
+use proofmesh_shared::config::{ConfigError, check_range, mask_header};
+use proofmesh_shared::telemetry::LogFormat;
+use serde::{Deserialize, Serialize};
+
+use crate::openai::request::VerificationMode;
+
+/// Every gateway setting, as written in the TOML file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    /// HTTP address for the OpenAI API, `/metrics`, `/healthz`, `/readyz` and `/docs`.
+    pub http_listen: SocketAddr,
+    /// Mesh listen addresses (TCP and QUIC) that providers dial.
+    pub p2p_listen: Vec<Multiaddr>,
+    /// Peers to dial at start.
+    pub bootstrap: Vec<Multiaddr>,
+    /// mDNS discovery on the local network.
+    pub mdns: bool,
+    /// Node key file (created 0600 on first start); default in the user's data directory.
+    pub key: Option<PathBuf>,
+    /// Steps challenged per merkle audit.
+    pub challenges: u16,
+    /// Mode for requests that name none.
+    pub default_verification_mode: VerificationMode,
+    /// Seconds a provider whose answer failed an audit is kept out of routing.
+    pub failed_audit_cooldown_secs: u64,
+    /// Seconds running requests get to finish after SIGTERM.
+    pub drain_timeout_secs: u64,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// OTLP/HTTP endpoint for traces, e.g. `http://otel-collector:4318`; unset exports nothing.
+    pub otlp_endpoint: Option<String>,
+    /// Extra OTLP headers, `name=value` (secret: masked by `--print-config`).
+    pub otlp_headers: Vec<String>,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            p2p_listen: ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            bootstrap: Vec::new(),
+            mdns: false,
+            key: None,
+            challenges: proofmesh_shared::verify::DEFAULT_CHALLENGE_COUNT as u16,
+            default_verification_mode: VerificationMode::Merkle,
+            failed_audit_cooldown_secs: 300,
+            drain_timeout_secs: 30,
+            log_format: LogFormat::Text,
+            otlp_endpoint: None,
+            otlp_headers: Vec::new(),
+        }
+    }
+}
+
+impl GatewaySettings {
+    /// Checks ranges that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_range("challenges", self.challenges, 1..=256, "1 to 256")?;
+        check_range(
+            "drain_timeout_secs",
+            self.drain_timeout_secs,
+            0..=3600,
+            "0 to 3600",
+        )?;
+        check_range(
+            "failed_audit_cooldown_secs",
+            self.failed_audit_cooldown_secs,
+            0..=86_400,
+            "0 to 86400",
+        )?;
+        Ok(())
+    }
+
+    /// A copy safe to print: secrets masked.
+    pub fn masked(&self) -> Self {
+        Self {
+            otlp_headers: self.otlp_headers.iter().map(|h| mask_header(h)).collect(),
+            ..self.clone()
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The docker-compose topology as plain processes: one `proofmesh-gateway` and three
+//! `proofmesh-provider` binaries started with the same config files (`deploy/*.toml`) and
+//! environment files (`deploy/*.env`) as the compose services. What differs between containers
+//! and processes on one host is overridden, and only that: file paths, addresses and ports
+//! (every node shares 127.0.0.1 here), mDNS (off: it would multicast on this machine's network,
+//! so the providers bootstrap from the gateway as the compose file's fallback does), and one
+//! llama.cpp thread per provider (three providers share two cores).
+//!
+//! Through that topology: a chat completion, all three providers in `/v1/models`, key files
+//! created 0600, `/metrics` parsed on every node with counters that moved, one OTLP trace holding
+//! spans from the gateway and a provider (caught by an in-test collector), a provider's SIGTERM
+//! taking it out of routing at once, and the gateway's SIGTERM during a stream: the stream
+//! finishes and the process exits 0.
+
+// Test code: a failure is a failed test and should say so loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use support::collector::Collector;
+use tokio::process::{Child, Command};
+
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+/// `KEY=VALUE` lines of a compose env file (comments and blanks skipped).
+fn env_file(name: &str) -> Vec<(String, String)> {
+    let path = Path::new(REPO).join("deploy").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// The compose env file with the container's config path mapped to the repo's file.
+fn compose_env(role: &str) -> HashMap<String, String> {
+    let mut env: HashMap<String, String> = env_file(&format!("{role}.env")).into_iter().collect();
+    let config = env
+        .get("PROOFMESH_CONFIG")
+        .cloned()
+        .unwrap_or_else(|| panic!("deploy/{role}.env sets no PROOFMESH_CONFIG"));
+    let file = Path::new(&config)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(
+        config,
+        format!("/etc/proofmesh/{file}"),
+        "compose mounts deploy/ at /etc/proofmesh"
+    );
+    env.insert(
+        "PROOFMESH_CONFIG".into(),
+        Path::new(REPO)
+            .join("deploy")
+            .join(file)
+            .display()
+            .to_string(),
+    );
+    env
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn provider_binary() -> PathBuf {
+    let path =
+        Path::new(env!("CARGO_BIN_EXE_proofmesh-gateway")).with_file_name("proofmesh-provider");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build -p proofmesh-provider` (cargo test --workspace does)",
+        path.display()
+    );
+    path
+}
+
+/// A node process whose stderr goes to a log file, killed if the test fails.
+struct Node {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Node {
+    fn spawn(name: &str, binary: &Path, env: &HashMap<String, String>, dir: &Path) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(binary)
+            .env_remove("RUST_LOG")
+            .envs(env)
+            // Export spans every 200 ms instead of every 5 s.
+            .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Self {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.id().expect("still running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM {pid}");
+    }
+
+    async fn exit_code(&mut self, within: Duration) -> i32 {
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(status) => status.unwrap().code().unwrap_or(-1),
+            Err(_) => panic!(
+                "{} did not exit within {within:?}; log:\n{}",
+                self.name,
+                self.log_tail()
+            ),
+        }
+    }
+}
+
+async fn get_json(http: &reqwest::Client, url: &str) -> Option<(u16, Value)> {
+    let response = http.get(url).send().await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.ok()?))
+}
+
+async fn metrics(http: &reqwest::Client, url: &str) -> prometheus_parse::Scrape {
+    let text = http.get(url).send().await.unwrap().text().await.unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines).unwrap_or_else(|e| panic!("{url} does not parse: {e}"))
+}
+
+/// Sum of a metric's samples whose labels include `labels`.
+fn sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+async fn providers_listed(http: &reqwest::Client, base: &str) -> u64 {
+    match get_json(http, &format!("{base}/v1/models")).await {
+        Some((200, models)) => models["data"][0]["proofmesh"]["providers"]
+            .as_u64()
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_topology_as_processes() {
+    let model = support::model_path();
+    let dir = std::env::temp_dir().join(format!("proofmesh-topology-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let collector = Collector::start().await;
+    let http = reqwest::Client::new();
+
+    // The gateway: compose env + deploy/gateway.toml, with this host's addresses.
+    let http_port = free_port();
+    let p2p_port = free_port();
+    let mut env = compose_env("gateway");
+    env.extend([
+        (
+            "PROOFMESH_HTTP_LISTEN".into(),
+            format!("127.0.0.1:{http_port}"),
+        ),
+        (
+            "PROOFMESH_P2P_LISTEN".into(),
+            format!("/ip4/127.0.0.1/tcp/{p2p_port}"),
+        ),
+        ("PROOFMESH_MDNS".into(), "false".into()),
+        (
+            "PROOFMESH_KEY".into(),
+            dir.join("gateway.key").display().to_string(),
+        ),
+        ("PROOFMESH_OTLP_ENDPOINT".into(), collector.endpoint()),
+    ]);
+    let mut gateway = Node::spawn(
+        "gateway",
+        Path::new(env!("CARGO_BIN_EXE_proofmesh-gateway")),
+        &env,
+        &dir,
+    );
+    let base = format!("http://127.0.0.1:{http_port}");
+
+    // Three providers: compose env + deploy/provider.toml, bootstrapping from the gateway.
+    let mut providers = Vec::new();
+    let mut provider_metrics = Vec::new();
+    for i in 1..=3 {
+        let ops_port = free_port();
+        let mut env = compose_env("provider");
+        env.extend([
+            ("PROOFMESH_MODEL".into(), model.display().to_string()),
+            ("PROOFMESH_P2P_LISTEN".into(), "/ip4/127.0.0.1/tcp/0".into()),
+            (
+                "PROOFMESH_HTTP_LISTEN".into(),
+                format!("127.0.0.1:{ops_port}"),
+            ),
+            (
+                "PROOFMESH_BOOTSTRAP".into(),
+                format!("/ip4/127.0.0.1/tcp/{p2p_port}"),
+            ),
+            ("PROOFMESH_MDNS".into(), "false".into()),
+            (
+                "PROOFMESH_KEY".into(),
+                dir.join(format!("provider{i}.key")).display().to_string(),
+            ),
+            ("PROOFMESH_THREADS".into(), "1".into()),
+            ("PROOFMESH_OTLP_ENDPOINT".into(), collector.endpoint()),
+        ]);
+        providers.push(Node::spawn(
+            &format!("provider{i}"),
+            &provider_binary(),
+            &env,
+            &dir,
+        ));
+        provider_metrics.push(format!("http://127.0.0.1:{ops_port}/metrics"));
+    }
+
+    // Ready once all three serve.
+    let started = Instant::now();
+    while providers_listed(&http, &base).await < 3 {
+        if started.elapsed() > Duration::from_secs(120) {
+            let logs: Vec<String> = std::iter::once(&gateway)
+                .chain(&providers)
+                .map(|n| format!("--- {}\n{}", n.name, n.log_tail()))
+                .collect();
+            panic!("three providers never listed:\n{}", logs.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("3 providers listed after {:?}", started.elapsed());
+    let (status, ready) = get_json(&http, &format!("{base}/readyz")).await.unwrap();
+    assert_eq!((status, ready["status"].as_str()), (200, Some("ready")));
+    for key in [
+        "gateway.key",
+        "provider1.key",
+        "provider2.key",
+        "provider3.key",
+    ] {
+        let mode = std::fs::metadata(dir.join(key))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{key} has mode {mode:o}");
+    }
+
+    // A verified chat completion.
+    let body = json!({
+        "model": support::MODEL,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 24,
+        "temperature": 0,
+        "verification_mode": "merkle",
+    });
+    let response = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["proofmesh"]["verdict"], "passed", "{answer}");
+    let completion_tokens = answer["usage"]["completion_tokens"].as_f64().unwrap();
+    assert!(completion_tokens > 0.0);
+
+    // Metrics on every node parse, and the counters moved.
+    let scrape = metrics(&http, &format!("{base}/metrics")).await;
+    let served = sum(
+        &scrape,
+        "proofmesh_gateway_requests_total",
+        &[("mode", "merkle"), ("status", "200")],
+    );
+    assert_eq!(served, 1.0, "requests counter: {:?}", scrape.samples);
+    assert_eq!(
+        sum(&scrape, "proofmesh_gateway_tokens_generated_total", &[]),
+        completion_tokens
+    );
+    assert_eq!(
+        sum(
+            &scrape,
+            "proofmesh_gateway_audits_total",
+            &[("verdict", "passed")]
+        ),
+        1.0
+    );
+    assert_eq!(sum(&scrape, "proofmesh_gateway_providers", &[]), 3.0);
+    assert_eq!(
+        sum(
+            &scrape,
+            "proofmesh_gateway_time_to_first_token_seconds_count",
+            &[]
+        ),
+        1.0
+    );
+    let mut predicted = 0.0;
+    let mut completed = 0.0;
+    for url in &provider_metrics {
+        let scrape = metrics(&http, url).await;
+        assert!(sum(&scrape, "proofmesh_model_load_seconds", &[]) > 0.0);
+        assert!(sum(&scrape, "proofmesh_peers_connected", &[]) >= 1.0);
+        predicted += sum(&scrape, "proofmesh_tokens_predicted_total", &[]);
+        completed += sum(
+            &scrape,
+            "proofmesh_requests_total",
+            &[("outcome", "completed")],
+        );
+    }
+    assert_eq!((predicted, completed), (completion_tokens, 1.0));
+
+    // One trace with the gateway's and the provider's spans.
+    let started = Instant::now();
+    let joint = loop {
+        let spans = collector.spans();
+        let mut by_trace: HashMap<&str, Vec<&support::collector::SpanRecord>> = HashMap::new();
+        for span in &spans {
+            by_trace.entry(&span.trace_id).or_default().push(span);
+        }
+        let joint = by_trace.values().find(|spans| {
+            spans.iter().any(|s| s.service == "proofmesh-gateway")
+                && spans
+                    .iter()
+                    .any(|s| s.service == "proofmesh-provider" && s.name == "provider.generate")
+        });
+        if let Some(joint) = joint {
+            break joint
+                .iter()
+                .map(|s| format!("{}:{}", s.service, s.name))
+                .collect::<Vec<_>>();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no trace spans both nodes; received: {spans:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("one trace: {joint:?}");
+
+    // A provider's SIGTERM takes it out of routing at once and it exits 0.
+    let mut leaving = providers.pop().unwrap();
+    leaving.terminate();
+    let started = Instant::now();
+    while providers_listed(&http, &base).await != 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the leaving provider is still listed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("provider unlisted {:?} after SIGTERM", started.elapsed());
+    assert_eq!(leaving.exit_code(Duration::from_secs(30)).await, 0);
+
+    // The gateway's SIGTERM in the middle of a stream: the stream finishes, the process exits 0.
+    let mut body = body;
+    body["stream"] = json!(true);
+    body["max_tokens"] = json!(96);
+    body["messages"][0]["content"] = json!("Write a short story about a lighthouse keeper.");
+    let response = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut events = response.bytes_stream();
+    let mut received = String::new();
+    let mut terminated = false;
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(120), events.next())
+        .await
+        .expect("stream stalled")
+    {
+        received.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        if !terminated && received.matches("\"content\"").count() >= 3 {
+            gateway.terminate();
+            terminated = true;
+        }
+    }
+    assert!(terminated, "the stream ended before it started: {received}");
+    assert!(
+        received.trim_end().ends_with("data: [DONE]"),
+        "the stream did not finish: {received}"
+    );
+    assert!(received.contains("\"verdict\":\"passed\""), "{received}");
+    assert_eq!(gateway.exit_code(Duration::from_secs(40)).await, 0);
+
+    for provider in &providers {
+        provider.terminate();
+    }
+    for provider in &mut providers {
+        assert_eq!(provider.exit_code(Duration::from_secs(30)).await, 0);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

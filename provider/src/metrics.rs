@@ -1,0 +1,118 @@
+//! The provider's Prometheus metrics, served on `http_listen` at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// How a generate request ended, as a label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `completed`, `refused` or `abandoned` (the gateway left).
+    pub outcome: &'static str,
+}
+
+/// Every metric the provider exports.
+#[derive(Debug)]
+pub struct ProviderMetrics {
+    registry: Registry,
+    /// Generate requests by outcome.
+    pub requests: Family<OutcomeLabels, Counter>,
+    /// Prompt tokens processed.
+    pub prompt_tokens: Counter,
+    /// Tokens generated.
+    pub tokens_predicted: Counter,
+    /// Requests being generated or queued right now.
+    pub requests_processing: Gauge,
+    /// Requests queued for a sequence slot (set at scrape time).
+    pub requests_deferred: Gauge,
+    /// Sequence slots in use (set at scrape time).
+    pub busy_slots: Gauge,
+    /// Seconds from reading a request to sending its first token.
+    pub time_to_first_token: Histogram,
+    /// Seconds the model took to load.
+    pub model_load_seconds: Gauge<f64, AtomicU64>,
+    /// Peers with an open connection (set at scrape time).
+    pub peers_connected: Gauge,
+}
+
+impl Default for ProviderMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("proofmesh");
+        let requests = Family::<OutcomeLabels, Counter>::default();
+        let prompt_tokens = Counter::default();
+        let tokens_predicted = Counter::default();
+        let requests_processing = Gauge::default();
+        let requests_deferred = Gauge::default();
+        let busy_slots = Gauge::default();
+        let time_to_first_token = Histogram::new(proofmesh_shared::metrics::latency_buckets());
+        let model_load_seconds = Gauge::<f64, AtomicU64>::default();
+        let peers_connected = Gauge::default();
+        registry.register("requests", "Generate requests by outcome", requests.clone());
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens processed",
+            prompt_tokens.clone(),
+        );
+        registry.register(
+            "tokens_predicted",
+            "Tokens generated",
+            tokens_predicted.clone(),
+        );
+        registry.register(
+            "requests_processing",
+            "Requests generating or queued",
+            requests_processing.clone(),
+        );
+        registry.register(
+            "requests_deferred",
+            "Requests waiting for a sequence slot",
+            requests_deferred.clone(),
+        );
+        registry.register("busy_slots", "Sequence slots in use", busy_slots.clone());
+        registry.register(
+            "time_to_first_token_seconds",
+            "Seconds from request to first token",
+            time_to_first_token.clone(),
+        );
+        registry.register(
+            "model_load_seconds",
+            "Seconds the model took to load",
+            model_load_seconds.clone(),
+        );
+        registry.register(
+            "peers_connected",
+            "Peers with an open connection",
+            peers_connected.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            prompt_tokens,
+            tokens_predicted,
+            requests_processing,
+            requests_deferred,
+            busy_slots,
+            time_to_first_token,
+            model_load_seconds,
+            peers_connected,
+        }
+    }
+}
+
+impl ProviderMetrics {
+    /// Counts one finished request.
+    pub fn request_ended(&self, outcome: &'static str) {
+        self.requests
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// The registry, for encoding.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}

@@ -1,0 +1,112 @@
+//! The provider's settings: built-in defaults, then the TOML file (`--config` or
+//! `PROOFMESH_CONFIG`), then `PROOFMESH_*` environment variables, then flags. Keys are the flag
+//! names with underscores; `proofmesh-provider --print-config` shows the effective result.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use libp2p::Multiaddr;
+use proofmesh_shared::config::{ConfigError, check_range, mask_header};
+use proofmesh_shared::telemetry::LogFormat;
+use serde::{Deserialize, Serialize};
+
+/// Every provider setting, as written in the TOML file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderSettings {
+    /// GGUF model to serve; default: the cached default model (see `fetch-model`).
+    pub model: Option<PathBuf>,
+    /// Model id clients ask for; default: the file name without `.gguf`.
+    pub model_name: Option<String>,
+    /// CPU threads for llama.cpp; default: all available cores.
+    pub threads: Option<u32>,
+    /// Context window per sequence, in tokens.
+    pub ctx_size: u32,
+    /// Sequences decoded together (continuous batching slots).
+    pub parallel: u32,
+    /// Tokens per `llama_decode` call; also the prompt prefill chunk.
+    pub batch_size: u32,
+    /// Model layers offloaded to the GPU (needs a `cuda` build).
+    pub n_gpu_layers: u32,
+    /// Mesh listen addresses (TCP and QUIC).
+    pub p2p_listen: Vec<Multiaddr>,
+    /// Peers to dial at start.
+    pub bootstrap: Vec<Multiaddr>,
+    /// mDNS discovery on the local network.
+    pub mdns: bool,
+    /// Node key file (created 0600 on first start); default in the user's data directory.
+    pub key: Option<PathBuf>,
+    /// Memory for leaves kept for challenges, in MiB.
+    pub leaf_store_mb: u64,
+    /// HTTP address for `/metrics`, `/healthz` and `/readyz`; unset serves none.
+    pub http_listen: Option<SocketAddr>,
+    /// Seconds running generations get to finish after SIGTERM.
+    pub drain_timeout_secs: u64,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// OTLP/HTTP endpoint for traces; unset exports nothing.
+    pub otlp_endpoint: Option<String>,
+    /// Extra OTLP headers, `name=value` (secret: masked by `--print-config`).
+    pub otlp_headers: Vec<String>,
+}
+
+impl Default for ProviderSettings {
+    fn default() -> Self {
+        Self {
+            model: None,
+            model_name: None,
+            threads: None,
+            ctx_size: 2048,
+            parallel: 4,
+            batch_size: 512,
+            n_gpu_layers: 0,
+            p2p_listen: ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            bootstrap: Vec::new(),
+            mdns: false,
+            key: None,
+            leaf_store_mb: 256,
+            http_listen: None,
+            drain_timeout_secs: 30,
+            log_format: LogFormat::Text,
+            otlp_endpoint: None,
+            otlp_headers: Vec::new(),
+        }
+    }
+}
+
+impl ProviderSettings {
+    /// Checks ranges that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(threads) = self.threads {
+            check_range("threads", threads, 1..=1024, "1 to 1024")?;
+        }
+        check_range("ctx_size", self.ctx_size, 64..=1_048_576, "64 to 1048576")?;
+        check_range("parallel", self.parallel, 1..=256, "1 to 256")?;
+        check_range("batch_size", self.batch_size, 1..=65_536, "1 to 65536")?;
+        check_range("n_gpu_layers", self.n_gpu_layers, 0..=10_000, "0 to 10000")?;
+        check_range(
+            "leaf_store_mb",
+            self.leaf_store_mb,
+            1..=1_048_576,
+            "1 to 1048576",
+        )?;
+        check_range(
+            "drain_timeout_secs",
+            self.drain_timeout_secs,
+            0..=3600,
+            "0 to 3600",
+        )?;
+        Ok(())
+    }
+
+    /// A copy safe to print: secrets masked.
+    pub fn masked(&self) -> Self {
+        Self {
+            otlp_headers: self.otlp_headers.iter().map(|h| mask_header(h)).collect(),
+            ..self.clone()
+        }
+    }
+}
