@@ -6,11 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
-# The official OpenAI client, for the test that drives the gateway as an SDK user would.
-python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet 'openai>=1.50'
+# The official OpenAI clients (Python, Node), for the tests that drive the gateway as SDK users
+# would; PyYAML and check-jsonschema for the offline compose check.
+python3 -c 'import openai, yaml' 2>/dev/null || python3 -m pip install --quiet 'openai>=1.50' pyyaml
+npm ci --prefix scripts/node --no-audit --no-fund --loglevel=error
+python3 scripts/check_compose.py
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo run --quiet --locked -p proofmesh-provider -- fetch-model >/dev/null
+# The OpenAPI freshness check is gateway/tests/operations.rs (committed_openapi_document_is_fresh).
 # One test at a time: each real-path test runs llama.cpp providers whose worker threads spin;
 # two meshes at once on 2 cores oversubscribe them and run ~10x slower. (No doc-tests: the
 # crates have no examples in docs, and their empty runs would end the log on "0 passed".)
