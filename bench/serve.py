@@ -142,12 +142,12 @@ def main():
                                            "-np", str(parallel), "-c", str(CTX_PER_SLOT * parallel),
                                            "--host", "127.0.0.1", "--port", str(ls_port)], stderr=log("llama-server"),
                                           stdout=subprocess.DEVNULL))
-            procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-gateway"), "--listen", f"127.0.0.1:{http}",
+            procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-gateway"), "--http-listen", f"127.0.0.1:{http}",
                                            "--p2p-listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--ephemeral-key"],
                                           stderr=log("gateway")))
             procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-provider"), "--model", model, "--ephemeral-key",
                                            "--threads", str(args.threads), "--parallel", str(parallel),
-                                           "--ctx-size", str(CTX_PER_SLOT), "--listen", "/ip4/127.0.0.1/tcp/0",
+                                           "--ctx-size", str(CTX_PER_SLOT), "--p2p-listen", "/ip4/127.0.0.1/tcp/0",
                                            "--bootstrap", f"/ip4/127.0.0.1/tcp/{p2p}"], stderr=log("provider")))
             ls = f"http://127.0.0.1:{ls_port}"
             pm = f"http://127.0.0.1:{http}"

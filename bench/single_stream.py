@@ -73,12 +73,12 @@ def main():
     ttft = {"none": [], "merkle": []}
     ratios = {"engine": [], "none": [], "merkle": []}
     try:
-        procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-gateway"), "--listen", f"127.0.0.1:{http}",
+        procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-gateway"), "--http-listen", f"127.0.0.1:{http}",
                                        "--p2p-listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--ephemeral-key"],
                                       stderr=open(os.path.join(logs, "gateway.log"), "w")))
         procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-provider"), "--model", model, "--ephemeral-key",
                                        "--threads", str(args.threads), "--parallel", "1",
-                                       "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", f"/ip4/127.0.0.1/tcp/{p2p}"],
+                                       "--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", f"/ip4/127.0.0.1/tcp/{p2p}"],
                                       stderr=open(os.path.join(logs, "provider.log"), "w")))
         base = f"http://127.0.0.1:{http}"
         for _ in range(240):

@@ -26,12 +26,12 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-"$bin/proofmesh-gateway" --listen "127.0.0.1:$http_port" \
+"$bin/proofmesh-gateway" --http-listen "127.0.0.1:$http_port" \
   --p2p-listen "/ip4/127.0.0.1/tcp/$p2p_port" --key "$state/gateway.key" >"$state/gateway.log" 2>&1 &
 pids+=($!)
 for i in 1 2; do
   "$bin/proofmesh-provider" --model "$model" --key "$state/provider$i.key" \
-    --listen "/ip4/127.0.0.1/tcp/0" --bootstrap "/ip4/127.0.0.1/tcp/$p2p_port" >"$state/provider$i.log" 2>&1 &
+    --p2p-listen "/ip4/127.0.0.1/tcp/0" --bootstrap "/ip4/127.0.0.1/tcp/$p2p_port" >"$state/provider$i.log" 2>&1 &
   pids+=($!)
 done
 

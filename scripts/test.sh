@@ -21,4 +21,6 @@ cargo run --quiet --locked -p proofmesh-provider -- fetch-model >/dev/null
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked --lib --bins --tests -- --test-threads=1 2>&1 | tee "$log"
+# The API against its own OpenAPI document: no server error, no schema violation.
+scripts/schemathesis.sh 50 2>&1 | tail -n 25
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -55,7 +55,7 @@ enum Command {
 struct Flags {
     /// HTTP listen address for the OpenAI API, /metrics, /healthz, /readyz and /docs
     /// [default: 127.0.0.1:8080].
-    #[arg(long, env = "PROOFMESH_HTTP_LISTEN")]
+    #[arg(long, env = "PROOFMESH_HTTP_LISTEN", alias = "listen")]
     #[serde(skip_serializing_if = "Option::is_none")]
     http_listen: Option<SocketAddr>,
     /// Mesh listen addresses, comma-separated

@@ -90,7 +90,12 @@ struct Flags {
     n_gpu_layers: Option<u32>,
     /// Mesh listen addresses (TCP and QUIC), comma-separated
     /// [default: /ip4/0.0.0.0/tcp/0,/ip4/0.0.0.0/udp/0/quic-v1].
-    #[arg(long, env = "PROOFMESH_P2P_LISTEN", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "PROOFMESH_P2P_LISTEN",
+        value_delimiter = ',',
+        alias = "listen"
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     p2p_listen: Option<Vec<Multiaddr>>,
     /// Peers to dial at start (a gateway or another provider), comma-separated, e.g.

@@ -95,6 +95,7 @@ pub enum Stop {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct RequestMessage {
     /// `system`, `developer`, `user` or `assistant`.
+    #[schema(pattern = "^(system|developer|user|assistant)$", example = "user")]
     pub role: String,
     /// Text, or a list of parts of which only `text` parts are supported.
     #[serde(default)]
@@ -116,6 +117,7 @@ pub enum Content {
 pub struct ContentPart {
     /// Part type; only `text` is supported.
     #[serde(rename = "type")]
+    #[schema(pattern = "^text$", example = "text")]
     pub kind: String,
     /// The text of a `text` part.
     #[serde(default)]
