@@ -4,7 +4,9 @@ OpenAI-compatible server, same model, threads and parallel slots, same prompts, 
 
     bench/serve.py [--concurrency 1,4,16] [--tokens 128] [--threads 2] [--rounds 2]
 
-For each concurrency level both servers are (re)started with `parallel = max(4, concurrency)`
+A third row, "engine in-process", runs the provider's engine with no mesh and no HTTP
+(provider/examples/engine_load.rs) under the same load, so the cost of the gateway and the libp2p
+hop is shown on its own. For each concurrency level both servers are (re)started with `parallel = max(4, concurrency)`
 slots (llama-server's default is 4) and a context of 1024 tokens per slot; then, in interleaved
 rounds, each target gets the same fixed prompt set from `concurrency` client threads, streaming
 and not. Prints one table: aggregate generated tokens/s, TTFT and latency p50/p99, failures, and
@@ -100,6 +102,14 @@ def load(url, concurrency, tokens, stream, mode, requests):
     }
 
 
+def engine_load(bins, model, threads, concurrency, tokens, requests):
+    """The provider's engine in-process (provider/examples/engine_load.rs): no mesh, no HTTP."""
+    out = subprocess.run([os.path.join(bins, "examples", "engine_load"), model, str(threads), str(concurrency),
+                          str(tokens), str(requests)], check=True, capture_output=True, text=True, timeout=900)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"tps": m["tok_s"], "ttft": m["ttft_ms"], "lat": m["latency_ms"], "failures": []}
+
+
 def wait_ready(check, procs, logs, what):
     for _ in range(480):
         try:
@@ -123,8 +133,8 @@ def main():
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "proofmesh-gateway", "-p", "proofmesh-provider"],
-                   cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "proofmesh-gateway", "-p", "proofmesh-provider",
+                    "--example", "engine_load"], cwd=ROOT, check=True)
     bins = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"), "release")
     model = subprocess.run([os.path.join(bins, "proofmesh-provider"), "fetch-model"], check=True,
                            capture_output=True, text=True).stdout.strip()
@@ -154,15 +164,20 @@ def main():
             wait_ready(lambda: urllib.request.urlopen(ls + "/health").status == 200, procs, logs, "llama-server")
             wait_ready(lambda: json.load(urllib.request.urlopen(pm + "/healthz"))["providers"] == 1, procs, logs,
                        "proofmesh")
-            targets = [("llama-server", ls, None), ("proofmesh none", pm, "none"), ("proofmesh merkle", pm, "merkle")]
+            targets = [("llama-server", ls, None), ("engine in-process", None, None), ("proofmesh none", pm, "none"),
+                       ("proofmesh merkle", pm, "merkle")]
             for _, url, mode in targets:  # warm-up
-                one_request(url + "/v1/chat/completions", PROMPTS[0], 16, True, mode)
+                if url:
+                    one_request(url + "/v1/chat/completions", PROMPTS[0], 16, True, mode)
             requests = max(8, 2 * c)
             for stream in [True, False]:
                 agg = {name: {"tps": [], "ttft": [], "lat": [], "failures": []} for name, _, _ in targets}
                 for _ in range(args.rounds):
                     for name, url, mode in targets:
-                        m = load(url + "/v1/chat/completions", c, args.tokens, stream, mode, requests)
+                        if url is None:
+                            m = engine_load(bins, model, args.threads, c, args.tokens, requests)
+                        else:
+                            m = load(url + "/v1/chat/completions", c, args.tokens, stream, mode, requests)
                         agg[name]["tps"].append(m["tps"])
                         for k in ["ttft", "lat", "failures"]:
                             agg[name][k] += m[k]
@@ -189,8 +204,14 @@ def main():
     print("| conc | slots | mode | server | gen tok/s | TTFT p50 | TTFT p99 | latency p50 | latency p99 | failed | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c, par, kind, name, tps, t50, t99, l50, l99, failed, ratio in rows:
-        ttft = f"{t50:.0f} ms | {t99:.0f} ms" if kind == "stream" else "- | -"
+        ttft = f"{t50:.0f} ms | {t99:.0f} ms" if kind == "stream" or name.startswith("engine") else "- | -"
         print(f"| {c} | {par} | {kind} | {name} | {tps:.1f} | {ttft} | {l50:.0f} ms | {l99:.0f} ms | {failed} | {ratio:.2f} |")
+    by = {(c, kind, name): (t50, tps) for c, _, kind, name, tps, t50, _, _, _, _, _ in rows}
+    for c in levels:
+        engine, mesh = by.get((c, "stream", "engine in-process")), by.get((c, "stream", "proofmesh none"))
+        if engine and mesh:
+            print(f"c={c}: gateway + libp2p hop + HTTP add {mesh[0] - engine[0]:+.1f} ms to TTFT p50 and keep "
+                  f"{mesh[1] / engine[1]:.2f} of the in-process engine's tokens/s (streaming, none)")
     print(f"\n(logs in {logs})")
 
 

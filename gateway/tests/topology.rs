@@ -373,8 +373,48 @@ async fn compose_topology_as_processes() {
     };
     eprintln!("one trace: {joint:?}");
 
-    // A provider's SIGTERM takes it out of routing at once and it exits 0.
+    // A provider's SIGTERM while it serves a merkle request: the answer still arrives and passes
+    // its audit, the provider leaves routing at once, and it exits 0.
     let mut leaving = providers.pop().unwrap();
+    let ops = provider_metrics.pop().unwrap();
+    let ops_base = ops.trim_end_matches("/metrics").to_owned();
+    let (_, health) = get_json(&http, &format!("{ops_base}/healthz"))
+        .await
+        .unwrap();
+    let leaving_peer = health["peer_id"].as_str().unwrap().to_owned();
+    let mut pinned = body.clone();
+    pinned["max_tokens"] = json!(64);
+    let pinned_request = {
+        let http = http.clone();
+        let url = format!("{base}/v1/chat/completions");
+        let peer = leaving_peer.clone();
+        tokio::spawn(async move {
+            let response = http
+                .post(url)
+                .header("x-proofmesh-provider", peer)
+                .json(&pinned)
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        })
+    };
+    let started = Instant::now();
+    while sum(
+        &metrics(&http, &ops).await,
+        "proofmesh_requests_processing",
+        &[],
+    ) < 1.0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "pinned request never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     leaving.terminate();
     let started = Instant::now();
     while providers_listed(&http, &base).await != 2 {
@@ -385,6 +425,10 @@ async fn compose_topology_as_processes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("provider unlisted {:?} after SIGTERM", started.elapsed());
+    let (status, answer) = pinned_request.await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["proofmesh"]["provider"], leaving_peer.as_str());
+    assert_eq!(answer["proofmesh"]["verdict"], "passed", "{answer}");
     assert_eq!(leaving.exit_code(Duration::from_secs(30)).await, 0);
 
     // The gateway's SIGTERM in the middle of a stream: the stream finishes, the process exits 0.

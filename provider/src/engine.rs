@@ -162,18 +162,133 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Where a `dynamic-backends` build loads llama.cpp's backend libraries from (set before the
+/// first engine starts); unset, it uses the directory compiled into llama-cpp-sys-2.
+static BACKENDS_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Makes a `dynamic-backends` build load llama.cpp's backends (e.g. `libggml-cuda.so`) from
+/// `dir`. Call before the first engine starts; other builds have their backends linked in and
+/// refuse.
+pub fn set_backends_dir(dir: PathBuf) -> Result<(), EngineError> {
+    if !cfg!(feature = "dynamic-backends") {
+        return Err(EngineError::Backend {
+            message: "this build links its backends statically; rebuild with `--features \
+                      dynamic-backends` to load them from a directory"
+                .into(),
+        });
+    }
+    if dir.to_str().is_none() || !dir.is_dir() {
+        return Err(EngineError::Backend {
+            message: format!("backends directory {} is not a directory", dir.display()),
+        });
+    }
+    let _ = BACKENDS_DIR.set(dir);
+    Ok(())
+}
+
 /// llama.cpp's backend may be initialised once per process; tests run several providers in one.
 fn backend() -> Result<&'static LlamaBackend, EngineError> {
     static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
-            LlamaBackend::init().map_err(|e| e.to_string())
+            #[cfg(feature = "dynamic-backends")]
+            match BACKENDS_DIR.get() {
+                Some(dir) => llama_cpp_2::llama_backend::load_backends_from_path(dir),
+                None => llama_cpp_2::llama_backend::load_backends(),
+            }
+            let backend = LlamaBackend::init().map_err(|e| e.to_string())?;
+            for device in llama_cpp_2::list_llama_ggml_backend_devices() {
+                tracing::info!(
+                    device = %device.name,
+                    backend = %device.backend,
+                    description = %device.description,
+                    memory_mib = device.memory_total >> 20,
+                    "llama.cpp device"
+                );
+            }
+            Ok(backend)
         })
         .as_ref()
         .map_err(|message| EngineError::Backend {
             message: message.clone(),
         })
+}
+
+/// Whether this build of llama.cpp can offload layers to a GPU (initialises the backend).
+pub fn gpu_offload_supported() -> Result<bool, EngineError> {
+    Ok(backend()?.supports_gpu_offload())
+}
+
+/// How many model layers go to the GPU: a count, or `auto` (all of them when the build has a GPU
+/// backend, none otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuLayers {
+    /// All layers on a GPU build, none on a CPU build.
+    #[default]
+    Auto,
+    /// This many layers (0 = CPU only; more than the model has = all).
+    Count(u32),
+}
+
+impl GpuLayers {
+    /// The layer count to hand llama.cpp (`u32::MAX` = all).
+    pub fn resolve(self) -> Result<u32, EngineError> {
+        match self {
+            Self::Count(n) => Ok(n),
+            Self::Auto => Ok(if gpu_offload_supported()? {
+                u32::MAX
+            } else {
+                0
+            }),
+        }
+    }
+}
+
+impl std::str::FromStr for GpuLayers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        s.parse()
+            .map(Self::Count)
+            .map_err(|_| format!("'{s}' is neither a number of layers nor `auto`"))
+    }
+}
+
+impl std::fmt::Display for GpuLayers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Count(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl serde::Serialize for GpuLayers {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Auto => serializer.serialize_str("auto"),
+            Self::Count(n) => serializer.serialize_u32(*n),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for GpuLayers {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u32),
+            Word(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Count(n) => Ok(Self::Count(n)),
+            Raw::Word(w) => w.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 impl Engine {
@@ -312,7 +427,11 @@ fn load_model(
     tracing::info!(
         model = %path.display(),
         layers = model.n_layer(),
-        gpu_layers,
+        gpu_layers = if backend.supports_gpu_offload() {
+            gpu_layers.min(model.n_layer() + 1)
+        } else {
+            0
+        },
         gpu_offload = backend.supports_gpu_offload(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "model loaded"

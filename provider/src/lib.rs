@@ -215,6 +215,15 @@ async fn drain(
     timeout: Duration,
 ) {
     draining.cancel();
+    let completed = || {
+        metrics
+            .requests
+            .get_or_create(&metrics::OutcomeLabels {
+                outcome: "completed",
+            })
+            .get()
+    };
+    let completed_before = completed();
     match client.announce_leaving().await {
         Ok(acked) => tracing::info!(acked, "shutting down: peers told to stop routing here"),
         Err(e) => tracing::warn!(error = %e, "shutting down: could not tell peers"),
@@ -232,7 +241,15 @@ async fn drain(
     } else {
         tracing::info!("provider drained");
     }
+    // Gateways challenge an answer right after its last frame; keep answering leaf openings
+    // for a moment so that an honest answer finished during the drain still passes its audit.
+    if completed() != completed_before {
+        tokio::time::sleep(OPENING_GRACE).await;
+    }
 }
+
+/// How long a stopping provider keeps answering challenges after its last generation.
+const OPENING_GRACE: Duration = Duration::from_secs(2);
 
 /// Binds and spawns the operations server.
 async fn serve_ops(addr: SocketAddr, state: http::OpsState) -> Result<SocketAddr, ProviderError> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
-use proofmesh_provider::engine::EngineConfig;
+use proofmesh_provider::engine::{self, EngineConfig, GpuLayers};
 use proofmesh_provider::settings::ProviderSettings;
 use proofmesh_provider::{ProviderConfig, Tamper, fetch};
 use proofmesh_shared::config::{self, CONFIG_ENV};
@@ -84,10 +84,17 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_BATCH_SIZE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     batch_size: Option<u32>,
-    /// Model layers to offload to the GPU (needs a build with the `cuda` feature) [default: 0].
+    /// Model layers to offload to the GPU: a count, or `auto` for all of them when this build
+    /// has a GPU backend (`cuda` or `dynamic-backends` feature) and none otherwise
+    /// [default: auto].
     #[arg(long, env = "PROOFMESH_N_GPU_LAYERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    n_gpu_layers: Option<u32>,
+    n_gpu_layers: Option<GpuLayers>,
+    /// Directory a `dynamic-backends` build loads llama.cpp's backends from (e.g. the one holding
+    /// libggml-cuda.so) [default: the directory compiled in].
+    #[arg(long, env = "PROOFMESH_BACKENDS_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backends_dir: Option<PathBuf>,
     /// Mesh listen addresses (TCP and QUIC), comma-separated
     /// [default: /ip4/0.0.0.0/tcp/0,/ip4/0.0.0.0/udp/0/quic-v1].
     #[arg(
@@ -191,6 +198,10 @@ async fn main() -> anyhow::Result<()> {
         let path = settings.key.clone().unwrap_or_else(default_key_path);
         proofmesh_shared::identity::load_or_create(&path).context("loading the node key")?
     };
+    if let Some(dir) = settings.backends_dir.clone() {
+        engine::set_backends_dir(dir)?;
+    }
+    let gpu_layers = settings.n_gpu_layers.resolve()?;
     let threads = settings
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() as u32));
@@ -201,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
             context_size: settings.ctx_size,
             parallel: settings.parallel,
             batch_size: settings.batch_size,
-            gpu_layers: settings.n_gpu_layers,
+            gpu_layers,
         },
         model_name: settings.model_name,
         keypair,

@@ -33,6 +33,10 @@ pub struct ProviderMetrics {
     pub busy_slots: Gauge,
     /// Seconds from reading a request to sending its first token.
     pub time_to_first_token: Histogram,
+    /// Seconds from request to last token, per completed request.
+    pub generation_seconds: Histogram,
+    /// Seconds spent building the Merkle tree and signing the commitment, per request.
+    pub commitment_seconds: Histogram,
     /// Seconds the model took to load.
     pub model_load_seconds: Gauge<f64, AtomicU64>,
     /// Peers with an open connection (set at scrape time).
@@ -49,6 +53,11 @@ impl Default for ProviderMetrics {
         let requests_deferred = Gauge::default();
         let busy_slots = Gauge::default();
         let time_to_first_token = Histogram::new(proofmesh_shared::metrics::latency_buckets());
+        let generation_seconds = Histogram::new(proofmesh_shared::metrics::latency_buckets());
+        // From 10 µs: a 128-step commitment takes well under a millisecond.
+        let commitment_seconds = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(1e-5, 2.0, 16),
+        );
         let model_load_seconds = Gauge::<f64, AtomicU64>::default();
         let peers_connected = Gauge::default();
         registry.register("requests", "Generate requests by outcome", requests.clone());
@@ -79,6 +88,16 @@ impl Default for ProviderMetrics {
             time_to_first_token.clone(),
         );
         registry.register(
+            "generation_seconds",
+            "Seconds from request to last token",
+            generation_seconds.clone(),
+        );
+        registry.register(
+            "commitment_seconds",
+            "Seconds building the Merkle tree and signing the commitment",
+            commitment_seconds.clone(),
+        );
+        registry.register(
             "model_load_seconds",
             "Seconds the model took to load",
             model_load_seconds.clone(),
@@ -97,6 +116,8 @@ impl Default for ProviderMetrics {
             requests_deferred,
             busy_slots,
             time_to_first_token,
+            generation_seconds,
+            commitment_seconds,
             model_load_seconds,
             peers_connected,
         }

@@ -321,6 +321,8 @@ impl Service {
         drop(steps);
         tracing::Span::current().record("completion_tokens", leaves.len());
 
+        let generated = read_at.elapsed();
+        let committing = Instant::now();
         let tree = LeafTree::build(&leaves);
         let tokens: Vec<u32> = leaves.iter().map(|l| l.token).collect();
         let commitment = Commitment {
@@ -347,6 +349,19 @@ impl Service {
         {
             *byte ^= 0x40;
         }
+        let commit_time = committing.elapsed();
+        self.metrics
+            .generation_seconds
+            .observe(generated.as_secs_f64());
+        self.metrics
+            .commitment_seconds
+            .observe(commit_time.as_secs_f64());
+        tracing::debug!(
+            steps = leaves.len(),
+            generation_ms = generated.as_millis() as u64,
+            commitment_us = commit_time.as_micros() as u64,
+            "committed"
+        );
         self.leaves.insert(request.request_id, peer, leaves, tree);
         send(
             stream,

@@ -10,6 +10,8 @@ use proofmesh_shared::config::{ConfigError, check_range, mask_header};
 use proofmesh_shared::telemetry::LogFormat;
 use serde::{Deserialize, Serialize};
 
+use crate::engine::GpuLayers;
+
 /// Every provider setting, as written in the TOML file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -26,8 +28,10 @@ pub struct ProviderSettings {
     pub parallel: u32,
     /// Tokens per `llama_decode` call; also the prompt prefill chunk.
     pub batch_size: u32,
-    /// Model layers offloaded to the GPU (needs a `cuda` build).
-    pub n_gpu_layers: u32,
+    /// Model layers offloaded to the GPU: a count, or `auto` (all of them on a GPU build).
+    pub n_gpu_layers: GpuLayers,
+    /// Where a `dynamic-backends` build loads llama.cpp's backends (e.g. `libggml-cuda.so`) from.
+    pub backends_dir: Option<PathBuf>,
     /// Mesh listen addresses (TCP and QUIC).
     pub p2p_listen: Vec<Multiaddr>,
     /// Peers to dial at start.
@@ -59,7 +63,8 @@ impl Default for ProviderSettings {
             ctx_size: 2048,
             parallel: 4,
             batch_size: 512,
-            n_gpu_layers: 0,
+            n_gpu_layers: GpuLayers::Auto,
+            backends_dir: None,
             p2p_listen: ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
                 .iter()
                 .filter_map(|a| a.parse().ok())
@@ -86,7 +91,6 @@ impl ProviderSettings {
         check_range("ctx_size", self.ctx_size, 64..=1_048_576, "64 to 1048576")?;
         check_range("parallel", self.parallel, 1..=256, "1 to 256")?;
         check_range("batch_size", self.batch_size, 1..=65_536, "1 to 65536")?;
-        check_range("n_gpu_layers", self.n_gpu_layers, 0..=10_000, "0 to 10000")?;
         check_range(
             "leaf_store_mb",
             self.leaf_store_mb,

@@ -81,33 +81,32 @@ pub fn draw_unit(draw: u64) -> f64 {
 
 /// The `CANDIDATES` best tokens of a full logit vector, sorted by logit descending and by id
 /// ascending on ties. NaN logits are never selected.
+///
+/// Scans in blocks of 16: once the list is full, a block whose largest logit does not beat the
+/// last candidate is skipped whole (ids only grow during the scan, so a tie never enters).
 pub fn top_candidates(logits: &[f32]) -> Vec<TopLogit> {
+    const BLOCK: usize = 16;
     let mut top: Vec<TopLogit> = Vec::with_capacity(CANDIDATES + 1);
-    for (id, &logit) in logits.iter().enumerate() {
-        if logit.is_nan() {
-            continue;
+    for (b, block) in logits.chunks(BLOCK).enumerate() {
+        if top.len() == CANDIDATES {
+            // f32::max ignores NaN, so an all-NaN block yields -inf and is skipped.
+            let best = block.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+            if best <= top[CANDIDATES - 1].logit {
+                continue;
+            }
         }
-        if top.len() == CANDIDATES && !better(logit, id as u32, top[CANDIDATES - 1]) {
-            continue;
+        for (j, &logit) in block.iter().enumerate() {
+            let id = (b * BLOCK + j) as u32;
+            if logit.is_nan() {
+                continue;
+            }
+            if top.len() == CANDIDATES && !better(logit, id, top[CANDIDATES - 1]) {
+                continue;
+            }
+            let at = top.partition_point(|c| better(c.logit, c.id, TopLogit { id, logit }));
+            top.insert(at, TopLogit { id, logit });
+            top.truncate(CANDIDATES);
         }
-        let at = top.partition_point(|c| {
-            better(
-                c.logit,
-                c.id,
-                TopLogit {
-                    id: id as u32,
-                    logit,
-                },
-            )
-        });
-        top.insert(
-            at,
-            TopLogit {
-                id: id as u32,
-                logit,
-            },
-        );
-        top.truncate(CANDIDATES);
     }
     top
 }
@@ -124,49 +123,71 @@ fn better(logit: f32, id: u32, other: TopLogit) -> bool {
 /// Accurate to ~5e-6 relative; it is compared statistically, never bit for bit, so it need not
 /// be bit-identical across platforms (the sampler itself uses `libm`, which is).
 pub fn logsumexp(logits: &[f32]) -> f32 {
-    let max = logits
-        .iter()
-        .copied()
+    // Eight lanes of plain comparisons (NaN and +inf never win), so this vectorises too.
+    let mut highs = [f32::NEG_INFINITY; 8];
+    let mut chunks = logits.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (high, &l) in highs.iter_mut().zip(chunk) {
+            *high = if l > *high && l < f32::INFINITY {
+                l
+            } else {
+                *high
+            };
+        }
+    }
+    let max = highs
+        .into_iter()
+        .chain(chunks.remainder().iter().copied())
         .filter(|l| l.is_finite())
         .fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
         return max;
     }
+    // Two simple passes per block of 256, which the compiler turns into 8-wide vector code:
+    // exponentials into a buffer (branch-free: a non-finite logit lands on the clamp, exp(-87) ≈
+    // 1e-38, nothing next to the maximum's 1), then eight running sums.
     let mut lanes = [0f32; 8];
-    let mut chunks = logits.chunks_exact(8);
-    for chunk in &mut chunks {
-        for (lane, &l) in lanes.iter_mut().zip(chunk) {
-            *lane += if l.is_finite() {
-                fast_exp(l - max)
-            } else {
-                0.0
-            };
+    let mut buffer = [0f32; 256];
+    for block in logits.chunks(buffer.len()) {
+        let exps = &mut buffer[..block.len()];
+        for (e, &l) in exps.iter_mut().zip(block) {
+            *e = fast_exp(l - max);
+        }
+        let mut eights = exps.chunks_exact(8);
+        for eight in &mut eights {
+            for (lane, &e) in lanes.iter_mut().zip(eight) {
+                *lane += e;
+            }
+        }
+        for (lane, &e) in lanes.iter_mut().zip(eights.remainder()) {
+            *lane += e;
         }
     }
-    let mut sum: f64 = lanes.iter().map(|&l| f64::from(l)).sum();
-    sum += chunks
-        .remainder()
-        .iter()
-        .filter(|l| l.is_finite())
-        .map(|&l| f64::from(fast_exp(l - max)))
-        .sum::<f64>();
+    let sum: f64 = lanes.iter().map(|&l| f64::from(l)).sum();
     (f64::from(max) + sum.ln()) as f32
 }
 
-/// `exp(x)` for `x <= 0`: `2^(x·log2 e)` split into a rounded exponent and a degree-6 Taylor
+/// `exp(x)` for `x <= 0` (larger `x` is treated as 0): `2^(x·log2 e)` split into a rounded exponent and a degree-6 Taylor
 /// polynomial for the fraction in `[-0.5, 0.5]` (relative error below 5e-6, dominated by the f32
 /// argument reduction; ample for a statistic). Inputs below -87 are
 /// clamped (their exp is ~1e-38).
 #[inline]
 fn fast_exp(x: f32) -> f32 {
-    let t = x.max(-87.0) * std::f32::consts::LOG2_E;
-    let whole = t.round();
+    // `max`/`min` also map NaN to the clamp (`clamp` would pass NaN through).
+    #[allow(clippy::manual_clamp)]
+    let t = x.max(-87.0).min(0.0) * std::f32::consts::LOG2_E;
+    // Adding 1.5·2^23 rounds `t` to an integer held in the low mantissa bits: the exponent comes
+    // out with integer operations only (a float-to-int cast would not vectorise as well).
+    const ROUNDER: f32 = 12_582_912.0;
+    let shifted = t + ROUNDER;
+    let whole = shifted - ROUNDER;
+    let exponent = (shifted.to_bits() as i32).wrapping_sub(ROUNDER.to_bits() as i32);
     let f = (t - whole) * std::f32::consts::LN_2;
     let poly = 1.0
         + f * (1.0
             + f * (0.5
                 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
-    f32::from_bits(((whole as i32 + 127).max(0) as u32) << 23) * poly
+    f32::from_bits(((exponent + 127).max(0) as u32) << 23) * poly
 }
 
 /// Picks the token from sorted `candidates` (as produced by [`top_candidates`]) with the draw
@@ -240,6 +261,40 @@ mod tests {
         assert_eq!(top[2].id, 9);
         assert!(top.iter().all(|c| c.id != 70));
         assert!(top.windows(2).all(|w| !better(w[1].logit, w[1].id, w[0])));
+    }
+
+    /// The block-skipping scan picks exactly what a full sort picks, ties and NaNs included.
+    #[test]
+    fn top_candidates_match_a_full_sort() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for round in 0..50 {
+            let len = 1 + (round * 997) % 5000;
+            let logits: Vec<f32> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    match x % 50 {
+                        0 => f32::NAN,
+                        1 => f32::NEG_INFINITY,
+                        // Few distinct values: many ties.
+                        _ => (x % 64) as f32 / 4.0,
+                    }
+                })
+                .collect();
+            let mut sorted: Vec<TopLogit> = logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_nan())
+                .map(|(id, &logit)| TopLogit {
+                    id: id as u32,
+                    logit,
+                })
+                .collect();
+            sorted.sort_by(|a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
+            sorted.truncate(CANDIDATES);
+            assert_eq!(top_candidates(&logits), sorted, "round {round}");
+        }
     }
 
     #[test]
