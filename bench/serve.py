@@ -134,7 +134,7 @@ def main():
     levels = [int(c) for c in args.concurrency.split(",")]
 
     subprocess.run(["cargo", "build", "--release", "--locked", "-p", "proofmesh-gateway", "-p", "proofmesh-provider",
-                    "--example", "engine_load"], cwd=ROOT, check=True)
+                    "--bins", "--example", "engine_load"], cwd=ROOT, check=True)
     bins = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"), "release")
     model = subprocess.run([os.path.join(bins, "proofmesh-provider"), "fetch-model"], check=True,
                            capture_output=True, text=True).stdout.strip()

@@ -35,6 +35,16 @@ const PROMPTS: [&str; 8] = [
 
 #[tokio::main]
 async fn main() {
+    // RUST_LOG=proofmesh_provider=debug shows where the engine thread's time goes.
+    let _telemetry =
+        proofmesh_shared::telemetry::init(&proofmesh_shared::telemetry::TelemetryConfig {
+            service_name: "engine_load",
+            default_filter: "warn",
+            log_format: proofmesh_shared::telemetry::LogFormat::Text,
+            otlp_endpoint: None,
+            otlp_headers: Vec::new(),
+        })
+        .expect("logging");
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, default: u32| args.get(i).map_or(default, |a| a.parse().expect("number"));
     let model = args

@@ -75,6 +75,7 @@ pub(super) fn run(
     let mut batch = LlamaBatch::new(settings.batch_size as usize, 1);
     let mut free: Vec<i32> = (0..settings.parallel as i32).rev().collect();
     let mut slots: Vec<Slot> = Vec::new();
+    let mut timing = Timing::default();
     loop {
         // Admit new jobs between decode steps; block only when idle.
         if slots.is_empty() {
@@ -109,7 +110,10 @@ pub(super) fn run(
             continue;
         }
         let wants_logits = fill_batch(&mut batch, &mut slots, settings.batch_size as usize);
-        if let Err(e) = ctx.decode(&mut batch) {
+        let decoding = std::time::Instant::now();
+        let decoded = ctx.decode(&mut batch);
+        timing.decode += decoding.elapsed();
+        if let Err(e) = decoded {
             let message = format!("llama_decode failed: {e}");
             tracing::error!(%message);
             for slot in slots.drain(..) {
@@ -120,6 +124,7 @@ pub(super) fn run(
             }
             continue;
         }
+        let sampling = std::time::Instant::now();
         let mut finished = Vec::new();
         for (slot_index, batch_index) in wants_logits {
             let slot = &mut slots[slot_index];
@@ -131,6 +136,37 @@ pub(super) fn run(
         for slot_index in finished.into_iter().rev() {
             let slot = slots.swap_remove(slot_index);
             release(&mut ctx, &mut free, slot.seq);
+        }
+        timing.sample += sampling.elapsed();
+        timing.tick(batch.n_tokens());
+    }
+}
+
+/// Where the engine thread's time goes, logged at debug level every 256 decodes.
+#[derive(Debug, Default)]
+struct Timing {
+    decodes: u32,
+    tokens: u64,
+    decode: std::time::Duration,
+    sample: std::time::Duration,
+    since: Option<std::time::Instant>,
+}
+
+impl Timing {
+    fn tick(&mut self, batch_tokens: i32) {
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        self.decodes += 1;
+        self.tokens += u64::try_from(batch_tokens).unwrap_or(0);
+        if self.decodes == 256 {
+            tracing::debug!(
+                decodes = self.decodes,
+                tokens = self.tokens,
+                decode_ms = self.decode.as_millis() as u64,
+                sample_ms = self.sample.as_millis() as u64,
+                wall_ms = since.elapsed().as_millis() as u64,
+                "engine timing"
+            );
+            *self = Self::default();
         }
     }
 }
