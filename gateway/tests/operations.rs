@@ -8,11 +8,12 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
 use serde_json::{Value, json};
-use support::{HONEST, Mesh, chat_body, start_gateway};
+use support::{
+    HONEST, Mesh, chat_body, metric_sum, parse_metrics, read_stream_signalling, start_gateway,
+};
 
 const COMMITTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../openapi/openapi.json");
 
@@ -124,23 +125,8 @@ async fn metrics_parse_and_count_requests_by_mode_and_status() {
         .unwrap()
         .to_owned();
     assert!(content_type.starts_with("application/openmetrics-text"));
-    let text = response.text().await.unwrap();
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-        .expect("metrics parse");
-    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
-        scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == name)
-            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => 0.0,
-            })
-            .sum()
-    };
+    let scrape = parse_metrics(&response.text().await.unwrap());
+    let value = |name: &str, labels: &[(&str, &str)]| metric_sum(&scrape, name, labels);
     let requests = "proofmesh_gateway_requests_total";
     assert_eq!(
         value(requests, &[("mode", "merkle"), ("status", "200")]),
@@ -174,19 +160,8 @@ async fn a_stream_running_at_the_drain_deadline_ends_with_an_error_event() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let mut events = response.bytes_stream();
-    let mut received = String::new();
-    let mut stopped_at = None;
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), events.next())
-        .await
-        .expect("stream stalled")
-    {
-        received.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-        if stopped_at.is_none() && received.matches("\"content\"").count() >= 3 {
-            mesh.stop_gateway();
-            stopped_at = Some(Instant::now());
-        }
-    }
+    let (received, stopped_at) =
+        read_stream_signalling(response, Duration::from_secs(60), || mesh.stop_gateway()).await;
     let stopped_at = stopped_at.expect("the stream never started");
     // The gateway's drain deadline is 1 s in the test fixtures.
     let ended_after = stopped_at.elapsed();

@@ -23,9 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use serde_json::{Value, json};
 use support::collector::Collector;
+use support::{metric_sum, parse_metrics, read_stream_signalling};
 use tokio::process::{Child, Command};
 
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -152,25 +152,7 @@ async fn get_json(http: &reqwest::Client, url: &str) -> Option<(u16, Value)> {
 }
 
 async fn metrics(http: &reqwest::Client, url: &str) -> prometheus_parse::Scrape {
-    let text = http.get(url).send().await.unwrap().text().await.unwrap();
-    let lines = text.lines().map(|l| Ok(l.to_owned()));
-    prometheus_parse::Scrape::parse(lines).unwrap_or_else(|e| panic!("{url} does not parse: {e}"))
-}
-
-/// Sum of a metric's samples whose labels include `labels`.
-fn sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
+    parse_metrics(&http.get(url).send().await.unwrap().text().await.unwrap())
 }
 
 async fn providers_listed(http: &reqwest::Client, base: &str) -> u64 {
@@ -303,27 +285,27 @@ async fn compose_topology_as_processes() {
 
     // Metrics on every node parse, and the counters moved.
     let scrape = metrics(&http, &format!("{base}/metrics")).await;
-    let served = sum(
+    let served = metric_sum(
         &scrape,
         "proofmesh_gateway_requests_total",
         &[("mode", "merkle"), ("status", "200")],
     );
     assert_eq!(served, 1.0, "requests counter: {:?}", scrape.samples);
     assert_eq!(
-        sum(&scrape, "proofmesh_gateway_tokens_generated_total", &[]),
+        metric_sum(&scrape, "proofmesh_gateway_tokens_generated_total", &[]),
         completion_tokens
     );
     assert_eq!(
-        sum(
+        metric_sum(
             &scrape,
             "proofmesh_gateway_audits_total",
             &[("verdict", "passed")]
         ),
         1.0
     );
-    assert_eq!(sum(&scrape, "proofmesh_gateway_providers", &[]), 3.0);
+    assert_eq!(metric_sum(&scrape, "proofmesh_gateway_providers", &[]), 3.0);
     assert_eq!(
-        sum(
+        metric_sum(
             &scrape,
             "proofmesh_gateway_time_to_first_token_seconds_count",
             &[]
@@ -334,10 +316,10 @@ async fn compose_topology_as_processes() {
     let mut completed = 0.0;
     for url in &provider_metrics {
         let scrape = metrics(&http, url).await;
-        assert!(sum(&scrape, "proofmesh_model_load_seconds", &[]) > 0.0);
-        assert!(sum(&scrape, "proofmesh_peers_connected", &[]) >= 1.0);
-        predicted += sum(&scrape, "proofmesh_tokens_predicted_total", &[]);
-        completed += sum(
+        assert!(metric_sum(&scrape, "proofmesh_model_load_seconds", &[]) > 0.0);
+        assert!(metric_sum(&scrape, "proofmesh_peers_connected", &[]) >= 1.0);
+        predicted += metric_sum(&scrape, "proofmesh_tokens_predicted_total", &[]);
+        completed += metric_sum(
             &scrape,
             "proofmesh_requests_total",
             &[("outcome", "completed")],
@@ -403,7 +385,7 @@ async fn compose_topology_as_processes() {
         })
     };
     let started = Instant::now();
-    while sum(
+    while metric_sum(
         &metrics(&http, &ops).await,
         "proofmesh_requests_processing",
         &[],
@@ -443,19 +425,9 @@ async fn compose_topology_as_processes() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let mut events = response.bytes_stream();
-    let mut received = String::new();
-    let mut terminated = false;
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(120), events.next())
-        .await
-        .expect("stream stalled")
-    {
-        received.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-        if !terminated && received.matches("\"content\"").count() >= 3 {
-            gateway.terminate();
-            terminated = true;
-        }
-    }
+    let (received, terminated) =
+        read_stream_signalling(response, Duration::from_secs(120), || gateway.terminate()).await;
+    let terminated = terminated.is_some();
     assert!(terminated, "the stream ended before it started: {received}");
     assert!(
         received.trim_end().ends_with("data: [DONE]"),

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use proofmesh_shared::net::Client;
@@ -43,17 +43,7 @@ async fn metrics(State(state): State<OpsState>) -> Response {
     if let Ok(peers) = state.net.connected_peers().await {
         m.peers_connected.set(peers.len() as i64);
     }
-    match proofmesh_shared::metrics::encode(m.registry()) {
-        Ok(body) => (
-            [(
-                header::CONTENT_TYPE,
-                proofmesh_shared::metrics::CONTENT_TYPE,
-            )],
-            body,
-        )
-            .into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
+    proofmesh_shared::metrics::response(m.registry()).into_response()
 }
 
 async fn healthz(State(state): State<OpsState>) -> Response {

@@ -1,7 +1,6 @@
 //! `GET /metrics`: Prometheus metrics in OpenMetrics text format.
 
 use axum::extract::State;
-use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::state::AppState;
@@ -17,15 +16,5 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     }
     m.providers.set(state.registry.len() as i64);
     m.uptime_seconds.set(state.started.elapsed().as_secs_f64());
-    match proofmesh_shared::metrics::encode(m.registry()) {
-        Ok(body) => (
-            [(
-                header::CONTENT_TYPE,
-                proofmesh_shared::metrics::CONTENT_TYPE,
-            )],
-            body,
-        )
-            .into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
+    proofmesh_shared::metrics::response(m.registry()).into_response()
 }

@@ -293,3 +293,49 @@ pub fn header<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> &'a st
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
 }
+
+/// Parses a `/metrics` body (failing the test when it does not parse).
+pub fn parse_metrics(text: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("metrics do not parse: {e}\n{text}"))
+}
+
+/// Sum of a metric's samples whose labels include `labels`.
+pub fn metric_sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// Reads an SSE response to its end (each chunk within `stall`), calling `signal` once when the
+/// third content chunk has arrived. Returns the body and when `signal` ran.
+pub async fn read_stream_signalling(
+    response: reqwest::Response,
+    stall: Duration,
+    mut signal: impl FnMut(),
+) -> (String, Option<Instant>) {
+    use futures::StreamExt;
+    let mut events = response.bytes_stream();
+    let mut received = String::new();
+    let mut signalled = None;
+    while let Some(chunk) = tokio::time::timeout(stall, events.next())
+        .await
+        .expect("stream stalled")
+    {
+        received.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        if signalled.is_none() && received.matches("\"content\"").count() >= 3 {
+            signal();
+            signalled = Some(Instant::now());
+        }
+    }
+    (received, signalled)
+}
