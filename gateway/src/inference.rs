@@ -3,7 +3,9 @@
 //! [`start`] tries the candidates in order (at most [`MAX_ATTEMPTS`]) until one accepts the
 //! request; failures before the first token cool the provider down and move on. [`complete`]
 //! also retries when a provider fails mid-generation, which is safe because nothing has reached
-//! the client yet; streaming responses only fail over before their first byte.
+//! the client yet; streaming responses only fail over before their first byte. For a refereed
+//! (merkle) request a [`RefereeSession`] starts as soon as a provider accepts, and every token
+//! read from the provider is forwarded to it.
 
 use std::time::Duration;
 
@@ -14,6 +16,7 @@ use proofmesh_shared::protocol::{
 };
 
 use crate::error::ApiError;
+use crate::referee::{self, RefereeSession};
 use crate::registry::{Candidate, FAILURE_COOLDOWN, LoadGuard};
 use crate::state::AppState;
 
@@ -34,6 +37,8 @@ pub struct Generation {
     pub prompt_tokens: u32,
     /// When the first token frame arrived (for time-to-first-token).
     pub first_token_at: Option<std::time::Instant>,
+    /// The referee following this answer, when it is audited.
+    pub referee: Option<RefereeSession>,
     stream: libp2p::Stream,
     _load: LoadGuard,
 }
@@ -67,8 +72,13 @@ impl Generation {
         .await
         {
             Ok(Ok(frame)) => {
-                if self.first_token_at.is_none() && matches!(frame, GenerateFrame::Token { .. }) {
-                    self.first_token_at = Some(std::time::Instant::now());
+                if let GenerateFrame::Token { token, .. } = &frame {
+                    if self.first_token_at.is_none() {
+                        self.first_token_at = Some(std::time::Instant::now());
+                    }
+                    if let Some(referee) = &self.referee {
+                        referee.push(*token);
+                    }
                 }
                 Ok(frame)
             }
@@ -148,16 +158,28 @@ fn classify(kind: RemoteErrorKind, message: &str) -> Attempt {
     }
 }
 
-/// Opens a generation on the first candidate that accepts `request`.
+/// Opens a generation on the first candidate that accepts `request`; with `refereed`, a referee
+/// starts following it at once.
 pub async fn start(
     state: &AppState,
     candidates: &[Candidate],
     request: &GenerateRequest,
+    refereed: bool,
 ) -> Result<Generation, ApiError> {
     let mut last = ApiError::no_provider("No provider could take the request right now");
     for candidate in candidates.iter().take(MAX_ATTEMPTS) {
         match try_start(state, candidate, request).await {
-            Ok(generation) => return Ok(generation),
+            Ok(mut generation) => {
+                if refereed && let Some(choice) = referee::choose(state, candidate, &[]) {
+                    generation.referee = Some(RefereeSession::start(
+                        state,
+                        choice,
+                        request,
+                        candidate.peer,
+                    ));
+                }
+                return Ok(generation);
+            }
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Retry(e)) => {
                 tracing::warn!(provider = %candidate.peer, code = ?e.code(), "provider failed before the first token; trying another");
@@ -175,17 +197,19 @@ pub async fn complete(
     state: &AppState,
     candidates: &[Candidate],
     request: &GenerateRequest,
+    refereed: bool,
 ) -> Result<(Generation, Completed), ApiError> {
     let mut last = ApiError::no_provider("No provider could take the request right now");
     for candidate in candidates.iter().take(MAX_ATTEMPTS) {
-        let mut generation = match start(state, std::slice::from_ref(candidate), request).await {
-            Ok(generation) => generation,
-            Err(e) if e.status().is_server_error() => {
-                last = e;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let mut generation =
+            match start(state, std::slice::from_ref(candidate), request, refereed).await {
+                Ok(generation) => generation,
+                Err(e) if e.status().is_server_error() => {
+                    last = e;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
         match generation.collect().await {
             Ok(done) => return Ok((generation, done)),
             Err(e) if e.status().is_server_error() => {
@@ -232,6 +256,7 @@ async fn try_start(
                     candidate: candidate.clone(),
                     prompt_tokens,
                     first_token_at: None,
+                    referee: None,
                     stream,
                     _load: load,
                 });

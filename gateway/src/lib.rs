@@ -14,7 +14,8 @@
 //! - [`error`]: [`error::ApiError`], rendered as OpenAI's error object.
 //! - [`registry`]: providers known from the mesh, their models and load.
 //! - [`inference`]: one generation over a `/proofmesh/generate/1` stream, with failover.
-//! - [`audit`]: signature, commitment binding and Merkle challenges.
+//! - [`referee`]: choosing a referee and following an answer with it as it streams.
+//! - [`audit`]: both layers of the audit rule, referee fallbacks, reputation, fraud proofs.
 //! - [`state`]: [`state::AppState`], shared by handlers.
 //! - [`metrics`]: the Prometheus metrics; [`lifecycle`]: draining on shutdown.
 //! - [`settings`]: the layered configuration behind the command line.
@@ -26,6 +27,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
+pub mod referee;
 pub mod registry;
 pub mod routes;
 pub mod settings;
@@ -74,6 +76,25 @@ pub struct GatewayConfig {
     pub failed_audit_cooldown: std::time::Duration,
     /// How long running requests may take to finish after SIGTERM.
     pub drain_timeout: std::time::Duration,
+    /// The gateway's own referee, if it has the model file.
+    pub referee: Option<LocalReferee>,
+    /// Audits a provider must pass before it is challenged at the normal rate.
+    pub probation_audits: u32,
+    /// Where fraud proofs of failed audits are written, if anywhere.
+    pub evidence_dir: Option<std::path::PathBuf>,
+}
+
+/// How the gateway runs its own referee.
+#[derive(Debug, Clone)]
+pub struct LocalReferee {
+    /// The GGUF file (the same one providers serve).
+    pub model: std::path::PathBuf,
+    /// CPU threads.
+    pub threads: u32,
+    /// Answers re-executed at once.
+    pub slots: u32,
+    /// Context per answer, in tokens.
+    pub context_size: u32,
 }
 
 /// What a running gateway reports once it is up.
@@ -97,6 +118,9 @@ pub enum GatewayError {
     /// The mesh failed to start.
     #[error(transparent)]
     Net(#[from] net::NetError),
+    /// The gateway's own referee could not start.
+    #[error("referee: {0}")]
+    Referee(String),
 }
 
 /// The HTTP application: the documented API routes, `/openapi.json` and the offline API
@@ -167,11 +191,18 @@ pub async fn run(
     let net_task = tokio::spawn(event_loop.run());
     let registry = Registry::default();
     let registry_task = tokio::spawn(track_providers(registry.clone(), events));
+    let local_referee = match &config.referee {
+        Some(local) => Some(start_referee(local, &config.keypair).await?),
+        None => None,
+    };
     let state = AppState {
         registry,
         net: client.clone(),
         audit_secret: Arc::new(rand::random()),
         challenge_count: config.challenge_count.max(1),
+        probation_audits: config.probation_audits,
+        local_referee,
+        evidence_dir: config.evidence_dir.clone(),
         default_mode: config.default_mode,
         failed_audit_cooldown: config.failed_audit_cooldown,
         metrics: Arc::new(GatewayMetrics::default()),
@@ -217,6 +248,38 @@ pub async fn run(
     net_task.abort();
     tracing::info!("gateway stopped");
     Ok(served?)
+}
+
+/// Loads the model file and starts the engine of the gateway's own referee.
+async fn start_referee(
+    local: &LocalReferee,
+    keypair: &Keypair,
+) -> Result<proofmesh_provider::referee::Referee, GatewayError> {
+    let path = local.model.clone();
+    tracing::info!(model = %path.display(), "hashing the referee's model file");
+    let digest =
+        tokio::task::spawn_blocking(move || proofmesh_provider::model_file::file_digest(&path))
+            .await
+            .map_err(|e| GatewayError::Referee(e.to_string()))?
+            .map_err(|e| GatewayError::Referee(format!("{}: {e}", local.model.display())))?;
+    let mut engine = proofmesh_provider::engine::EngineConfig::new(local.model.clone());
+    engine.threads = local.threads;
+    engine.context_size = local.context_size;
+    engine.parallel = 1;
+    engine.batch_size = 64;
+    engine.referee_slots = local.slots;
+    let engine =
+        tokio::task::spawn_blocking(move || proofmesh_provider::engine::Engine::start(&engine))
+            .await
+            .map_err(|e| GatewayError::Referee(e.to_string()))?
+            .map_err(|e| GatewayError::Referee(e.to_string()))?;
+    tracing::info!(%digest, numerics = %engine.info().numerics, slots = local.slots, "the gateway referees answers itself");
+    Ok(proofmesh_provider::referee::Referee::new(
+        engine,
+        keypair.clone(),
+        digest,
+        u32::MAX,
+    ))
 }
 
 /// Keeps the registry in step with the mesh.

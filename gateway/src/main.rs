@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
-use proofmesh_gateway::GatewayConfig;
 use proofmesh_gateway::openai::request::VerificationMode;
 use proofmesh_gateway::settings::GatewaySettings;
+use proofmesh_gateway::{GatewayConfig, LocalReferee};
 use proofmesh_shared::config::{self, CONFIG_ENV};
 use proofmesh_shared::telemetry::{self, LogFormat, TelemetryConfig};
 use serde::Serialize;
@@ -95,6 +95,34 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_DRAIN_TIMEOUT_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     drain_timeout_secs: Option<u64>,
+    /// GGUF model file the gateway re-executes answers with as its own referee (the same file
+    /// providers serve, e.g. from `proofmesh-provider fetch-model`) [default: none; other
+    /// providers of the model referee].
+    #[arg(long, env = "PROOFMESH_REFEREE_MODEL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    referee_model: Option<PathBuf>,
+    /// CPU threads of the gateway's own referee, 1-1024 [default: all available cores].
+    #[arg(long, env = "PROOFMESH_REFEREE_THREADS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    referee_threads: Option<u32>,
+    /// Answers the gateway's own referee re-executes at once, 1-64 [default: 2].
+    #[arg(long, env = "PROOFMESH_REFEREE_SLOTS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    referee_slots: Option<u32>,
+    /// Tokens of context (prompt + completion) of the gateway's own referee [default: 4096].
+    #[arg(long, env = "PROOFMESH_REFEREE_CTX_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    referee_ctx_size: Option<u32>,
+    /// Audits a provider must pass before it is challenged at the normal rate; until then every
+    /// audit challenges 32 steps [default: 10].
+    #[arg(long, env = "PROOFMESH_PROBATION_AUDITS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    probation_audits: Option<u32>,
+    /// Directory where a failed audit's fraud proof is written (CBOR; `proofmesh-gateway
+    /// check-proof FILE` re-checks one) [default: none].
+    #[arg(long, env = "PROOFMESH_EVIDENCE_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    evidence_dir: Option<PathBuf>,
     /// Log line format on stderr [default: text]. RUST_LOG sets the filter.
     #[arg(long, env = "PROOFMESH_LOG_FORMAT", value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -159,6 +187,16 @@ async fn main() -> anyhow::Result<()> {
         default_mode: settings.default_verification_mode,
         failed_audit_cooldown: Duration::from_secs(settings.failed_audit_cooldown_secs),
         drain_timeout: Duration::from_secs(settings.drain_timeout_secs),
+        referee: settings.referee_model.map(|model| LocalReferee {
+            model,
+            threads: settings.referee_threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(2, |n| n.get() as u32)
+            }),
+            slots: settings.referee_slots,
+            context_size: settings.referee_ctx_size,
+        }),
+        probation_audits: settings.probation_audits,
+        evidence_dir: settings.evidence_dir,
     };
     let result =
         proofmesh_gateway::run(config, proofmesh_shared::process::shutdown_signal(), None).await;

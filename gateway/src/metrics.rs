@@ -45,6 +45,8 @@ pub struct GatewayMetrics {
     pub audits: Family<VerdictLabels, Counter>,
     /// Seconds spent auditing a completion (opening leaves and checking them).
     pub audit_seconds: Histogram,
+    /// Referees that failed to deliver usable evidence (unreachable, refused, invalid).
+    pub referee_failures: Counter,
     /// Peers with an open connection (set at scrape time).
     pub peers_connected: Gauge,
     /// Providers in the routing table (set at scrape time).
@@ -63,6 +65,7 @@ impl Default for GatewayMetrics {
         let time_to_first_token = Histogram::new(proofmesh_shared::metrics::latency_buckets());
         let audits = Family::<VerdictLabels, Counter>::default();
         let audit_seconds = Histogram::new(proofmesh_shared::metrics::latency_buckets());
+        let referee_failures = Counter::default();
         let peers_connected = Gauge::default();
         let providers = Gauge::default();
         let uptime_seconds = Gauge::<f64, AtomicU64>::default();
@@ -98,6 +101,11 @@ impl Default for GatewayMetrics {
             audit_seconds.clone(),
         );
         registry.register(
+            "referee_failures",
+            "Referees that delivered no usable evidence",
+            referee_failures.clone(),
+        );
+        registry.register(
             "peers_connected",
             "Peers with an open connection",
             peers_connected.clone(),
@@ -121,6 +129,7 @@ impl Default for GatewayMetrics {
             time_to_first_token,
             audits,
             audit_seconds,
+            referee_failures,
             peers_connected,
             providers,
             uptime_seconds,

@@ -21,6 +21,26 @@ struct Entry {
     first_seen: u64,
     /// Serialises this gateway's stream opens to the provider (see `inference::try_start`).
     open_gate: Arc<tokio::sync::Mutex<()>>,
+    /// Its audit record on this gateway.
+    reputation: Reputation,
+}
+
+/// A provider's audit record on this gateway. It changes only when an audit reaches a verdict
+/// about the provider: never on transport failures, and never because of a referee's fault.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reputation {
+    /// Audits passed.
+    pub passed: u32,
+    /// Audits failed.
+    pub failed: u32,
+}
+
+impl Reputation {
+    /// Whether the provider is still on probation: fewer than `probation` audits passed, or any
+    /// failed. Such providers get more steps challenged.
+    pub fn on_probation(&self, probation: u32) -> bool {
+        self.passed < probation || self.failed > 0
+    }
 }
 
 /// Known providers and their load. Cheap to clone.
@@ -100,6 +120,7 @@ impl Registry {
             benched_until: None,
             first_seen: crate::openai::response::unix_now(),
             open_gate: Arc::default(),
+            reputation: Reputation::default(),
         });
         entry.models = models;
         tracing::info!(%peer, models = ?entry.models.iter().map(|m| &m.name).collect::<Vec<_>>(), "provider available");
@@ -126,6 +147,46 @@ impl Registry {
         if let Some(entry) = self.lock().get_mut(peer) {
             entry.benched_until = Some(Instant::now() + duration);
         }
+    }
+
+    /// Records an audit verdict about `peer`.
+    pub fn record_audit(&self, peer: &PeerId, passed: bool) {
+        if let Some(entry) = self.lock().get_mut(peer) {
+            if passed {
+                entry.reputation.passed = entry.reputation.passed.saturating_add(1);
+            } else {
+                entry.reputation.failed = entry.reputation.failed.saturating_add(1);
+            }
+        }
+    }
+
+    /// `peer`'s audit record (empty for an unknown peer).
+    pub fn reputation(&self, peer: &PeerId) -> Reputation {
+        self.lock()
+            .get(peer)
+            .map(|e| e.reputation)
+            .unwrap_or_default()
+    }
+
+    /// Providers of `digest` that offer to referee, other than `except`, with their numerics
+    /// classes. Benched providers are left out: a provider caught cheating is no referee.
+    pub fn referees(&self, digest: &ModelDigest, except: &PeerId) -> Vec<(PeerId, String)> {
+        let now = Instant::now();
+        self.lock()
+            .iter()
+            .filter(|(peer, entry)| {
+                *peer != except
+                    && entry.reputation.failed == 0
+                    && entry.benched_until.is_none_or(|t| t <= now)
+            })
+            .filter_map(|(peer, entry)| {
+                entry
+                    .models
+                    .iter()
+                    .find(|card| card.referee && &card.digest == digest)
+                    .map(|card| (*peer, card.numerics.clone()))
+            })
+            .collect()
     }
 
     /// The lock this gateway holds while opening a stream to `peer`.
@@ -249,6 +310,8 @@ mod tests {
             parallel: 4,
             device: "cpu".into(),
             gpu_layers: 0,
+            numerics: "det/test".into(),
+            referee: true,
         }
     }
 

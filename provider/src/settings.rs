@@ -10,7 +10,7 @@ use proofmesh_shared::config::{ConfigError, check_range, mask_header};
 use proofmesh_shared::telemetry::LogFormat;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::GpuLayers;
+use crate::engine::{GpuLayers, KvCache};
 
 /// Every provider setting, as written in the TOML file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +30,13 @@ pub struct ProviderSettings {
     pub batch_size: u32,
     /// Model layers offloaded to the GPU: a count, or `auto` (all of them on a GPU build).
     pub n_gpu_layers: GpuLayers,
+    /// KV cache type: `q8_0` (deterministic: audits of this provider can use the exact tier) or
+    /// `f16`.
+    pub kv_cache: KvCache,
+    /// Contexts kept for re-executing other providers' answers as a referee (0 = never referee).
+    pub referee_slots: u32,
+    /// Re-executions one gateway may start here per minute.
+    pub referee_rate_per_minute: u32,
     /// Where a `dynamic-backends` build loads llama.cpp's backends (e.g. `libggml-cuda.so`) from.
     pub backends_dir: Option<PathBuf>,
     /// Mesh listen addresses (TCP and QUIC).
@@ -64,6 +71,9 @@ impl Default for ProviderSettings {
             parallel: 4,
             batch_size: 512,
             n_gpu_layers: GpuLayers::Auto,
+            kv_cache: KvCache::Q8_0,
+            referee_slots: 2,
+            referee_rate_per_minute: 600,
             backends_dir: None,
             p2p_listen: ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
                 .iter()
@@ -91,6 +101,13 @@ impl ProviderSettings {
         check_range("ctx_size", self.ctx_size, 64..=1_048_576, "64 to 1048576")?;
         check_range("parallel", self.parallel, 1..=256, "1 to 256")?;
         check_range("batch_size", self.batch_size, 1..=65_536, "1 to 65536")?;
+        check_range("referee_slots", self.referee_slots, 0..=64, "0 to 64")?;
+        check_range(
+            "referee_rate_per_minute",
+            self.referee_rate_per_minute,
+            1..=1_000_000,
+            "1 to 1000000",
+        )?;
         check_range(
             "leaf_store_mb",
             self.leaf_store_mb,

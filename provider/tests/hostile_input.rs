@@ -35,6 +35,9 @@ async fn provider() -> (proofmesh_provider::Started, oneshot::Sender<()>) {
             parallel: 1,
             batch_size: 128,
             gpu_layers: 0,
+            kv_cache: Default::default(),
+            referee_slots: 0,
+            referee_micro_batch: proofmesh_provider::engine::DEFAULT_REFEREE_MICRO_BATCH,
         },
         model_name: None,
         keypair: libp2p::identity::Keypair::generate_secp256k1(),
@@ -45,6 +48,9 @@ async fn provider() -> (proofmesh_provider::Started, oneshot::Sender<()>) {
         http_listen: None,
         drain_timeout: std::time::Duration::from_secs(5),
         tamper: Tamper::None,
+        tamper_model: None,
+        claim_digest: None,
+        referee_rate_per_minute: 60,
     };
     let (tx, rx) = oneshot::channel();
     let (stop, stopped) = oneshot::channel::<()>();

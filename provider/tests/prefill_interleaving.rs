@@ -52,6 +52,9 @@ async fn a_long_prompt_does_not_stall_running_streams() {
         parallel: 2,
         batch_size: CHUNK,
         gpu_layers: 0,
+        kv_cache: Default::default(),
+        referee_slots: 0,
+        referee_micro_batch: proofmesh_provider::engine::DEFAULT_REFEREE_MICRO_BATCH,
     };
     let engine = tokio::task::spawn_blocking(move || Engine::start(&config))
         .await

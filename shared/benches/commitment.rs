@@ -91,10 +91,12 @@ fn commit(run: &Run) -> (LeafTree, proofmesh_shared::commit::SignedCommitment) {
         request_hash: run.request.hash(),
         model_digest: run.request.model_digest,
         prompt_tokens: 12,
+        prompt_hash: proofmesh_shared::commit::prompt_hash(&[1; 12]),
         steps: run.leaves.len() as u32,
         merkle_root: tree.root(),
         output_hash: output_hash(&run.tokens),
         finish_reason: FinishReason::Length,
+        numerics: "det/bench".into(),
     };
     let signed = commitment.sign(&run.key).unwrap();
     (tree, signed)

@@ -9,6 +9,6 @@ mod commitment;
 mod leaf;
 pub mod tree;
 
-pub use commitment::{Commitment, CommitmentError, SignedCommitment, output_hash};
+pub use commitment::{Commitment, CommitmentError, SignedCommitment, output_hash, prompt_hash};
 pub use leaf::StepLeaf;
 pub use tree::{LeafTree, verify_openings};

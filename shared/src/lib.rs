@@ -11,10 +11,14 @@
 //!   capabilities), their size limits and the length-prefixed CBOR framing.
 //! - [`commit`]: per-step [`commit::StepLeaf`]s, the domain-separated Merkle tree over them and the
 //!   signed [`commit::Commitment`].
-//! - [`sampling`]: the reproducible sampler: the draw is a keyed PRF of (seed, step), so anyone
-//!   holding the committed logits can replay a provider's choice.
-//! - [`verify`]: the audit rule: [`verify::Challenge`] derivation and the exact checks that turn
-//!   a commitment plus opened leaves into an [`verify::AuditVerdict`].
+//! - [`sampling`]: the reproducible sampler (Gumbel-max with a keyed PRF of (seed, step)), so
+//!   anyone holding the committed logits can replay a provider's choice, and the DiFR margin a
+//!   referee scores claimed tokens with.
+//! - [`verify`]: the audit rule: [`verify::Challenge`] derivation, the exact checks on a
+//!   commitment, its opened leaves and a referee's [`verify::SignedEvidence`], and the calibrated
+//!   statistical checks of committed logits against the referee's, which together turn into an
+//!   [`verify::AuditVerdict`].
+//! - [`signing`]: signatures by node keys (commitments, referee evidence).
 //! - [`identity`]: the node key (secp256k1), stored with 0600 permissions, shared by libp2p and
 //!   the commitment signer so a signature is bound to a peer id.
 //! - [`process`]: the shutdown signal both binaries use.
@@ -32,6 +36,7 @@ pub mod net;
 pub mod process;
 pub mod protocol;
 pub mod sampling;
+pub mod signing;
 pub mod telemetry;
 pub mod verify;
 

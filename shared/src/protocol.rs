@@ -11,6 +11,12 @@
 //!   serves and gets [`Capabilities`].
 //! - [`LEAVE_PROTOCOL`], request-response: a provider that is shutting down tells its peers with
 //!   [`Leaving`], so gateways stop routing to it at once while its running streams finish.
+//! - [`REFEREE_PROTOCOL`], a raw `libp2p-stream`: a gateway asks a provider of the same model to
+//!   re-execute another provider's answer teacher-forced. It writes [`RefereeFrame`]s: `Begin`
+//!   (the request) as soon as the answer starts, `Tokens` while it streams (the referee
+//!   re-executes them as they come), `Finish` with the signed commitment and the challenged
+//!   steps, and optionally `Open` for more steps. The referee answers `Accepted`, then one
+//!   `Evidence` per `Finish`/`Open` ([`RefereeReply`]).
 //!
 //! Every frame is a big-endian `u32` length followed by that many bytes of CBOR. Readers check the
 //! length against a per-direction maximum before they allocate or parse anything.
@@ -25,9 +31,12 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::Digest32;
 use crate::commit::{SignedCommitment, StepLeaf};
 use crate::sampling::SamplerParams;
+use crate::verify::SignedEvidence;
 
 /// The token stream protocol.
 pub const GENERATE_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/generate/1");
+/// The referee re-execution stream protocol.
+pub const REFEREE_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/referee/1");
 /// The leaf-opening request-response protocol.
 pub const OPEN_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/open/1");
 /// The capability query protocol.
@@ -49,6 +58,17 @@ pub const MAX_OPEN_RESPONSE: u64 = 512 * 1024;
 pub const MAX_OPEN_INDICES: usize = 256;
 /// Largest capability message (a handful of model cards).
 pub const MAX_CAPS_MESSAGE: u64 = 64 * 1024;
+/// Largest gateway-to-referee frame: `Begin` carries a whole request.
+pub const MAX_REFEREE_FRAME: usize = MAX_REQUEST_FRAME;
+/// Largest referee-to-gateway frame. Evidence for [`MAX_OPEN_INDICES`] steps (~300 bytes each)
+/// plus one margin per generated token (5 bytes each for the longest context we serve).
+pub const MAX_EVIDENCE_FRAME: usize = 512 * 1024;
+/// Most tokens one `Tokens` frame may carry (a gateway forwards them as they arrive, a few at a
+/// time).
+pub const MAX_TOKENS_PER_FRAME: usize = 4096;
+/// How long a referee waits for the next frame from the gateway: the answer it follows may sit
+/// behind others in a busy provider's queue, exactly like [`FRAME_GAP_TIMEOUT`].
+pub const REFEREE_IDLE_TIMEOUT: Duration = FRAME_GAP_TIMEOUT;
 /// How long a provider waits for the request frame after a stream opens. A gateway writes it at
 /// once, so a peer that stays silent this long is stuck or hostile.
 pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -346,6 +366,13 @@ pub struct ModelCard {
     pub device: String,
     /// Layers offloaded to a GPU.
     pub gpu_layers: u32,
+    /// The engine's numerics class: two nodes with the same deterministic class compute
+    /// bit-identical logits for the same tokens ([`crate::verify::Tier`]).
+    #[serde(default)]
+    pub numerics: String,
+    /// Whether the provider re-executes other providers' answers on [`REFEREE_PROTOCOL`].
+    #[serde(default)]
+    pub referee: bool,
 }
 
 /// Everything a provider advertises.
@@ -355,6 +382,58 @@ pub struct Capabilities {
     pub version: u16,
     /// Models served.
     pub models: Vec<ModelCard>,
+}
+
+/// One frame from a gateway to a referee.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RefereeFrame {
+    /// Re-execute the answer to this request, which `provider` (peer id bytes) is generating.
+    Begin {
+        /// The request exactly as the provider got it (its hash binds the evidence).
+        request: Box<GenerateRequest>,
+        /// The provider being audited; a referee never audits itself.
+        provider: Vec<u8>,
+    },
+    /// The next claimed tokens, in order, starting at step `first_step`.
+    Tokens {
+        /// Step of the first token in this frame.
+        first_step: u32,
+        /// Claimed token ids.
+        tokens: Vec<u32>,
+    },
+    /// The answer is complete: the provider's signed commitment and the steps to report on.
+    Finish {
+        /// The provider's signed commitment.
+        commitment: Box<SignedCommitment>,
+        /// Challenged steps, sorted and distinct, at most [`MAX_OPEN_INDICES`].
+        indices: Vec<u32>,
+    },
+    /// Report on these further steps too (a borderline first round).
+    Open {
+        /// Steps, sorted and distinct, at most [`MAX_OPEN_INDICES`].
+        indices: Vec<u32>,
+    },
+}
+
+/// One frame from a referee to a gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RefereeReply {
+    /// The job was taken; the referee's own tokenization of the prompt has this length.
+    Accepted {
+        /// Prompt length after the referee's chat template.
+        prompt_tokens: u32,
+        /// The referee's numerics class.
+        numerics: String,
+    },
+    /// The signed evidence for the steps of the last `Finish` or `Open`.
+    Evidence(Box<SignedEvidence>),
+    /// The referee gave up.
+    Error {
+        /// What kind of failure.
+        kind: RemoteErrorKind,
+        /// A human-readable explanation.
+        message: String,
+    },
 }
 
 /// Failures reading or writing frames.

@@ -1,21 +1,26 @@
 //! The reproducible sampler.
 //!
 //! Sampling happens here and not in llama.cpp, so that a verifier holding a provider's committed
-//! logits can replay the choice exactly. The steps, in this order:
+//! logits can replay the choice exactly, and so that a referee can score how plausible each
+//! claimed token is under its own logits. The steps, in this order:
 //!
 //! 1. candidates: the [`CANDIDATES`] most likely tokens, sorted by logit (descending, ties by
 //!    lower token id); `top_k` can narrow this further. These are exactly the logits a
 //!    [`crate::commit::StepLeaf`] commits, which is what makes replay possible.
 //! 2. temperature 0 means greedy: the first candidate.
-//! 3. otherwise softmax of `logit / temperature` over the candidates (f64, `libm::exp` so that
-//!    every platform computes the same bits), then `min_p` (keep candidates with probability at
-//!    least `min_p` times the best one) and `top_p` (keep the shortest prefix whose mass reaches
-//!    `top_p`).
-//! 4. the draw `u` in `[0, 1)` comes from [`draw`], a SHA-256 PRF of (seed, step): the provider
-//!    does not choose it (the seed comes from the client, or from the gateway when the client
-//!    gives none), and the verifier recomputes it. The request id is deliberately not an input:
-//!    OpenAI's `seed` promises that the same request with the same seed samples the same tokens,
-//!    on any provider and in any later request; the commitment binds the request id instead.
+//! 3. otherwise the kept set: softmax weights of `logit / temperature` over the candidates (f64,
+//!    `libm::exp` so that every platform computes the same bits), then `min_p` (keep candidates
+//!    with probability at least `min_p` times the best one) and `top_p` (keep the shortest prefix
+//!    whose mass reaches `top_p`).
+//! 4. Gumbel-max over the kept set: the token maximising `logit / temperature + g(token)`, where
+//!    `g` is Gumbel noise keyed by the step's draw ([`gumbel`]). This samples exactly from the
+//!    softmax of the kept set, and it gives the referee a natural score for a claimed token, the
+//!    DiFR margin ([`margin`]): how many logits the claimed token is short of winning.
+//! 5. the draw comes from [`draw`], a SHA-256 PRF of (seed, step): the provider does not choose
+//!    it (the seed comes from the client, or from the gateway when the client gives none), and
+//!    the verifier recomputes it. The request id is deliberately not an input: OpenAI's `seed`
+//!    promises that the same request with the same seed samples the same tokens, on any provider
+//!    and in any later request; the commitment binds the request id instead.
 
 use serde::{Deserialize, Serialize};
 
@@ -51,13 +56,27 @@ impl Default for SamplerParams {
     }
 }
 
-/// One candidate token with the raw logit the model gave it.
+/// One candidate token with the raw logit the model gave it. On the wire it is a two-element
+/// array `[id, logit]`, which keeps an opened leaf near 300 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(from = "(u32, f32)", into = "(u32, f32)")]
 pub struct TopLogit {
     /// Token id in the model's vocabulary.
     pub id: u32,
     /// The model's raw (f32) logit for that token.
     pub logit: f32,
+}
+
+impl From<(u32, f32)> for TopLogit {
+    fn from((id, logit): (u32, f32)) -> Self {
+        Self { id, logit }
+    }
+}
+
+impl From<TopLogit> for (u32, f32) {
+    fn from(c: TopLogit) -> Self {
+        (c.id, c.logit)
+    }
 }
 
 /// The draw for one step: 53 uniform bits from `SHA-256("proofmesh/draw/v1" ‖ seed ‖ step)`.
@@ -73,10 +92,18 @@ pub fn draw(seed: u64, step: u32) -> u64 {
     u64::from_le_bytes(head) >> 11
 }
 
-/// The draw as a number in `[0, 1)`.
-pub fn draw_unit(draw: u64) -> f64 {
-    // 53 bits fit a f64 mantissa exactly.
-    draw as f64 / (1u64 << 53) as f64
+/// Gumbel noise `-ln(-ln u)` for `token` at the step whose draw is `draw`, with `u` uniform in
+/// `(0, 1)` from a splitmix64 mix of the two. The draw already comes from the SHA-256 PRF; this
+/// only spreads it over the vocabulary, so a cheap mixer is enough. `libm` keeps it bit-identical
+/// on every platform.
+pub fn gumbel(draw: u64, token: u32) -> f64 {
+    let mut z = draw ^ u64::from(token).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // 53 bits and a half-step offset: strictly inside (0, 1), so both logarithms are finite.
+    let u = ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    -libm::log(-libm::log(u))
 }
 
 /// The `CANDIDATES` best tokens of a full logit vector, sorted by logit descending and by id
@@ -190,12 +217,14 @@ fn fast_exp(x: f32) -> f32 {
     f32::from_bits(((exponent + 127).max(0) as u32) << 23) * poly
 }
 
-/// Picks the token from sorted `candidates` (as produced by [`top_candidates`]) with the draw
-/// `draw`. Returns `None` only when there are no candidates.
-pub fn sample(candidates: &[TopLogit], params: &SamplerParams, draw: u64) -> Option<u32> {
-    let first = candidates.first()?;
+/// How many of the sorted `candidates` survive `top_k`, `min_p` and `top_p` (at least one when
+/// there are any). Greedy requests keep only the first.
+pub fn kept(candidates: &[TopLogit], params: &SamplerParams) -> usize {
+    let Some(first) = candidates.first() else {
+        return 0;
+    };
     if params.temperature <= 0.0 {
-        return Some(first.id);
+        return 1;
     }
     let k = match params.top_k {
         0 => CANDIDATES,
@@ -231,16 +260,59 @@ pub fn sample(candidates: &[TopLogit], params: &SamplerParams, draw: u64) -> Opt
         }
         keep = keep.min(prefix.max(1));
     }
-    let kept_total: f64 = weights[..keep].iter().sum();
-    let target = draw_unit(draw) * kept_total;
-    let mut acc = 0.0;
-    for (c, w) in candidates[..keep].iter().zip(&weights) {
-        acc += w;
-        if target < acc {
-            return Some(c.id);
+    keep
+}
+
+/// Picks the token from sorted `candidates` (as produced by [`top_candidates`]) with the draw
+/// `draw`: greedy at temperature 0, else Gumbel-max over the kept set (ties go to the earlier
+/// candidate). Returns `None` only when there are no candidates.
+pub fn sample(candidates: &[TopLogit], params: &SamplerParams, draw: u64) -> Option<u32> {
+    let first = candidates.first()?;
+    if params.temperature <= 0.0 {
+        return Some(first.id);
+    }
+    let temperature = f64::from(params.temperature);
+    let mut best = (f64::NEG_INFINITY, first.id);
+    for c in &candidates[..kept(candidates, params)] {
+        let score = f64::from(c.logit) / temperature + gumbel(draw, c.id);
+        if score > best.0 {
+            best = (score, c.id);
         }
     }
-    candidates[..keep].last().map(|c| c.id)
+    Some(best.1)
+}
+
+/// The DiFR margin of a claimed token under someone else's logits, in logits: how far
+/// `claimed` is from being what [`sample`] picks with the same draw, where `candidates` are that
+/// party's sorted candidates and `claimed_logit` its logit for the claimed token.
+///
+/// `max_j(l_j + T g_j) - (l_c + T g_c)` over the kept set (`max_j l_j - l_c` when greedy),
+/// never negative. Zero when the claimed token is exactly the sampler's choice; an honest
+/// provider audited by a referee with slightly different numerics scores near zero, a token
+/// from another model often scores several logits.
+pub fn margin(
+    candidates: &[TopLogit],
+    claimed: u32,
+    claimed_logit: f32,
+    params: &SamplerParams,
+    draw: u64,
+) -> f32 {
+    let Some(first) = candidates.first() else {
+        return f32::INFINITY;
+    };
+    if !claimed_logit.is_finite() {
+        return f32::INFINITY;
+    }
+    if params.temperature <= 0.0 {
+        return (first.logit - claimed_logit).max(0.0);
+    }
+    let temperature = f64::from(params.temperature);
+    let best = candidates[..kept(candidates, params)]
+        .iter()
+        .map(|c| f64::from(c.logit) + temperature * gumbel(draw, c.id))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let mine = f64::from(claimed_logit) + temperature * gumbel(draw, claimed);
+    ((best - mine).max(0.0)) as f32
 }
 
 #[cfg(test)]
@@ -315,34 +387,116 @@ mod tests {
         assert_ne!(a, draw(2, 0));
         assert_ne!(a, draw(1, 1));
         assert_eq!(a, draw(1, 0));
-        assert!(draw_unit(a) < 1.0);
+        assert!(a < 1 << 53);
+        assert_ne!(gumbel(a, 1), gumbel(a, 2));
+        assert!(gumbel(0, 0).is_finite() && gumbel(u64::MAX, u32::MAX).is_finite());
     }
 
     #[test]
-    fn sampling_follows_the_draw() {
+    fn filters_narrow_the_kept_set() {
         let top = vec![
-            TopLogit { id: 1, logit: 0.0 },
-            TopLogit { id: 2, logit: 0.0 },
+            TopLogit { id: 1, logit: 2.0 },
+            TopLogit { id: 2, logit: 1.0 },
+            TopLogit { id: 3, logit: -5.0 },
         ];
         let params = SamplerParams {
             temperature: 1.0,
             ..Default::default()
         };
-        assert_eq!(sample(&top, &params, 0), Some(1));
-        assert_eq!(sample(&top, &params, (1u64 << 53) - 1), Some(2));
-        let nucleus = SamplerParams {
-            top_p: 0.4,
+        assert_eq!(kept(&top, &params), 3);
+        assert_eq!(kept(&top, &SamplerParams { top_k: 2, ..params }), 2);
+        // p(1) = 0.73: top_p 0.5 keeps only the first.
+        assert_eq!(
+            kept(
+                &top,
+                &SamplerParams {
+                    top_p: 0.5,
+                    ..params
+                }
+            ),
+            1
+        );
+        assert_eq!(
+            kept(
+                &top,
+                &SamplerParams {
+                    top_p: 0.9,
+                    ..params
+                }
+            ),
+            2
+        );
+        // min_p 0.1: exp(-7) of the best is dropped, exp(-1) kept.
+        assert_eq!(
+            kept(
+                &top,
+                &SamplerParams {
+                    min_p: 0.1,
+                    ..params
+                }
+            ),
+            2
+        );
+        assert_eq!(kept(&[], &params), 0);
+    }
+
+    /// Gumbel-max samples the softmax: frequencies over many draws follow the probabilities.
+    #[test]
+    fn sampling_follows_the_softmax() {
+        let top = vec![
+            TopLogit { id: 7, logit: 1.0 },
+            TopLogit { id: 3, logit: 0.0 },
+        ];
+        let params = SamplerParams {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        let n = 20_000;
+        let first = (0..n)
+            .filter(|&s| sample(&top, &params, draw(s, 0)) == Some(7))
+            .count();
+        let expected = 1.0 / (1.0 + (-1.0f64).exp());
+        let seen = first as f64 / n as f64;
+        assert!((seen - expected).abs() < 0.015, "{seen} vs {expected}");
+        // Greedy ignores the draw; top_k 1 leaves nothing to draw from.
+        let greedy = SamplerParams {
+            temperature: 0.0,
             ..params
         };
-        assert_eq!(sample(&top, &nucleus, (1u64 << 53) - 1), Some(1));
-        let min_p = SamplerParams {
-            min_p: 1.0,
-            ..params
-        };
-        // Both have weight 1, so min_p = 1 keeps both.
-        assert_eq!(sample(&top, &min_p, (1u64 << 53) - 1), Some(2));
+        assert!((0..50).all(|s| sample(&top, &greedy, draw(s, 0)) == Some(7)));
         let top_k = SamplerParams { top_k: 1, ..params };
-        assert_eq!(sample(&top, &top_k, (1u64 << 53) - 1), Some(1));
+        assert!((0..50).all(|s| sample(&top, &top_k, draw(s, 0)) == Some(7)));
+    }
+
+    #[test]
+    fn margin_is_zero_for_the_sampled_token_and_grows_with_the_gap() {
+        let top: Vec<TopLogit> = (0..10)
+            .map(|i| TopLogit {
+                id: i,
+                logit: 5.0 - i as f32 * 0.5,
+            })
+            .collect();
+        for temperature in [0.0, 0.7, 1.0] {
+            let params = SamplerParams {
+                temperature,
+                ..Default::default()
+            };
+            for seed in 0..20 {
+                let d = draw(seed, 3);
+                let chosen = sample(&top, &params, d).unwrap();
+                let logit = top.iter().find(|c| c.id == chosen).unwrap().logit;
+                assert_eq!(margin(&top, chosen, logit, &params, d), 0.0);
+                // A token the model finds far less likely scores a large margin.
+                assert!(margin(&top, 999, -20.0, &params, d) > 10.0);
+            }
+        }
+        let greedy = SamplerParams {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        assert_eq!(margin(&top, 2, 4.0, &greedy, 0), 1.0);
+        assert_eq!(margin(&[], 2, 4.0, &greedy, 0), f32::INFINITY);
+        assert_eq!(margin(&top, 2, f32::NAN, &greedy, 0), f32::INFINITY);
     }
 
     #[test]

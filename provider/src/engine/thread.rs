@@ -1,5 +1,7 @@
-//! The engine thread's loop: continuous batching over sequence slots.
+//! The engine thread's loop: continuous batching over sequence slots, with re-execution chunks
+//! interleaved between decode steps.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -14,7 +16,8 @@ use proofmesh_shared::commit::StepLeaf;
 use proofmesh_shared::protocol::FinishReason;
 use proofmesh_shared::sampling;
 
-use super::{EngineLoad, Job, StepEvent};
+use super::referee::{self, Referees};
+use super::{EngineLoad, Job, Message, StepEvent};
 
 /// What the thread needs to build its context.
 #[derive(Debug, Clone, Copy)]
@@ -23,6 +26,22 @@ pub(super) struct Settings {
     pub(super) context_size: u32,
     pub(super) parallel: u32,
     pub(super) batch_size: u32,
+    pub(super) kv_cache: llama_cpp_2::context::params::KvCacheType,
+    pub(super) referee_slots: u32,
+    pub(super) referee_micro_batch: u32,
+}
+
+impl Settings {
+    /// Context parameters shared by generation and referee contexts: the KV type and flash
+    /// attention decide which kernels run (see the engine's module docs).
+    fn context_params(&self) -> LlamaContextParams {
+        LlamaContextParams::default()
+            .with_n_threads(self.threads)
+            .with_n_threads_batch(self.threads)
+            .with_type_k(self.kv_cache)
+            .with_type_v(self.kv_cache)
+            .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED)
+    }
 }
 
 /// A running sequence.
@@ -51,19 +70,18 @@ pub(super) fn run(
     model: Arc<LlamaModel>,
     settings: Settings,
     load: Arc<EngineLoad>,
-    queue: Receiver<Job>,
+    queue: Receiver<Message>,
     ready: Sender<Result<(), String>>,
 ) {
-    let params = LlamaContextParams::default()
+    let params = settings
+        .context_params()
         .with_n_ctx(super::total_context(
             settings.context_size,
             settings.parallel,
         ))
         .with_n_batch(settings.batch_size)
         .with_n_ubatch(settings.batch_size)
-        .with_n_seq_max(settings.parallel)
-        .with_n_threads(settings.threads)
-        .with_n_threads_batch(settings.threads);
+        .with_n_seq_max(settings.parallel);
     let mut ctx = match model.new_context(backend, params) {
         Ok(ctx) => ctx,
         Err(e) => {
@@ -71,31 +89,59 @@ pub(super) fn run(
             return;
         }
     };
+    let mut referee_contexts = Vec::new();
+    for _ in 0..settings.referee_slots {
+        let params = settings
+            .context_params()
+            .with_n_ctx(super::total_context(settings.context_size, 1))
+            .with_n_batch(referee::CHUNK as u32)
+            .with_n_ubatch(settings.referee_micro_batch.min(referee::CHUNK as u32))
+            .with_n_seq_max(1);
+        match model.new_context(backend, params) {
+            Ok(ctx) => referee_contexts.push(ctx),
+            Err(e) => {
+                let _ = ready.send(Err(format!("referee context: {e}")));
+                return;
+            }
+        }
+    }
+    let n_vocab = u32::try_from(model.n_vocab()).unwrap_or(0);
+    let mut referees = Referees::new(referee_contexts, n_vocab, settings.context_size as usize);
     let _ = ready.send(Ok(()));
     let mut batch = LlamaBatch::new(settings.batch_size as usize, 1);
     let mut free: Vec<i32> = (0..settings.parallel as i32).rev().collect();
     let mut slots: Vec<Slot> = Vec::new();
+    let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut timing = Timing::default();
+    let mut open = true;
     loop {
-        // Admit new jobs between decode steps; block only when idle.
-        if slots.is_empty() {
-            load.busy_slots.store(0, Ordering::Relaxed);
-            match queue.recv() {
-                Ok(job) => {
-                    load.waiting.fetch_sub(1, Ordering::Relaxed);
-                    admit(&mut slots, &mut free, job);
+        // Take every message that is there; block only when there is nothing to do.
+        loop {
+            let idle = slots.is_empty() && waiting.is_empty() && !referees.has_work();
+            let message = if idle && open {
+                queue.recv().map_err(|_| TryRecvError::Disconnected)
+            } else {
+                queue.try_recv()
+            };
+            match message {
+                Ok(Message::Generate(job)) => waiting.push_back(job),
+                Ok(Message::Reexecute(command)) => referees.on_command(command),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
                 }
-                Err(_) => return,
             }
         }
-        while !free.is_empty() {
-            match queue.try_recv() {
-                Ok(job) => {
-                    load.waiting.fetch_sub(1, Ordering::Relaxed);
-                    admit(&mut slots, &mut free, job);
-                }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
+        if !open && slots.is_empty() && waiting.is_empty() && !referees.has_work() {
+            return;
+        }
+        // Admit waiting jobs into free slots between decode steps.
+        while !free.is_empty()
+            && let Some(job) = waiting.pop_front()
+        {
+            load.waiting.fetch_sub(1, Ordering::Relaxed);
+            admit(&mut slots, &mut free, job);
         }
         load.busy_slots.store(slots.len(), Ordering::Relaxed);
         // Callers that left free their slot now.
@@ -106,40 +152,65 @@ pub(super) fn run(
             }
             keep
         });
-        if slots.is_empty() {
-            continue;
+        if !slots.is_empty() {
+            generate_step(
+                &mut ctx,
+                &model,
+                &mut batch,
+                &mut slots,
+                &mut free,
+                &settings,
+                &mut timing,
+            );
         }
-        let wants_logits = fill_batch(&mut batch, &mut slots, settings.batch_size as usize);
-        let decoding = std::time::Instant::now();
-        let decoded = ctx.decode(&mut batch);
-        timing.decode += decoding.elapsed();
-        if let Err(e) = decoded {
-            let message = format!("llama_decode failed: {e}");
-            tracing::error!(%message);
-            for slot in slots.drain(..) {
-                let _ = slot.job.events.send(StepEvent::Failed {
-                    message: message.clone(),
-                });
-                release(&mut ctx, &mut free, slot.seq);
-            }
-            continue;
+        // One re-execution chunk per generation step keeps both moving.
+        if referees.has_work() {
+            referees.turn();
         }
-        let sampling = std::time::Instant::now();
-        let mut finished = Vec::new();
-        for (slot_index, batch_index) in wants_logits {
-            let slot = &mut slots[slot_index];
-            if let Some(reason) = step(&ctx, &model, slot, batch_index) {
-                let _ = slot.job.events.send(StepEvent::Finished { reason });
-                finished.push(slot_index);
-            }
-        }
-        for slot_index in finished.into_iter().rev() {
-            let slot = slots.swap_remove(slot_index);
-            release(&mut ctx, &mut free, slot.seq);
-        }
-        timing.sample += sampling.elapsed();
-        timing.tick(batch.n_tokens());
     }
+}
+
+/// One `llama_decode` over every running sequence, then one sampled step for each that wanted
+/// logits.
+fn generate_step(
+    ctx: &mut LlamaContext<'_>,
+    model: &LlamaModel,
+    batch: &mut LlamaBatch<'_>,
+    slots: &mut Vec<Slot>,
+    free: &mut Vec<i32>,
+    settings: &Settings,
+    timing: &mut Timing,
+) {
+    let wants_logits = fill_batch(batch, slots, settings.batch_size as usize);
+    let decoding = std::time::Instant::now();
+    let decoded = ctx.decode(batch);
+    timing.decode += decoding.elapsed();
+    if let Err(e) = decoded {
+        let message = format!("llama_decode failed: {e}");
+        tracing::error!(%message);
+        for slot in slots.drain(..) {
+            let _ = slot.job.events.send(StepEvent::Failed {
+                message: message.clone(),
+            });
+            release(ctx, free, slot.seq);
+        }
+        return;
+    }
+    let sampling = std::time::Instant::now();
+    let mut finished = Vec::new();
+    for (slot_index, batch_index) in wants_logits {
+        let slot = &mut slots[slot_index];
+        if let Some(reason) = step(ctx, model, slot, batch_index) {
+            let _ = slot.job.events.send(StepEvent::Finished { reason });
+            finished.push(slot_index);
+        }
+    }
+    for slot_index in finished.into_iter().rev() {
+        let slot = slots.swap_remove(slot_index);
+        release(ctx, free, slot.seq);
+    }
+    timing.sample += sampling.elapsed();
+    timing.tick(batch.n_tokens());
 }
 
 /// Where the engine thread's time goes, logged at debug level every 256 decodes.

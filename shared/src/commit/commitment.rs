@@ -1,15 +1,15 @@
 //! The signed commitment a provider sends after the last token.
 
-use k256::ecdsa::signature::{Signer, Verifier};
-use k256::ecdsa::{Signature, SigningKey, VerifyingKey};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::Digest32;
 use crate::protocol::{FinishReason, ModelDigest, RequestId};
+pub use crate::signing::SignatureError as CommitmentError;
 
 /// Everything one generation is bound to: the request (id and hash of prompt, model and sampler
-/// settings), the model by digest, the Merkle root over the step leaves, and the output tokens.
+/// settings), the prompt as the provider tokenized it, the model by digest, the Merkle root over
+/// the step leaves, and the output tokens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Commitment {
     /// Format version, [`Commitment::VERSION`].
@@ -22,6 +22,9 @@ pub struct Commitment {
     pub model_digest: ModelDigest,
     /// Prompt length after the chat template, in tokens.
     pub prompt_tokens: u32,
+    /// [`prompt_hash`] of the prompt tokens the model was run on, so a referee that tokenizes
+    /// the same chat can tell whether the provider changed the prompt.
+    pub prompt_hash: Digest32,
     /// Number of generated steps (= leaves).
     pub steps: u32,
     /// Root of the leaf tree.
@@ -30,39 +33,28 @@ pub struct Commitment {
     pub output_hash: Digest32,
     /// Why generation stopped.
     pub finish_reason: FinishReason,
+    /// The provider's numerics class (backend and kernels) that computed the committed logits;
+    /// signed, so the audit tier it implies can be checked by anyone.
+    pub numerics: String,
 }
+
+/// Domain tag of the commitment signature.
+const DOMAIN: &[u8] = b"proofmesh/commitment/v2";
 
 impl Commitment {
     /// The current format version.
-    pub const VERSION: u16 = 1;
-
-    /// The signed message: `"proofmesh/commitment/v1" ‖ CBOR(self)`.
-    fn signing_bytes(&self) -> Vec<u8> {
-        let mut bytes = b"proofmesh/commitment/v1".to_vec();
-        // Writing CBOR into a Vec cannot fail for these plain types; an empty body would only
-        // make the signature fail to verify.
-        let _ = ciborium::into_writer(self, &mut bytes);
-        bytes
-    }
+    pub const VERSION: u16 = 2;
 
     /// Signs with the provider's secp256k1 node key.
     pub fn sign(
         self,
         key: &libp2p::identity::Keypair,
     ) -> Result<SignedCommitment, CommitmentError> {
-        let secret = key
-            .clone()
-            .try_into_secp256k1()
-            .map_err(|_| CommitmentError::NotSecp256k1)?
-            .secret()
-            .to_bytes();
-        let signing = SigningKey::from_slice(&secret).map_err(|_| CommitmentError::NotSecp256k1)?;
-        let signature: Signature = signing.sign(&self.signing_bytes());
-        let public_key = signing.verifying_key().to_sec1_bytes().to_vec();
+        let parts = crate::signing::sign(key, DOMAIN, &self)?;
         Ok(SignedCommitment {
             commitment: self,
-            public_key,
-            signature: signature.to_bytes().to_vec(),
+            public_key: parts.public_key,
+            signature: parts.signature,
         })
     }
 }
@@ -82,38 +74,20 @@ impl SignedCommitment {
     /// Checks the signature and returns the signer's peer id. Callers compare it with the peer
     /// that served the request: the node key is both the libp2p identity and the signer.
     pub fn verify(&self) -> Result<PeerId, CommitmentError> {
-        let verifying =
-            VerifyingKey::from_sec1_bytes(&self.public_key).map_err(|_| CommitmentError::BadKey)?;
-        let signature =
-            Signature::from_slice(&self.signature).map_err(|_| CommitmentError::BadSignature)?;
-        verifying
-            .verify(&self.commitment.signing_bytes(), &signature)
-            .map_err(|_| CommitmentError::BadSignature)?;
-        let libp2p_key = libp2p::identity::secp256k1::PublicKey::try_from_bytes(&self.public_key)
-            .map_err(|_| CommitmentError::BadKey)?;
-        Ok(libp2p::identity::PublicKey::from(libp2p_key).to_peer_id())
+        crate::signing::verify(&self.public_key, &self.signature, DOMAIN, &self.commitment)
     }
-}
-
-/// Why a commitment could not be signed or verified.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum CommitmentError {
-    /// The node key is not a secp256k1 key.
-    #[error("node key is not secp256k1")]
-    NotSecp256k1,
-    /// The public key does not parse.
-    #[error("malformed public key")]
-    BadKey,
-    /// The signature does not parse or does not verify.
-    #[error("signature does not verify")]
-    BadSignature,
 }
 
 /// `SHA-256("proofmesh/output/v1" ‖ tokens as u32 little-endian)`.
 pub fn output_hash(tokens: &[u32]) -> Digest32 {
     let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
     crate::sha256(&[b"proofmesh/output/v1", &bytes])
+}
+
+/// `SHA-256("proofmesh/prompt/v1" ‖ tokens as u32 little-endian)`.
+pub fn prompt_hash(tokens: &[u32]) -> Digest32 {
+    let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+    crate::sha256(&[b"proofmesh/prompt/v1", &bytes])
 }
 
 #[cfg(test)]
@@ -127,10 +101,12 @@ mod tests {
             request_hash: [2; 32],
             model_digest: ModelDigest([3; 32]),
             prompt_tokens: 10,
+            prompt_hash: prompt_hash(&[7; 10]),
             steps: 5,
             merkle_root: [4; 32],
             output_hash: output_hash(&[1, 2, 3, 4, 5]),
             finish_reason: FinishReason::Length,
+            numerics: "det/test".into(),
         }
     }
 

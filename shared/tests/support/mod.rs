@@ -14,6 +14,8 @@ pub(crate) fn caps() -> Capabilities {
             parallel: 1,
             device: "cpu".into(),
             gpu_layers: 0,
+            numerics: "det/test".into(),
+            referee: true,
         }],
     }
 }
