@@ -48,6 +48,9 @@ pub struct AuditOutcome {
     pub referee: Option<String>,
     /// The statistical layer's measurements, when it ran.
     pub statistics: Option<Statistics>,
+    /// Bytes of evidence the audit moved: the provider's openings and the referee's evidence,
+    /// as CBOR on the wire.
+    pub evidence_bytes: usize,
 }
 
 impl AuditOutcome {
@@ -134,6 +137,7 @@ async fn merkle(
             None => None,
         }
     });
+    outcome.evidence_bytes += cbor_len(&opening);
     let leaves = match check_openings(
         answer.commitment,
         answer.request,
@@ -200,6 +204,7 @@ async fn merkle(
         return AuditVerdict::Unrefereed;
     };
     outcome.referee = Some(session.choice().label());
+    outcome.evidence_bytes += cbor_len(&evidence);
     proof.referee = Some(session.choice().peer().to_bytes());
     let tier = Tier::between(
         &answer.commitment.commitment.numerics,
@@ -232,7 +237,12 @@ async fn merkle(
         };
         if !extra.indices.is_empty() {
             outcome.challenged.clone_from(&wider.indices);
-            match second_round(state, answer, &session, &extra, proof).await {
+            let before = proof.rounds.len();
+            let second = second_round(state, answer, &session, &extra, proof).await;
+            if let Some(round) = proof.rounds.get(before) {
+                outcome.evidence_bytes += cbor_len(&round.opening) + cbor_len(&round.evidence);
+            }
+            match second {
                 Ok((more_leaves, more_opened)) => {
                     all_leaves.extend(more_leaves);
                     opened.extend(more_opened);
@@ -339,6 +349,15 @@ fn fresh_session(
     Some(session)
 }
 
+/// Size of a value as CBOR, as it travels between peers.
+fn cbor_len<T: serde::Serialize>(value: &T) -> usize {
+    let mut bytes = Vec::new();
+    match ciborium::into_writer(value, &mut bytes) {
+        Ok(()) => bytes.len(),
+        Err(_) => 0,
+    }
+}
+
 /// Metrics, reputation, logs and the fraud proof.
 fn record(
     state: &AppState,
@@ -395,7 +414,7 @@ fn record(
                 tier = ?stats.map(|s| s.tier),
                 median_distance = ?stats.map(|s| s.median_distance),
                 max_distance = ?stats.map(|s| s.max_distance),
-                mean_margin = ?stats.map(|s| s.mean_margin),
+                excess_margin = ?stats.map(|s| s.excess_margin),
                 max_margin = ?stats.map(|s| s.max_margin),
                 proof = ?saved,
                 "audit failed; provider benched"

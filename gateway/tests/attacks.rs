@@ -88,6 +88,21 @@ async fn other_weights_are_caught_in_the_exact_tier() {
     assert_eq!(header(&headers, "x-proofmesh-audit-tier"), "exact");
     assert_eq!(answer["proofmesh"]["audit"]["max_distance"], 0.0);
     assert_eq!(answer["proofmesh"]["audit"]["max_margin"], 0.0);
+    // A long answer's audit moves well under 64 KiB of evidence.
+    let (status, _, answer) = ask(&mesh, MODEL, STORY, 512).await;
+    assert_eq!(status, 200, "{answer}");
+    let steps = answer["usage"]["completion_tokens"].as_u64().unwrap();
+    let bytes = answer["proofmesh"]["audit"]["evidence_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        steps >= 256,
+        "a long answer was expected, got {steps} tokens"
+    );
+    assert!(
+        bytes > 0 && bytes < 64 * 1024,
+        "{bytes} bytes of evidence for {steps} steps"
+    );
 }
 
 /// The same cheaper quantizations from providers that declare non-deterministic numerics (an

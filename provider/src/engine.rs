@@ -343,6 +343,8 @@ pub struct ModelInfo {
     pub load_seconds: f64,
     /// The numerics class (see [`proofmesh_shared::verify::Tier`]).
     pub numerics: String,
+    /// Tokens per micro-batch when re-executing.
+    pub referee_micro_batch: u32,
 }
 
 /// Live counts the engine thread keeps, for metrics.
@@ -530,6 +532,7 @@ impl Engine {
                 },
                 config.kv_cache,
             ),
+            referee_micro_batch: config.referee_micro_batch.clamp(1, 4096),
         };
         let (messages, queue) = std::sync::mpsc::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

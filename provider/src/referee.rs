@@ -292,7 +292,7 @@ impl RefereeJob {
             prompt_tokens: self.prompt.len() as u32,
             prompt_hash: prompt_hash(&self.prompt),
             numerics: engine.info().numerics.clone(),
-            micro_batch: crate::engine::DEFAULT_REFEREE_MICRO_BATCH,
+            micro_batch: engine.info().referee_micro_batch,
             invalid_tokens: result.invalid_tokens,
             ends_with_eog: self.claimed.last().is_some_and(|&t| engine.is_eog(t)),
             stop_sequence_found: self

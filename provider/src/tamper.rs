@@ -227,7 +227,9 @@ fn splitmix(mut z: u64) -> u64 {
 }
 
 /// A leaf that looks like a confident model chose `token`: it on top, 31 neighbours below.
-fn fabricated_leaf(step: u32, token: u32, draw: u64) -> StepLeaf {
+/// (Public for the calibration harness.)
+#[doc(hidden)]
+pub fn fabricated_leaf(step: u32, token: u32, draw: u64) -> StepLeaf {
     let mut top = vec![TopLogit {
         id: token,
         logit: 30.0,
@@ -252,8 +254,9 @@ fn fabricated_leaf(step: u32, token: u32, draw: u64) -> StepLeaf {
 }
 
 /// `top` changed as little as it takes for [`sampling::sample`] to pick `token`: its logit
-/// raised just past what it needs to win.
-fn patched(
+/// raised just past what it needs to win. (Public for the calibration harness.)
+#[doc(hidden)]
+pub fn patched(
     mut top: Vec<TopLogit>,
     token: u32,
     token_logit: f32,

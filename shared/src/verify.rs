@@ -34,7 +34,7 @@ pub use challenge::{Challenge, DEFAULT_CHALLENGE_COUNT, PROBATION_CHALLENGE_COUN
 pub use evidence::{RefereeEvidence, RefereeStep, SignedEvidence};
 pub use exact::{EvidenceError, check_commitment, check_evidence, check_openings};
 pub use proof::{AuditRound, FraudProof};
-pub use rule::{Judgement, Statistics, Tier, judge};
+pub use rule::{Judgement, Statistics, Tier, judge, judge_distances};
 
 /// Why an audit failed. The string forms are stable and appear in the `x-proofmesh-verdict`
 /// header; every variant but the last two is an exact check.

@@ -47,21 +47,26 @@ pub struct AuditStatistics {
     pub median_distance: f32,
     /// Largest per-step logit distance.
     pub max_distance: f32,
-    /// Mean clipped DiFR margin of the claimed tokens under the referee's logits.
-    pub mean_margin: f32,
+    /// Sum over the claimed tokens of their DiFR margin (under the referee's logits) beyond
+    /// the tier's dead zone for kernel noise.
+    pub excess_margin: f32,
     /// Largest margin.
     pub max_margin: f32,
+    /// Bytes of evidence the audit moved between peers (openings and referee evidence, CBOR).
+    pub evidence_bytes: usize,
 }
 
-impl From<&proofmesh_shared::verify::Statistics> for AuditStatistics {
-    fn from(s: &proofmesh_shared::verify::Statistics) -> Self {
+impl AuditStatistics {
+    /// The statistics of one audit and the evidence it moved.
+    pub fn new(s: &proofmesh_shared::verify::Statistics, evidence_bytes: usize) -> Self {
         Self {
             tier: s.tier.as_str(),
             compared: s.compared,
             median_distance: s.median_distance,
             max_distance: s.max_distance,
-            mean_margin: s.mean_margin,
+            excess_margin: s.excess_margin,
             max_margin: s.max_margin,
+            evidence_bytes,
         }
     }
 }

@@ -258,7 +258,10 @@ fn proofmesh_info(
         challenged: outcome.challenged.clone(),
         verdict: outcome.verdict().label(),
         referee: outcome.referee.clone(),
-        audit: outcome.statistics.as_ref().map(AuditStatistics::from),
+        audit: outcome
+            .statistics
+            .as_ref()
+            .map(|s| AuditStatistics::new(s, outcome.evidence_bytes)),
         seed: chat.sampler.seed,
         audit_ms: outcome.elapsed.as_millis() as u64,
     }

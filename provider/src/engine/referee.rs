@@ -3,7 +3,8 @@
 //! Each job owns one referee context (one sequence per context, so nothing else shares its
 //! batches). It is fed the prompt, then each claimed token as soon as the token after it is
 //! known (the logits at a position score the next claimed token), in chunks of at most
-//! [`CHUNK`] tokens, one chunk per turn of the engine loop so generation keeps running. Per
+//! [`CHUNK`] tokens (or one micro-batch, when that is larger), one chunk per turn of the engine
+//! loop so generation keeps running. Per
 //! claimed step it keeps the referee's candidates, logsumexp, logit of the claimed token and the
 //! token's DiFR margin; `Finish` replies with all of them once the last token is in.
 
@@ -19,6 +20,11 @@ use super::Reexecuted;
 /// Most tokens fed to a referee context per turn of the engine loop: long enough to amortise
 /// a `llama_decode` call, short enough (~0.2 s on 2 CPU cores) not to stall running streams.
 pub(super) const CHUNK: usize = 64;
+
+/// The chunk for a micro-batch size: at least one whole micro-batch.
+pub(super) fn chunk(micro_batch: u32) -> usize {
+    CHUNK.max(micro_batch as usize)
+}
 
 /// Re-execution traffic from [`super::Reexecution`] handles.
 #[derive(Debug)]
@@ -79,6 +85,7 @@ pub(super) struct Referees<'m> {
     batch: LlamaBatch<'static>,
     n_vocab: u32,
     context_size: usize,
+    chunk: usize,
 }
 
 impl std::fmt::Debug for Referees<'_> {
@@ -91,15 +98,21 @@ impl std::fmt::Debug for Referees<'_> {
 }
 
 impl<'m> Referees<'m> {
-    pub(super) fn new(contexts: Vec<LlamaContext<'m>>, n_vocab: u32, context_size: usize) -> Self {
+    pub(super) fn new(
+        contexts: Vec<LlamaContext<'m>>,
+        n_vocab: u32,
+        context_size: usize,
+        chunk: usize,
+    ) -> Self {
         Self {
             free: (0..contexts.len()).rev().collect(),
             contexts,
             jobs: Vec::new(),
             turn: 0,
-            batch: LlamaBatch::new(CHUNK, 1),
+            batch: LlamaBatch::new(chunk, 1),
             n_vocab,
             context_size,
+            chunk,
         }
     }
 
@@ -214,7 +227,7 @@ impl<'m> Referees<'m> {
         let n_vocab = self.n_vocab;
         let job = &mut self.jobs[index];
         let ctx = &mut self.contexts[job.context];
-        if let Err(message) = feed(ctx, &mut self.batch, job, n_vocab) {
+        if let Err(message) = feed(ctx, &mut self.batch, job, n_vocab, self.chunk) {
             tracing::warn!(id = job.id, %message, "re-execution failed");
             job.failed = Some(message);
         }
@@ -228,9 +241,10 @@ fn feed(
     batch: &mut LlamaBatch<'_>,
     job: &mut Job,
     n_vocab: u32,
+    chunk: usize,
 ) -> Result<(), String> {
     let plen = job.prompt.len();
-    let end = job.target().min(job.fed + CHUNK);
+    let end = job.target().min(job.fed + chunk);
     batch.clear();
     let mut scored: Vec<(usize, i32)> = Vec::new();
     for position in job.fed..end {

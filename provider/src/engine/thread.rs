@@ -94,8 +94,8 @@ pub(super) fn run(
         let params = settings
             .context_params()
             .with_n_ctx(super::total_context(settings.context_size, 1))
-            .with_n_batch(referee::CHUNK as u32)
-            .with_n_ubatch(settings.referee_micro_batch.min(referee::CHUNK as u32))
+            .with_n_batch(referee::chunk(settings.referee_micro_batch) as u32)
+            .with_n_ubatch(settings.referee_micro_batch)
             .with_n_seq_max(1);
         match model.new_context(backend, params) {
             Ok(ctx) => referee_contexts.push(ctx),
@@ -106,7 +106,12 @@ pub(super) fn run(
         }
     }
     let n_vocab = u32::try_from(model.n_vocab()).unwrap_or(0);
-    let mut referees = Referees::new(referee_contexts, n_vocab, settings.context_size as usize);
+    let mut referees = Referees::new(
+        referee_contexts,
+        n_vocab,
+        settings.context_size as usize,
+        referee::chunk(settings.referee_micro_batch),
+    );
     let _ = ready.send(Ok(()));
     let mut batch = LlamaBatch::new(settings.batch_size as usize, 1);
     let mut free: Vec<i32> = (0..settings.parallel as i32).rev().collect();

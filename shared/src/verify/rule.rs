@@ -5,9 +5,13 @@
 //! union of both parties' candidates ([`step_distance`]); a request fails when the median of
 //! `D_t` over the challenged steps, or any single `D_t`, exceeds the tier's limits. Over every
 //! position the referee reports the DiFR margin of the claimed token ([`crate::sampling::margin`]);
-//! a request fails when their clipped mean, or any single margin, exceeds the limits. A median
-//! between half the limit and the limit is borderline: the gateway opens more steps before it
-//! decides.
+//! a request fails when any single margin exceeds a limit, or when their *excess* does: the sum
+//! over positions of what each margin has above a dead zone. Kernel noise flips the choice only
+//! between near-tied tokens, so honest margins stay inside the dead zone almost everywhere and
+//! the excess stays near zero however long the answer; every token a cheaper decoder chose
+//! against the claimed model's clear preference adds to it, so the evidence grows with length
+//! instead of being averaged away. A median between half its limit and the limit is
+//! borderline: the gateway opens more steps before it decides.
 //!
 //! The limits depend on how closely an honest provider and its referee can agree ([`Tier`]),
 //! and come from the calibration harness (`provider/examples/calibrate.rs`, results in
@@ -19,7 +23,7 @@ use super::{AuditFailure, RefereeStep};
 use crate::commit::StepLeaf;
 
 /// How closely an honest provider and the referee are expected to agree.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Tier {
     /// Provider and referee declare the same deterministic numerics class (same llama.cpp
     /// kernels, row-independent batching): honest logits agree bit for bit, so any distance is
@@ -75,12 +79,15 @@ pub struct Thresholds {
     pub median_distance: f32,
     /// Fail when any single challenged `D_t` exceeds this.
     pub step_distance: f32,
-    /// Fail when the mean of the margins, each clipped at [`Thresholds::margin_clip`], exceeds
-    /// this.
-    pub mean_margin: f32,
+    /// Fail when the excess margin, `sum over positions of max(0, min(margin, clip) - dead
+    /// zone)`, exceeds this.
+    pub excess_margin: f32,
+    /// Margins up to this count as kernel noise in the excess.
+    pub margin_dead_zone: f32,
     /// Fail when any single margin exceeds this.
     pub max_margin: f32,
-    /// Margins are clipped here before averaging, so that one outlier cannot dominate.
+    /// Margins are clipped here before summing, so that one outlier cannot dominate the excess
+    /// (it is [`Thresholds::max_margin`]'s job).
     pub margin_clip: f32,
 }
 
@@ -90,7 +97,8 @@ pub struct Thresholds {
 pub const EXACT: Thresholds = Thresholds {
     median_distance: 1e-3,
     step_distance: 1e-3,
-    mean_margin: 1e-3,
+    excess_margin: 1e-3,
+    margin_dead_zone: 0.0,
     max_margin: 1e-3,
     margin_clip: 8.0,
 };
@@ -101,8 +109,9 @@ pub const EXACT: Thresholds = Thresholds {
 pub const TOLERANT: Thresholds = Thresholds {
     median_distance: 0.30,
     step_distance: 1.50,
-    mean_margin: 0.40,
-    max_margin: 8.0,
+    excess_margin: 2.0,
+    margin_dead_zone: 0.5,
+    max_margin: 4.0,
     margin_clip: 8.0,
 };
 
@@ -157,8 +166,8 @@ pub struct Statistics {
     pub median_distance: f32,
     /// Largest `D_t`.
     pub max_distance: f32,
-    /// Mean clipped margin over every position.
-    pub mean_margin: f32,
+    /// Excess margin over every position (see [`Thresholds::excess_margin`]).
+    pub excess_margin: f32,
     /// Largest margin.
     pub max_margin: f32,
 }
@@ -192,43 +201,49 @@ pub fn judge(
     margins: &[f32],
     tier: Tier,
 ) -> Judgement {
-    let limits = tier.thresholds();
-    let mut distances: Vec<f32> = leaves
+    let distances = leaves
         .iter()
         .zip(opened)
         .map(|(leaf, referee)| step_distance(leaf, referee))
         .collect();
+    judge_distances(distances, margins, tier)
+}
+
+/// [`judge`] on per-step distances already computed with [`step_distance`] (the calibration
+/// harness simulates many challenges over the same steps this way).
+pub fn judge_distances(mut distances: Vec<f32>, margins: &[f32], tier: Tier) -> Judgement {
+    let limits = tier.thresholds();
     distances.sort_by(f32::total_cmp);
     let median_distance = median(&distances);
     let max_distance = distances.last().copied().unwrap_or(0.0);
-    let mean_margin = if margins.is_empty() {
-        0.0
-    } else {
-        margins
-            .iter()
-            .map(|m| m.min(limits.margin_clip))
-            .sum::<f32>()
-            / margins.len() as f32
-    };
+    let excess_margin = excess(margins, limits);
     let max_margin = margins.iter().copied().fold(0.0, f32::max);
     let statistics = Statistics {
         tier,
         compared: distances.len(),
         median_distance,
         max_distance,
-        mean_margin,
+        excess_margin,
         max_margin,
     };
     if median_distance > limits.median_distance || max_distance > limits.step_distance {
         return Judgement::Fail(AuditFailure::LogitsDiverge, statistics);
     }
-    if mean_margin > limits.mean_margin || max_margin > limits.max_margin {
+    if excess_margin > limits.excess_margin || max_margin > limits.max_margin {
         return Judgement::Fail(AuditFailure::TokensImplausible, statistics);
     }
     if tier == Tier::Tolerant && median_distance > limits.median_distance / 2.0 {
         return Judgement::Borderline(statistics);
     }
     Judgement::Pass(statistics)
+}
+
+/// `sum over positions of max(0, min(margin, clip) - dead zone)`.
+pub fn excess(margins: &[f32], limits: &Thresholds) -> f32 {
+    margins
+        .iter()
+        .map(|m| (m.min(limits.margin_clip) - limits.margin_dead_zone).max(0.0))
+        .sum()
 }
 
 /// The median of sorted values (mean of the middle two for an even count; 0 when empty).
