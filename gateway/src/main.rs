@@ -48,6 +48,13 @@ struct Cli {
 enum Command {
     /// Print the OpenAPI 3.1 document of the HTTP API (the committed openapi/openapi.json).
     Openapi,
+    /// Re-check a fraud proof written to the evidence directory: re-runs the audit rule on the
+    /// provider's signed commitment, its opened leaves and the referee's signed evidence, and
+    /// prints the failure they show (exit 0), or why they show none (exit 1).
+    CheckProof {
+        /// The proof (CBOR).
+        file: PathBuf,
+    },
 }
 
 /// Flags and their environment variables; unset ones leave the file and defaults alone.
@@ -142,6 +149,38 @@ struct Flags {
     otlp_headers: Option<Vec<String>>,
 }
 
+/// `check-proof`: loads a fraud proof and re-runs the audit rule on it.
+fn check_proof(file: &std::path::Path) -> anyhow::Result<()> {
+    use proofmesh_shared::verify::FraudProof;
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let proof: FraudProof = ciborium::from_reader(bytes.as_slice())
+        .with_context(|| format!("{} is not a proofmesh fraud proof", file.display()))?;
+    let provider = libp2p::PeerId::from_bytes(&proof.provider)
+        .map(|p| p.to_string())
+        .unwrap_or_else(|_| "(malformed peer id)".into());
+    println!("provider   {provider}");
+    println!("request    {}", proof.request.request_id);
+    println!("model      {}", proof.request.model_digest);
+    println!(
+        "answer     {} steps, numerics {}",
+        proof.commitment.commitment.steps, proof.commitment.commitment.numerics
+    );
+    println!("recorded   failed:{}", proof.failure);
+    match proof.check() {
+        Ok(failure) => {
+            println!("re-checked failed:{failure}");
+            if failure != proof.failure {
+                anyhow::bail!(
+                    "the proof shows failed:{failure}, not the recorded failed:{}",
+                    proof.failure
+                );
+            }
+            Ok(())
+        }
+        Err(e) => anyhow::bail!("the proof does not hold: {e}"),
+    }
+}
+
 fn default_key_path() -> PathBuf {
     directories::BaseDirs::new()
         .map(|d| d.data_local_dir().join("proofmesh").join("gateway.key"))
@@ -151,9 +190,13 @@ fn default_key_path() -> PathBuf {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Openapi) = cli.command {
-        print!("{}", proofmesh_gateway::openapi::document_json());
-        return Ok(());
+    match &cli.command {
+        Some(Command::Openapi) => {
+            print!("{}", proofmesh_gateway::openapi::document_json());
+            return Ok(());
+        }
+        Some(Command::CheckProof { file }) => return check_proof(file),
+        None => {}
     }
     let settings: GatewaySettings = config::layered(cli.config.as_deref(), &cli.flags)?;
     settings.validate()?;

@@ -242,6 +242,18 @@ async fn failed_answers_are_retried_elsewhere_and_proven() {
     let proof: FraudProof = ciborium::from_reader(bytes.as_slice()).expect("cbor");
     assert_eq!(proof.provider, cheat.to_bytes());
     assert_eq!(proof.check(), Ok(proof.failure));
+    // Anyone with the gateway binary can re-check it.
+    let checked = std::process::Command::new(env!("CARGO_BIN_EXE_proofmesh-gateway"))
+        .arg("check-proof")
+        .arg(proofs[0].path())
+        .output()
+        .expect("check-proof");
+    let printed = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{printed}");
+    assert!(
+        printed.contains(&format!("re-checked failed:{}", proof.failure)),
+        "{printed}"
+    );
     let _ = std::fs::remove_dir_all(&evidence);
 }
 

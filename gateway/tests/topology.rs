@@ -191,6 +191,10 @@ async fn compose_topology_as_processes() {
             dir.join("gateway.key").display().to_string(),
         ),
         ("PROOFMESH_OTLP_ENDPOINT".into(), collector.endpoint()),
+        (
+            "PROOFMESH_EVIDENCE_DIR".into(),
+            dir.join("evidence").display().to_string(),
+        ),
     ]);
     let mut gateway = Node::spawn(
         "gateway",
@@ -282,6 +286,14 @@ async fn compose_topology_as_processes() {
     assert_eq!(answer["proofmesh"]["verdict"], "passed", "{answer}");
     let completion_tokens = answer["usage"]["completion_tokens"].as_f64().unwrap();
     assert!(completion_tokens > 0.0);
+    // Another provider of the model refereed the answer, in the exact tier (same build).
+    let served_by = answer["proofmesh"]["provider"].as_str().unwrap().to_owned();
+    let referee = answer["proofmesh"]["referee"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(!referee.is_empty() && referee != served_by, "{answer}");
+    assert_eq!(answer["proofmesh"]["audit"]["tier"], "exact", "{answer}");
 
     // Metrics on every node parse, and the counters moved.
     let scrape = metrics(&http, &format!("{base}/metrics")).await;
@@ -326,8 +338,31 @@ async fn compose_topology_as_processes() {
         );
     }
     assert_eq!((predicted, completed), (completion_tokens, 1.0));
+    // The referee re-executed every claimed token (its job ends when the gateway closes the
+    // stream, just after the answer).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mut jobs, mut reexecuted) = (0.0, 0.0);
+        for url in &provider_metrics {
+            let scrape = metrics(&http, url).await;
+            jobs += metric_sum(
+                &scrape,
+                "proofmesh_referee_jobs_total",
+                &[("outcome", "completed")],
+            );
+            reexecuted += metric_sum(&scrape, "proofmesh_reexecuted_tokens_total", &[]);
+        }
+        if (jobs, reexecuted) == (1.0, completion_tokens) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "referee metrics: {jobs} jobs, {reexecuted} tokens"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
-    // One trace with the gateway's and the provider's spans.
+    // One trace with the gateway's, the provider's and the referee's spans.
     let started = Instant::now();
     let joint = loop {
         let spans = collector.spans();
@@ -336,10 +371,14 @@ async fn compose_topology_as_processes() {
             by_trace.entry(&span.trace_id).or_default().push(span);
         }
         let joint = by_trace.values().find(|spans| {
-            spans.iter().any(|s| s.service == "proofmesh-gateway")
-                && spans
+            let has = |service: &str, name: Option<&str>| {
+                spans
                     .iter()
-                    .any(|s| s.service == "proofmesh-provider" && s.name == "provider.generate")
+                    .any(|s| s.service == service && name.is_none_or(|n| s.name == n))
+            };
+            has("proofmesh-gateway", None)
+                && has("proofmesh-provider", Some("provider.generate"))
+                && has("proofmesh-provider", Some("provider.referee"))
         });
         if let Some(joint) = joint {
             break joint

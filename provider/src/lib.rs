@@ -223,7 +223,8 @@ pub async fn run(
             config.keypair.clone(),
             digest,
             config.referee_rate_per_minute,
-        );
+        )
+        .with_metrics(Arc::clone(&metrics));
         tokio::spawn(referee::accept_streams(referee, client.clone()))
     });
     let events_task = tokio::spawn(Arc::clone(&service).answer_events(client.clone(), events));

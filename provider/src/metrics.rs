@@ -41,6 +41,10 @@ pub struct ProviderMetrics {
     pub model_load_seconds: Gauge<f64, AtomicU64>,
     /// Peers with an open connection (set at scrape time).
     pub peers_connected: Gauge,
+    /// Re-executions done for gateways as a referee, by outcome.
+    pub referee_jobs: Family<OutcomeLabels, Counter>,
+    /// Claimed tokens re-executed as a referee.
+    pub reexecuted_tokens: Counter,
 }
 
 impl Default for ProviderMetrics {
@@ -60,6 +64,18 @@ impl Default for ProviderMetrics {
         );
         let model_load_seconds = Gauge::<f64, AtomicU64>::default();
         let peers_connected = Gauge::default();
+        let referee_jobs = Family::<OutcomeLabels, Counter>::default();
+        let reexecuted_tokens = Counter::default();
+        registry.register(
+            "referee_jobs",
+            "Re-executions refereed for gateways, by outcome",
+            referee_jobs.clone(),
+        );
+        registry.register(
+            "reexecuted_tokens",
+            "Claimed tokens re-executed as a referee",
+            reexecuted_tokens.clone(),
+        );
         registry.register("requests", "Generate requests by outcome", requests.clone());
         registry.register(
             "prompt_tokens",
@@ -120,6 +136,8 @@ impl Default for ProviderMetrics {
             commitment_seconds,
             model_load_seconds,
             peers_connected,
+            referee_jobs,
+            reexecuted_tokens,
         }
     }
 }

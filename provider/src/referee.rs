@@ -24,7 +24,10 @@ use proofmesh_shared::protocol::{
 };
 use proofmesh_shared::verify::{RefereeEvidence, SignedEvidence};
 
+use tracing::Instrument;
+
 use crate::engine::{Engine, EngineError, Reexecuted, Reexecution};
+use crate::metrics::{OutcomeLabels, ProviderMetrics};
 
 /// Most gateways whose start rate is tracked at once; the oldest entry goes beyond this.
 const MAX_TRACKED_ASKERS: usize = 4096;
@@ -73,6 +76,7 @@ pub struct Referee {
     digest: ModelDigest,
     rate_per_minute: u32,
     starts: Arc<Mutex<HashMap<PeerId, (f64, Instant)>>>,
+    metrics: Option<Arc<ProviderMetrics>>,
 }
 
 impl Referee {
@@ -90,7 +94,14 @@ impl Referee {
             digest,
             rate_per_minute: rate_per_minute.max(1),
             starts: Arc::default(),
+            metrics: None,
         }
+    }
+
+    /// Counts this referee's jobs and tokens in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<ProviderMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// This referee's numerics class.
@@ -219,6 +230,9 @@ impl RefereeJob {
         }
         self.claimed.extend_from_slice(tokens);
         reexecution.push(tokens.to_vec())?;
+        if let Some(metrics) = &self.referee.metrics {
+            metrics.reexecuted_tokens.inc_by(tokens.len() as u64);
+        }
         Ok(())
     }
 
@@ -330,6 +344,17 @@ pub(crate) async fn accept_streams(referee: Referee, client: Client) {
 /// Serves one gateway's referee stream: `Begin`, then `Tokens` as they come, `Finish`, `Open`.
 pub async fn serve_stream(referee: &Referee, asker: PeerId, mut stream: libp2p::Stream) {
     let outcome = serve(referee, asker, &mut stream).await;
+    if let Some(metrics) = &referee.metrics {
+        let outcome = match &outcome {
+            Ok(()) => "completed",
+            Err(StreamEnd::Job(RefereeError::Busy(_) | RefereeError::Invalid(_))) => "refused",
+            Err(_) => "failed",
+        };
+        metrics
+            .referee_jobs
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
     if let Err(e) = outcome {
         tracing::debug!(gateway = %asker, error = %e, "referee job ended");
         if let Some(kind) = e.kind() {
@@ -397,9 +422,30 @@ async fn serve(
     };
     let provider = PeerId::from_bytes(&provider)
         .map_err(|_| StreamEnd::Protocol("malformed provider peer id".into()))?;
-    let request_id = request.request_id;
-    let mut job = referee.begin(*request, provider, asker)?;
-    tracing::debug!(gateway = %asker, %provider, request = %request_id, "refereeing");
+    let span = tracing::info_span!(
+        "provider.referee",
+        request_id = %request.request_id,
+        gateway = %asker,
+        provider = %provider,
+    );
+    if let Some(trace) = request.trace.as_ref().filter(|t| t.is_valid()) {
+        proofmesh_shared::telemetry::set_parent(&span, trace);
+    }
+    follow(referee, asker, provider, *request, stream)
+        .instrument(span)
+        .await
+}
+
+/// After `Begin`: takes the job, then answers the gateway's frames until it closes the stream.
+async fn follow(
+    referee: &Referee,
+    asker: PeerId,
+    provider: PeerId,
+    request: GenerateRequest,
+    stream: &mut libp2p::Stream,
+) -> Result<(), StreamEnd> {
+    let mut job = referee.begin(request, provider, asker)?;
+    tracing::debug!("refereeing");
     write_frame(
         stream,
         &RefereeReply::Accepted {
