@@ -14,8 +14,8 @@ use libp2p::PeerId;
 use proofmesh_provider::referee::{Referee, RefereeJob};
 use proofmesh_shared::commit::SignedCommitment;
 use proofmesh_shared::protocol::{
-    FRAME_GAP_TIMEOUT, FrameError, GenerateRequest, MAX_EVIDENCE_FRAME, MAX_TOKENS_PER_FRAME,
-    REFEREE_PROTOCOL, RefereeFrame, RefereeReply, read_frame, write_frame,
+    FrameError, GenerateRequest, MAX_EVIDENCE_FRAME, MAX_TOKENS_PER_FRAME, REFEREE_PROTOCOL,
+    RefereeFrame, RefereeReply, read_frame, write_frame,
 };
 use proofmesh_shared::verify::SignedEvidence;
 use tokio::sync::{mpsc, oneshot};
@@ -28,8 +28,9 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tries at opening a referee stream the acceptor dropped (see `inference::try_start`).
 const OPEN_ATTEMPTS: u32 = 4;
 /// How long the gateway waits for evidence after `Finish`: the referee still has to re-execute
-/// what it had not caught up with, which on a busy CPU referee may be a whole answer.
-const EVIDENCE_TIMEOUT: Duration = FRAME_GAP_TIMEOUT;
+/// what it had not caught up with, which on a busy CPU referee may be a whole answer (2,000
+/// tokens at a slow 50 tokens/s is 40 s). Past this the gateway tries another referee.
+const EVIDENCE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Who re-executes an answer.
 #[derive(Debug, Clone)]

@@ -31,6 +31,9 @@ use crate::metrics::{OutcomeLabels, ProviderMetrics};
 
 /// Most gateways whose start rate is tracked at once; the oldest entry goes beyond this.
 const MAX_TRACKED_ASKERS: usize = 4096;
+/// Evidence replies per job: the first round and a borderline second one, with room to spare;
+/// more is a gateway looping, not auditing.
+const MAX_EVIDENCE_REPLIES: usize = 4;
 
 /// Why a referee job was refused or failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -455,7 +458,11 @@ async fn follow(
     )
     .await?;
     let mut commitment: Option<SignedCommitment> = None;
+    let mut replies = 0;
     while let Some(frame) = next_frame(stream).await? {
+        if replies >= MAX_EVIDENCE_REPLIES && !matches!(frame, RefereeFrame::Tokens { .. }) {
+            return Err(StreamEnd::Protocol("too many evidence requests".into()));
+        }
         let evidence = match frame {
             RefereeFrame::Tokens { first_step, tokens } => {
                 job.push(first_step, &tokens)?;
@@ -480,6 +487,7 @@ async fn follow(
             }
         };
         write_frame(stream, &RefereeReply::Evidence(Box::new(evidence))).await?;
+        replies += 1;
     }
     Ok(())
 }

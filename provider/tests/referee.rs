@@ -1,0 +1,334 @@
+//! A real provider (real model, real swarm on loopback) spoken to as a referee over raw
+//! `/proofmesh/referee/1` streams: an honest job returns signed evidence bound to the
+//! commitment, and malformed or hostile jobs get clear error frames within the referee's limits.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use futures::AsyncWriteExt;
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use proofmesh_provider::engine::EngineConfig;
+use proofmesh_provider::{ProviderConfig, Tamper};
+use proofmesh_shared::commit::{Commitment, SignedCommitment, output_hash, prompt_hash};
+use proofmesh_shared::net::{self, Client, NetConfig, Role};
+use proofmesh_shared::protocol::{
+    ChatMessage, FinishReason, GenerateRequest, MAX_EVIDENCE_FRAME, ModelDigest, REFEREE_PROTOCOL,
+    RefereeFrame, RefereeReply, RemoteErrorKind, RequestId, read_frame, write_frame,
+};
+use proofmesh_shared::sampling::SamplerParams;
+use tokio::sync::oneshot;
+
+/// Jobs one gateway may start per minute on the provider under test.
+const RATE: u32 = 4;
+
+async fn provider() -> (proofmesh_provider::Started, oneshot::Sender<()>) {
+    let model = proofmesh_provider::fetch::default_model_path();
+    if !model.is_file() {
+        proofmesh_provider::fetch::fetch_default_model(
+            &proofmesh_provider::fetch::default_model_dir(),
+            None,
+        )
+        .await
+        .expect("fetching the default model");
+    }
+    let mut engine = EngineConfig::new(model);
+    engine.context_size = 256;
+    engine.parallel = 1;
+    engine.batch_size = 128;
+    engine.referee_slots = 1;
+    let config = ProviderConfig {
+        engine,
+        model_name: None,
+        keypair: Keypair::generate_secp256k1(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap: vec![],
+        mdns: false,
+        leaf_store_bytes: 1 << 20,
+        http_listen: None,
+        drain_timeout: Duration::from_secs(5),
+        referee_rate_per_minute: RATE,
+        tamper: Tamper::None,
+        tamper_model: None,
+        claim_digest: None,
+    };
+    let (tx, rx) = oneshot::channel();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        proofmesh_provider::run(
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+            Some(tx),
+        )
+        .await
+        .unwrap();
+    });
+    (rx.await.unwrap(), stop)
+}
+
+fn client(bootstrap: Vec<libp2p::Multiaddr>) -> Client {
+    let (client, _events, event_loop) = net::new(NetConfig {
+        keypair: Keypair::generate_secp256k1(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap,
+        mdns: false,
+        role: Role::Gateway,
+    })
+    .unwrap();
+    tokio::spawn(event_loop.run());
+    client
+}
+
+async fn open(client: &Client, peer: PeerId) -> libp2p::Stream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client
+            .stream_control()
+            .open_stream(peer, REFEREE_PROTOCOL)
+            .await
+        {
+            Ok(stream) => return stream,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot open a stream: {e}"),
+        }
+    }
+}
+
+async fn reply(stream: &mut libp2p::Stream) -> RefereeReply {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        read_frame(stream, MAX_EVIDENCE_FRAME),
+    )
+    .await
+    .expect("the referee answers")
+    .expect("a reply frame")
+}
+
+fn refused(reply: &RefereeReply) -> RemoteErrorKind {
+    match reply {
+        RefereeReply::Error { kind, .. } => *kind,
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
+fn request(digest: ModelDigest, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        version: GenerateRequest::VERSION,
+        request_id: RequestId::random(),
+        model_digest: digest,
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: "Name a fruit.".into(),
+        }],
+        sampler: SamplerParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        max_tokens,
+        stop: vec![],
+        trace: None,
+    }
+}
+
+/// A commitment over `tokens` as the audited provider `key` would sign it.
+fn commitment(key: &Keypair, request: &GenerateRequest, tokens: &[u32]) -> SignedCommitment {
+    Commitment {
+        version: Commitment::VERSION,
+        request_id: request.request_id,
+        request_hash: request.hash(),
+        model_digest: request.model_digest,
+        prompt_tokens: 10,
+        prompt_hash: prompt_hash(&[1; 10]),
+        steps: tokens.len() as u32,
+        merkle_root: [7; 32],
+        output_hash: output_hash(tokens),
+        finish_reason: FinishReason::Length,
+        numerics: "det/test".into(),
+    }
+    .sign(key)
+    .unwrap()
+}
+
+fn begin(request: &GenerateRequest, provider: PeerId) -> RefereeFrame {
+    RefereeFrame::Begin {
+        request: Box::new(request.clone()),
+        provider: provider.to_bytes(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_referee_job_returns_evidence_and_hostile_jobs_are_refused() {
+    let (started, _stop) = provider().await;
+    let referee = started.peer_id;
+    let digest = started.model.digest;
+    assert!(started.model.referee);
+    assert!(
+        started.model.numerics.starts_with("det/"),
+        "{}",
+        started.model.numerics
+    );
+    let client = client(started.listen_addrs.clone());
+    let audited = Keypair::generate_secp256k1();
+    let audited_peer = audited.public().to_peer_id();
+
+    // An honest job: tokens in two frames, then the commitment; evidence on two steps, then
+    // on one more.
+    let req = request(digest, 8);
+    let tokens = [504u32, 28, 3874, 30, 2, 2, 2, 2];
+    let mut s = open(&client, referee).await;
+    write_frame(&mut s, &begin(&req, audited_peer))
+        .await
+        .unwrap();
+    let RefereeReply::Accepted {
+        prompt_tokens,
+        numerics,
+    } = reply(&mut s).await
+    else {
+        panic!("expected Accepted")
+    };
+    assert!(prompt_tokens > 5);
+    assert_eq!(numerics, started.model.numerics);
+    for (first, chunk) in [(0u32, &tokens[..3]), (3, &tokens[3..])] {
+        let frame = RefereeFrame::Tokens {
+            first_step: first,
+            tokens: chunk.to_vec(),
+        };
+        write_frame(&mut s, &frame).await.unwrap();
+    }
+    let signed = commitment(&audited, &req, &tokens);
+    write_frame(
+        &mut s,
+        &RefereeFrame::Finish {
+            commitment: Box::new(signed.clone()),
+            indices: vec![0, 7],
+        },
+    )
+    .await
+    .unwrap();
+    let RefereeReply::Evidence(evidence) = reply(&mut s).await else {
+        panic!("expected evidence")
+    };
+    assert_eq!(evidence.verify().unwrap(), referee);
+    let e = &evidence.evidence;
+    assert_eq!(e.provider, audited_peer.to_bytes());
+    assert_eq!((e.request_id, e.request_hash), (req.request_id, req.hash()));
+    assert_eq!(e.merkle_root, signed.commitment.merkle_root);
+    assert_eq!(e.output_hash, output_hash(&tokens));
+    assert_eq!((e.steps, e.prompt_tokens), (8, prompt_tokens));
+    assert_eq!(e.opened.iter().map(|s| s.step).collect::<Vec<_>>(), [0, 7]);
+    assert_eq!(e.margins.len(), 8);
+    assert_eq!(e.opened[0].top.len(), 32);
+    assert_eq!(e.invalid_tokens, 0);
+    write_frame(&mut s, &RefereeFrame::Open { indices: vec![3] })
+        .await
+        .unwrap();
+    let RefereeReply::Evidence(more) = reply(&mut s).await else {
+        panic!("expected evidence")
+    };
+    assert_eq!(more.evidence.opened[0].step, 3);
+    assert_eq!(more.evidence.margins, e.margins);
+    drop(s);
+
+    // A first frame that is not Begin.
+    let mut s = open(&client, referee).await;
+    let tokens_first = RefereeFrame::Tokens {
+        first_step: 0,
+        tokens: vec![1],
+    };
+    write_frame(&mut s, &tokens_first).await.unwrap();
+    assert_eq!(
+        refused(&reply(&mut s).await),
+        RemoteErrorKind::InvalidRequest
+    );
+
+    // Another model; auditing the referee itself.
+    for (req, provider) in [
+        (request(ModelDigest([9; 32]), 8), audited_peer),
+        (request(digest, 8), referee),
+    ] {
+        let mut s = open(&client, referee).await;
+        write_frame(&mut s, &begin(&req, provider)).await.unwrap();
+        assert_eq!(
+            refused(&reply(&mut s).await),
+            RemoteErrorKind::InvalidRequest
+        );
+    }
+
+    // Tokens out of order, more tokens than max_tokens, a commitment not signed by the audited
+    // provider: each ends the job with an error frame.
+    let bad_frames: [Box<dyn Fn(&GenerateRequest) -> Vec<RefereeFrame>>; 3] = [
+        Box::new(|_| {
+            vec![RefereeFrame::Tokens {
+                first_step: 5,
+                tokens: vec![1],
+            }]
+        }),
+        Box::new(|_| {
+            vec![RefereeFrame::Tokens {
+                first_step: 0,
+                tokens: vec![1; 9],
+            }]
+        }),
+        Box::new(|req| {
+            let stranger = Keypair::generate_secp256k1();
+            vec![
+                RefereeFrame::Tokens {
+                    first_step: 0,
+                    tokens: vec![1, 2],
+                },
+                RefereeFrame::Finish {
+                    commitment: Box::new(commitment(&stranger, req, &[1, 2])),
+                    indices: vec![0],
+                },
+            ]
+        }),
+    ];
+    for frames in &bad_frames {
+        let req = request(digest, 8);
+        let mut s = open(&client, referee).await;
+        write_frame(&mut s, &begin(&req, audited_peer))
+            .await
+            .unwrap();
+        assert!(matches!(reply(&mut s).await, RefereeReply::Accepted { .. }));
+        for frame in frames(&req) {
+            write_frame(&mut s, &frame).await.unwrap();
+        }
+        assert_eq!(
+            refused(&reply(&mut s).await),
+            RemoteErrorKind::InvalidRequest
+        );
+    }
+
+    // A length prefix far over the limit: the stream is closed without an allocation.
+    let mut s = open(&client, referee).await;
+    s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(15),
+        read_frame::<_, RefereeReply>(&mut s, MAX_EVIDENCE_FRAME),
+    )
+    .await
+    .expect("closed promptly");
+    assert!(closed.is_err());
+
+    // The per-gateway rate: this test has started RATE jobs so far (the ones refused before
+    // they took a context did not count), and the bucket refills at RATE a minute, so of four
+    // more at most two can start.
+    let mut rate_limited = 0;
+    for _ in 0..4 {
+        let mut s = open(&client, referee).await;
+        write_frame(&mut s, &begin(&request(digest, 8), audited_peer))
+            .await
+            .unwrap();
+        if let RefereeReply::Error { kind, message } = reply(&mut s).await {
+            assert_eq!(kind, RemoteErrorKind::Overloaded);
+            rate_limited += usize::from(message.contains("a minute"));
+        }
+    }
+    assert!(rate_limited >= 2, "{rate_limited} of 4 rate-limited");
+}
