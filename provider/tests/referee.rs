@@ -261,7 +261,8 @@ async fn a_referee_job_returns_evidence_and_hostile_jobs_are_refused() {
 
     // Tokens out of order, more tokens than max_tokens, a commitment not signed by the audited
     // provider: each ends the job with an error frame.
-    let bad_frames: [Box<dyn Fn(&GenerateRequest) -> Vec<RefereeFrame>>; 3] = [
+    type Frames = Box<dyn Fn(&GenerateRequest) -> Vec<RefereeFrame>>;
+    let bad_frames: [Frames; 3] = [
         Box::new(|_| {
             vec![RefereeFrame::Tokens {
                 first_step: 5,
