@@ -17,7 +17,7 @@
 //! `proofmesh_shared::verify::rule` code, several random challenges per answer.
 //!
 //! ```sh
-//! cargo run --release -p proofmesh-provider --example calibrate            # full, ~1-2 h on 2 cores
+//! cargo run --release -p proofmesh-provider --example calibrate            # full, ~1.5 h on 2 cores
 //! cargo run --release -p proofmesh-provider --example calibrate -- --quick # smoke run, minutes
 //! ```
 
@@ -217,7 +217,9 @@ impl Tally {
         )
         .statistics()
         .clone();
-        self.request_medians.push(stats.median_distance);
+        if !honest {
+            self.request_medians.push(stats.median_distance);
+        }
         self.request_max_distance
             .push(s.distances.iter().copied().fold(0.0, f32::max));
         self.excess_margins.push(stats.excess_margin);
@@ -225,7 +227,12 @@ impl Tally {
         if honest {
             for _ in 0..DRAWS {
                 self.audits += 1;
-                if let Judgement::Fail(..) = audit(s, tier, 16, rng) {
+                let judged = audit(s, tier, 16, rng);
+                // Every simulated audit's median counts: the largest honest value is the
+                // largest any audit saw, not one draw's.
+                self.request_medians
+                    .push(judged.statistics().median_distance);
+                if let Judgement::Fail(..) = judged {
                     self.failed_audits += 1;
                 }
             }
@@ -657,16 +664,14 @@ async fn measure(quick: bool) -> Dump {
             ("f16 KV, 4 seq, 2 thr", KvCache::F16, 4, 2, vec![0, 2]),
         ]
     } else {
+        // Every (provider, referee) pair covers a distinct mix: 1/4/16 sequences, 1/2 threads,
+        // q8_0/f16 KV on both sides, referee micro-batches below and above 64 tokens.
         vec![
-            ("q8_0 KV, 1 seq, 2 thr", KvCache::Q8_0, 1, 2, vec![0]),
-            ("q8_0 KV, 4 seq, 2 thr", KvCache::Q8_0, 4, 2, vec![0, 1, 2]),
-            ("q8_0 KV, 16 seq, 2 thr", KvCache::Q8_0, 16, 2, vec![0, 2]),
-            ("q8_0 KV, 4 seq, 1 thr", KvCache::Q8_0, 4, 1, vec![0, 1]),
-            ("q8_0 KV, 16 seq, 1 thr", KvCache::Q8_0, 16, 1, vec![0]),
-            ("f16 KV, 1 seq, 2 thr", KvCache::F16, 1, 2, vec![0, 2]),
-            ("f16 KV, 4 seq, 2 thr", KvCache::F16, 4, 2, vec![0, 1, 2]),
-            ("f16 KV, 16 seq, 2 thr", KvCache::F16, 16, 2, vec![0, 2]),
+            ("q8_0 KV, 1 seq, 2 thr", KvCache::Q8_0, 1, 2, vec![0, 2]),
+            ("q8_0 KV, 4 seq, 2 thr", KvCache::Q8_0, 4, 2, vec![1, 2]),
+            ("q8_0 KV, 16 seq, 1 thr", KvCache::Q8_0, 16, 1, vec![0, 1]),
             ("f16 KV, 4 seq, 1 thr", KvCache::F16, 4, 1, vec![0, 2]),
+            ("f16 KV, 16 seq, 2 thr", KvCache::F16, 16, 2, vec![1, 2]),
         ]
     };
     let mut base_answers: Vec<Answer> = Vec::new();
@@ -718,41 +723,37 @@ async fn measure(quick: bool) -> Dump {
         }
     }
 
-    // Cheats serving other weights, claiming deterministic (q8_0) or f16 numerics.
+    // Cheats serving other weights. Each cheat runs with the deterministic q8_0 KV cache, its
+    // best case: nothing but the weights differs from an honest provider. Its answers are judged
+    // in the exact tier (the cheat claims deterministic numerics) and in the tolerant tier (it
+    // claims f16 or GPU numerics, so the referee must allow for noise), against the q8_0 referee
+    // and against the f16 one.
     eprintln!("[{:>5.0}s] cheats ...", elapsed());
     let cheat_reqs = requests(&prompts, &samplers[..2], 7);
     for (variant, path) in &variants {
-        for kv in [KvCache::Q8_0, KvCache::F16] {
-            let cheat = engine(path, kv, 4, 2, None);
-            let answers = generate(&cheat, &cheat_reqs, 4).await;
-            let cheat_numerics = cheat.info().numerics.clone();
-            drop(cheat);
-            let indexed: Vec<(usize, Vec<StepLeaf>)> = answers
-                .iter()
-                .enumerate()
-                .map(|(i, a)| (i, a.leaves.clone()))
-                .collect();
-            // The deterministic referee: exact tier against a q8_0 cheat, tolerant against f16;
-            // f16 cheats also against the loosest honest referee.
-            let mut judges = vec![(referees[0].0, &det32)];
-            if kv == KvCache::F16 {
-                judges.push((referees[2].0, &f16_512));
-            }
-            for (rlabel, referee) in judges {
-                let tier = Tier::between(&cheat_numerics, &referee.info().numerics);
-                eprintln!(
-                    "[{:>5.0}s]   {} ({}, {rlabel})",
-                    elapsed(),
-                    variant.name(),
-                    tier.as_str()
-                );
-                for scored in score_all(referee, &indexed, &answers).await {
+        let cheat = engine(path, KvCache::Q8_0, 4, 2, None);
+        let answers = generate(&cheat, &cheat_reqs, 4).await;
+        drop(cheat);
+        let indexed: Vec<(usize, Vec<StepLeaf>)> = answers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (i, a.leaves.clone()))
+            .collect();
+        let judges = [
+            (referees[0].0, &det32, &[Tier::Exact, Tier::Tolerant][..]),
+            (referees[2].0, &f16_512, &[Tier::Tolerant][..]),
+        ];
+        for (rlabel, referee, tiers) in judges {
+            eprintln!("[{:>5.0}s]   {} ({rlabel})", elapsed(), variant.name());
+            let scored = score_all(referee, &indexed, &answers).await;
+            for &tier in tiers {
+                for s in &scored {
                     dump.records.push(Record {
                         group: variant.name().into(),
-                        provider: format!("{} KV", kv.as_str()),
+                        provider: "q8_0 KV".into(),
                         referee: rlabel.to_string(),
                         tier,
-                        scored,
+                        scored: s.clone(),
                     });
                 }
             }
@@ -927,11 +928,11 @@ fn report(dump: &Dump) -> String {
     line("## Honest distribution per (provider, referee) pair");
     line("");
     line(
-        "D: per-step logit distance (centred RMS over both parties' top-32). Answer median D: over the 16 challenged steps of one simulated audit. Excess margin: sum over an answer's tokens of the referee's DiFR margin beyond the dead zone. Failed audits and steps over the per-step limit are counted under the limits now in the code.",
+        "D: per-step logit distance (centred RMS over both parties' top-32). Audit median D: the median over the challenged steps of each simulated audit (16, or 32 after a borderline first round), over all of them. Excess margin: sum over an answer's tokens of the referee's DiFR margin beyond the dead zone. Failed audits and steps over the per-step limit are counted under the limits now in the code.",
     );
     line("");
     line(
-        "| provider | referee | tier | answers | steps | step D p50 / p99 / max | answer median D p99 / max | answer max D | excess margin p99 / max | max margin p99 / max | failed audits | steps over limit |",
+        "| provider | referee | tier | answers | steps | step D p50 / p99 / max | audit median D p99 / max | answer max D | excess margin p99 / max | max margin p99 / max | failed audits | steps over limit |",
     );
     line("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut worst: BTreeMap<Tier, [f32; 4]> = BTreeMap::new();

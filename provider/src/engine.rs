@@ -740,3 +740,35 @@ fn load_model(
 pub(crate) fn total_context(context_size: u32, parallel: u32) -> Option<NonZeroU32> {
     NonZeroU32::new(context_size.saturating_mul(parallel.max(1)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The numerics class names the llama.cpp build; a dependency bump that forgets to update it
+    /// would let two builds with different kernels claim to agree bit for bit.
+    #[test]
+    fn llama_cpp_build_matches_the_lock_file() {
+        let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"))
+            .expect("Cargo.lock");
+        let version = lock
+            .split("[[package]]")
+            .find(|p| p.contains("name = \"llama-cpp-sys-2\""))
+            .and_then(|p| p.lines().find_map(|l| l.strip_prefix("version = \"")))
+            .and_then(|v| v.strip_suffix('"'))
+            .expect("llama-cpp-sys-2 in Cargo.lock");
+        assert_eq!(LLAMA_CPP_BUILD, format!("llama-cpp-sys-2@{version}"));
+    }
+
+    #[test]
+    fn only_cpu_q8_0_engines_are_deterministic() {
+        let det = numerics_class(0, KvCache::Q8_0);
+        assert_eq!(
+            det.starts_with("det/cpu/"),
+            !cfg!(feature = "dynamic-backends")
+        );
+        assert!(!numerics_class(0, KvCache::F16).starts_with("det/"));
+        assert!(!numerics_class(30, KvCache::Q8_0).starts_with("det/"));
+        assert!(det.contains(LLAMA_CPP_BUILD));
+    }
+}

@@ -3,13 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::{Duration, Instant};
+mod support;
+
+use std::time::Duration;
 
 use futures::AsyncWriteExt;
 use libp2p::PeerId;
-use proofmesh_provider::engine::EngineConfig;
-use proofmesh_provider::{ProviderConfig, Tamper};
-use proofmesh_shared::net::{self, Client, NetConfig, Role};
+use proofmesh_shared::net::Client;
 use proofmesh_shared::protocol::{
     ChatMessage, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest, MAX_STREAM_FRAME, ModelDigest,
     RemoteErrorKind, RequestId, read_frame, write_frame,
@@ -18,85 +18,13 @@ use proofmesh_shared::sampling::SamplerParams;
 use tokio::sync::oneshot;
 
 async fn provider() -> (proofmesh_provider::Started, oneshot::Sender<()>) {
-    let model = proofmesh_provider::fetch::default_model_path();
-    if !model.is_file() {
-        proofmesh_provider::fetch::fetch_default_model(
-            &proofmesh_provider::fetch::default_model_dir(),
-            None,
-        )
-        .await
-        .expect("fetching the default model");
-    }
-    let config = ProviderConfig {
-        engine: EngineConfig {
-            model_path: model,
-            threads: 2,
-            context_size: 256,
-            parallel: 1,
-            batch_size: 128,
-            gpu_layers: 0,
-            kv_cache: Default::default(),
-            referee_slots: 0,
-            referee_micro_batch: proofmesh_provider::engine::DEFAULT_REFEREE_MICRO_BATCH,
-        },
-        model_name: None,
-        keypair: libp2p::identity::Keypair::generate_secp256k1(),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        bootstrap: vec![],
-        mdns: false,
-        leaf_store_bytes: 1 << 20,
-        http_listen: None,
-        drain_timeout: std::time::Duration::from_secs(5),
-        tamper: Tamper::None,
-        tamper_model: None,
-        claim_digest: None,
-        referee_rate_per_minute: 60,
-    };
-    let (tx, rx) = oneshot::channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        proofmesh_provider::run(
-            config,
-            async move {
-                let _ = stopped.await;
-            },
-            Some(tx),
-        )
-        .await
-        .unwrap();
-    });
-    (rx.await.unwrap(), stop)
-}
-
-fn client(bootstrap: Vec<libp2p::Multiaddr>) -> Client {
-    let (client, _events, event_loop) = net::new(NetConfig {
-        keypair: libp2p::identity::Keypair::generate_secp256k1(),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        bootstrap,
-        mdns: false,
-        role: Role::Gateway,
-    })
-    .unwrap();
-    tokio::spawn(event_loop.run());
-    client
+    let mut engine = support::small_engine().await;
+    engine.referee_slots = 0;
+    support::provider(engine, 60).await
 }
 
 async fn open(client: &Client, peer: PeerId) -> libp2p::Stream {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match client
-            .stream_control()
-            .open_stream(peer, GENERATE_PROTOCOL)
-            .await
-        {
-            Ok(stream) => return stream,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("cannot open a stream: {e}"),
-        }
-    }
+    support::open(client, peer, GENERATE_PROTOCOL).await
 }
 
 async fn answer(stream: &mut libp2p::Stream) -> GenerateFrame {
@@ -140,7 +68,7 @@ async fn hostile_requests_get_error_frames_and_the_provider_keeps_serving() {
     let (started, _stop) = provider().await;
     let peer = started.peer_id;
     let digest = started.model.digest;
-    let client = client(started.listen_addrs.clone());
+    let client = support::client(started.listen_addrs.clone());
 
     // Garbage after a valid length prefix.
     let mut s = open(&client, peer).await;

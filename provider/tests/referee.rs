@@ -4,15 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::{Duration, Instant};
+mod support;
+
+use std::time::Duration;
 
 use futures::AsyncWriteExt;
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use proofmesh_provider::engine::EngineConfig;
-use proofmesh_provider::{ProviderConfig, Tamper};
 use proofmesh_shared::commit::{Commitment, SignedCommitment, output_hash, prompt_hash};
-use proofmesh_shared::net::{self, Client, NetConfig, Role};
+use proofmesh_shared::net::Client;
 use proofmesh_shared::protocol::{
     ChatMessage, FinishReason, GenerateRequest, MAX_EVIDENCE_FRAME, ModelDigest, REFEREE_PROTOCOL,
     RefereeFrame, RefereeReply, RemoteErrorKind, RequestId, read_frame, write_frame,
@@ -24,79 +24,13 @@ use tokio::sync::oneshot;
 const RATE: u32 = 4;
 
 async fn provider() -> (proofmesh_provider::Started, oneshot::Sender<()>) {
-    let model = proofmesh_provider::fetch::default_model_path();
-    if !model.is_file() {
-        proofmesh_provider::fetch::fetch_default_model(
-            &proofmesh_provider::fetch::default_model_dir(),
-            None,
-        )
-        .await
-        .expect("fetching the default model");
-    }
-    let mut engine = EngineConfig::new(model);
-    engine.context_size = 256;
-    engine.parallel = 1;
-    engine.batch_size = 128;
+    let mut engine = support::small_engine().await;
     engine.referee_slots = 1;
-    let config = ProviderConfig {
-        engine,
-        model_name: None,
-        keypair: Keypair::generate_secp256k1(),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        bootstrap: vec![],
-        mdns: false,
-        leaf_store_bytes: 1 << 20,
-        http_listen: None,
-        drain_timeout: Duration::from_secs(5),
-        referee_rate_per_minute: RATE,
-        tamper: Tamper::None,
-        tamper_model: None,
-        claim_digest: None,
-    };
-    let (tx, rx) = oneshot::channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        proofmesh_provider::run(
-            config,
-            async move {
-                let _ = stopped.await;
-            },
-            Some(tx),
-        )
-        .await
-        .unwrap();
-    });
-    (rx.await.unwrap(), stop)
-}
-
-fn client(bootstrap: Vec<libp2p::Multiaddr>) -> Client {
-    let (client, _events, event_loop) = net::new(NetConfig {
-        keypair: Keypair::generate_secp256k1(),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        bootstrap,
-        mdns: false,
-        role: Role::Gateway,
-    })
-    .unwrap();
-    tokio::spawn(event_loop.run());
-    client
+    support::provider(engine, RATE).await
 }
 
 async fn open(client: &Client, peer: PeerId) -> libp2p::Stream {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match client
-            .stream_control()
-            .open_stream(peer, REFEREE_PROTOCOL)
-            .await
-        {
-            Ok(stream) => return stream,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("cannot open a stream: {e}"),
-        }
-    }
+    support::open(client, peer, REFEREE_PROTOCOL).await
 }
 
 async fn reply(stream: &mut libp2p::Stream) -> RefereeReply {
@@ -172,7 +106,7 @@ async fn a_referee_job_returns_evidence_and_hostile_jobs_are_refused() {
         "{}",
         started.model.numerics
     );
-    let client = client(started.listen_addrs.clone());
+    let client = support::client(started.listen_addrs.clone());
     let audited = Keypair::generate_secp256k1();
     let audited_peer = audited.public().to_peer_id();
 

@@ -8,9 +8,9 @@
 //! a request fails when any single margin exceeds a limit, or when their *excess* does: the sum
 //! over positions of what each margin has above a dead zone. Kernel noise flips the choice only
 //! between near-tied tokens, so honest margins stay inside the dead zone almost everywhere and
-//! the excess stays near zero however long the answer; every token a cheaper decoder chose
-//! against the claimed model's clear preference adds to it, so the evidence grows with length
-//! instead of being averaged away. A median between half its limit and the limit is
+//! the honest excess grows slowly with length (its limit grows with the answer beyond the
+//! calibrated lengths); every token a cheaper decoder chose against the claimed model's clear
+//! preference adds to it, so the evidence grows with length instead of being averaged away. A median between half its limit and the limit is
 //! borderline: the gateway opens more steps before it decides.
 //!
 //! The limits depend on how closely an honest provider and its referee can agree ([`Tier`]),
@@ -80,8 +80,12 @@ pub struct Thresholds {
     /// Fail when any single challenged `D_t` exceeds this.
     pub step_distance: f32,
     /// Fail when the excess margin, `sum over positions of max(0, min(margin, clip) - dead
-    /// zone)`, exceeds this.
+    /// zone)`, exceeds this (for answers of up to [`Thresholds::excess_margin_span`] tokens).
     pub excess_margin: f32,
+    /// Answer length the excess limit was calibrated up to. Honest excess grows with length
+    /// (sub-linearly: its largest value went 1.7, 2.8, 3.7, 5.8 at 8, 32, 128, 512 tokens), so
+    /// beyond this length the limit grows in proportion to the length, which is conservative.
+    pub excess_margin_span: u32,
     /// Margins up to this count as kernel noise in the excess.
     pub margin_dead_zone: f32,
     /// Fail when any single margin exceeds this.
@@ -98,22 +102,47 @@ pub const EXACT: Thresholds = Thresholds {
     median_distance: 1e-3,
     step_distance: 1e-3,
     excess_margin: 1e-3,
+    excess_margin_span: 512,
     margin_dead_zone: 0.0,
     max_margin: 1e-3,
     margin_clip: 8.0,
 };
 
-/// Limits for the tolerant tier: 1.5× the largest honest value the calibration harness saw over
-/// its noisiest honest pair (referee micro-batches above 64 tokens against providers batching
-/// 1 to 16 sequences). See `bench/calibration.md`.
+/// Limits for the tolerant tier, each at least 1.5× the largest honest value the calibration
+/// harness saw (full run of 2026-11-25: 1,100 honest answers of 8 to 512 tokens from providers
+/// with q8_0 or f16 KV caches batching 1, 4 and 16 sequences on 1 or 2 threads, 1,320 of them
+/// refereed in this tier by q8_0 and f16 referees with micro-batches of 32 and 512 tokens; no GPU
+/// provider was available, so GPU noise is not covered yet). See `bench/calibration.md`:
+///
+/// | statistic | largest honest | limit | limit / largest |
+/// |---|---|---|---|
+/// | median `D_t` over an audit's challenged steps | 0.208 (0.249 over 32 draws an answer) | 0.375 | 1.80 (1.51) |
+/// | largest `D_t` of any step | 0.813 | 1.5 | 1.85 |
+/// | excess margin (dead zone 0.5, up to 512 tokens) | 5.84 | 9.0 | 1.54 |
+/// | largest margin | 5.01 | 7.6 | 1.52 |
+///
+/// What these limits cannot separate from honest noise: one tensor requantized to a neighbouring
+/// format (its median `D_t`, 0.09-0.14, sits inside the honest range) and a cheaper decoder whose
+/// tokens leave the claimed model's only at near-ties (its copied logits are exact, and its few
+/// low-margin tokens look like kernel noise). Both are caught in the exact tier.
 pub const TOLERANT: Thresholds = Thresholds {
-    median_distance: 0.30,
-    step_distance: 1.50,
-    excess_margin: 2.0,
+    median_distance: 0.375,
+    step_distance: 1.5,
+    excess_margin: 9.0,
+    excess_margin_span: 512,
     margin_dead_zone: 0.5,
-    max_margin: 4.0,
+    max_margin: 7.6,
     margin_clip: 8.0,
 };
+
+impl Thresholds {
+    /// The excess-margin limit for an answer of `positions` tokens: [`Thresholds::excess_margin`]
+    /// up to [`Thresholds::excess_margin_span`] tokens, proportionally more beyond.
+    pub fn excess_limit(&self, positions: usize) -> f32 {
+        let span = self.excess_margin_span.max(1) as f32;
+        self.excess_margin * (positions as f32 / span).max(1.0)
+    }
+}
 
 /// The distance between a provider's committed candidates and the referee's at one step: the
 /// centred RMS of `provider logit - referee logit` over the union of both candidate sets. A
@@ -229,7 +258,7 @@ pub fn judge_distances(mut distances: Vec<f32>, margins: &[f32], tier: Tier) -> 
     if median_distance > limits.median_distance || max_distance > limits.step_distance {
         return Judgement::Fail(AuditFailure::LogitsDiverge, statistics);
     }
-    if excess_margin > limits.excess_margin || max_margin > limits.max_margin {
+    if excess_margin > limits.excess_limit(margins.len()) || max_margin > limits.max_margin {
         return Judgement::Fail(AuditFailure::TokensImplausible, statistics);
     }
     if tier == Tier::Tolerant && median_distance > limits.median_distance / 2.0 {
@@ -308,6 +337,27 @@ mod tests {
             ),
             f32::INFINITY
         );
+    }
+
+    #[test]
+    fn excess_limit_grows_with_length_beyond_the_calibrated_span() {
+        let t = &TOLERANT;
+        assert_eq!(t.excess_limit(8), t.excess_margin);
+        assert_eq!(t.excess_limit(512), t.excess_margin);
+        assert_eq!(t.excess_limit(1024), 2.0 * t.excess_margin);
+        // A long honest-looking answer (every margin just inside the dead zone but a few) passes;
+        // the same excess packed into a short answer fails.
+        let mut margins = vec![0.4; 2048];
+        margins[..12].fill(3.0);
+        assert!(excess(&margins, t) > t.excess_margin);
+        assert!(matches!(
+            judge_distances(vec![0.1; 16], &margins, Tier::Tolerant),
+            Judgement::Pass(_)
+        ));
+        assert!(matches!(
+            judge_distances(vec![0.1; 16], &margins[..64], Tier::Tolerant),
+            Judgement::Fail(AuditFailure::TokensImplausible, _)
+        ));
     }
 
     #[test]

@@ -1,0 +1,100 @@
+//! What the raw-protocol tests share: a real provider on loopback (real model, real swarm) and a
+//! bare gateway-role client that opens streams to it.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::{Duration, Instant};
+
+use libp2p::identity::Keypair;
+use libp2p::{PeerId, StreamProtocol};
+use proofmesh_provider::engine::EngineConfig;
+use proofmesh_provider::{ProviderConfig, Tamper};
+use proofmesh_shared::net::{self, Client, NetConfig, Role};
+use tokio::sync::oneshot;
+
+/// A small engine on the default model (fetched when missing): 256-token context, one sequence.
+pub async fn small_engine() -> EngineConfig {
+    let model = proofmesh_provider::fetch::default_model_path();
+    if !model.is_file() {
+        proofmesh_provider::fetch::fetch_default_model(
+            &proofmesh_provider::fetch::default_model_dir(),
+            None,
+        )
+        .await
+        .expect("fetching the default model");
+    }
+    let mut engine = EngineConfig::new(model);
+    engine.context_size = 256;
+    engine.parallel = 1;
+    engine.batch_size = 128;
+    engine
+}
+
+/// Starts a provider with `engine` that referees at most `referee_rate_per_minute` jobs per
+/// asker; dropping the returned sender stops it.
+pub async fn provider(
+    engine: EngineConfig,
+    referee_rate_per_minute: u32,
+) -> (proofmesh_provider::Started, oneshot::Sender<()>) {
+    let config = ProviderConfig {
+        engine,
+        model_name: None,
+        keypair: Keypair::generate_secp256k1(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap: vec![],
+        mdns: false,
+        leaf_store_bytes: 1 << 20,
+        http_listen: None,
+        drain_timeout: Duration::from_secs(5),
+        referee_rate_per_minute,
+        tamper: Tamper::None,
+        tamper_model: None,
+        claim_digest: None,
+    };
+    let (tx, rx) = oneshot::channel();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        proofmesh_provider::run(
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+            Some(tx),
+        )
+        .await
+        .unwrap();
+    });
+    (rx.await.unwrap(), stop)
+}
+
+/// A gateway-role swarm on loopback that dials `bootstrap`.
+pub fn client(bootstrap: Vec<libp2p::Multiaddr>) -> Client {
+    let (client, _events, event_loop) = net::new(NetConfig {
+        keypair: Keypair::generate_secp256k1(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap,
+        mdns: false,
+        role: Role::Gateway,
+    })
+    .unwrap();
+    tokio::spawn(event_loop.run());
+    client
+}
+
+/// Opens a `protocol` stream to `peer`, retrying for up to 20 s while the connection comes up.
+pub async fn open(client: &Client, peer: PeerId, protocol: StreamProtocol) -> libp2p::Stream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client
+            .stream_control()
+            .open_stream(peer, protocol.clone())
+            .await
+        {
+            Ok(stream) => return stream,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot open a stream: {e}"),
+        }
+    }
+}
