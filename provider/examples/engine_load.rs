@@ -2,7 +2,9 @@
 //! under `bench/serve.py`, which runs it in the same rounds as llama-server and proofmesh so the
 //! cost of the gateway and the libp2p hop shows up as a separate row.
 //!
-//! `cargo run --release -p proofmesh-provider --example engine_load -- MODEL THREADS CONCURRENCY TOKENS REQUESTS`
+//! `cargo run --release -p proofmesh-provider --example engine_load -- MODEL THREADS CONCURRENCY TOKENS REQUESTS [KV]`
+//!
+//! KV is the KV cache type, `q8_0` (the provider's default) or `f16`.
 //!
 //! Runs REQUESTS greedy requests (the prompts of bench/serve.py, in turn) with CONCURRENCY in
 //! flight on `max(4, CONCURRENCY)` slots of 1024 tokens and prints one JSON line: generated
@@ -58,7 +60,9 @@ async fn main() {
         parallel: concurrency.max(4),
         batch_size: 512,
         gpu_layers: 0,
-        kv_cache: Default::default(),
+        kv_cache: args
+            .get(5)
+            .map_or_else(Default::default, |kv| kv.parse().expect("q8_0 or f16")),
         referee_slots: 0,
         referee_micro_batch: proofmesh_provider::engine::DEFAULT_REFEREE_MICRO_BATCH,
     };
