@@ -407,6 +407,15 @@ async fn score(referee: &Engine, answer: &Answer, leaves: &[StepLeaf]) -> Scored
     }
 }
 
+/// Each answer's own leaves, indexed for [`score_all`]: the answers scored as they were generated.
+fn as_claimed(answers: &[Answer]) -> Vec<(usize, Vec<StepLeaf>)> {
+    answers
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (i, a.leaves.clone()))
+        .collect()
+}
+
 /// Scores many answers, two re-executions at a time.
 async fn score_all(
     referee: &Engine,
@@ -695,11 +704,7 @@ async fn measure(quick: bool) -> Dump {
         }
         let provider_numerics = provider.info().numerics.clone();
         drop(provider);
-        let indexed: Vec<(usize, Vec<StepLeaf>)> = answers
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (i, a.leaves.clone()))
-            .collect();
+        let indexed = as_claimed(&answers);
         for &r in used {
             let (rlabel, referee) = referees[r];
             let tier = Tier::between(&provider_numerics, &referee.info().numerics);
@@ -734,11 +739,7 @@ async fn measure(quick: bool) -> Dump {
         let cheat = engine(path, KvCache::Q8_0, 4, 2, None);
         let answers = generate(&cheat, &cheat_reqs, 4).await;
         drop(cheat);
-        let indexed: Vec<(usize, Vec<StepLeaf>)> = answers
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (i, a.leaves.clone()))
-            .collect();
+        let indexed = as_claimed(&answers);
         let judges = [
             (referees[0].0, &det32, &[Tier::Exact, Tier::Tolerant][..]),
             (referees[2].0, &f16_512, &[Tier::Tolerant][..]),

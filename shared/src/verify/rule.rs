@@ -10,8 +10,9 @@
 //! between near-tied tokens, so honest margins stay inside the dead zone almost everywhere and
 //! the honest excess grows slowly with length (its limit grows with the answer beyond the
 //! calibrated lengths); every token a cheaper decoder chose against the claimed model's clear
-//! preference adds to it, so the evidence grows with length instead of being averaged away. A median between half its limit and the limit is
-//! borderline: the gateway opens more steps before it decides.
+//! preference adds to it, so the evidence grows with length instead of being averaged away. A
+//! median between half its limit and the limit is borderline: the gateway opens more steps
+//! before it decides.
 //!
 //! The limits depend on how closely an honest provider and its referee can agree ([`Tier`]),
 //! and come from the calibration harness (`provider/examples/calibrate.rs`, results in
