@@ -80,6 +80,8 @@ pub struct GatewayConfig {
     pub referee: Option<LocalReferee>,
     /// Audits a provider must pass before it is challenged at the normal rate.
     pub probation_audits: u32,
+    /// Which audit tiers merkle answers may be judged in.
+    pub audit_tiers: referee::AuditTiers,
     /// Where fraud proofs of failed audits are written, if anywhere.
     pub evidence_dir: Option<std::path::PathBuf>,
 }
@@ -201,6 +203,7 @@ pub async fn run(
         audit_secret: Arc::new(rand::random()),
         challenge_count: config.challenge_count.max(1),
         probation_audits: config.probation_audits,
+        audit_tiers: config.audit_tiers,
         local_referee,
         evidence_dir: config.evidence_dir.clone(),
         default_mode: config.default_mode,

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use proofmesh_gateway::openai::request::VerificationMode;
+use proofmesh_gateway::referee::AuditTiers;
 use proofmesh_gateway::settings::GatewaySettings;
 use proofmesh_gateway::{GatewayConfig, LocalReferee};
 use proofmesh_shared::config::{self, CONFIG_ENV};
@@ -125,6 +126,14 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_PROBATION_AUDITS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     probation_audits: Option<u32>,
+    /// Audit tiers merkle answers may be judged in. `exact`: a provider is only refereed by an
+    /// engine of its own deterministic numerics class (bit-for-bit agreement; providers that
+    /// only a referee of another class could check get no merkle requests). `any`: also across
+    /// classes (f16 KV cache, GPU providers refereed on CPU) in the tolerant tier, whose limits
+    /// sit above kernel noise and miss some near-tie cheats [default: exact].
+    #[arg(long, env = "PROOFMESH_AUDIT_TIERS", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit_tiers: Option<AuditTiers>,
     /// Directory where a failed audit's fraud proof is written (CBOR; `proofmesh-gateway
     /// check-proof FILE` re-checks one) [default: none].
     #[arg(long, env = "PROOFMESH_EVIDENCE_DIR")]
@@ -239,6 +248,7 @@ async fn main() -> anyhow::Result<()> {
             context_size: settings.referee_ctx_size,
         }),
         probation_audits: settings.probation_audits,
+        audit_tiers: settings.audit_tiers,
         evidence_dir: settings.evidence_dir,
     };
     let result =

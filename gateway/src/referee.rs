@@ -17,7 +17,7 @@ use proofmesh_shared::protocol::{
     FrameError, GenerateRequest, MAX_EVIDENCE_FRAME, MAX_TOKENS_PER_FRAME, REFEREE_PROTOCOL,
     RefereeFrame, RefereeReply, read_frame, write_frame,
 };
-use proofmesh_shared::verify::SignedEvidence;
+use proofmesh_shared::verify::{SignedEvidence, Tier};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::registry::Candidate;
@@ -62,12 +62,95 @@ impl Choice {
     }
 }
 
+/// Which audit tiers the gateway accepts for merkle answers.
+///
+/// In the exact tier (provider and referee of one deterministic numerics class) honest logits
+/// agree bit for bit and every cheat in the attack suite is caught in every request. In the
+/// tolerant tier (other numerics: f16 KV cache, GPU against CPU) the limits must sit above
+/// kernel noise, and a cheat whose cheaper decoder departs from the claimed model only at
+/// near-ties passes some requests (`bench/calibration.md`). Since a provider declares its own
+/// numerics, a cheat could pick the tolerant tier; so by default no merkle answer is audited
+/// in it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditTiers {
+    /// Merkle requests go only to providers a referee of their own deterministic numerics class
+    /// can re-execute (or, when the model has no referee at all, to any provider, and the
+    /// verdict says `unrefereed`).
+    #[default]
+    Exact,
+    /// Also audit across numerics classes, in the tolerant tier (e.g. GPU providers refereed
+    /// on CPU), accepting its weaker detection of near-tie cheats.
+    Any,
+}
+
+/// How an answer of a candidate would be audited with the referees available now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Prospect {
+    /// A referee of the provider's own deterministic class is available.
+    Exact,
+    /// No referee at all: exact checks only, verdict `unrefereed`.
+    Unrefereed,
+    /// Only referees of other numerics classes.
+    Tolerant,
+}
+
+fn prospect(state: &AppState, provider: &Candidate) -> Prospect {
+    let exact = |numerics: &str| Tier::between(&provider.card.numerics, numerics) == Tier::Exact;
+    let local = state
+        .local_referee
+        .as_ref()
+        .filter(|local| local.digest() == provider.card.digest);
+    let remote = state
+        .registry
+        .referees(&provider.card.digest, &provider.peer);
+    if local.is_some_and(|l| exact(l.numerics())) || remote.iter().any(|(_, n)| exact(n)) {
+        Prospect::Exact
+    } else if local.is_none() && remote.is_empty() {
+        Prospect::Unrefereed
+    } else {
+        Prospect::Tolerant
+    }
+}
+
+/// The candidates a merkle request may go to under the gateway's [`AuditTiers`], in routing
+/// order: with [`AuditTiers::Exact`], providers a same-class referee can audit first (load
+/// order kept among them), then those of a model nobody referees; providers that could only
+/// be audited in the tolerant tier are left out. With [`AuditTiers::Any`], all of them as given.
+pub fn auditable(state: &AppState, candidates: Vec<Candidate>) -> Vec<Candidate> {
+    if state.audit_tiers == AuditTiers::Any {
+        return candidates;
+    }
+    let mut keyed: Vec<(Prospect, Candidate)> = candidates
+        .into_iter()
+        .map(|c| (prospect(state, &c), c))
+        .filter(|(p, _)| *p != Prospect::Tolerant)
+        .collect();
+    keyed.sort_by_key(|(p, _)| *p);
+    keyed.into_iter().map(|(_, c)| c).collect()
+}
+
 /// Picks a referee for `provider`'s answer, never `provider` itself and none of `exclude`.
+/// Under [`AuditTiers::Exact`] only a referee of the provider's own deterministic class will
+/// do; otherwise one of the same class is preferred, then any.
 pub fn choose(state: &AppState, provider: &Candidate, exclude: &[PeerId]) -> Option<Choice> {
+    let exact = |numerics: &str| Tier::between(&provider.card.numerics, numerics) == Tier::Exact;
+    let exact_only = state.audit_tiers == AuditTiers::Exact;
     if let Some(local) = &state.local_referee
         && local.digest() == provider.card.digest
         && local.has_capacity()
         && !exclude.contains(&local.peer_id())
+        && (!exact_only || exact(local.numerics()))
     {
         return Some(Choice::Local(Box::new(local.clone())));
     }
@@ -75,13 +158,16 @@ pub fn choose(state: &AppState, provider: &Candidate, exclude: &[PeerId]) -> Opt
         .registry
         .referees(&provider.card.digest, &provider.peer);
     peers.retain(|(peer, _)| !exclude.contains(peer));
-    // A referee with the provider's own deterministic numerics makes the audit exact.
+    // A referee with the provider's own deterministic numerics makes the audit exact; under
+    // `Any`, one of the same non-deterministic class is still the closest match.
     let same: Vec<PeerId> = peers
         .iter()
-        .filter(|(_, numerics)| *numerics == provider.card.numerics)
+        .filter(|(_, numerics)| {
+            *numerics == provider.card.numerics && (!exact_only || exact(numerics))
+        })
         .map(|(peer, _)| *peer)
         .collect();
-    let pool: Vec<PeerId> = if same.is_empty() {
+    let pool: Vec<PeerId> = if same.is_empty() && !exact_only {
         peers.into_iter().map(|(peer, _)| peer).collect()
     } else {
         same

@@ -11,6 +11,7 @@ use proofmesh_shared::telemetry::LogFormat;
 use serde::{Deserialize, Serialize};
 
 use crate::openai::request::VerificationMode;
+use crate::referee::AuditTiers;
 
 /// Every gateway setting, as written in the TOML file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +46,9 @@ pub struct GatewaySettings {
     pub referee_ctx_size: u32,
     /// Audits a provider must pass before it is challenged at the normal rate.
     pub probation_audits: u32,
+    /// `exact`: merkle answers are only judged by a referee of the provider's own deterministic
+    /// numerics class; `any`: also across classes, in the tolerant tier.
+    pub audit_tiers: AuditTiers,
     /// Directory for fraud proofs of failed audits (CBOR, checked with `check-proof`); unset
     /// keeps none.
     pub evidence_dir: Option<PathBuf>,
@@ -76,6 +80,7 @@ impl Default for GatewaySettings {
             referee_slots: 2,
             referee_ctx_size: 4096,
             probation_audits: crate::audit::PROBATION_AUDITS,
+            audit_tiers: AuditTiers::Exact,
             evidence_dir: None,
             log_format: LogFormat::Text,
             otlp_endpoint: None,

@@ -23,6 +23,8 @@ pub struct AppState {
     pub challenge_count: usize,
     /// Audits a provider must pass before it is challenged at the normal rate.
     pub probation_audits: u32,
+    /// Which audit tiers merkle answers may be judged in.
+    pub audit_tiers: crate::referee::AuditTiers,
     /// The gateway's own referee, when it was started with the model file.
     pub local_referee: Option<Referee>,
     /// Where fraud proofs of failed audits are written, if anywhere.

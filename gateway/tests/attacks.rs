@@ -13,6 +13,7 @@ mod support;
 
 use std::time::Duration;
 
+use proofmesh_gateway::referee::AuditTiers;
 use proofmesh_provider::Tamper;
 use proofmesh_provider::engine::KvCache;
 use proofmesh_provider::variants::Variant;
@@ -106,8 +107,9 @@ async fn other_weights_are_caught_in_the_exact_tier() {
 }
 
 /// The same cheaper quantizations from providers that declare non-deterministic numerics (an
-/// f16 KV cache), so the audit can only use the tolerant tier's limits: still caught on every
-/// 128-token answer. An honest f16 provider passes under the same limits.
+/// f16 KV cache), on a gateway that accepts the tolerant tier (`--audit-tiers any`), so the
+/// audit can only use that tier's limits: still caught on every 128-token answer. An honest
+/// f16 provider passes under the same limits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cheaper_quantizations_are_caught_in_the_tolerant_tier() {
     let f16 = |spec: ProviderSpec| ProviderSpec {
@@ -127,7 +129,11 @@ async fn cheaper_quantizations_are_caught_in_the_tolerant_tier() {
             support::attack_model(variant),
         )));
     }
-    let mesh = Mesh::start(&specs).await;
+    let options = GatewayOptions {
+        audit_tiers: AuditTiers::Any,
+        ..GatewayOptions::default()
+    };
+    let mesh = Mesh::start_with(&specs, options).await;
     let prompts = [
         STORY,
         "Explain how a bicycle works, part by part, for a curious child.",
@@ -149,6 +155,39 @@ async fn cheaper_quantizations_are_caught_in_the_tolerant_tier() {
         assert_eq!(status, 200, "honest f16 provider accused: {answer}");
         assert_eq!(header(&headers, "x-proofmesh-audit-tier"), "tolerant");
     }
+}
+
+/// By default a gateway judges merkle answers only in the exact tier: a provider declaring
+/// other numerics than every referee (as a cheat may, to face the tolerant tier's looser
+/// limits) gets no merkle request at all, only a clear 503, while `none` still reaches it. An
+/// honest deterministic provider of the same model keeps serving merkle, audited exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tolerant_tier_is_refused_by_default() {
+    let copied_f16 = ProviderSpec {
+        tamper: Tamper::CopiedLogits,
+        kv_cache: KvCache::F16,
+        ..ProviderSpec::serving("copied-logits-f16", support::attack_model(Variant::Q2K))
+    };
+    let honest_f16 = ProviderSpec {
+        kv_cache: KvCache::F16,
+        ..ProviderSpec::tampering("honest-f16", Tamper::None)
+    };
+    let mesh = Mesh::start(&[HONEST, honest_f16, copied_f16]).await;
+    for name in ["copied-logits-f16", "honest-f16"] {
+        let (status, headers, answer) = ask(&mesh, name, STORY, 32).await;
+        assert_eq!(status, 503, "{name} got a merkle request: {answer}");
+        assert_eq!(answer["error"]["code"], "no_provider_available", "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("--audit-tiers any"), "{message}");
+        assert!(header(&headers, "x-proofmesh-provider").is_empty());
+    }
+    let mut body = chat_body(STORY, json!({"verification_mode": "none", "max_tokens": 8}));
+    body["model"] = json!("honest-f16");
+    let (status, _, answer) = mesh.chat(body).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, headers, answer) = ask(&mesh, MODEL, STORY, 32).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(header(&headers, "x-proofmesh-audit-tier"), "exact");
 }
 
 /// Answers forged by a provider running the right model: made-up tokens, a replayed answer,

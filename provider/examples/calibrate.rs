@@ -1025,6 +1025,13 @@ fn report(dump: &Dump) -> String {
     line("## Detection per cheat (16 challenged steps, per request)");
     line("");
     line(
+        "A cheat faces the tolerant tier only by declaring other numerics than its referee, and \
+         gateways refuse that tier unless started with `--audit-tiers any` (default `exact`: such \
+         a provider gets no merkle request). The tolerant rows are what an operator accepts by \
+         allowing it.",
+    );
+    line("");
+    line(
         "| cheat | cheat's KV | tier | answers | caught at 8 / 32 / 128 / 512 tokens | answer median D p1 / p50 | excess margin p1 / p50 |",
     );
     line("|---|---|---|---|---|---|---|");

@@ -22,6 +22,7 @@ use crate::openai::response::{
     AssistantMessage, AuditStatistics, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice,
     Delta, ProofmeshInfo, Usage, unix_now,
 };
+use crate::referee;
 use crate::registry::{Candidate, Lookup};
 use crate::state::AppState;
 
@@ -61,7 +62,7 @@ A failure after the stream started arrives as a `data:` line holding an `ErrorBo
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
         (status = 502, description = "The provider failed, or `verification_failed`: every provider tried failed its audit (then `x-should-retry: false`)", body = ErrorBody,
             headers(("x-should-retry" = String, description = "`false` when retrying cannot help"))),
-        (status = 503, description = "`no_provider_available` or `shutting_down`", body = ErrorBody),
+        (status = 503, description = "`no_provider_available` (none reachable, all benched, or for `merkle`: none that a referee of its own numerics class can audit, unless the gateway runs with `--audit-tiers any`) or `shutting_down`", body = ErrorBody),
         (status = 504, description = "The provider did not answer in time", body = ErrorBody),
     )
 )]
@@ -105,6 +106,18 @@ async fn answer(
     let mut candidates = resolve(&state, &chat.model)?;
     if let Some(pinned) = headers.get(PIN_HEADER) {
         pin(&mut candidates, pinned, &chat.model)?;
+    }
+    if chat.mode == VerificationMode::Merkle {
+        candidates = referee::auditable(&state, candidates);
+        if candidates.is_empty() {
+            return Err(ApiError::no_provider(format!(
+                "No provider of '{}' can be audited in the exact tier right now: each would \
+                 need a referee of its own numerics class, and this gateway does not judge \
+                 answers across classes (its operator can allow that with --audit-tiers any). \
+                 Retry later, or ask for verification_mode \"none\"",
+                chat.model
+            )));
+        }
     }
     let request = GenerateRequest {
         version: GenerateRequest::VERSION,

@@ -174,6 +174,8 @@ pub struct GatewayOptions {
     /// How long a provider that failed an audit is benched (tests default to none, so that
     /// one forging provider can be probed repeatedly).
     pub failed_audit_cooldown: Duration,
+    /// Audit tiers the gateway accepts (the product default: exact only).
+    pub audit_tiers: proofmesh_gateway::referee::AuditTiers,
 }
 
 pub async fn start_gateway() -> (Mesh, proofmesh_gateway::Started) {
@@ -205,6 +207,7 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
         }),
         // Every test provider is new; probation would double the steps challenged everywhere.
         probation_audits: 0,
+        audit_tiers: options.audit_tiers,
         evidence_dir: options.evidence_dir.clone(),
     };
     tokio::spawn(async move {
