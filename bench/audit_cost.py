@@ -105,6 +105,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--requests", type=int, default=12, help="per mode and setup")
     ap.add_argument("--long-tokens", type=int, default=512)
+    ap.add_argument("--setups", default="disjoint,shared", help="which setups to run, comma-separated")
     args = ap.parse_args()
     if (os.cpu_count() or 1) < 2:
         sys.exit("needs two cores to pin provider and referee apart")
@@ -115,7 +116,9 @@ def main():
                            capture_output=True, text=True).stdout.strip()
     logs = tempfile.mkdtemp(prefix="proofmesh-audit-cost-")
     rows, evidence = [], []
-    for name, pinned in [("disjoint cores", True), ("shared cores", False)]:
+    setups = [(n, p) for n, p in [("disjoint cores", True), ("shared cores", False)]
+              if n.split()[0] in args.setups.split(",")]
+    for name, pinned in setups:
         url, procs = start(bins, model, logs, name.split()[0], pinned)
         try:
             if pinned:

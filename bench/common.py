@@ -21,6 +21,7 @@ class StreamTiming:
     end: float  # stream closed
     chunks: int  # content chunks seen
     tokens: int | None  # completion_tokens from the usage chunk, when sent
+    arrivals: list  # perf_counter() of every content chunk
 
 
 def stream_chat(url, body, timeout):
@@ -28,7 +29,7 @@ def stream_chat(url, body, timeout):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     start = time.perf_counter()
     first = last = None
-    chunks, tokens = 0, None
+    chunks, tokens, arrivals = 0, None, []
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         for raw in resp:
             line = raw.decode().strip()
@@ -41,8 +42,9 @@ def stream_chat(url, body, timeout):
                 last = time.perf_counter()
                 first = first or last
                 chunks += 1
+                arrivals.append(last)
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     if first is None:
         raise RuntimeError("the stream carried no content")
-    return StreamTiming(start, first, last, time.perf_counter(), chunks, tokens)
+    return StreamTiming(start, first, last, time.perf_counter(), chunks, tokens, arrivals)

@@ -6,7 +6,8 @@ OpenAI-compatible server, same model, threads and parallel slots, same prompts, 
 
 A third row, "engine in-process", runs the provider's engine with no mesh and no HTTP
 (provider/examples/engine_load.rs) under the same load, so the cost of the gateway and the libp2p
-hop is shown on its own. For each concurrency level both servers are (re)started with `parallel = max(4, concurrency)`
+hop is shown on its own. At `--stall-concurrency` a ~2,000-token prompt then arrives while streams
+run, and a second table shows the running streams' longest gap between tokens during its prefill. For each concurrency level both servers are (re)started with `parallel = max(4, concurrency)`
 slots (llama-server's default is 4) and a context of 1024 tokens per slot; then, in interleaved
 rounds, each target gets the same fixed prompt set from `concurrency` client threads, streaming
 and not. Prints one table: aggregate generated tokens/s, TTFT and latency p50/p99, failures, and
@@ -37,7 +38,12 @@ PROMPTS = [
     "Write a letter to a friend about your holiday by the sea.",
     "Explain what a computer network is to a child.",
 ]
-CTX_PER_SLOT = 1024
+# Room for the long prompt of the stall check (about 2,000 tokens) in one slot.
+CTX_PER_SLOT = 2560
+# The stall check's long prompt: a repeated sentence, 2,020 tokens after SmolLM2's chat template.
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog near the river bank. " * 145
+# proofmesh's prefill chunk (the provider's default `batch_size`).
+PREFILL_CHUNK = 512
 
 
 def percentile(xs, p):
@@ -102,6 +108,57 @@ def load(url, concurrency, tokens, stream, mode, requests):
     }
 
 
+def stall(url, mode, streams, tokens):
+    """`streams` greedy streams run; 1.5 s in, a ~2,000-token prompt arrives (one token of answer).
+
+    Returns the long request's time to answer and prompt length, and the running streams'
+    longest gap between two tokens while it was being prefilled, next to their median gap before.
+    """
+    timings, failures = [None] * streams, []
+
+    def run(i):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "max_tokens": tokens, "temperature": 0, "stream": True}
+        if mode:
+            body["verification_mode"] = mode
+        try:
+            timings[i] = stream_chat(url, body, timeout=600)
+        except Exception as e:  # noqa: BLE001 - counted and shown
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 1,
+            "temperature": 0}
+    if mode:
+        body["verification_mode"] = mode
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            prompt_tokens = json.load(resp)["usage"]["prompt_tokens"]
+    except Exception as e:  # noqa: BLE001
+        failures.append(repr(e))
+        prompt_tokens = 0
+    t1 = time.perf_counter()
+    for t in threads:
+        t.join(timeout=900)
+    during, before = [], []
+    for timing in timings:
+        if timing is None:
+            continue
+        for a, b in zip(timing.arrivals, timing.arrivals[1:]):
+            if b < t0:
+                before.append(b - a)
+            elif a < t1:
+                during.append(b - a)
+    return {"long_ms": (t1 - t0) * 1000, "prompt_tokens": prompt_tokens,
+            "longest_gap_ms": max(during, default=float("nan")) * 1000,
+            "median_gap_ms": statistics.median(before) * 1000 if before else float("nan"), "failures": failures}
+
+
 def engine_load(bins, model, threads, concurrency, tokens, requests):
     """The provider's engine in-process (provider/examples/engine_load.rs): no mesh, no HTTP."""
     out = subprocess.run([os.path.join(bins, "examples", "engine_load"), model, str(threads), str(concurrency),
@@ -130,6 +187,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level")
+    ap.add_argument("--stall-concurrency", type=int, default=4,
+                    help="level at which a ~2,000-token prompt arrives mid-run (0: skip)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -141,7 +200,7 @@ def main():
     llama_bin = subprocess.run([os.path.join(ROOT, "bench", "llama_cpp.sh"), "llama-server"], check=True,
                                capture_output=True, text=True).stdout.strip()
     logs = tempfile.mkdtemp(prefix="proofmesh-serve-")
-    rows = []
+    rows, stalls = [], []
     for c in levels:
         parallel = max(4, c)
         procs = []
@@ -189,6 +248,10 @@ def main():
                                  percentile(a["lat"], 99), len(a["failures"]), statistics.median(a["tps"]) / base))
                     for f in a["failures"][:3]:
                         print(f"  {name} c={c}: {f}", file=sys.stderr)
+            if c == args.stall_concurrency:
+                for name, url, mode in targets:
+                    if url:
+                        stalls.append((c, name, stall(url + "/v1/chat/completions", mode, c, 384)))
         finally:
             for p in procs:
                 p.terminate()
@@ -212,6 +275,20 @@ def main():
         if engine and mesh:
             print(f"c={c}: gateway + libp2p hop + HTTP add {mesh[0] - engine[0]:+.1f} ms to TTFT p50 and keep "
                   f"{mesh[1] / engine[1]:.2f} of the in-process engine's tokens/s (streaming, none)")
+    if stalls:
+        print("\nA ~2,000-token prompt arriving while streams run (llama-server prefills with its default "
+              "batch of 2048, proofmesh in chunks of 512):\n")
+        print("| conc | server | long prompt tokens | its time to answer | prefill per chunk | longest gap of a "
+              "running stream | median gap before | failed |")
+        print("|---|---|---|---|---|---|---|---|")
+        for c, name, m in stalls:
+            chunk = 2048 if name == "llama-server" else PREFILL_CHUNK
+            chunks = max(1, -(-m["prompt_tokens"] // chunk))
+            print(f"| {c} | {name} | {m['prompt_tokens']} | {m['long_ms']:.0f} ms | {m['long_ms'] / chunks:.0f} ms "
+                  f"({chunks} chunks) | {m['longest_gap_ms']:.0f} ms | {m['median_gap_ms']:.0f} ms | "
+                  f"{len(m['failures'])} |")
+            for f in m["failures"][:3]:
+                print(f"  {name}: {f}", file=sys.stderr)
     print(f"\n(logs in {logs})")
 
 
