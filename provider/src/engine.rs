@@ -7,7 +7,8 @@
 //! each `llama_decode` call (prompt prefill in chunks of the batch size, so a long prompt does not
 //! stall running streams). Per step it reads the logits, samples with
 //! [`proofmesh_shared::sampling`] and sends a [`StepEvent`] on the job's own channel. A closed
-//! channel means the caller left: the slot is freed at once.
+//! channel means the caller left: the slot is freed at once. A freed sequence keeps its KV cache,
+//! and the next prompt that begins the same way prefills only the rest (prompt caching, `prefix`).
 //!
 //! The same thread re-executes other providers' answers for audits ([`Engine::reexecute`]):
 //! each such job gets a context of its own (one sequence per referee context), is fed the
@@ -21,6 +22,7 @@
 //! in the exact tier ([`proofmesh_shared::verify::Tier`]). An f16 cache switches to tiled kernels
 //! at 64 rows and loses this.
 
+mod prefix;
 mod referee;
 mod thread;
 
@@ -354,6 +356,8 @@ pub struct EngineLoad {
     pub waiting: AtomicUsize,
     /// Sequence slots in use.
     pub busy_slots: AtomicUsize,
+    /// Prompt tokens whose KV came from the prompt cache instead of a prefill, since start.
+    pub cached_prompt_tokens: AtomicUsize,
 }
 
 /// Handle to the engine thread. Cheap to clone.

@@ -40,6 +40,8 @@ async fn metrics(State(state): State<OpsState>) -> Response {
         .set(load.waiting.load(Ordering::Relaxed) as i64);
     m.busy_slots
         .set(load.busy_slots.load(Ordering::Relaxed) as i64);
+    m.prompt_tokens_cached
+        .set(load.cached_prompt_tokens.load(Ordering::Relaxed) as i64);
     if let Ok(peers) = state.net.connected_peers().await {
         m.peers_connected.set(peers.len() as i64);
     }

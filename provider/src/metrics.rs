@@ -31,6 +31,8 @@ pub struct ProviderMetrics {
     pub requests_deferred: Gauge,
     /// Sequence slots in use (set at scrape time).
     pub busy_slots: Gauge,
+    /// Prompt tokens served from the prompt cache since start (set at scrape time).
+    pub prompt_tokens_cached: Gauge,
     /// Seconds from reading a request to sending its first token.
     pub time_to_first_token: Histogram,
     /// Seconds from request to last token, per completed request.
@@ -56,6 +58,7 @@ impl Default for ProviderMetrics {
         let requests_processing = Gauge::default();
         let requests_deferred = Gauge::default();
         let busy_slots = Gauge::default();
+        let prompt_tokens_cached = Gauge::default();
         let time_to_first_token = Histogram::new(proofmesh_shared::metrics::latency_buckets());
         let generation_seconds = Histogram::new(proofmesh_shared::metrics::latency_buckets());
         // From 10 µs: a 128-step commitment takes well under a millisecond.
@@ -99,6 +102,11 @@ impl Default for ProviderMetrics {
         );
         registry.register("busy_slots", "Sequence slots in use", busy_slots.clone());
         registry.register(
+            "prompt_tokens_cached",
+            "Prompt tokens whose KV came from the prompt cache, since start",
+            prompt_tokens_cached.clone(),
+        );
+        registry.register(
             "time_to_first_token_seconds",
             "Seconds from request to first token",
             time_to_first_token.clone(),
@@ -131,6 +139,7 @@ impl Default for ProviderMetrics {
             requests_processing,
             requests_deferred,
             busy_slots,
+            prompt_tokens_cached,
             time_to_first_token,
             generation_seconds,
             commitment_seconds,

@@ -16,6 +16,7 @@ use proofmesh_shared::commit::StepLeaf;
 use proofmesh_shared::protocol::FinishReason;
 use proofmesh_shared::sampling;
 
+use super::prefix::FreeSeqs;
 use super::referee::{self, Referees};
 use super::{EngineLoad, Job, Message, StepEvent};
 
@@ -56,6 +57,8 @@ struct Slot {
     /// Position of `next` in the sequence.
     pos: i32,
     steps: u32,
+    /// Tokens whose KV is in the cache, at positions `0..len` (kept for the next prompt).
+    cached: Vec<u32>,
 }
 
 impl Slot {
@@ -114,7 +117,7 @@ pub(super) fn run(
     );
     let _ = ready.send(Ok(()));
     let mut batch = LlamaBatch::new(settings.batch_size as usize, 1);
-    let mut free: Vec<i32> = (0..settings.parallel as i32).rev().collect();
+    let mut free = FreeSeqs::new(settings.parallel);
     let mut slots: Vec<Slot> = Vec::new();
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut timing = Timing::default();
@@ -146,17 +149,19 @@ pub(super) fn run(
             && let Some(job) = waiting.pop_front()
         {
             load.waiting.fetch_sub(1, Ordering::Relaxed);
-            admit(&mut slots, &mut free, job);
+            admit(&mut ctx, &mut slots, &mut free, &load, job);
         }
         load.busy_slots.store(slots.len(), Ordering::Relaxed);
         // Callers that left free their slot now.
-        slots.retain(|slot| {
-            let keep = !slot.job.events.is_closed();
-            if !keep {
-                release(&mut ctx, &mut free, slot.seq);
+        let mut i = 0;
+        while i < slots.len() {
+            if slots[i].job.events.is_closed() {
+                let slot = slots.swap_remove(i);
+                free.put(slot.seq, slot.cached);
+            } else {
+                i += 1;
             }
-            keep
-        });
+        }
         if !slots.is_empty() {
             generate_step(
                 &mut ctx,
@@ -182,7 +187,7 @@ fn generate_step(
     model: &LlamaModel,
     batch: &mut LlamaBatch<'_>,
     slots: &mut Vec<Slot>,
-    free: &mut Vec<i32>,
+    free: &mut FreeSeqs,
     settings: &Settings,
     timing: &mut Timing,
 ) {
@@ -197,7 +202,7 @@ fn generate_step(
             let _ = slot.job.events.send(StepEvent::Failed {
                 message: message.clone(),
             });
-            release(ctx, free, slot.seq);
+            free.put_cleared(ctx, slot.seq);
         }
         return;
     }
@@ -212,7 +217,7 @@ fn generate_step(
     }
     for slot_index in finished.into_iter().rev() {
         let slot = slots.swap_remove(slot_index);
-        release(ctx, free, slot.seq);
+        free.put(slot.seq, slot.cached);
     }
     timing.sample += sampling.elapsed();
     timing.tick(batch.n_tokens());
@@ -247,31 +252,34 @@ impl Timing {
     }
 }
 
-fn admit(slots: &mut Vec<Slot>, free: &mut Vec<i32>, job: Job) {
-    let Some(seq) = free.pop() else { return };
+fn admit(
+    ctx: &mut LlamaContext<'_>,
+    slots: &mut Vec<Slot>,
+    free: &mut FreeSeqs,
+    load: &EngineLoad,
+    job: Job,
+) {
     if job.prompt.is_empty() {
         let _ = job.events.send(StepEvent::Failed {
             message: "empty prompt".into(),
         });
-        free.push(seq);
         return;
     }
-    tracing::debug!(request = %job.request_id, seq, prompt = job.prompt.len(), "sequence admitted");
+    let Some((seq, cached)) = free.take(ctx, &job.prompt) else {
+        return;
+    };
+    load.cached_prompt_tokens
+        .fetch_add(cached, Ordering::Relaxed);
+    tracing::debug!(request = %job.request_id, seq, prompt = job.prompt.len(), cached, "sequence admitted");
     slots.push(Slot {
         seq,
-        job,
-        prefilled: 0,
+        prefilled: cached,
         next: None,
-        pos: 0,
+        pos: cached as i32,
         steps: 0,
+        cached: job.prompt[..cached].to_vec(),
+        job,
     });
-}
-
-fn release(ctx: &mut LlamaContext<'_>, free: &mut Vec<i32>, seq: i32) {
-    if let Err(e) = ctx.clear_kv_cache_seq(u32::try_from(seq).ok(), None, None) {
-        tracing::warn!(seq, error = %e, "cannot clear a sequence's cache");
-    }
-    free.push(seq);
 }
 
 /// Puts one token per generating slot and then prompt chunks into the batch. Returns
@@ -291,6 +299,7 @@ fn fill_batch(
             {
                 wants.push((i, batch.n_tokens() - 1));
                 slot.pos += 1;
+                slot.cached.push(token);
             } else {
                 slot.next = Some(token);
             }
@@ -316,6 +325,7 @@ fn fill_batch(
                 break;
             }
             slot.prefilled += 1;
+            slot.cached.push(slot.job.prompt[j]);
             if last {
                 wants.push((i, batch.n_tokens() - 1));
             }
