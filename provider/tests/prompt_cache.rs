@@ -72,10 +72,23 @@ async fn leaves(engine: &Engine, prompt: Vec<u32>) -> Vec<StepLeaf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_prompts_give_the_same_leaves_as_cold_ones() {
     let warm = engine().await;
-    let first = prompt(&warm, "Write a short story about a dragon who learns to fly.");
-    let second = prompt(&warm, "Write a short story about a dragon who learns to swim.");
-    let shared = first.iter().zip(&second).take_while(|(a, b)| a == b).count();
-    assert!(shared > 10 && shared < second.len(), "prompts share {shared} tokens");
+    let first = prompt(
+        &warm,
+        "Write a short story about a dragon who learns to fly.",
+    );
+    let second = prompt(
+        &warm,
+        "Write a short story about a dragon who learns to swim.",
+    );
+    let shared = first
+        .iter()
+        .zip(&second)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(
+        shared > 10 && shared < second.len(),
+        "prompts share {shared} tokens"
+    );
 
     let cold_first = leaves(&warm, first.clone()).await;
     let cached = |e: &Engine| e.load().cached_prompt_tokens.load(Ordering::Relaxed);

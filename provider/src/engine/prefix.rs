@@ -9,6 +9,10 @@
 
 use llama_cpp_2::context::LlamaContext;
 
+/// Prefill tokens a cached prefix must save to be worth a sequence id off the packed range (a
+/// gap costs an extra graph computation in every step while it lasts).
+const WORTH_A_GAP: usize = 128;
+
 /// The sequence ids not running, each with the tokens its KV cache still holds at positions
 /// `0..len`.
 #[derive(Debug)]
@@ -33,20 +37,26 @@ impl FreeSeqs {
     /// Takes the free sequence whose cache shares the longest prefix with `prompt`, drops the
     /// rest of its cache, and returns it with the number of prompt tokens already in place.
     /// That number is always below the prompt's length, so the last prompt token is decoded
-    /// again and yields the first step's logits. Among sequences with nothing in common the
-    /// least recently freed one is taken, which keeps recent prefixes longest.
+    /// again and yields the first step's logits. The lowest free sequence id is taken unless
+    /// another saves [`WORTH_A_GAP`] more tokens of prefill: llama.cpp decodes a multi-stream
+    /// batch in one pass only over consecutive sequence ids (see `generate_step`), so running
+    /// ids are best kept packed at the bottom.
     pub(super) fn take(
         &mut self,
         ctx: &mut LlamaContext<'_>,
         prompt: &[u32],
     ) -> Option<(i32, usize)> {
-        let (index, shared) = self
-            .0
-            .iter()
-            .enumerate()
-            .map(|(i, (_, cached))| (i, common_prefix(cached, prompt)))
-            .max_by_key(|&(i, shared)| (shared, std::cmp::Reverse(i)))?;
-        let index = if shared == 0 { 0 } else { index };
+        let shared_with = |i: usize| common_prefix(&self.0[i].1, prompt);
+        let lowest = (0..self.0.len()).min_by_key(|&i| self.0[i].0)?;
+        let best = (0..self.0.len())
+            .max_by_key(|&i| (shared_with(i), std::cmp::Reverse(self.0[i].0)))
+            .unwrap_or(lowest);
+        let index = if shared_with(best) >= shared_with(lowest) + WORTH_A_GAP {
+            best
+        } else {
+            lowest
+        };
+        let shared = shared_with(index);
         let (seq, _) = self.0.remove(index);
         let keep = shared.min(prompt.len().saturating_sub(1));
         let removed = u32::try_from(keep)

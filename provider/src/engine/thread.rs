@@ -191,6 +191,10 @@ fn generate_step(
     settings: &Settings,
     timing: &mut Timing,
 ) {
+    // With one KV stream per sequence llama.cpp splits a batch into micro-batches of
+    // *consecutive, increasing* sequence ids (`split_equal(.., sequential = true)`): sequences
+    // in admission order, 3, 0, 2, 1, would cost four graph computations per step instead of one.
+    slots.sort_unstable_by_key(|slot| slot.seq);
     let wants_logits = fill_batch(batch, slots, settings.batch_size as usize);
     let decoding = std::time::Instant::now();
     let decoded = ctx.decode(batch);
