@@ -40,7 +40,7 @@ PROMPTS = [
 ]
 # Room for the long prompt of the stall check (about 2,000 tokens) in one slot.
 CTX_PER_SLOT = 2560
-# The stall check's long prompt: a repeated sentence, 2,020 tokens after SmolLM2's chat template.
+# The stall check's long prompt: a repeated sentence, about 2,050 tokens after SmolLM2's chat template.
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog near the river bank. " * 145
 # proofmesh's prefill chunk (the provider's default `batch_size`).
 PREFILL_CHUNK = 512
@@ -109,7 +109,8 @@ def load(url, concurrency, tokens, stream, mode, requests):
 
 
 def stall(url, mode, streams, tokens):
-    """`streams` greedy streams run; 1.5 s in, a ~2,000-token prompt arrives (one token of answer).
+    """`streams` greedy streams run; 1.5 s in, a ~2,000-token prompt arrives (one token of answer) for
+    the one free slot.
 
     Returns the long request's time to answer and prompt length, and the running streams'
     longest gap between two tokens while it was being prefilled, next to their median gap before.
@@ -130,7 +131,9 @@ def stall(url, mode, streams, tokens):
     for t in threads:
         t.start()
     time.sleep(1.5)
-    body = {"model": MODEL, "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 1,
+    # A beginning of its own, so no server finds it in its prompt cache from an earlier target.
+    content = f"Request {time.time_ns()}. {LONG_PROMPT}"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 1,
             "temperature": 0}
     if mode:
         body["verification_mode"] = mode
@@ -145,10 +148,11 @@ def stall(url, mode, streams, tokens):
     t1 = time.perf_counter()
     for t in threads:
         t.join(timeout=900)
-    during, before = [], []
+    during, before, got = [], [], []
     for timing in timings:
         if timing is None:
             continue
+        got.append(sum(1 for a in timing.arrivals if t0 < a < t1))
         for a, b in zip(timing.arrivals, timing.arrivals[1:]):
             if b < t0:
                 before.append(b - a)
@@ -156,7 +160,8 @@ def stall(url, mode, streams, tokens):
                 during.append(b - a)
     return {"long_ms": (t1 - t0) * 1000, "prompt_tokens": prompt_tokens,
             "longest_gap_ms": max(during, default=float("nan")) * 1000,
-            "median_gap_ms": statistics.median(before) * 1000 if before else float("nan"), "failures": failures}
+            "median_gap_ms": statistics.median(before) * 1000 if before else float("nan"),
+            "tokens_during": min(got, default=0), "failures": failures}
 
 
 def engine_load(bins, model, threads, concurrency, tokens, requests):
@@ -251,7 +256,8 @@ def main():
             if c == args.stall_concurrency:
                 for name, url, mode in targets:
                     if url:
-                        stalls.append((c, name, stall(url + "/v1/chat/completions", mode, c, 384)))
+                        # One slot stays free, so the long prompt is prefilled at once, not queued.
+                        stalls.append((c, name, stall(url + "/v1/chat/completions", mode, parallel - 1, 384)))
         finally:
             for p in procs:
                 p.terminate()
@@ -277,16 +283,19 @@ def main():
                   f"{mesh[1] / engine[1]:.2f} of the in-process engine's tokens/s (streaming, none)")
     if stalls:
         print("\nA ~2,000-token prompt arriving while streams run (llama-server prefills with its default "
-              "batch of 2048, proofmesh in chunks of 512):\n")
-        print("| conc | server | long prompt tokens | its time to answer | prefill per chunk | longest gap of a "
-              "running stream | median gap before | failed |")
-        print("|---|---|---|---|---|---|---|---|")
+              "batch of 2048, proofmesh in batches of 512 shared with the running streams' tokens, so "
+              f"{PREFILL_CHUNK} - streams prompt tokens a step; conc - 1 streams run, so a slot is free). A stream stalled for no more than one chunk gets "
+              "a token after every chunk:\n")
+        print("| conc | server | long prompt tokens | prefill chunks | its time to answer | mean per chunk | "
+              "tokens each running stream got meanwhile (least) | longest gap of a running stream | "
+              "median gap before | failed |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for c, name, m in stalls:
-            chunk = 2048 if name == "llama-server" else PREFILL_CHUNK
+            chunk = 2048 if name == "llama-server" else PREFILL_CHUNK - (c - 1)
             chunks = max(1, -(-m["prompt_tokens"] // chunk))
-            print(f"| {c} | {name} | {m['prompt_tokens']} | {m['long_ms']:.0f} ms | {m['long_ms'] / chunks:.0f} ms "
-                  f"({chunks} chunks) | {m['longest_gap_ms']:.0f} ms | {m['median_gap_ms']:.0f} ms | "
-                  f"{len(m['failures'])} |")
+            print(f"| {c} | {name} | {m['prompt_tokens']} | {chunks} | {m['long_ms']:.0f} ms | "
+                  f"{m['long_ms'] / chunks:.0f} ms | {m['tokens_during']} | {m['longest_gap_ms']:.0f} ms | "
+                  f"{m['median_gap_ms']:.0f} ms | {len(m['failures'])} |")
             for f in m["failures"][:3]:
                 print(f"  {name}: {f}", file=sys.stderr)
     print(f"\n(logs in {logs})")
