@@ -105,8 +105,13 @@ enum Prospect {
     Tolerant,
 }
 
+/// Whether a referee with `numerics` audits `provider` in the exact tier.
+fn exact_with(provider: &Candidate, numerics: &str) -> bool {
+    Tier::between(&provider.card.numerics, numerics) == Tier::Exact
+}
+
 fn prospect(state: &AppState, provider: &Candidate) -> Prospect {
-    let exact = |numerics: &str| Tier::between(&provider.card.numerics, numerics) == Tier::Exact;
+    let exact = |numerics: &str| exact_with(provider, numerics);
     let local = state
         .local_referee
         .as_ref()
@@ -144,7 +149,7 @@ pub fn auditable(state: &AppState, candidates: Vec<Candidate>) -> Vec<Candidate>
 /// Under [`AuditTiers::Exact`] only a referee of the provider's own deterministic class will
 /// do; otherwise one of the same class is preferred, then any.
 pub fn choose(state: &AppState, provider: &Candidate, exclude: &[PeerId]) -> Option<Choice> {
-    let exact = |numerics: &str| Tier::between(&provider.card.numerics, numerics) == Tier::Exact;
+    let exact = |numerics: &str| exact_with(provider, numerics);
     let exact_only = state.audit_tiers == AuditTiers::Exact;
     if let Some(local) = &state.local_referee
         && local.digest() == provider.card.digest

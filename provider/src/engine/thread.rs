@@ -50,20 +50,22 @@ impl Settings {
 struct Slot {
     seq: i32,
     job: Job,
-    /// Prompt tokens already decoded.
-    prefilled: usize,
     /// The token to feed next, once the prompt is in.
     next: Option<u32>,
-    /// Position of `next` in the sequence.
-    pos: i32,
     steps: u32,
-    /// Tokens whose KV is in the cache, at positions `0..len` (kept for the next prompt).
+    /// Tokens whose KV is in the cache, at positions `0..len`: the prompt as far as it is
+    /// prefilled, then every token fed back. Kept for the next prompt when the sequence ends.
     cached: Vec<u32>,
 }
 
 impl Slot {
     fn prefilling(&self) -> bool {
-        self.prefilled < self.job.prompt.len()
+        self.cached.len() < self.job.prompt.len()
+    }
+
+    /// Position of the next token fed into the sequence.
+    fn pos(&self) -> i32 {
+        self.cached.len() as i32
     }
 }
 
@@ -153,14 +155,8 @@ pub(super) fn run(
         }
         load.busy_slots.store(slots.len(), Ordering::Relaxed);
         // Callers that left free their slot now.
-        let mut i = 0;
-        while i < slots.len() {
-            if slots[i].job.events.is_closed() {
-                let slot = slots.swap_remove(i);
-                free.put(slot.seq, slot.cached);
-            } else {
-                i += 1;
-            }
+        for slot in slots.extract_if(.., |slot| slot.job.events.is_closed()) {
+            free.put(slot.seq, slot.cached);
         }
         if !slots.is_empty() {
             generate_step(
@@ -277,9 +273,7 @@ fn admit(
     tracing::debug!(request = %job.request_id, seq, prompt = job.prompt.len(), cached, "sequence admitted");
     slots.push(Slot {
         seq,
-        prefilled: cached,
         next: None,
-        pos: cached as i32,
         steps: 0,
         cached: job.prompt[..cached].to_vec(),
         job,
@@ -298,11 +292,10 @@ fn fill_batch(
     for (i, slot) in slots.iter_mut().enumerate() {
         if let Some(token) = slot.next.take() {
             if batch
-                .add(LlamaToken(token as i32), slot.pos, &[slot.seq], true)
+                .add(LlamaToken(token as i32), slot.pos(), &[slot.seq], true)
                 .is_ok()
             {
                 wants.push((i, batch.n_tokens() - 1));
-                slot.pos += 1;
                 slot.cached.push(token);
             } else {
                 slot.next = Some(token);
@@ -314,8 +307,9 @@ fn fill_batch(
             continue;
         }
         let room = capacity.saturating_sub(batch.n_tokens() as usize);
-        let take = room.min(slot.job.prompt.len() - slot.prefilled);
-        for j in slot.prefilled..slot.prefilled + take {
+        let prefilled = slot.cached.len();
+        let take = room.min(slot.job.prompt.len() - prefilled);
+        for j in prefilled..prefilled + take {
             let last = j + 1 == slot.job.prompt.len();
             if batch
                 .add(
@@ -328,13 +322,11 @@ fn fill_batch(
             {
                 break;
             }
-            slot.prefilled += 1;
             slot.cached.push(slot.job.prompt[j]);
             if last {
                 wants.push((i, batch.n_tokens() - 1));
             }
         }
-        slot.pos = slot.prefilled as i32;
     }
     wants
 }
