@@ -260,6 +260,32 @@ pub enum StepEvent {
 pub(crate) enum Message {
     Generate(Job),
     Reexecute(referee::Command),
+    /// The last [`Engine`] handle is gone: end every job and return.
+    Stop,
+}
+
+/// Stops and joins the engine thread when the last [`Engine`] handle drops.
+///
+/// A detached engine thread could still be inside `llama_decode` when the process exits and
+/// C++ static destructors tear down ggml under it (a SIGSEGV after the last test passed). So the
+/// last handle sends [`Message::Stop`] and waits for the thread, which returns after at most the
+/// one decode step it is in; jobs still running end (their event streams close).
+#[derive(Debug)]
+struct EngineThread {
+    messages: std::sync::mpsc::Sender<Message>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        let _ = self.messages.send(Message::Stop);
+        if let Some(handle) = self.handle.take()
+            && handle.thread().id() != std::thread::current().id()
+            && handle.join().is_err()
+        {
+            tracing::error!("the engine thread panicked");
+        }
+    }
 }
 
 /// A re-execution's result: the referee's view of every claimed step.
@@ -369,6 +395,7 @@ pub struct Engine {
     load: Arc<EngineLoad>,
     free_referee_slots: Arc<AtomicUsize>,
     next_reexecution: Arc<std::sync::atomic::AtomicU64>,
+    _thread: Arc<EngineThread>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -552,7 +579,7 @@ impl Engine {
             referee_slots: config.referee_slots,
             referee_micro_batch: config.referee_micro_batch.clamp(1, 4096),
         };
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("llama-engine".into())
             .spawn(move || {
                 thread::run(
@@ -569,6 +596,10 @@ impl Engine {
             })?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self {
+                _thread: Arc::new(EngineThread {
+                    messages: messages.clone(),
+                    handle: Some(handle),
+                }),
                 messages,
                 model,
                 info,

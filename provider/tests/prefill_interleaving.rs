@@ -117,4 +117,20 @@ async fn a_long_prompt_does_not_stall_running_streams() {
         during_prefill + 1 >= chunks,
         "stream A got {during_prefill} tokens during {chunks} prefill chunks: it was stalled"
     );
+
+    // Dropping the last handle stops the engine thread and waits for it (a thread left running
+    // into process exit crashed in ggml's teardown): stream A, 400 tokens long, ends unfinished.
+    drop(engine);
+    let mut after_stop = 0usize;
+    while let Some(event) = a.recv().await {
+        assert!(
+            !matches!(event, StepEvent::Finished { .. }),
+            "stream A ran to its end after the engine was dropped ({after_stop} more tokens)"
+        );
+        after_stop += 1;
+    }
+    assert!(
+        after_stop < 50,
+        "{after_stop} tokens arrived after the engine was dropped"
+    );
 }

@@ -69,7 +69,8 @@ impl Slot {
     }
 }
 
-/// Runs until every [`super::Engine`] handle is dropped.
+/// Runs until the last [`super::Engine`] handle sends [`Message::Stop`] (or, should the queue
+/// close without it, until the running jobs are done).
 pub(super) fn run(
     backend: &'static LlamaBackend,
     model: Arc<LlamaModel>,
@@ -136,6 +137,7 @@ pub(super) fn run(
             match message {
                 Ok(Message::Generate(job)) => waiting.push_back(job),
                 Ok(Message::Reexecute(command)) => referees.on_command(command),
+                Ok(Message::Stop) => return,
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     open = false;
