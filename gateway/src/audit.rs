@@ -5,8 +5,8 @@
 //! root (more steps for a provider on probation), have the provider open those leaves and the
 //! referee that followed the answer report on the same steps, then run both layers of the audit
 //! rule ([`proofmesh_shared::verify`]). A borderline statistical result opens more steps before
-//! deciding. A referee that fails is replaced (it is never the provider's fault); with no
-//! referee at all the verdict says so (`unrefereed`).
+//! deciding. A referee that fails is replaced (it is never the provider's fault), one that is
+//! busy is asked again for a while; with no referee at all the verdict says so (`unrefereed`).
 //!
 //! A verdict about the provider changes its reputation; a failure benches it, is logged with its
 //! evidence and, when an evidence directory is set, written down as a fraud proof.
@@ -34,6 +34,11 @@ pub const FAILED_AUDIT_COOLDOWN: Duration = Duration::from_secs(300);
 pub const PROBATION_AUDITS: u32 = 10;
 /// Referees tried after the first one failed, before the verdict becomes `unrefereed`.
 const REFEREE_FALLBACKS: usize = 2;
+/// How long an audit keeps asking referees that are busy (every re-execution context taken)
+/// before it counts them as failed.
+const REFEREE_BUSY_WAIT: Duration = Duration::from_secs(30);
+/// The longest pause between two asks of a busy referee.
+const REFEREE_BUSY_BACKOFF: Duration = Duration::from_millis(200);
 
 /// What the audit found.
 #[derive(Debug, Clone, Default)]
@@ -158,6 +163,8 @@ async fn merkle(
     // The referee's evidence, replacing referees that fail (their fault, not the provider's).
     let mut evidence = evidence;
     let mut tried: Vec<PeerId> = Vec::new();
+    let busy_until = Instant::now() + REFEREE_BUSY_WAIT;
+    let mut backoff = Duration::from_millis(10);
     let usable = loop {
         let Some(current) = &session else {
             break None;
@@ -185,6 +192,14 @@ async fn merkle(
                 }
                 Err(problem) => problem.to_string(),
             },
+            // Busy is no failure: ask again (maybe another referee) once a context may be free.
+            Some(Err(referee::SessionError::Busy(_))) if Instant::now() < busy_until => {
+                tracing::debug!(referee = %current.choice().label(), request = %answer.request.request_id, "referee busy; asking again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(REFEREE_BUSY_BACKOFF);
+                (session, evidence) = ask_fresh(state, answer, &tried, &challenge).await;
+                continue;
+            }
             Some(Err(problem)) => problem.to_string(),
             None => "no evidence".into(),
         };
@@ -194,11 +209,7 @@ async fn merkle(
         if tried.len() > REFEREE_FALLBACKS {
             break None;
         }
-        session = fresh_session(state, answer, &tried);
-        evidence = match &session {
-            Some(s) => Some(s.finish(answer.commitment, &challenge.indices).await),
-            None => None,
-        };
+        (session, evidence) = ask_fresh(state, answer, &tried, &challenge).await;
     };
     let (Some(evidence), Some(session)) = (usable, session) else {
         return AuditVerdict::Unrefereed;
@@ -347,6 +358,24 @@ fn fresh_session(
     let session = RefereeSession::start(state, choice, answer.request, answer.provider.peer);
     session.push_all(answer.tokens);
     Some(session)
+}
+
+/// A fresh referee's evidence on `challenge`, with the session for later openings.
+async fn ask_fresh(
+    state: &AppState,
+    answer: &Answer<'_>,
+    exclude: &[PeerId],
+    challenge: &Challenge,
+) -> (
+    Option<RefereeSession>,
+    Option<Result<SignedEvidence, referee::SessionError>>,
+) {
+    let session = fresh_session(state, answer, exclude);
+    let evidence = match &session {
+        Some(s) => Some(s.finish(answer.commitment, &challenge.indices).await),
+        None => None,
+    };
+    (session, evidence)
 }
 
 /// Size of a value as CBOR, as it travels between peers.

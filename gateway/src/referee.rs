@@ -15,7 +15,7 @@ use proofmesh_provider::referee::{Referee, RefereeJob};
 use proofmesh_shared::commit::SignedCommitment;
 use proofmesh_shared::protocol::{
     FrameError, GenerateRequest, MAX_EVIDENCE_FRAME, MAX_TOKENS_PER_FRAME, REFEREE_PROTOCOL,
-    RefereeFrame, RefereeReply, read_frame, write_frame,
+    RefereeFrame, RefereeReply, RemoteErrorKind, read_frame, write_frame,
 };
 use proofmesh_shared::verify::{SignedEvidence, Tier};
 use tokio::sync::{mpsc, oneshot};
@@ -148,14 +148,20 @@ pub fn auditable(state: &AppState, candidates: Vec<Candidate>) -> Vec<Candidate>
 /// Picks a referee for `provider`'s answer, never `provider` itself and none of `exclude`.
 /// Under [`AuditTiers::Exact`] only a referee of the provider's own deterministic class will
 /// do; otherwise one of the same class is preferred, then any.
+///
+/// The gateway's own referee goes first while it has a free context; when it is busy a peer is
+/// preferred, and only when there is none is the busy local referee chosen (its session then
+/// ends [`SessionError::Busy`], and the audit asks again once a context frees).
 pub fn choose(state: &AppState, provider: &Candidate, exclude: &[PeerId]) -> Option<Choice> {
     let exact = |numerics: &str| exact_with(provider, numerics);
     let exact_only = state.audit_tiers == AuditTiers::Exact;
-    if let Some(local) = &state.local_referee
-        && local.digest() == provider.card.digest
+    let local = state.local_referee.as_ref().filter(|local| {
+        local.digest() == provider.card.digest
+            && !exclude.contains(&local.peer_id())
+            && (!exact_only || exact(local.numerics()))
+    });
+    if let Some(local) = local
         && local.has_capacity()
-        && !exclude.contains(&local.peer_id())
-        && (!exact_only || exact(local.numerics()))
     {
         return Some(Choice::Local(Box::new(local.clone())));
     }
@@ -178,7 +184,7 @@ pub fn choose(state: &AppState, provider: &Candidate, exclude: &[PeerId]) -> Opt
         same
     };
     if pool.is_empty() {
-        return None;
+        return local.map(|local| Choice::Local(Box::new(local.clone())));
     }
     let peer = pool[rand::random::<u32>() as usize % pool.len()];
     Some(Choice::Remote { peer })
@@ -194,6 +200,9 @@ pub enum SessionError {
     /// The referee refused or failed the job.
     #[error("referee refused: {0}")]
     Refused(String),
+    /// Every re-execution context of the referee is taken; asking again a little later works.
+    #[error("referee busy: {0}")]
+    Busy(String),
     /// The referee took too long.
     #[error("referee timed out")]
     Timeout,
@@ -320,7 +329,10 @@ impl Task {
         let asker = self.state.net.local_peer_id();
         let mut job: Result<RefereeJob, SessionError> = referee
             .begin(self.request.clone(), self.provider, asker)
-            .map_err(|e| SessionError::Refused(e.to_string()));
+            .map_err(|e| match e.kind() {
+                RemoteErrorKind::Overloaded => SessionError::Busy(e.to_string()),
+                _ => SessionError::Refused(e.to_string()),
+            });
         let mut pushed = 0u32;
         while let Some(command) = self.inbox.recv().await {
             match command {
@@ -473,6 +485,10 @@ impl Task {
             .await;
             match answer {
                 Ok(Ok(RefereeReply::Accepted { .. })) => return Ok(stream),
+                Ok(Ok(RefereeReply::Error {
+                    kind: RemoteErrorKind::Overloaded,
+                    message,
+                })) => return Err(SessionError::Busy(message)),
                 Ok(Ok(RefereeReply::Error { message, .. })) => {
                     return Err(SessionError::Refused(message));
                 }

@@ -382,7 +382,16 @@ async fn no_provider_means_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_all_succeed_and_verify() {
     // Two batching slots, five requests at once: some share decode batches, the rest queue.
-    let mesh = Mesh::start(&[HONEST]).await;
+    // The gateway's referee has one context, so most audits find it busy and must wait for it
+    // (an audit that gave up on a busy referee would say `unrefereed`).
+    let mesh = Mesh::start_with(
+        &[HONEST],
+        support::GatewayOptions {
+            referee_slots: 1,
+            ..Default::default()
+        },
+    )
+    .await;
     let prompts = [
         "Name a fruit.",
         "Name a color.",
@@ -426,6 +435,36 @@ async fn concurrent_requests_all_succeed_and_verify() {
         assert_eq!(*status, 200, "request {i}");
         assert_eq!(verdict, "passed", "request {i}");
         assert!(!text.is_empty(), "request {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audits_wait_for_a_busy_referee() {
+    // Two identical answers decoded side by side finish in the same step, and the gateway's
+    // only referee context can follow one of them: the other audit finds it busy and must wait
+    // for it rather than give up with `unrefereed`.
+    let mesh = Mesh::start_with(
+        &[HONEST],
+        support::GatewayOptions {
+            referee_slots: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    for round in 0..4 {
+        let body = chat_body(
+            "List three rivers.",
+            json!({"max_tokens": 32, "temperature": 0.0}),
+        );
+        let (a, b) = tokio::join!(mesh.chat(body.clone()), mesh.chat(body));
+        for (i, (status, headers, _)) in [a, b].iter().enumerate() {
+            assert_eq!(*status, 200, "round {round}, request {i}");
+            assert_eq!(
+                header(headers, "x-proofmesh-verdict"),
+                "passed",
+                "round {round}, request {i}"
+            );
+        }
     }
 }
 

@@ -176,6 +176,8 @@ pub struct GatewayOptions {
     pub failed_audit_cooldown: Duration,
     /// Audit tiers the gateway accepts (the product default: exact only).
     pub audit_tiers: proofmesh_gateway::referee::AuditTiers,
+    /// Re-execution contexts of the gateway's own referee (0: the default of 4).
+    pub referee_slots: u32,
 }
 
 pub async fn start_gateway() -> (Mesh, proofmesh_gateway::Started) {
@@ -202,7 +204,11 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
         referee: (!options.no_local_referee).then(|| proofmesh_gateway::LocalReferee {
             model: model_path(),
             threads: 2,
-            slots: 4,
+            slots: if options.referee_slots == 0 {
+                4
+            } else {
+                options.referee_slots
+            },
             context_size: 2048,
         }),
         // Every test provider is new; probation would double the steps challenged everywhere.
