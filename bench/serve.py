@@ -7,11 +7,14 @@ OpenAI-compatible server, same model, threads and parallel slots, same prompts, 
 A third row, "engine in-process", runs the provider's engine with no mesh and no HTTP
 (provider/examples/engine_load.rs) under the same load, so the cost of the gateway and the libp2p
 hop is shown on its own. At `--stall-concurrency` a ~2,000-token prompt then arrives while streams
-run, and a second table shows the running streams' longest gap between tokens during its prefill. For each concurrency level both servers are (re)started with `parallel = max(4, concurrency)`
-slots (llama-server's default is 4) and a context of 1024 tokens per slot; then, in interleaved
-rounds, each target gets the same fixed prompt set from `concurrency` client threads, streaming
-and not. Prints one table: aggregate generated tokens/s, TTFT and latency p50/p99, failures, and
-the proofmesh/llama-server ratio. Everything listens on 127.0.0.1; every loop is bounded.
+run, and a second table shows the running streams' longest gap between tokens during its prefill.
+
+For each concurrency level both servers are (re)started with `parallel = max(4, concurrency)`
+slots (llama-server's default is 4) and a context of 2,560 tokens per slot (room for the long
+prompt); then, in interleaved rounds (each round starting with the next target, so that the
+machine's drift does not always land on the same one), each target gets the same fixed prompt set
+from `concurrency` client threads, streaming and not; every cell is the median over rounds. Prints one table: aggregate generated tokens/s, TTFT and latency p50/p99, failures, and
+the proofmesh/llama-server ratio, paired round by round. Everything listens on 127.0.0.1; every loop is bounded.
 """
 import argparse
 import json
@@ -236,8 +239,10 @@ def main():
             requests = max(8, 2 * c)
             for stream in [True, False]:
                 agg = {name: {"tps": [], "ttft": [], "lat": [], "failures": []} for name, _, _ in targets}
-                for _ in range(args.rounds):
-                    for name, url, mode in targets:
+                for r in range(args.rounds):
+                    # Each round starts with another target, so slow drift of the machine does not
+                    # always land on the same one.
+                    for name, url, mode in targets[r % len(targets):] + targets[:r % len(targets)]:
                         if url is None:
                             m = engine_load(bins, model, args.threads, c, args.tokens, requests)
                         else:
@@ -245,12 +250,17 @@ def main():
                         agg[name]["tps"].append(m["tps"])
                         for k in ["ttft", "lat", "failures"]:
                             agg[name][k] += m[k]
-                base = statistics.median(agg["llama-server"]["tps"])
+                # The ratio pairs each round's figure with llama-server's in the same round (minutes
+                # apart at most): this machine drifts by 10-20 % within a run, which medians of the
+                # raw figures taken at different times would fold into the comparison.
+                base = agg["llama-server"]["tps"]
                 for name, _, _ in targets:
                     a = agg[name]
+                    ratios = [t / b for t, b in zip(a["tps"], base)]
                     rows.append((c, parallel, "stream" if stream else "plain", name, statistics.median(a["tps"]),
                                  percentile(a["ttft"], 50), percentile(a["ttft"], 99), percentile(a["lat"], 50),
-                                 percentile(a["lat"], 99), len(a["failures"]), statistics.median(a["tps"]) / base))
+                                 percentile(a["lat"], 99), len(a["failures"]), statistics.median(ratios),
+                                 min(ratios), max(ratios)))
                     for f in a["failures"][:3]:
                         print(f"  {name} c={c}: {f}", file=sys.stderr)
             if c == args.stall_concurrency:
@@ -270,12 +280,16 @@ def main():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"\nmachine: {cpu}, {os.cpu_count()} cores; threads {args.threads}; model {os.path.basename(model)}; "
           f"greedy, max_tokens {args.tokens}; {args.rounds} interleaved rounds; context {CTX_PER_SLOT}/slot\n")
-    print("| conc | slots | mode | server | gen tok/s | TTFT p50 | TTFT p99 | latency p50 | latency p99 | failed | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for c, par, kind, name, tps, t50, t99, l50, l99, failed, ratio in rows:
+    print("ratio: median over rounds of the target's tokens/s over llama-server's in the same round "
+          "(range: lowest and highest round)\n")
+    print("| conc | slots | mode | server | gen tok/s | TTFT p50 | TTFT p99 | latency p50 | latency p99 | failed | ratio "
+          "| range |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for c, par, kind, name, tps, t50, t99, l50, l99, failed, ratio, low, high in rows:
         ttft = f"{t50:.0f} ms | {t99:.0f} ms" if kind == "stream" or name.startswith("engine") else "- | -"
-        print(f"| {c} | {par} | {kind} | {name} | {tps:.1f} | {ttft} | {l50:.0f} ms | {l99:.0f} ms | {failed} | {ratio:.2f} |")
-    by = {(c, kind, name): (t50, tps) for c, _, kind, name, tps, t50, _, _, _, _, _ in rows}
+        print(f"| {c} | {par} | {kind} | {name} | {tps:.1f} | {ttft} | {l50:.0f} ms | {l99:.0f} ms | {failed} "
+              f"| {ratio:.2f} | {low:.2f}-{high:.2f} |")
+    by = {(c, kind, name): (t50, tps) for c, _, kind, name, tps, t50, *_ in rows}
     for c in levels:
         engine, mesh = by.get((c, "stream", "engine in-process")), by.get((c, "stream", "proofmesh none"))
         if engine and mesh:
