@@ -109,18 +109,29 @@ pub fn gumbel(draw: u64, token: u32) -> f64 {
 /// The `CANDIDATES` best tokens of a full logit vector, sorted by logit descending and by id
 /// ascending on ties. NaN logits are never selected.
 ///
-/// Scans in blocks of 16: once the list is full, a block whose largest logit does not beat the
-/// last candidate is skipped whole (ids only grow during the scan, so a tie never enters).
+/// Runs for every generated and every re-executed step, so it avoids touching most logits twice:
+/// one vectorised pass takes the largest logit of each block of 64; the `CANDIDATES`-th largest
+/// of those maxima is a floor, since that many blocks each hold a logit at least as large, so
+/// every candidate is at least the floor and lies in a block whose maximum is too. Only those
+/// blocks (about `CANDIDATES` of them) are scanned logit by logit, in id order, so ties keep
+/// the lower id.
 pub fn top_candidates(logits: &[f32]) -> Vec<TopLogit> {
-    const BLOCK: usize = 16;
+    const BLOCK: usize = 64;
+    let maxima: Vec<f32> = logits.chunks(BLOCK).map(block_max).collect();
+    let floor = if maxima.len() > CANDIDATES {
+        // Block maxima are never NaN, so the total order is the numeric one.
+        let mut order = maxima.clone();
+        *order
+            .select_nth_unstable_by(CANDIDATES - 1, |a, b| b.total_cmp(a))
+            .1
+    } else {
+        f32::NEG_INFINITY
+    };
     let mut top: Vec<TopLogit> = Vec::with_capacity(CANDIDATES + 1);
-    for (b, block) in logits.chunks(BLOCK).enumerate() {
-        if top.len() == CANDIDATES {
-            // f32::max ignores NaN, so an all-NaN block yields -inf and is skipped.
-            let best = block.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
-            if best <= top[CANDIDATES - 1].logit {
-                continue;
-            }
+    for (b, (block, &block_max)) in logits.chunks(BLOCK).zip(&maxima).enumerate() {
+        let full = top.len() == CANDIDATES;
+        if block_max < floor || (full && block_max <= top[CANDIDATES - 1].logit) {
+            continue;
         }
         for (j, &logit) in block.iter().enumerate() {
             let id = (b * BLOCK + j) as u32;
@@ -136,6 +147,22 @@ pub fn top_candidates(logits: &[f32]) -> Vec<TopLogit> {
         }
     }
     top
+}
+
+/// The largest logit of `block` (`-inf` when it has none but NaN): plain comparisons over eight
+/// lanes, which the compiler vectorises (NaN never wins a comparison).
+fn block_max(block: &[f32]) -> f32 {
+    let mut highs = [f32::NEG_INFINITY; 8];
+    let mut eights = block.chunks_exact(8);
+    for eight in &mut eights {
+        for (high, &l) in highs.iter_mut().zip(eight) {
+            *high = if l > *high { l } else { *high };
+        }
+    }
+    highs
+        .into_iter()
+        .chain(eights.remainder().iter().copied())
+        .fold(f32::NEG_INFINITY, |m, l| if l > m { l } else { m })
 }
 
 /// Whether `(logit, id)` sorts before `other`.
@@ -340,7 +367,8 @@ mod tests {
     fn top_candidates_match_a_full_sort() {
         let mut x = 0x2545_F491_4F6C_DD1Du64;
         for round in 0..50 {
-            let len = 1 + (round * 997) % 5000;
+            // Up to 20,000 logits: more than CANDIDATES blocks, so the floor is used.
+            let len = 1 + (round * 3989) % 20_000;
             let logits: Vec<f32> = (0..len)
                 .map(|_| {
                     x ^= x << 13;
@@ -349,8 +377,10 @@ mod tests {
                     match x % 50 {
                         0 => f32::NAN,
                         1 => f32::NEG_INFINITY,
-                        // Few distinct values: many ties.
-                        _ => (x % 64) as f32 / 4.0,
+                        2 => f32::INFINITY,
+                        // Few distinct values (many ties), or nearly all distinct.
+                        _ if round % 2 == 0 => (x % 64) as f32 / 4.0,
+                        _ => (x >> 40) as f32 / 1e5,
                     }
                 })
                 .collect();
