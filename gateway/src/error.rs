@@ -120,6 +120,34 @@ impl ApiError {
         e
     }
 
+    /// 404: a model name the operator did not pin to a digest. Names are never resolved by
+    /// what peers advertise; the message lists the digests advertised under it (`advertised`,
+    /// most providers first) so the client can ask for one by digest, knowingly.
+    pub fn model_not_pinned(
+        model: &str,
+        advertised: &[proofmesh_shared::protocol::ModelDigest],
+    ) -> Self {
+        let hint = if advertised.is_empty() {
+            String::from("no provider advertises it either")
+        } else {
+            let digests: Vec<String> = advertised.iter().take(4).map(ToString::to_string).collect();
+            format!(
+                "providers advertise it under {} (unverified claims); ask for a digest as the model to use one",
+                digests.join(", ")
+            )
+        };
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("model_not_found"),
+            format!(
+                "The model name '{model}' is not pinned to a digest on this gateway, and names are not taken from peers; {hint}. See GET /v1/models"
+            ),
+        );
+        e.param = Some("model".into());
+        e
+    }
+
     /// 404: no such route.
     pub fn route_not_found(path: &str) -> Self {
         Self::new(
@@ -180,6 +208,20 @@ impl ApiError {
         );
         e.should_retry = Some(false);
         e
+    }
+
+    /// 503: no answer could be verified as the request asked (no trusted referee, or an audit
+    /// that could not be completed); the answers were withheld. A later retry may find one.
+    pub fn unverified(verdict: &str) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some("verification_unavailable"),
+            format!(
+                "No answer could be verified right now ({verdict}); unverified answers are withheld. \
+                 Retry later, or ask for verification_mode \"none\""
+            ),
+        )
     }
 
     /// 504: the provider went silent.

@@ -4,8 +4,8 @@
 //! request; failures before the first token cool the provider down and move on. [`complete`]
 //! also retries when a provider fails mid-generation, which is safe because nothing has reached
 //! the client yet; streaming responses only fail over before their first byte. For a refereed
-//! (merkle) request a [`RefereeSession`] starts as soon as a provider accepts, and every token
-//! read from the provider is forwarded to it.
+//! (merkle) request the auditor starts a [`RefereeSession`] as soon as a provider accepts, and
+//! every token read from the provider is forwarded to it.
 
 use std::time::Duration;
 
@@ -15,8 +15,9 @@ use proofmesh_shared::protocol::{
     MAX_STREAM_FRAME, RemoteErrorKind, read_frame, write_frame,
 };
 
+use crate::auditor::vocab::Expected;
+use crate::auditor::{RefereeSession, Transcript, VerificationMode};
 use crate::error::ApiError;
-use crate::referee::{self, RefereeSession};
 use crate::registry::{Candidate, FAILURE_COOLDOWN, LoadGuard};
 use crate::state::AppState;
 
@@ -39,6 +40,8 @@ pub struct Generation {
     pub first_token_at: Option<std::time::Instant>,
     /// The referee following this answer, when it is audited.
     pub referee: Option<RefereeSession>,
+    /// The gateway's own assembly of the text, when it has the model's vocabulary.
+    transcript: Option<Transcript>,
     stream: libp2p::Stream,
     _load: LoadGuard,
 }
@@ -54,7 +57,13 @@ pub struct Completed {
     pub finish_reason: FinishReason,
     /// The provider's signed commitment.
     pub commitment: SignedCommitment,
+    /// Whether the provider's text was the detokenization of its tokens throughout.
+    pub text_matches: bool,
 }
+
+/// The provider's text was not its tokens' text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextMismatch;
 
 /// Why an attempt failed, and whether another provider may do better.
 enum Attempt {
@@ -92,10 +101,38 @@ impl Generation {
         }
     }
 
-    /// Reads frames until `Done`, checking that steps arrive in order.
+    /// The text the client gets for the step that produced `token`: the gateway's own
+    /// detokenization when it has the model's vocabulary (the provider's `claimed` text must
+    /// then be exactly that), else the provider's.
+    pub fn text_of(&mut self, token: u32, claimed: String) -> Result<String, TextMismatch> {
+        let Some(transcript) = &mut self.transcript else {
+            return Ok(claimed);
+        };
+        match transcript.push(token) {
+            Expected::Text(text) | Expected::Stopped(text) if text == claimed => Ok(text),
+            _ => Err(TextMismatch),
+        }
+    }
+
+    /// The held-back text released at the end, checked like [`Generation::text_of`].
+    pub fn tail_of(&mut self, claimed: String) -> Result<String, TextMismatch> {
+        let Some(transcript) = &mut self.transcript else {
+            return Ok(claimed);
+        };
+        let text = transcript.finish();
+        if text == claimed {
+            Ok(text)
+        } else {
+            Err(TextMismatch)
+        }
+    }
+
+    /// Reads frames until `Done`, checking that steps arrive in order and that the text is
+    /// the tokens' (a mismatch is reported in [`Completed::text_matches`], for the audit).
     pub async fn collect(&mut self) -> Result<Completed, ApiError> {
         let mut tokens = Vec::new();
         let mut text = String::new();
+        let mut text_matches = true;
         loop {
             match self.next().await? {
                 GenerateFrame::Token {
@@ -109,19 +146,26 @@ impl Generation {
                         ));
                     }
                     tokens.push(token);
-                    text.push_str(&piece);
+                    match self.text_of(token, piece) {
+                        Ok(piece) => text.push_str(&piece),
+                        Err(TextMismatch) => text_matches = false,
+                    }
                 }
                 GenerateFrame::Done {
                     finish_reason,
                     text: tail,
                     commitment,
                 } => {
-                    text.push_str(&tail);
+                    match self.tail_of(tail) {
+                        Ok(tail) => text.push_str(&tail),
+                        Err(TextMismatch) => text_matches = false,
+                    }
                     return Ok(Completed {
                         tokens,
                         text,
                         finish_reason,
                         commitment: *commitment,
+                        text_matches,
                     });
                 }
                 GenerateFrame::Error { kind, message } => return Err(remote_error(kind, &message)),
@@ -158,26 +202,19 @@ fn classify(kind: RemoteErrorKind, message: &str) -> Attempt {
     }
 }
 
-/// Opens a generation on the first candidate that accepts `request`; with `refereed`, a referee
-/// starts following it at once.
+/// Opens a generation on the first candidate that accepts `request`; in a refereed mode, a
+/// referee starts following it at once.
 pub async fn start(
     state: &AppState,
     candidates: &[Candidate],
     request: &GenerateRequest,
-    refereed: bool,
+    mode: VerificationMode,
 ) -> Result<Generation, ApiError> {
     let mut last = ApiError::no_provider("No provider could take the request right now");
     for candidate in candidates.iter().take(MAX_ATTEMPTS) {
         match try_start(state, candidate, request).await {
             Ok(mut generation) => {
-                if refereed && let Some(choice) = referee::choose(state, candidate, &[]) {
-                    generation.referee = Some(RefereeSession::start(
-                        state,
-                        choice,
-                        request,
-                        candidate.peer,
-                    ));
-                }
+                generation.referee = state.auditor.follow(candidate, request, mode);
                 return Ok(generation);
             }
             Err(Attempt::Fatal(e)) => return Err(e),
@@ -197,12 +234,12 @@ pub async fn complete(
     state: &AppState,
     candidates: &[Candidate],
     request: &GenerateRequest,
-    refereed: bool,
+    mode: VerificationMode,
 ) -> Result<(Generation, Completed), ApiError> {
     let mut last = ApiError::no_provider("No provider could take the request right now");
     for candidate in candidates.iter().take(MAX_ATTEMPTS) {
         let mut generation =
-            match start(state, std::slice::from_ref(candidate), request, refereed).await {
+            match start(state, std::slice::from_ref(candidate), request, mode).await {
                 Ok(generation) => generation,
                 Err(e) if e.status().is_server_error() => {
                     last = e;
@@ -257,6 +294,9 @@ async fn try_start(
                     prompt_tokens,
                     first_token_at: None,
                     referee: None,
+                    transcript: state
+                        .auditor
+                        .transcript(&candidate.card.digest, &request.stop),
                     stream,
                     _load: load,
                 });

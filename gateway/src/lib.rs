@@ -2,8 +2,8 @@
 //! providers, checking that each answer came from the model it claims.
 //!
 //! A reader's path: `main.rs` (command line) → [`run`] → [`app`] (the routes) →
-//! [`routes::chat`] for one request → [`inference`] (talking to a provider) and [`audit`]
-//! (checking its commitment).
+//! [`routes::chat`] for one request → [`inference`] (talking to a provider) and [`auditor`]
+//! (everything verification: admission, referees, judging, the peer book).
 //!
 //! # Layout
 //!
@@ -12,22 +12,24 @@
 //! - [`openapi`]: the OpenAPI document generated from those routes, and `/docs`.
 //! - [`openai`]: OpenAI's wire types and the JSON extractor.
 //! - [`error`]: [`error::ApiError`], rendered as OpenAI's error object.
-//! - [`registry`]: providers known from the mesh, their models and load.
+//! - [`registry`]: providers known from the mesh, what they advertise and their load.
+//! - [`catalog`]: model names the operator pinned to digests.
 //! - [`inference`]: one generation over a `/proofmesh/generate/1` stream, with failover.
-//! - [`referee`]: choosing a referee and following an answer with it as it streams.
-//! - [`audit`]: both layers of the audit rule, referee fallbacks, reputation, fraud proofs.
+//! - [`auditor`]: the one owner of verification. Built with the `local-referee` feature, the
+//!   gateway can also re-execute answers with its own engine (and then links llama.cpp);
+//!   without it, it links none.
 //! - [`state`]: [`state::AppState`], shared by handlers.
 //! - [`metrics`]: the Prometheus metrics; [`lifecycle`]: draining on shutdown.
 //! - [`settings`]: the layered configuration behind the command line.
 
-pub mod audit;
+pub mod auditor;
+pub mod catalog;
 pub mod error;
 pub mod inference;
 pub mod lifecycle;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
-pub mod referee;
 pub mod registry;
 pub mod routes;
 pub mod settings;
@@ -47,11 +49,14 @@ use proofmesh_shared::net::{self, Event, NetConfig, Role};
 use tokio::sync::{mpsc, oneshot};
 use tower_http::trace::TraceLayer;
 
+use crate::auditor::{
+    AuditPolicy, Auditor, AuditorConfig, Dialer, LocalReferee, VerificationMode, Vocabulary,
+};
+use crate::catalog::Catalog;
 use crate::error::ApiError;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{GatewayMetrics, RequestLabels};
 use crate::openai::extract::MAX_BODY_BYTES;
-use crate::openai::request::VerificationMode;
 use crate::registry::Registry;
 use crate::state::AppState;
 
@@ -68,35 +73,25 @@ pub struct GatewayConfig {
     pub mdns: bool,
     /// The node key.
     pub keypair: Keypair,
-    /// Steps challenged per merkle audit.
-    pub challenge_count: usize,
     /// Mode for requests that name none.
     pub default_mode: VerificationMode,
-    /// How long a provider whose answer failed an audit is kept out of routing.
-    pub failed_audit_cooldown: std::time::Duration,
     /// How long running requests may take to finish after SIGTERM.
     pub drain_timeout: std::time::Duration,
-    /// The gateway's own referee, if it has the model file.
-    pub referee: Option<LocalReferee>,
-    /// Audits a provider must pass before it is challenged at the normal rate.
-    pub probation_audits: u32,
-    /// Which audit tiers merkle answers may be judged in.
-    pub audit_tiers: referee::AuditTiers,
+    /// What answers must pass.
+    pub policy: AuditPolicy,
+    /// The gateway's own referee (built with the `local-referee` feature).
+    #[cfg(feature = "local-referee")]
+    pub referee: Option<auditor::local::EngineReferee>,
+    /// Peers trusted as referees besides the gateway's own engine.
+    pub trusted_referees: Vec<PeerId>,
+    /// Model names pinned to digests.
+    pub pins: Vec<(String, proofmesh_shared::protocol::ModelDigest)>,
+    /// The peer book's file; `None` keeps it in memory (tests).
+    pub book: Option<std::path::PathBuf>,
     /// Where fraud proofs of failed audits are written, if anywhere.
     pub evidence_dir: Option<std::path::PathBuf>,
-}
-
-/// How the gateway runs its own referee.
-#[derive(Debug, Clone)]
-pub struct LocalReferee {
-    /// The GGUF file (the same one providers serve).
-    pub model: std::path::PathBuf,
-    /// CPU threads.
-    pub threads: u32,
-    /// Answers re-executed at once.
-    pub slots: u32,
-    /// Context per answer, in tokens.
-    pub context_size: u32,
+    /// GGUF files whose vocabularies check answers' text (the referee model's is added).
+    pub vocabularies: Vec<std::path::PathBuf>,
 }
 
 /// What a running gateway reports once it is up.
@@ -120,9 +115,15 @@ pub enum GatewayError {
     /// The mesh failed to start.
     #[error(transparent)]
     Net(#[from] net::NetError),
+    /// The peer book could not be opened.
+    #[error(transparent)]
+    Book(#[from] auditor::BookError),
     /// The gateway's own referee could not start.
     #[error("referee: {0}")]
     Referee(String),
+    /// A vocabulary file could not be read.
+    #[error("vocabulary: {0}")]
+    Vocabulary(String),
 }
 
 /// The HTTP application: the documented API routes, `/openapi.json` and the offline API
@@ -193,22 +194,51 @@ pub async fn run(
     let net_task = tokio::spawn(event_loop.run());
     let registry = Registry::default();
     let registry_task = tokio::spawn(track_providers(registry.clone(), events));
-    let local_referee = match &config.referee {
-        Some(local) => Some(start_referee(local, &config.keypair).await?),
-        None => None,
-    };
+    let local = start_referee(&config).await?;
+    let mut catalog = Catalog::new(config.pins.iter().cloned());
+    catalog.pin_if_absent(
+        catalog::DEFAULT_MODEL_NAME.to_string(),
+        proofmesh_shared::protocol::ModelDigest::parse(catalog::DEFAULT_MODEL_DIGEST)
+            .unwrap_or(proofmesh_shared::protocol::ModelDigest([0; 32])),
+    );
+    if let Some((name, local)) = &local {
+        catalog.pin_if_absent(name.clone(), local.digest());
+    }
+    for (name, digest) in catalog.pins() {
+        tracing::info!(%name, %digest, "model name pinned");
+    }
+    let files = config
+        .vocabularies
+        .iter()
+        .cloned()
+        .chain(referee_model(&config))
+        .collect();
+    let vocabularies = load_vocabularies(files).await?;
+    let metrics = Arc::new(GatewayMetrics::default());
+    let auditor = Auditor::new(
+        AuditorConfig {
+            policy: config.policy.clone(),
+            local: local.map(|(_, l)| l),
+            trusted_referees: config.trusted_referees.clone(),
+            book: config.book.clone(),
+            evidence_dir: config.evidence_dir.clone(),
+            vocabularies,
+        },
+        Dialer {
+            net: client.clone(),
+            keypair: config.keypair.clone(),
+        },
+        registry.clone(),
+        Arc::clone(&metrics),
+    )?;
+    tracing::info!(peers = auditor.book().len(), "peer book open");
     let state = AppState {
         registry,
         net: client.clone(),
-        audit_secret: Arc::new(rand::random()),
-        challenge_count: config.challenge_count.max(1),
-        probation_audits: config.probation_audits,
-        audit_tiers: config.audit_tiers,
-        local_referee,
-        evidence_dir: config.evidence_dir.clone(),
+        catalog: Arc::new(catalog),
+        auditor,
         default_mode: config.default_mode,
-        failed_audit_cooldown: config.failed_audit_cooldown,
-        metrics: Arc::new(GatewayMetrics::default()),
+        metrics,
         lifecycle: Lifecycle::default(),
         started: std::time::Instant::now(),
     };
@@ -253,43 +283,74 @@ pub async fn run(
     Ok(served?)
 }
 
-/// Loads the model file and starts the engine of the gateway's own referee.
+/// Starts the gateway's own referee, when configured: its model's name and the referee.
+#[cfg(feature = "local-referee")]
 async fn start_referee(
-    local: &LocalReferee,
-    keypair: &Keypair,
-) -> Result<proofmesh_provider::referee::Referee, GatewayError> {
-    let path = local.model.clone();
-    tracing::info!(model = %path.display(), "hashing the referee's model file");
-    let digest =
-        tokio::task::spawn_blocking(move || proofmesh_provider::model_file::file_digest(&path))
-            .await
-            .map_err(|e| GatewayError::Referee(e.to_string()))?
-            .map_err(|e| GatewayError::Referee(format!("{}: {e}", local.model.display())))?;
-    let mut engine = proofmesh_provider::engine::EngineConfig::new(local.model.clone());
-    engine.threads = local.threads;
-    engine.context_size = local.context_size;
-    engine.parallel = 1;
-    engine.batch_size = 64;
-    engine.referee_slots = local.slots;
-    let engine =
-        tokio::task::spawn_blocking(move || proofmesh_provider::engine::Engine::start(&engine))
-            .await
-            .map_err(|e| GatewayError::Referee(e.to_string()))?
-            .map_err(|e| GatewayError::Referee(e.to_string()))?;
-    tracing::info!(%digest, numerics = %engine.info().numerics, slots = local.slots, "the gateway referees answers itself");
-    Ok(proofmesh_provider::referee::Referee::new(
-        engine,
-        keypair.clone(),
-        digest,
-        u32::MAX,
-    ))
+    config: &GatewayConfig,
+) -> Result<Option<(String, Arc<dyn LocalReferee>)>, GatewayError> {
+    let Some(local) = &config.referee else {
+        return Ok(None);
+    };
+    let referee = local
+        .start(&config.keypair)
+        .await
+        .map_err(GatewayError::Referee)?;
+    Ok(Some((
+        proofmesh_engine::model_file::model_name(&local.model),
+        referee,
+    )))
+}
+
+/// Without the `local-referee` feature the gateway has no engine of its own.
+#[cfg(not(feature = "local-referee"))]
+#[allow(clippy::unused_async)]
+async fn start_referee(
+    _config: &GatewayConfig,
+) -> Result<Option<(String, Arc<dyn LocalReferee>)>, GatewayError> {
+    Ok(None)
+}
+
+/// The model file of the gateway's own referee, if it has one.
+#[cfg(feature = "local-referee")]
+fn referee_model(config: &GatewayConfig) -> Option<std::path::PathBuf> {
+    config.referee.as_ref().map(|r| r.model.clone())
+}
+
+/// Without the `local-referee` feature the gateway has no referee model.
+#[cfg(not(feature = "local-referee"))]
+fn referee_model(_config: &GatewayConfig) -> Option<std::path::PathBuf> {
+    None
+}
+
+/// Hashes each model file and reads its vocabulary.
+async fn load_vocabularies(
+    files: Vec<std::path::PathBuf>,
+) -> Result<Vec<(proofmesh_shared::protocol::ModelDigest, Arc<Vocabulary>)>, GatewayError> {
+    let mut loaded = Vec::new();
+    for path in files {
+        let shown = path.display().to_string();
+        let read = tokio::task::spawn_blocking(move || {
+            let digest =
+                proofmesh_shared::model_file::file_digest(&path).map_err(|e| e.to_string())?;
+            let vocabulary = Vocabulary::from_gguf(&path).map_err(|e| e.to_string())?;
+            Ok::<_, String>((digest, vocabulary))
+        })
+        .await
+        .map_err(|e| GatewayError::Vocabulary(e.to_string()))?
+        .map_err(|e| GatewayError::Vocabulary(format!("{shown}: {e}")))?;
+        tracing::info!(file = %shown, digest = %read.0, tokens = read.1.len(), "answers' text checked with this vocabulary");
+        loaded.push((read.0, Arc::new(read.1)));
+    }
+    Ok(loaded)
 }
 
 /// Keeps the registry in step with the mesh.
 async fn track_providers(registry: Registry, mut events: mpsc::Receiver<Event>) {
     while let Some(event) = events.recv().await {
         match event {
-            Event::ProviderUp { peer, capabilities } => registry.upsert(peer, capabilities.models),
+            Event::ProviderUp { peer, capabilities } => {
+                registry.upsert(peer, capabilities.models);
+            }
             Event::ProviderLeaving { peer } | Event::PeerGone { peer } => registry.remove(&peer),
             // Gateways keep no leaves; dropping the channel tells the asker so.
             Event::OpenLeaves { .. } => {}

@@ -7,10 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
-use proofmesh_gateway::openai::request::VerificationMode;
-use proofmesh_gateway::referee::AuditTiers;
+use proofmesh_gateway::GatewayConfig;
+use proofmesh_gateway::auditor::{AuditPolicy, AuditTiers, VerificationMode};
 use proofmesh_gateway::settings::GatewaySettings;
-use proofmesh_gateway::{GatewayConfig, LocalReferee};
 use proofmesh_shared::config::{self, CONFIG_ENV};
 use proofmesh_shared::telemetry::{self, LogFormat, TelemetryConfig};
 use serde::Serialize;
@@ -104,8 +103,9 @@ struct Flags {
     #[serde(skip_serializing_if = "Option::is_none")]
     drain_timeout_secs: Option<u64>,
     /// GGUF model file the gateway re-executes answers with as its own referee (the same file
-    /// providers serve, e.g. from `proofmesh-provider fetch-model`) [default: none; other
-    /// providers of the model referee].
+    /// providers serve, e.g. from `proofmesh-provider fetch-model`); needs a build with the
+    /// `local-referee` feature. Its name is pinned to its digest, and its vocabulary checks the
+    /// text of answers [default: none; only trusted peers referee].
     #[arg(long, env = "PROOFMESH_REFEREE_MODEL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     referee_model: Option<PathBuf>,
@@ -139,6 +139,37 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_EVIDENCE_DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     evidence_dir: Option<PathBuf>,
+    /// Pin a model name to a digest, NAME=sha256:<hex>, comma-separated; names are never
+    /// resolved by what peers advertise [default: the default model's name only].
+    #[arg(long = "pin", env = "PROOFMESH_PINS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pins: Option<Vec<String>>,
+    /// Peer ids trusted as referees, comma-separated (besides the gateway's own engine)
+    /// [default: none].
+    #[arg(long, env = "PROOFMESH_TRUSTED_REFEREES", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trusted_referees: Option<Vec<String>>,
+    /// Audits a provider must pass, with no failure and no strike as a referee, before it is
+    /// trusted as a referee too; 0 trusts only the gateway's own engine and --trusted-referees
+    /// [default: 50].
+    #[arg(long, env = "PROOFMESH_REFEREE_EARN_AUDITS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    referee_earn_audits: Option<u32>,
+    /// Deliver merkle answers that no trusted referee re-executed (verdict `unrefereed`,
+    /// reported in x-proofmesh-verdict) instead of answering 503 [default: false].
+    #[arg(long, env = "PROOFMESH_ALLOW_UNREFEREED")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow_unrefereed: Option<bool>,
+    /// GGUF files whose vocabularies check the text of answers, comma-separated (the referee
+    /// model's is used by itself) [default: none].
+    #[arg(long, env = "PROOFMESH_VOCABULARIES", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vocabularies: Option<Vec<PathBuf>>,
+    /// Directory of the durable peer book (reputation, failures, probation) [default: the
+    /// user's data directory].
+    #[arg(long, env = "PROOFMESH_STATE_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_dir: Option<PathBuf>,
     /// Log line format on stderr [default: text]. RUST_LOG sets the filter.
     #[arg(long, env = "PROOFMESH_LOG_FORMAT", value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -190,6 +221,12 @@ fn check_proof(file: &std::path::Path) -> anyhow::Result<()> {
     }
 }
 
+fn default_state_dir() -> PathBuf {
+    directories::BaseDirs::new()
+        .map(|d| d.data_local_dir().join("proofmesh").join("gateway"))
+        .unwrap_or_else(|| PathBuf::from("proofmesh-gateway-state"))
+}
+
 fn default_key_path() -> PathBuf {
     directories::BaseDirs::new()
         .map(|d| d.data_local_dir().join("proofmesh").join("gateway.key"))
@@ -229,28 +266,56 @@ async fn main() -> anyhow::Result<()> {
         let path = settings.key.clone().unwrap_or_else(default_key_path);
         proofmesh_shared::identity::load_or_create(&path).context("loading the node key")?
     };
+    let state_dir = settings.state_dir.clone().unwrap_or_else(default_state_dir);
     let config = GatewayConfig {
         http_listen: settings.http_listen,
         p2p_listen: settings.p2p_listen,
         bootstrap: settings.bootstrap,
         mdns: settings.mdns,
         keypair,
-        challenge_count: usize::from(settings.challenges),
         default_mode: settings.default_verification_mode,
-        failed_audit_cooldown: Duration::from_secs(settings.failed_audit_cooldown_secs),
         drain_timeout: Duration::from_secs(settings.drain_timeout_secs),
-        referee: settings.referee_model.map(|model| LocalReferee {
-            model,
-            threads: settings.referee_threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(2, |n| n.get() as u32)
-            }),
-            slots: settings.referee_slots,
-            context_size: settings.referee_ctx_size,
+        policy: AuditPolicy {
+            challenge_count: usize::from(settings.challenges),
+            probation_audits: settings.probation_audits,
+            tiers: settings.audit_tiers,
+            bench: Duration::from_secs(settings.failed_audit_cooldown_secs),
+            allow_unrefereed: settings.allow_unrefereed,
+            referee_earn_audits: settings.referee_earn_audits,
+            ..AuditPolicy::default()
+        },
+        #[cfg(feature = "local-referee")]
+        referee: settings.referee_model.clone().map(|model| {
+            proofmesh_gateway::auditor::local::EngineReferee {
+                model,
+                threads: settings.referee_threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(2, |n| n.get() as u32)
+                }),
+                slots: settings.referee_slots,
+                context_size: settings.referee_ctx_size,
+            }
         }),
-        probation_audits: settings.probation_audits,
-        audit_tiers: settings.audit_tiers,
+        trusted_referees: settings
+            .trusted_referees
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+        pins: settings
+            .pins
+            .iter()
+            .filter_map(|p| proofmesh_gateway::catalog::parse_pin(p).ok())
+            .collect(),
+        book: Some(state_dir.join("peers.redb")),
         evidence_dir: settings.evidence_dir,
+        vocabularies: settings.vocabularies,
     };
+    #[cfg(not(feature = "local-referee"))]
+    if settings.referee_model.is_some() {
+        anyhow::bail!(
+            "--referee-model needs a gateway built with its own referee: \
+             cargo build --release -p proofmesh-gateway --features local-referee"
+        );
+    }
     let result =
         proofmesh_gateway::run(config, proofmesh_shared::process::shutdown_signal(), None).await;
     telemetry.shutdown();

@@ -1,4 +1,6 @@
-//! The providers this gateway can route to, fed by mesh events.
+//! The providers this gateway can route to, fed by mesh events: what each advertises and its
+//! current load. Nothing here is a verdict about a peer: reputation, failures and benching are
+//! the auditor's, in its durable book, so they survive reconnects and restarts.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,31 +18,9 @@ struct Entry {
     in_flight: usize,
     /// Tried last until then (it failed recently), but still tried when nothing else serves.
     cooldown_until: Option<Instant>,
-    /// Not routed to at all until then (its answer failed an audit).
-    benched_until: Option<Instant>,
     first_seen: u64,
     /// Serialises this gateway's stream opens to the provider (see `inference::try_start`).
     open_gate: Arc<tokio::sync::Mutex<()>>,
-    /// Its audit record on this gateway.
-    reputation: Reputation,
-}
-
-/// A provider's audit record on this gateway. It changes only when an audit reaches a verdict
-/// about the provider: never on transport failures, and never because of a referee's fault.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Reputation {
-    /// Audits passed.
-    pub passed: u32,
-    /// Audits failed.
-    pub failed: u32,
-}
-
-impl Reputation {
-    /// Whether the provider is still on probation: fewer than `probation` audits passed, or any
-    /// failed. Such providers get more steps challenged.
-    pub fn on_probation(&self, probation: u32) -> bool {
-        self.passed < probation || self.failed > 0
-    }
 }
 
 /// Known providers and their load. Cheap to clone.
@@ -63,22 +43,18 @@ pub struct Candidate {
 pub enum Lookup {
     /// Providers to try, best first.
     Found(Vec<Candidate>),
-    /// Providers exist, but all are benched after failed audits.
-    AllBenched,
     /// Nobody serves it.
     UnknownModel,
     /// No provider at all is connected.
     NoProviders,
 }
 
-/// A model as `/v1/models` lists it.
+/// A model (one digest) as `/v1/models` lists it.
 #[derive(Debug, Clone)]
 pub struct ServedModel {
-    /// The advertised name.
-    pub name: String,
     /// One provider's card for it.
     pub card: ModelCard,
-    /// Providers serving this exact digest under this name.
+    /// Providers serving this digest.
     pub providers: usize,
     /// Distinct devices.
     pub devices: Vec<String>,
@@ -117,10 +93,8 @@ impl Registry {
             models: Vec::new(),
             in_flight: 0,
             cooldown_until: None,
-            benched_until: None,
             first_seen: crate::openai::response::unix_now(),
             open_gate: Arc::default(),
-            reputation: Reputation::default(),
         });
         entry.models = models;
         tracing::info!(%peer, models = ?entry.models.iter().map(|m| &m.name).collect::<Vec<_>>(), "provider available");
@@ -142,43 +116,12 @@ impl Registry {
         }
     }
 
-    /// Takes a provider out of routing for `duration`: its answer failed verification.
-    pub fn bench(&self, peer: &PeerId, duration: Duration) {
-        if let Some(entry) = self.lock().get_mut(peer) {
-            entry.benched_until = Some(Instant::now() + duration);
-        }
-    }
-
-    /// Records an audit verdict about `peer`.
-    pub fn record_audit(&self, peer: &PeerId, passed: bool) {
-        if let Some(entry) = self.lock().get_mut(peer) {
-            if passed {
-                entry.reputation.passed = entry.reputation.passed.saturating_add(1);
-            } else {
-                entry.reputation.failed = entry.reputation.failed.saturating_add(1);
-            }
-        }
-    }
-
-    /// `peer`'s audit record (empty for an unknown peer).
-    pub fn reputation(&self, peer: &PeerId) -> Reputation {
-        self.lock()
-            .get(peer)
-            .map(|e| e.reputation)
-            .unwrap_or_default()
-    }
-
-    /// Providers of `digest` that offer to referee, other than `except`, with their numerics
-    /// classes. Benched providers are left out: a provider caught cheating is no referee.
+    /// Providers of `digest` that offer to referee, other than `except`, with the numerics
+    /// classes they advertise. (Whether the gateway trusts any of them is the auditor's call.)
     pub fn referees(&self, digest: &ModelDigest, except: &PeerId) -> Vec<(PeerId, String)> {
-        let now = Instant::now();
         self.lock()
             .iter()
-            .filter(|(peer, entry)| {
-                *peer != except
-                    && entry.reputation.failed == 0
-                    && entry.benched_until.is_none_or(|t| t <= now)
-            })
+            .filter(|(peer, _)| *peer != except)
             .filter_map(|(peer, entry)| {
                 entry
                     .models
@@ -218,71 +161,61 @@ impl Registry {
         }
     }
 
-    /// Providers for `model` (a name or `sha256:<hex>`), least loaded first, ties random. A
-    /// name served under several digests resolves to the digest most providers serve.
-    pub fn lookup(&self, model: &str) -> Lookup {
+    /// Providers of the model `digest`, whatever name they advertise it under: healthy before
+    /// cooling down, then least loaded, ties at random.
+    pub fn lookup(&self, digest: &ModelDigest) -> Lookup {
         let map = self.lock();
         if map.is_empty() {
             return Lookup::NoProviders;
         }
-        let by_digest = ModelDigest::parse(model);
         let now = Instant::now();
-        // (peer, card, cooling down, load, benched)
-        let mut matching: Vec<(PeerId, ModelCard, bool, usize, bool)> = Vec::new();
+        let mut keyed: Vec<((bool, usize, u64), Candidate)> = Vec::new();
         for (peer, entry) in map.iter() {
-            for card in &entry.models {
-                if card.name == model || by_digest == Some(card.digest) {
-                    let cooling = entry.cooldown_until.is_some_and(|t| t > now);
-                    let benched = entry.benched_until.is_some_and(|t| t > now);
-                    matching.push((*peer, card.clone(), cooling, entry.in_flight, benched));
-                }
+            if let Some(card) = entry.models.iter().find(|card| &card.digest == digest) {
+                let cooling = entry.cooldown_until.is_some_and(|t| t > now);
+                keyed.push((
+                    (cooling, entry.in_flight, rand::random::<u64>()),
+                    Candidate {
+                        peer: *peer,
+                        card: card.clone(),
+                    },
+                ));
             }
         }
-        if matching.is_empty() {
+        if keyed.is_empty() {
             return Lookup::UnknownModel;
         }
-        let mut counts: HashMap<ModelDigest, usize> = HashMap::new();
-        for (_, card, ..) in &matching {
-            *counts.entry(card.digest).or_default() += 1;
-        }
-        let best = counts
-            .into_iter()
-            .max_by_key(|(d, n)| (*n, *d))
-            .map(|(d, _)| d);
-        matching.retain(|(_, card, _, _, benched)| Some(card.digest) == best && !benched);
-        if matching.is_empty() {
-            return Lookup::AllBenched;
-        }
-        // Healthy before cooling down, then least loaded, ties at random.
-        let mut keyed: Vec<((bool, usize, u64), Candidate)> = matching
-            .into_iter()
-            .map(|(peer, card, cooling, load, _)| {
-                (
-                    (cooling, load, rand::random::<u64>()),
-                    Candidate { peer, card },
-                )
-            })
-            .collect();
         keyed.sort_by_key(|(key, _)| *key);
         Lookup::Found(keyed.into_iter().map(|(_, c)| c).collect())
     }
 
-    /// Models served right now, grouped by name and digest.
+    /// The digests advertised under `name`, most providers first: what a client asking for an
+    /// unpinned name is told to ask for instead. Never used to route.
+    pub fn advertised_as(&self, name: &str) -> Vec<ModelDigest> {
+        let mut counts: HashMap<ModelDigest, usize> = HashMap::new();
+        for entry in self.lock().values() {
+            for card in entry.models.iter().filter(|c| c.name == name) {
+                *counts.entry(card.digest).or_default() += 1;
+            }
+        }
+        let mut digests: Vec<(ModelDigest, usize)> = counts.into_iter().collect();
+        digests.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        digests.into_iter().map(|(d, _)| d).collect()
+    }
+
+    /// Models served right now, one per digest.
     pub fn models(&self) -> Vec<ServedModel> {
         let map = self.lock();
-        let mut grouped: HashMap<(String, ModelDigest), ServedModel> = HashMap::new();
+        let mut grouped: HashMap<ModelDigest, ServedModel> = HashMap::new();
         for entry in map.values() {
             for card in &entry.models {
-                let served = grouped
-                    .entry((card.name.clone(), card.digest))
-                    .or_insert_with(|| ServedModel {
-                        name: card.name.clone(),
-                        card: card.clone(),
-                        providers: 0,
-                        devices: Vec::new(),
-                        context_size: card.context_size,
-                        first_seen: entry.first_seen,
-                    });
+                let served = grouped.entry(card.digest).or_insert_with(|| ServedModel {
+                    card: card.clone(),
+                    providers: 0,
+                    devices: Vec::new(),
+                    context_size: card.context_size,
+                    first_seen: entry.first_seen,
+                });
                 served.providers += 1;
                 served.context_size = served.context_size.min(card.context_size);
                 served.first_seen = served.first_seen.min(entry.first_seen);
@@ -292,7 +225,11 @@ impl Registry {
             }
         }
         let mut models: Vec<ServedModel> = grouped.into_values().collect();
-        models.sort_by(|a, b| a.name.cmp(&b.name).then(b.providers.cmp(&a.providers)));
+        models.sort_by(|a, b| {
+            b.providers
+                .cmp(&a.providers)
+                .then(a.card.digest.cmp(&b.card.digest))
+        });
         models
     }
 }
@@ -316,39 +253,33 @@ mod tests {
     }
 
     #[test]
-    fn lookup_prefers_least_loaded_and_majority_digest() {
+    fn lookup_goes_by_digest_never_by_name() {
         let r = Registry::default();
-        assert!(matches!(r.lookup("m"), Lookup::NoProviders));
+        let one = ModelDigest([1; 32]);
+        assert!(matches!(r.lookup(&one), Lookup::NoProviders));
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
         r.upsert(a, vec![card("m", 1)]);
-        r.upsert(b, vec![card("m", 1)]);
+        r.upsert(b, vec![card("other name", 1)]);
+        // Two peers advertise "m" under another digest: that is no vote.
         r.upsert(c, vec![card("m", 2)]);
-        assert!(matches!(r.lookup("other"), Lookup::UnknownModel));
+        let d = PeerId::random();
+        r.upsert(d, vec![card("m", 2)]);
+        assert_eq!(r.advertised_as("m"), vec![ModelDigest([2; 32]), one]);
+        assert!(matches!(
+            r.lookup(&ModelDigest([3; 32])),
+            Lookup::UnknownModel
+        ));
         let _busy = r.track(a);
-        let Lookup::Found(found) = r.lookup("m") else {
+        let Lookup::Found(found) = r.lookup(&one) else {
             panic!("expected providers")
         };
         assert_eq!(found.iter().map(|c| c.peer).collect::<Vec<_>>(), vec![b, a]);
-        let Lookup::Found(found) = r.lookup(&ModelDigest([2; 32]).to_string()) else {
-            panic!("expected providers")
-        };
-        assert_eq!(found[0].peer, c);
-        // A provider cooling down is still tried when it is the only one...
-        r.cool_down(&c, Duration::from_secs(60));
-        let Lookup::Found(found) = r.lookup(&ModelDigest([2; 32]).to_string()) else {
-            panic!("expected providers")
-        };
-        assert_eq!(found[0].peer, c);
-        // ...and after the healthy ones otherwise.
+        // A provider cooling down is tried after the healthy ones.
         r.cool_down(&b, Duration::from_secs(60));
-        let Lookup::Found(found) = r.lookup("m") else {
+        let Lookup::Found(found) = r.lookup(&one) else {
             panic!("expected providers")
         };
         assert_eq!(found.iter().map(|c| c.peer).collect::<Vec<_>>(), vec![a, b]);
-        // A benched provider is not tried at all.
-        r.bench(&a, Duration::from_secs(60));
-        r.bench(&b, Duration::from_secs(60));
-        assert!(matches!(r.lookup("m"), Lookup::AllBenched));
         r.remove(&a);
         r.remove(&b);
         assert_eq!(r.models().len(), 1);

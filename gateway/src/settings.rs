@@ -10,8 +10,7 @@ use proofmesh_shared::config::{ConfigError, check_range, mask_header};
 use proofmesh_shared::telemetry::LogFormat;
 use serde::{Deserialize, Serialize};
 
-use crate::openai::request::VerificationMode;
-use crate::referee::AuditTiers;
+use crate::auditor::{AuditTiers, VerificationMode};
 
 /// Every gateway setting, as written in the TOML file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +51,23 @@ pub struct GatewaySettings {
     /// Directory for fraud proofs of failed audits (CBOR, checked with `check-proof`); unset
     /// keeps none.
     pub evidence_dir: Option<PathBuf>,
+    /// Model names pinned to digests, `NAME=sha256:<hex>`. A name is never resolved by what
+    /// peers advertise; the default model's name is always pinned to its digest.
+    pub pins: Vec<String>,
+    /// Peer ids trusted as referees besides the gateway's own engine.
+    pub trusted_referees: Vec<String>,
+    /// Audits a provider must pass cleanly before the gateway trusts it as a referee too; 0:
+    /// only the gateway's own engine and `trusted_referees`.
+    pub referee_earn_audits: u32,
+    /// Deliver merkle answers no trusted referee re-executed (labelled `unrefereed`) instead of
+    /// answering 503.
+    pub allow_unrefereed: bool,
+    /// GGUF files whose vocabularies the gateway trusts for checking answers' text (the
+    /// referee model's is added by itself).
+    pub vocabularies: Vec<PathBuf>,
+    /// Directory of the durable peer book (reputation, failures, probation); default in the
+    /// user's data directory.
+    pub state_dir: Option<PathBuf>,
     /// Log line format.
     pub log_format: LogFormat,
     /// OTLP/HTTP endpoint for traces, e.g. `http://otel-collector:4318`; unset exports nothing.
@@ -79,9 +95,15 @@ impl Default for GatewaySettings {
             referee_threads: None,
             referee_slots: 2,
             referee_ctx_size: 4096,
-            probation_audits: crate::audit::PROBATION_AUDITS,
+            probation_audits: crate::auditor::policy::PROBATION_AUDITS,
             audit_tiers: AuditTiers::Exact,
             evidence_dir: None,
+            pins: Vec::new(),
+            trusted_referees: Vec::new(),
+            referee_earn_audits: crate::auditor::policy::REFEREE_EARN_AUDITS,
+            allow_unrefereed: false,
+            vocabularies: Vec::new(),
+            state_dir: None,
             log_format: LogFormat::Text,
             otlp_endpoint: None,
             otlp_headers: Vec::new(),
@@ -115,6 +137,24 @@ impl GatewaySettings {
             0..=3600,
             "0 to 3600",
         )?;
+        for pin in &self.pins {
+            if let Err(why) = crate::catalog::parse_pin(pin) {
+                return Err(ConfigError::OutOfRange {
+                    key: "pins",
+                    value: pin.clone(),
+                    why: leak_reason(why),
+                });
+            }
+        }
+        for peer in &self.trusted_referees {
+            if peer.parse::<libp2p::PeerId>().is_err() {
+                return Err(ConfigError::OutOfRange {
+                    key: "trusted_referees",
+                    value: peer.clone(),
+                    why: "a libp2p peer id",
+                });
+            }
+        }
         check_range(
             "failed_audit_cooldown_secs",
             self.failed_audit_cooldown_secs,
@@ -130,5 +170,14 @@ impl GatewaySettings {
             otlp_headers: self.otlp_headers.iter().map(|h| mask_header(h)).collect(),
             ..self.clone()
         }
+    }
+}
+
+/// The pin error's kind, as a static reason for [`ConfigError::OutOfRange`].
+fn leak_reason(why: String) -> &'static str {
+    if why.contains("digest") {
+        "NAME=sha256:<64 hex digits>: the digest is not 64 hex digits"
+    } else {
+        "NAME=sha256:<64 hex digits>"
     }
 }

@@ -13,7 +13,7 @@ mod support;
 
 use std::time::Duration;
 
-use proofmesh_gateway::referee::AuditTiers;
+use proofmesh_gateway::auditor::AuditTiers;
 use proofmesh_provider::Tamper;
 use proofmesh_provider::engine::KvCache;
 use proofmesh_provider::variants::Variant;
@@ -296,12 +296,14 @@ async fn failed_answers_are_retried_elsewhere_and_proven() {
     let _ = std::fs::remove_dir_all(&evidence);
 }
 
-/// Without a model of its own the gateway asks another provider of the model to referee; with
-/// no other provider, the audit says the answer was not refereed.
+/// Without a model of its own the gateway asks another provider of the model to referee, one
+/// its operator trusts; with no trusted referee, a merkle answer is not delivered unless the
+/// operator allowed unrefereed answers, and then it says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn providers_referee_each_other() {
     let options = GatewayOptions {
         no_local_referee: true,
+        trust_providers: true,
         ..Default::default()
     };
     let mesh = Mesh::start_with(&[HONEST, HONEST], options.clone()).await;
@@ -317,7 +319,7 @@ async fn providers_referee_each_other() {
         assert_eq!(header(&headers, "x-proofmesh-referee"), other.to_string());
         assert_eq!(header(&headers, "x-proofmesh-audit-tier"), "exact");
     }
-    // A cheat among them is caught by its honest peer.
+    // A cheat among them is caught by its honest peers (one accuses, the other confirms).
     let mut mesh = mesh;
     mesh.add_provider(ProviderSpec::serving(
         "cheat",
@@ -330,8 +332,19 @@ async fn providers_referee_each_other() {
         "failed:logits_diverge"
     );
 
-    let alone = Mesh::start_with(&[HONEST], options).await;
-    let (status, headers, answer) = alone.chat(body).await;
+    let alone = Mesh::start_with(&[HONEST], options.clone()).await;
+    let (status, _, answer) = alone.chat(body.clone()).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "no_provider_available", "{answer}");
+    let opted_in = Mesh::start_with(
+        &[HONEST],
+        GatewayOptions {
+            allow_unrefereed: true,
+            ..options
+        },
+    )
+    .await;
+    let (status, headers, answer) = opted_in.chat(body).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(header(&headers, "x-proofmesh-verdict"), "unrefereed");
     assert_eq!(answer["proofmesh"]["verdict"], "unrefereed");

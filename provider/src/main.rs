@@ -116,6 +116,17 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_REFEREE_RATE_PER_MINUTE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     referee_rate_per_minute: Option<u32>,
+    /// Peer ids of gateways this provider referees for, comma-separated; the gateways in
+    /// --bootstrap are always included. A referee job needs a ticket signed by one of them
+    /// [default: none besides the bootstrap gateways].
+    #[arg(long, env = "PROOFMESH_REFEREE_FOR", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    referee_for: Option<Vec<String>>,
+    /// Re-execution jobs one gateway may hold here at once, 0-64; 0 lets one gateway use every
+    /// referee context [default: 0].
+    #[arg(long, env = "PROOFMESH_REFEREE_SLOTS_PER_GATEWAY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    referee_slots_per_gateway: Option<u32>,
     /// Directory a `dynamic-backends` build loads llama.cpp's backends from (e.g. the one holding
     /// libggml-cuda.so) [default: the directory compiled in].
     #[arg(long, env = "PROOFMESH_BACKENDS_DIR")]
@@ -265,9 +276,16 @@ async fn main() -> anyhow::Result<()> {
         http_listen: settings.http_listen,
         drain_timeout: Duration::from_secs(settings.drain_timeout_secs),
         referee_rate_per_minute: settings.referee_rate_per_minute,
+        referee_for: settings
+            .referee_for
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+        referee_slots_per_gateway: settings.referee_slots_per_gateway,
         tamper: Tamper::None,
         tamper_model: None,
         claim_digest: None,
+        claim_numerics: None,
     };
     let result =
         proofmesh_provider::run(config, proofmesh_shared::process::shutdown_signal(), None).await;

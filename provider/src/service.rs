@@ -15,9 +15,8 @@ use libp2p::identity::Keypair;
 use proofmesh_shared::commit::{Commitment, LeafTree, StepLeaf, output_hash, prompt_hash};
 use proofmesh_shared::net::{Client, Event};
 use proofmesh_shared::protocol::{
-    FinishReason, FrameError, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest, MAX_MESSAGES,
-    MAX_REQUEST_FRAME, MAX_STOP_LEN, MAX_STOP_SEQUENCES, ModelDigest, REQUEST_READ_TIMEOUT,
-    RemoteErrorKind, read_frame, write_frame,
+    FinishReason, FrameError, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest, MAX_REQUEST_FRAME,
+    ModelDigest, Opening, REQUEST_READ_TIMEOUT, Refusal, RemoteErrorKind, read_frame, write_frame,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -26,8 +25,8 @@ use tracing::Instrument;
 use crate::engine::{Engine, EngineError, Job, StepEvent};
 use crate::leaf_store::LeafStore;
 use crate::metrics::ProviderMetrics;
-use crate::stop::{Pushed, TextStream};
-use crate::tamper::{Cheat, Tamper};
+use crate::tamper::Cheat;
+use proofmesh_shared::text::{Pushed, TextStream};
 
 /// How long writing one frame may take before the gateway is considered gone.
 const FRAME_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -38,26 +37,14 @@ pub(crate) struct Service {
     pub(crate) engine: Engine,
     pub(crate) keypair: Keypair,
     pub(crate) digest: ModelDigest,
+    /// The numerics class advertised and signed (the engine's own, except in audit tests).
+    pub(crate) numerics: String,
     pub(crate) leaves: LeafStore,
-    pub(crate) cheat: Cheat,
+    /// Test-only misbehaviour; `None` on every real provider.
+    pub(crate) cheat: Option<Cheat>,
     pub(crate) metrics: Arc<ProviderMetrics>,
     /// Cancelled on shutdown: new requests are refused, running ones finish.
     pub(crate) draining: CancellationToken,
-}
-
-/// A refusal sent as an `Error` frame.
-pub(crate) struct Refusal {
-    pub(crate) kind: RemoteErrorKind,
-    pub(crate) message: String,
-}
-
-impl Refusal {
-    fn new(kind: RemoteErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-        }
-    }
 }
 
 impl Service {
@@ -89,10 +76,20 @@ impl Service {
                 channel,
             } = event
             {
-                let mut response = self.leaves.open(&peer, &request);
-                self.cheat.opening(&mut response);
                 tracing::debug!(%peer, request = %request.request_id, n = request.indices.len(), "opening leaves");
-                if client.respond_open_leaves(channel, response).await.is_err() {
+                let response = self.leaves.open(&peer, &request);
+                let opening = Opening {
+                    request_id: request.request_id,
+                    indices: request.indices,
+                    response,
+                };
+                let opening = match &self.cheat {
+                    Some(cheat) => cheat.opening(opening, &self.keypair),
+                    None => opening.sign(&self.keypair).ok(),
+                };
+                // Unsigned (a key that cannot sign) or withheld: the asker's request fails.
+                let Some(opening) = opening else { continue };
+                if client.respond_open_leaves(channel, opening).await.is_err() {
                     return;
                 }
             }
@@ -180,118 +177,146 @@ impl Service {
         stream: &mut libp2p::Stream,
         read_at: Instant,
     ) -> Result<(), Option<Refusal>> {
-        validate(request, &self.digest)?;
-        let prompt = self
-            .engine
-            .tokenize_chat(&request.messages)
-            .map_err(|e| Refusal::new(RemoteErrorKind::InvalidRequest, e.to_string()))?;
-        let window = self.engine.info().context_size as usize;
-        if prompt.len() + request.max_tokens as usize > window {
-            return Err(Some(Refusal::new(
-                RemoteErrorKind::ContextLength,
-                format!(
-                    "this model's context window is {window} tokens; the prompt is {} tokens and max_tokens is {}",
-                    prompt.len(),
-                    request.max_tokens
-                ),
-            )));
-        }
+        request.validate(&self.digest)?;
+        let prompt = self.prompt(request)?;
         let prompt_tokens = prompt.len() as u32;
-        let prompt_digest = prompt_hash(&prompt);
-        let (events, mut steps) = mpsc::unbounded_channel();
-        if let Some(replayed) = self.cheat.replayed(request) {
-            let reason = if replayed.len() == request.max_tokens as usize {
-                FinishReason::Length
-            } else {
-                FinishReason::Stop
-            };
-            for (leaf, piece) in replayed {
-                let _ = events.send(StepEvent::Step { leaf, piece });
-            }
-            let _ = events.send(StepEvent::Finished { reason });
-        } else {
-            self.engine
-                .submit(Job {
-                    request_id: request.request_id,
-                    prompt,
-                    sampler: request.sampler,
-                    max_tokens: request.max_tokens,
-                    events,
-                })
-                .map_err(|e| match e {
-                    EngineError::Overloaded => {
-                        Refusal::new(RemoteErrorKind::Overloaded, "provider queue is full")
-                    }
-                    other => Refusal::new(RemoteErrorKind::Internal, other.to_string()),
-                })?;
-        }
+        let steps = self.submit(request, prompt.clone())?;
         send(stream, &GenerateFrame::Accepted { prompt_tokens }).await?;
         self.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
         tracing::Span::current().record("prompt_tokens", prompt_tokens);
-
+        // The one seam for test-only misbehaviour: a cheating provider takes the honest
+        // engine's output from here on (`tamper`).
+        if let Some(cheat) = &self.cheat {
+            return cheat
+                .serve(self, peer, request, &prompt, steps, stream)
+                .await;
+        }
         let mut text = TextStream::new(&request.stop);
         let mut leaves: Vec<StepLeaf> = Vec::new();
-        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        let mut steps = steps;
         let finish_reason = loop {
-            let Some(event) = steps.recv().await else {
-                return Err(Some(Refusal::new(
-                    RemoteErrorKind::Internal,
-                    "engine stopped",
-                )));
-            };
-            match event {
-                StepEvent::Step { mut leaf, piece } => {
-                    if leaf.step == 0 {
-                        self.metrics
-                            .time_to_first_token
-                            .observe(read_at.elapsed().as_secs_f64());
-                    }
-                    self.metrics.tokens_predicted.inc();
-                    let (streamed, changed) = self.cheat.step(&mut leaf, &self.engine, request);
-                    let piece = changed.unwrap_or(piece);
+            match self.next_step(&mut steps, read_at).await? {
+                Step::Token(leaf, piece) => {
                     let (visible, stopped) = match text.push(&piece) {
                         Pushed::Text(t) => (t, false),
                         Pushed::Stopped(t) => (t, true),
                     };
                     let frame = GenerateFrame::Token {
                         step: leaf.step,
-                        token: streamed,
+                        token: leaf.token,
                         text: visible,
                     };
-                    let step = leaf.step;
                     leaves.push(leaf);
-                    pieces.push(piece);
                     send(stream, &frame).await?;
-                    if self.cheat.tamper == Tamper::HangUp && step >= 2 {
-                        return Err(None);
-                    }
-                    if stopped || self.cheat.stops_early(step, request.max_tokens) {
+                    if stopped {
                         break FinishReason::Stop;
                     }
                 }
-                StepEvent::Finished { reason } => break reason,
-                StepEvent::Failed { message } => {
-                    tracing::error!(%message, "engine failed");
-                    return Err(Some(Refusal::new(
-                        RemoteErrorKind::Internal,
-                        "the engine failed",
-                    )));
-                }
+                Step::Finished(reason) => break reason,
             }
         };
         // Dropping the receiver tells the engine to free the slot (after a stop sequence).
         drop(steps);
-        tracing::Span::current().record("completion_tokens", leaves.len());
-        if self.cheat.tamper == Tamper::Replay {
-            let steps: Vec<(StepLeaf, Vec<u8>)> = leaves.iter().cloned().zip(pieces).collect();
-            self.cheat.remember(&steps);
-        }
-        self.cheat
-            .copy_logits(&mut leaves, request)
-            .await
-            .map_err(|e| Refusal::new(RemoteErrorKind::Internal, e))?;
-
         let generated = read_at.elapsed();
+        let commitment = self.commit(peer, request, &prompt, leaves, finish_reason, generated)?;
+        let commitment = commitment
+            .sign(&self.keypair)
+            .map_err(|e| Refusal::new(RemoteErrorKind::Internal, e.to_string()))?;
+        send(
+            stream,
+            &GenerateFrame::Done {
+                finish_reason,
+                text: text.finish(),
+                commitment: Box::new(commitment),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The prompt after the model's chat template, checked against the context window.
+    fn prompt(&self, request: &GenerateRequest) -> Result<Vec<u32>, Refusal> {
+        let prompt = self
+            .engine
+            .tokenize_chat(&request.messages)
+            .map_err(|e| Refusal::new(RemoteErrorKind::InvalidRequest, e.to_string()))?;
+        let window = self.engine.info().context_size as usize;
+        if prompt.len() + request.max_tokens as usize > window {
+            return Err(Refusal::new(
+                RemoteErrorKind::ContextLength,
+                format!(
+                    "this model's context window is {window} tokens; the prompt is {} tokens and max_tokens is {}",
+                    prompt.len(),
+                    request.max_tokens
+                ),
+            ));
+        }
+        Ok(prompt)
+    }
+
+    /// Queues the generation on the engine; its steps arrive on the returned channel.
+    fn submit(
+        &self,
+        request: &GenerateRequest,
+        prompt: Vec<u32>,
+    ) -> Result<mpsc::UnboundedReceiver<StepEvent>, Refusal> {
+        let (events, steps) = mpsc::unbounded_channel();
+        self.engine
+            .submit(Job {
+                request_id: request.request_id,
+                prompt,
+                sampler: request.sampler,
+                max_tokens: request.max_tokens,
+                events,
+            })
+            .map_err(|e| match e {
+                EngineError::Overloaded => {
+                    Refusal::new(RemoteErrorKind::Overloaded, "provider queue is full")
+                }
+                other => Refusal::new(RemoteErrorKind::Internal, other.to_string()),
+            })?;
+        Ok(steps)
+    }
+
+    /// The engine's next step, counted in the metrics.
+    pub(crate) async fn next_step(
+        &self,
+        steps: &mut mpsc::UnboundedReceiver<StepEvent>,
+        read_at: Instant,
+    ) -> Result<Step, Refusal> {
+        let Some(event) = steps.recv().await else {
+            return Err(Refusal::new(RemoteErrorKind::Internal, "engine stopped"));
+        };
+        match event {
+            StepEvent::Step { leaf, piece } => {
+                if leaf.step == 0 {
+                    self.metrics
+                        .time_to_first_token
+                        .observe(read_at.elapsed().as_secs_f64());
+                }
+                self.metrics.tokens_predicted.inc();
+                Ok(Step::Token(leaf, piece))
+            }
+            StepEvent::Finished { reason } => Ok(Step::Finished(reason)),
+            StepEvent::Failed { message } => {
+                tracing::error!(%message, "engine failed");
+                Err(Refusal::new(RemoteErrorKind::Internal, "the engine failed"))
+            }
+        }
+    }
+
+    /// Builds the Merkle tree over `leaves`, keeps them for `peer`'s challenges, and returns the
+    /// commitment to sign.
+    pub(crate) fn commit(
+        &self,
+        peer: PeerId,
+        request: &GenerateRequest,
+        prompt: &[u32],
+        leaves: Vec<StepLeaf>,
+        finish_reason: FinishReason,
+        generated: std::time::Duration,
+    ) -> Result<Commitment, Refusal> {
+        tracing::Span::current().record("completion_tokens", leaves.len());
         let committing = Instant::now();
         let tree = LeafTree::build(&leaves);
         let tokens: Vec<u32> = leaves.iter().map(|l| l.token).collect();
@@ -300,18 +325,14 @@ impl Service {
             request_id: request.request_id,
             request_hash: request.hash(),
             model_digest: self.digest,
-            prompt_tokens,
-            prompt_hash: prompt_digest,
+            prompt_tokens: prompt.len() as u32,
+            prompt_hash: prompt_hash(prompt),
             steps: leaves.len() as u32,
             merkle_root: tree.root(),
             output_hash: output_hash(&tokens),
             finish_reason,
-            numerics: self.engine.info().numerics.clone(),
+            numerics: self.numerics.clone(),
         };
-        let mut commitment = commitment
-            .sign(&self.cheat.signer(&self.keypair))
-            .map_err(|e| Refusal::new(RemoteErrorKind::Internal, e.to_string()))?;
-        self.cheat.signed(&mut commitment);
         let commit_time = committing.elapsed();
         self.metrics
             .generation_seconds
@@ -326,57 +347,23 @@ impl Service {
             "committed"
         );
         self.leaves.insert(request.request_id, peer, leaves, tree);
-        send(
-            stream,
-            &GenerateFrame::Done {
-                finish_reason,
-                text: text.finish(),
-                commitment: Box::new(commitment),
-            },
-        )
-        .await?;
-        Ok(())
+        Ok(commitment)
     }
 }
 
-/// Checks a generate request against what this node serves and the protocol's limits.
-pub(crate) fn validate(request: &GenerateRequest, digest: &ModelDigest) -> Result<(), Refusal> {
-    let invalid = |m: &str| Err(Refusal::new(RemoteErrorKind::InvalidRequest, m));
-    if request.version != GenerateRequest::VERSION {
-        return invalid("unsupported protocol version");
-    }
-    if &request.model_digest != digest {
-        return Err(Refusal::new(
-            RemoteErrorKind::UnknownModel,
-            format!("this provider serves {digest}"),
-        ));
-    }
-    if request.messages.is_empty() || request.messages.len() > MAX_MESSAGES {
-        return invalid("between 1 and 256 messages are required");
-    }
-    if request.max_tokens == 0 {
-        return invalid("max_tokens must be at least 1");
-    }
-    if request.stop.len() > MAX_STOP_SEQUENCES
-        || request.stop.iter().any(|s| s.len() > MAX_STOP_LEN)
-    {
-        return invalid("at most 4 stop sequences of at most 256 bytes");
-    }
-    let s = &request.sampler;
-    let sane = s.temperature.is_finite()
-        && (0.0..=2.0).contains(&s.temperature)
-        && s.top_p.is_finite()
-        && s.top_p > 0.0
-        && s.top_p <= 1.0
-        && s.min_p.is_finite()
-        && (0.0..=1.0).contains(&s.min_p);
-    if !sane {
-        return invalid("sampler settings out of range");
-    }
-    Ok(())
+/// One step of a generation, as the service sees it.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// A generated token: its leaf and its bytes.
+    Token(StepLeaf, Vec<u8>),
+    /// The engine finished.
+    Finished(FinishReason),
 }
 
-async fn send(stream: &mut libp2p::Stream, frame: &GenerateFrame) -> Result<(), Option<Refusal>> {
+pub(crate) async fn send(
+    stream: &mut libp2p::Stream,
+    frame: &GenerateFrame,
+) -> Result<(), Option<Refusal>> {
     match tokio::time::timeout(FRAME_WRITE_TIMEOUT, write_frame(stream, frame)).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(None),

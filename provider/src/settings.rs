@@ -37,6 +37,11 @@ pub struct ProviderSettings {
     pub referee_slots: u32,
     /// Re-executions one gateway may start here per minute.
     pub referee_rate_per_minute: u32,
+    /// Peer ids of the gateways this provider referees for, besides the ones in `bootstrap`
+    /// (a referee job needs a ticket signed by one of them).
+    pub referee_for: Vec<String>,
+    /// Re-execution jobs one gateway may hold here at once; 0: all the referee's contexts.
+    pub referee_slots_per_gateway: u32,
     /// Where a `dynamic-backends` build loads llama.cpp's backends (e.g. `libggml-cuda.so`) from.
     pub backends_dir: Option<PathBuf>,
     /// Mesh listen addresses (TCP and QUIC).
@@ -74,6 +79,8 @@ impl Default for ProviderSettings {
             kv_cache: KvCache::Q8_0,
             referee_slots: 2,
             referee_rate_per_minute: 600,
+            referee_for: Vec::new(),
+            referee_slots_per_gateway: 0,
             backends_dir: None,
             p2p_listen: ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
                 .iter()
@@ -102,6 +109,21 @@ impl ProviderSettings {
         check_range("parallel", self.parallel, 1..=256, "1 to 256")?;
         check_range("batch_size", self.batch_size, 1..=65_536, "1 to 65536")?;
         check_range("referee_slots", self.referee_slots, 0..=64, "0 to 64")?;
+        check_range(
+            "referee_slots_per_gateway",
+            self.referee_slots_per_gateway,
+            0..=64,
+            "0 to 64",
+        )?;
+        for peer in &self.referee_for {
+            if peer.parse::<libp2p::PeerId>().is_err() {
+                return Err(ConfigError::OutOfRange {
+                    key: "referee_for",
+                    value: peer.clone(),
+                    why: "a libp2p peer id (12D3Koo… or 16Uiu2…)",
+                });
+            }
+        }
         check_range(
             "referee_rate_per_minute",
             self.referee_rate_per_minute,

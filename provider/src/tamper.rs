@@ -2,18 +2,32 @@
 //! only. Never on by default, and not reachable from the command line: a test builds a
 //! [`crate::ProviderConfig`] with one of these set.
 //!
+//! One seam: an honest provider's service has no cheat at all; a cheating one hands the honest
+//! engine's finished output to [`Cheat::serve`], which rewrites it and speaks the protocol
+//! itself, and signs its leaf openings through [`Cheat::opening`]. Nothing here runs on the
+//! honest path.
+//!
 //! The cheats that serve other weights (another model, a cheaper quantization, perturbed
 //! weights) need no code here: such a provider loads that file and claims the default model's
 //! digest (`ProviderConfig::claim_digest`). The ones here change what an honest engine produces.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
 
+use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use proofmesh_shared::commit::{SignedCommitment, StepLeaf};
-use proofmesh_shared::protocol::{GenerateRequest, OpenLeavesResponse};
+use proofmesh_shared::commit::StepLeaf;
+use proofmesh_shared::protocol::{
+    FinishReason, GenerateFrame, GenerateRequest, OpenLeavesResponse, Opening, Refusal,
+    RemoteErrorKind, SignedOpening,
+};
 use proofmesh_shared::sampling::{self, SamplerParams, TopLogit};
+use tokio::sync::mpsc;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, StepEvent};
+use crate::service::{Service, Step, send};
+use proofmesh_shared::text::{Pushed, TextStream};
 
 /// How a provider in a test lies.
 #[doc(hidden)]
@@ -46,32 +60,141 @@ pub enum Tamper {
     /// those tokens, patched so that replaying the sampler picks the emitted tokens. Needs
     /// `ProviderConfig::tamper_model`, the claimed model's file.
     CopiedLogits,
+    /// Commits and streams the real tokens, but streams text of its own making beside them.
+    ForgedText,
+    /// Advertises its engine's numerics class but signs its commitments with a
+    /// non-deterministic one, hoping to be judged in the tolerant tier.
+    OtherNumerics,
+    /// Withholds its first leaf opening, as if the network had lost it; answers later ones.
+    DropFirstOpening,
 }
 
-/// One generated step as a replaying cheat keeps it: the leaf and the token's text.
+/// The text a [`Tamper::ForgedText`] provider streams in place of its first token's.
+pub const FORGED_TEXT: &str = "FORGED BY THE PROVIDER";
+
+/// The class a [`Tamper::OtherNumerics`] provider signs.
+pub const OTHER_NUMERICS: &str = "cpu/f16-kv/claimed";
+
+/// One generated step as a cheat keeps it: the leaf and the token's text.
 type KeptStep = (StepLeaf, Vec<u8>);
 
-/// A cheating provider's state: its first answer (for [`Tamper::Replay`]) and the claimed
-/// model's engine (for [`Tamper::CopiedLogits`]).
+/// A cheating provider's state: its first answer (for [`Tamper::Replay`]), the claimed
+/// model's engine (for [`Tamper::CopiedLogits`]) and the openings it answered.
 #[derive(Debug, Default)]
 pub(crate) struct Cheat {
     pub(crate) tamper: Tamper,
     pub(crate) claimed_engine: Option<Engine>,
     replay: Mutex<Option<Vec<KeptStep>>>,
+    openings: AtomicU32,
 }
 
 impl Cheat {
-    pub(crate) fn new(tamper: Tamper, claimed_engine: Option<Engine>) -> Self {
-        Self {
+    /// A cheat, or `None` for an honest provider.
+    pub(crate) fn new(tamper: Tamper, claimed_engine: Option<Engine>) -> Option<Self> {
+        (tamper != Tamper::None || claimed_engine.is_some()).then(|| Self {
             tamper,
             claimed_engine,
             replay: Mutex::default(),
+            openings: AtomicU32::new(0),
+        })
+    }
+
+    /// Serves one request dishonestly: runs the honest engine to the end, rewrites its output,
+    /// and speaks the generate protocol from `Accepted` on.
+    pub(crate) async fn serve(
+        &self,
+        service: &Service,
+        peer: PeerId,
+        request: &GenerateRequest,
+        prompt: &[u32],
+        mut steps: mpsc::UnboundedReceiver<StepEvent>,
+        stream: &mut libp2p::Stream,
+    ) -> Result<(), Option<Refusal>> {
+        let started = Instant::now();
+        let mut kept: Vec<KeptStep> = Vec::new();
+        let mut honest_text = TextStream::new(&request.stop);
+        let mut finish = loop {
+            match service.next_step(&mut steps, started).await? {
+                Step::Token(leaf, piece) => {
+                    let stopped = matches!(honest_text.push(&piece), Pushed::Stopped(_));
+                    kept.push((leaf, piece));
+                    if stopped {
+                        break FinishReason::Stop;
+                    }
+                }
+                Step::Finished(reason) => break reason,
+            }
+        };
+        drop(steps);
+        if let Some(replayed) = self.replayed(request) {
+            finish = if replayed.len() == request.max_tokens as usize {
+                FinishReason::Length
+            } else {
+                FinishReason::Stop
+            };
+            kept = replayed;
+        } else {
+            self.remember(&kept);
         }
+        if self.tamper == Tamper::Truncate && kept.len() > 4 && request.max_tokens > 4 {
+            kept.truncate(4);
+            finish = FinishReason::Stop;
+        }
+        let streamed = self.rewrite(&mut kept, &service.engine, request);
+        let (mut leaves, pieces): (Vec<StepLeaf>, Vec<Vec<u8>>) = kept.into_iter().unzip();
+        self.copy_logits(&mut leaves, request)
+            .await
+            .map_err(|e| Refusal::new(RemoteErrorKind::Internal, e))?;
+        let mut text = TextStream::new(&request.stop);
+        for (step, (token, piece)) in streamed.iter().zip(&pieces).enumerate() {
+            let mut visible = match text.push(piece) {
+                Pushed::Text(t) | Pushed::Stopped(t) => t,
+            };
+            if self.tamper == Tamper::ForgedText && step == 0 {
+                visible = FORGED_TEXT.into();
+            }
+            let frame = GenerateFrame::Token {
+                step: step as u32,
+                token: *token,
+                text: visible,
+            };
+            send(stream, &frame).await?;
+            if self.tamper == Tamper::HangUp && step >= 2 {
+                return Err(None);
+            }
+        }
+        let mut commitment =
+            service.commit(peer, request, prompt, leaves, finish, started.elapsed())?;
+        if self.tamper == Tamper::OtherNumerics {
+            commitment.numerics = OTHER_NUMERICS.into();
+        }
+        let signer = if self.tamper == Tamper::ForeignKey {
+            Keypair::generate_secp256k1()
+        } else {
+            service.keypair.clone()
+        };
+        let mut commitment = commitment
+            .sign(&signer)
+            .map_err(|e| Refusal::new(RemoteErrorKind::Internal, e.to_string()))?;
+        if self.tamper == Tamper::CorruptSignature
+            && let Some(byte) = commitment.signature.get_mut(7)
+        {
+            *byte ^= 0x40;
+        }
+        send(
+            stream,
+            &GenerateFrame::Done {
+                finish_reason: finish,
+                text: text.finish(),
+                commitment: Box::new(commitment),
+            },
+        )
+        .await
     }
 
     /// For [`Tamper::Replay`] after the first answer: the stored steps, with this request's
     /// draws.
-    pub(crate) fn replayed(&self, request: &GenerateRequest) -> Option<Vec<KeptStep>> {
+    fn replayed(&self, request: &GenerateRequest) -> Option<Vec<KeptStep>> {
         if self.tamper != Tamper::Replay {
             return None;
         }
@@ -93,7 +216,7 @@ impl Cheat {
     }
 
     /// Keeps the first answer for [`Tamper::Replay`].
-    pub(crate) fn remember(&self, steps: &[KeptStep]) {
+    fn remember(&self, steps: &[KeptStep]) {
         if self.tamper == Tamper::Replay {
             let mut stored = self
                 .replay
@@ -105,50 +228,51 @@ impl Cheat {
         }
     }
 
-    /// Rewrites one step as it comes out of the engine. Returns the token to stream (which
-    /// differs from the committed one for [`Tamper::ChangedTokens`]) and the replacement text
-    /// when the step changed.
-    pub(crate) fn step(
+    /// Rewrites the committed steps; returns the tokens to stream (which differ from the
+    /// committed ones for [`Tamper::ChangedTokens`]).
+    fn rewrite(
         &self,
-        leaf: &mut StepLeaf,
+        steps: &mut [KeptStep],
         engine: &Engine,
         request: &GenerateRequest,
-    ) -> (u32, Option<Vec<u8>>) {
-        match self.tamper {
-            Tamper::OffPolicyToken if leaf.step == 1 => {
-                if let Some(runner_up) = leaf.top.iter().find(|c| c.id != leaf.token) {
-                    leaf.token = runner_up.id;
-                    return (leaf.token, Some(Vec::new()));
+    ) -> Vec<u32> {
+        let mut streamed = Vec::with_capacity(steps.len());
+        for (leaf, piece) in steps.iter_mut() {
+            match self.tamper {
+                Tamper::OffPolicyToken if leaf.step == 1 => {
+                    if let Some(runner_up) = leaf.top.iter().find(|c| c.id != leaf.token) {
+                        leaf.token = runner_up.id;
+                        piece.clear();
+                    }
                 }
+                Tamper::MadeUpTokens => {
+                    let n_vocab = engine.info().n_vocab.max(257);
+                    let seed = u64::from_le_bytes(
+                        request.request_id.as_bytes()[..8]
+                            .try_into()
+                            .unwrap_or([0; 8]),
+                    );
+                    // Skip the first ids (control tokens in most vocabularies).
+                    let token = 256
+                        + (splitmix(seed ^ u64::from(leaf.step)) % u64::from(n_vocab - 256)) as u32;
+                    *leaf = fabricated_leaf(leaf.step, token, leaf.draw);
+                    *piece = engine.detokenize(&[token]).into_bytes();
+                }
+                _ => {}
             }
-            Tamper::MadeUpTokens => {
-                let n_vocab = engine.info().n_vocab.max(2);
-                let seed = u64::from_le_bytes(
-                    request.request_id.as_bytes()[..8]
-                        .try_into()
-                        .unwrap_or([0; 8]),
-                );
-                // Skip the first ids (control tokens in most vocabularies).
-                let token =
-                    256 + (splitmix(seed ^ u64::from(leaf.step)) % u64::from(n_vocab - 256)) as u32;
-                *leaf = fabricated_leaf(leaf.step, token, leaf.draw);
-                let text = engine.detokenize(&[token]).into_bytes();
-                return (token, Some(text));
-            }
-            Tamper::ChangedTokens if leaf.step == 2 => return (leaf.token ^ 1, None),
-            _ => {}
+            let token = if self.tamper == Tamper::ChangedTokens && leaf.step == 2 {
+                leaf.token ^ 1
+            } else {
+                leaf.token
+            };
+            streamed.push(token);
         }
-        (leaf.token, None)
-    }
-
-    /// Whether to stop after this step, claiming a natural end ([`Tamper::Truncate`]).
-    pub(crate) fn stops_early(&self, step: u32, max_tokens: u32) -> bool {
-        self.tamper == Tamper::Truncate && step >= 3 && max_tokens > 4
+        streamed
     }
 
     /// For [`Tamper::CopiedLogits`]: replaces the leaves' logits by the claimed model's, run
     /// teacher-forced over the emitted tokens, patched so the sampler still picks those tokens.
-    pub(crate) async fn copy_logits(
+    async fn copy_logits(
         &self,
         leaves: &mut [StepLeaf],
         request: &GenerateRequest,
@@ -181,9 +305,14 @@ impl Cheat {
         Ok(())
     }
 
-    /// Opening tampers.
-    pub(crate) fn opening(&self, response: &mut OpenLeavesResponse) {
-        if let OpenLeavesResponse::Opened { leaves, proof } = response {
+    /// Signs a leaf opening, tampered as the cheat says; `None` withholds it.
+    pub(crate) fn opening(&self, mut opening: Opening, key: &Keypair) -> Option<SignedOpening> {
+        let first = self.openings.fetch_add(1, Ordering::Relaxed) == 0;
+        if self.tamper == Tamper::DropFirstOpening && first {
+            tracing::warn!("TEST MODE: withholding a leaf opening");
+            return None;
+        }
+        if let OpenLeavesResponse::Opened { leaves, proof } = &mut opening.response {
             match self.tamper {
                 Tamper::TamperLeaf => {
                     if let Some(candidate) = leaves.first_mut().and_then(|l| l.top.first_mut()) {
@@ -198,24 +327,7 @@ impl Cheat {
                 _ => {}
             }
         }
-    }
-
-    /// The key the commitment is signed with.
-    pub(crate) fn signer(&self, node_key: &Keypair) -> Keypair {
-        if self.tamper == Tamper::ForeignKey {
-            Keypair::generate_secp256k1()
-        } else {
-            node_key.clone()
-        }
-    }
-
-    /// Signature tampers.
-    pub(crate) fn signed(&self, commitment: &mut SignedCommitment) {
-        if self.tamper == Tamper::CorruptSignature
-            && let Some(byte) = commitment.signature.get_mut(7)
-        {
-            *byte ^= 0x40;
-        }
+        opening.sign(key).ok()
     }
 }
 

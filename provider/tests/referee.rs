@@ -1,6 +1,8 @@
 //! A real provider (real model, real swarm on loopback) spoken to as a referee over raw
-//! `/proofmesh/referee/1` streams: an honest job returns signed evidence bound to the
-//! commitment, and malformed or hostile jobs get clear error frames within the referee's limits.
+//! `/proofmesh/referee/2` streams: an honest job with a ticket from a gateway the provider
+//! referees for returns signed evidence bound to the request and the tokens; jobs without a
+//! valid ticket, and malformed or hostile ones, get clear error frames within the referee's
+//! limits.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -11,11 +13,11 @@ use std::time::Duration;
 use futures::AsyncWriteExt;
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use proofmesh_shared::commit::{Commitment, SignedCommitment, output_hash, prompt_hash};
+use proofmesh_shared::commit::output_hash;
 use proofmesh_shared::net::Client;
 use proofmesh_shared::protocol::{
-    ChatMessage, FinishReason, GenerateRequest, MAX_EVIDENCE_FRAME, ModelDigest, REFEREE_PROTOCOL,
-    RefereeFrame, RefereeReply, RemoteErrorKind, RequestId, read_frame, write_frame,
+    ChatMessage, GenerateRequest, MAX_EVIDENCE_FRAME, ModelDigest, REFEREE_PROTOCOL, RefereeFrame,
+    RefereeReply, RefereeTicket, RemoteErrorKind, RequestId, read_frame, write_frame,
 };
 use proofmesh_shared::sampling::SamplerParams;
 use tokio::sync::oneshot;
@@ -23,10 +25,10 @@ use tokio::sync::oneshot;
 /// Jobs one gateway may start per minute on the provider under test.
 const RATE: u32 = 4;
 
-async fn provider() -> (proofmesh_provider::Started, oneshot::Sender<()>) {
+async fn provider(gateway: PeerId) -> (proofmesh_provider::Started, oneshot::Sender<()>) {
     let mut engine = support::small_engine().await;
     engine.referee_slots = 1;
-    support::provider(engine, RATE).await
+    support::provider_for(engine, RATE, vec![gateway]).await
 }
 
 async fn open(client: &Client, peer: PeerId) -> libp2p::Stream {
@@ -69,55 +71,54 @@ fn request(digest: ModelDigest, max_tokens: u32) -> GenerateRequest {
     }
 }
 
-/// A commitment over `tokens` as the audited provider `key` would sign it.
-fn commitment(key: &Keypair, request: &GenerateRequest, tokens: &[u32]) -> SignedCommitment {
-    Commitment {
-        version: Commitment::VERSION,
-        request_id: request.request_id,
-        request_hash: request.hash(),
-        model_digest: request.model_digest,
-        prompt_tokens: 10,
-        prompt_hash: prompt_hash(&[1; 10]),
-        steps: tokens.len() as u32,
-        merkle_root: [7; 32],
-        output_hash: output_hash(tokens),
-        finish_reason: FinishReason::Length,
-        numerics: "det/test".into(),
-    }
-    .sign(key)
-    .unwrap()
+/// Unix seconds now.
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
-fn begin(request: &GenerateRequest, provider: PeerId) -> RefereeFrame {
+/// `Begin` for `request` with a ticket `gateway` signed for `referee`, valid until `expires`.
+fn begin_by(
+    gateway: &Keypair,
+    referee: PeerId,
+    request: &GenerateRequest,
+    expires: u64,
+) -> RefereeFrame {
+    let ticket = RefereeTicket {
+        referee: referee.to_bytes(),
+        request_hash: request.hash(),
+        expires_unix: expires,
+    }
+    .sign(gateway)
+    .unwrap();
     RefereeFrame::Begin {
         request: Box::new(request.clone()),
-        provider: provider.to_bytes(),
+        ticket: Box::new(ticket),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_referee_job_returns_evidence_and_hostile_jobs_are_refused() {
-    let (started, _stop) = provider().await;
+    let gateway = Keypair::generate_secp256k1();
+    let (started, _stop) = provider(gateway.public().to_peer_id()).await;
     let referee = started.peer_id;
     let digest = started.model.digest;
+    let begin = |request: &GenerateRequest| begin_by(&gateway, referee, request, now() + 600);
     assert!(started.model.referee);
     assert!(
         started.model.numerics.starts_with("det/"),
         "{}",
         started.model.numerics
     );
-    let client = support::client(started.listen_addrs.clone());
-    let audited = Keypair::generate_secp256k1();
-    let audited_peer = audited.public().to_peer_id();
+    let client = support::client_with(gateway.clone(), started.listen_addrs.clone());
 
-    // An honest job: tokens in two frames, then the commitment; evidence on two steps, then
-    // on one more.
+    // An honest job: tokens in two frames, then Finish; evidence on two steps, then on one more.
     let req = request(digest, 8);
     let tokens = [504u32, 28, 3874, 30, 2, 2, 2, 2];
     let mut s = open(&client, referee).await;
-    write_frame(&mut s, &begin(&req, audited_peer))
-        .await
-        .unwrap();
+    write_frame(&mut s, &begin(&req)).await.unwrap();
     let RefereeReply::Accepted {
         prompt_tokens,
         numerics,
@@ -134,11 +135,9 @@ async fn a_referee_job_returns_evidence_and_hostile_jobs_are_refused() {
         };
         write_frame(&mut s, &frame).await.unwrap();
     }
-    let signed = commitment(&audited, &req, &tokens);
     write_frame(
         &mut s,
         &RefereeFrame::Finish {
-            commitment: Box::new(signed.clone()),
             indices: vec![0, 7],
         },
     )
@@ -149,9 +148,7 @@ async fn a_referee_job_returns_evidence_and_hostile_jobs_are_refused() {
     };
     assert_eq!(evidence.verify().unwrap(), referee);
     let e = &evidence.evidence;
-    assert_eq!(e.provider, audited_peer.to_bytes());
     assert_eq!((e.request_id, e.request_hash), (req.request_id, req.hash()));
-    assert_eq!(e.merkle_root, signed.commitment.merkle_root);
     assert_eq!(e.output_hash, output_hash(&tokens));
     assert_eq!((e.steps, e.prompt_tokens), (8, prompt_tokens));
     assert_eq!(e.opened.iter().map(|s| s.step).collect::<Vec<_>>(), [0, 7]);
@@ -180,21 +177,34 @@ async fn a_referee_job_returns_evidence_and_hostile_jobs_are_refused() {
         RemoteErrorKind::InvalidRequest
     );
 
-    // Another model; auditing the referee itself.
-    for (req, provider) in [
-        (request(ModelDigest([9; 32]), 8), audited_peer),
-        (request(digest, 8), referee),
-    ] {
+    // Another model; no ticket from a gateway it referees for; a ticket for another referee,
+    // for another request, or expired: each is refused before any work.
+    let stranger = Keypair::generate_secp256k1();
+    let other_req = request(digest, 8);
+    let refusals = [
+        begin(&request(ModelDigest([9; 32]), 8)),
+        begin_by(&stranger, referee, &request(digest, 8), now() + 600),
+        begin_by(&gateway, PeerId::random(), &request(digest, 8), now() + 600),
+        {
+            let mut frame = begin(&other_req);
+            if let RefereeFrame::Begin { request, .. } = &mut frame {
+                request.max_tokens = 7;
+            }
+            frame
+        },
+        begin_by(&gateway, referee, &request(digest, 8), now() - 1),
+    ];
+    for frame in refusals {
         let mut s = open(&client, referee).await;
-        write_frame(&mut s, &begin(&req, provider)).await.unwrap();
+        write_frame(&mut s, &frame).await.unwrap();
         assert_eq!(
             refused(&reply(&mut s).await),
             RemoteErrorKind::InvalidRequest
         );
     }
 
-    // Tokens out of order, more tokens than max_tokens, a commitment not signed by the audited
-    // provider: each ends the job with an error frame.
+    // Tokens out of order, more tokens than max_tokens, Open before Finish: each ends the job
+    // with an error frame.
     type Frames = Box<dyn Fn(&GenerateRequest) -> Vec<RefereeFrame>>;
     let bad_frames: [Frames; 3] = [
         Box::new(|_| {
@@ -209,26 +219,20 @@ async fn a_referee_job_returns_evidence_and_hostile_jobs_are_refused() {
                 tokens: vec![1; 9],
             }]
         }),
-        Box::new(|req| {
-            let stranger = Keypair::generate_secp256k1();
+        Box::new(|_| {
             vec![
                 RefereeFrame::Tokens {
                     first_step: 0,
                     tokens: vec![1, 2],
                 },
-                RefereeFrame::Finish {
-                    commitment: Box::new(commitment(&stranger, req, &[1, 2])),
-                    indices: vec![0],
-                },
+                RefereeFrame::Open { indices: vec![0] },
             ]
         }),
     ];
     for frames in &bad_frames {
         let req = request(digest, 8);
         let mut s = open(&client, referee).await;
-        write_frame(&mut s, &begin(&req, audited_peer))
-            .await
-            .unwrap();
+        write_frame(&mut s, &begin(&req)).await.unwrap();
         assert!(matches!(reply(&mut s).await, RefereeReply::Accepted { .. }));
         for frame in frames(&req) {
             write_frame(&mut s, &frame).await.unwrap();
@@ -257,7 +261,7 @@ async fn a_referee_job_returns_evidence_and_hostile_jobs_are_refused() {
     let mut rate_limited = 0;
     for _ in 0..4 {
         let mut s = open(&client, referee).await;
-        write_frame(&mut s, &begin(&request(digest, 8), audited_peer))
+        write_frame(&mut s, &begin(&request(digest, 8)))
             .await
             .unwrap();
         if let RefereeReply::Error { kind, message } = reply(&mut s).await {

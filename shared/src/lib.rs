@@ -18,13 +18,16 @@
 //!   commitment, its opened leaves and a referee's [`verify::SignedEvidence`], and the calibrated
 //!   statistical checks of committed logits against the referee's, which together turn into an
 //!   [`verify::AuditVerdict`].
-//! - [`signing`]: signatures by node keys (commitments, referee evidence).
+//! - [`signing`]: signatures by node keys (commitments, openings, tickets, referee evidence).
+//! - [`text`]: turning token bytes into the visible text, with stop sequences: the provider
+//!   streams by it and the gateway checks the stream by it, so both cut text the same way.
 //! - [`identity`]: the node key (secp256k1), stored with 0600 permissions, shared by libp2p and
 //!   the commitment signer so a signature is bound to a peer id.
 //! - [`process`]: the shutdown signal both binaries use.
 //! - [`config`]: layered configuration (defaults, TOML file, environment, flags).
 //! - [`telemetry`]: logs and OTLP traces, and the trace context carried across the mesh.
 //! - [`metrics`]: the Prometheus text encoding both `/metrics` endpoints use.
+//! - [`model_file`]: digest, name and quantization of a GGUF file.
 //! - [`net`]: the libp2p behaviour and the one task that owns the `Swarm`, with a cloneable
 //!   [`net::Client`] for everyone else.
 
@@ -32,12 +35,14 @@ pub mod commit;
 pub mod config;
 pub mod identity;
 pub mod metrics;
+pub mod model_file;
 pub mod net;
 pub mod process;
 pub mod protocol;
 pub mod sampling;
 pub mod signing;
 pub mod telemetry;
+pub mod text;
 pub mod verify;
 
 /// A 32-byte SHA-256 digest, used for model digests, request and output hashes and Merkle nodes.

@@ -21,7 +21,7 @@ use libp2p::{Multiaddr, PeerId};
 pub use client::Client;
 pub use event_loop::EventLoop;
 
-use crate::protocol::{Capabilities, OpenLeavesRequest, OpenLeavesResponse};
+use crate::protocol::{Capabilities, OpenLeavesRequest, SignedOpening};
 
 /// What a node is on the mesh.
 #[derive(Debug, Clone)]
@@ -76,7 +76,7 @@ pub enum Event {
         /// What it asks for.
         request: OpenLeavesRequest,
         /// Where the answer goes.
-        channel: ResponseChannel<OpenLeavesResponse>,
+        channel: ResponseChannel<SignedOpening>,
     },
 }
 

@@ -36,9 +36,9 @@ use crate::verify::SignedEvidence;
 /// The token stream protocol.
 pub const GENERATE_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/generate/1");
 /// The referee re-execution stream protocol.
-pub const REFEREE_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/referee/1");
+pub const REFEREE_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/referee/2");
 /// The leaf-opening request-response protocol.
-pub const OPEN_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/open/1");
+pub const OPEN_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/open/2");
 /// The capability query protocol.
 pub const CAPS_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/caps/1");
 /// The shutdown announcement protocol.
@@ -275,6 +275,67 @@ pub enum RemoteErrorKind {
     Internal,
 }
 
+/// Why a provider or referee refuses a request before doing any work; sent back as an `Error`
+/// frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// The class of refusal.
+    pub kind: RemoteErrorKind,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal of `kind`, explained by `message`.
+    pub fn new(kind: RemoteErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl GenerateRequest {
+    /// The checks every node makes before working on a request for the model `serves`: the
+    /// version, the model, and the bounds on messages, `max_tokens`, stop sequences and sampler
+    /// settings.
+    pub fn validate(&self, serves: &ModelDigest) -> Result<(), Refusal> {
+        let invalid = |m: &str| Err(Refusal::new(RemoteErrorKind::InvalidRequest, m));
+        if self.version != Self::VERSION {
+            return invalid("unsupported protocol version");
+        }
+        if &self.model_digest != serves {
+            return Err(Refusal::new(
+                RemoteErrorKind::UnknownModel,
+                format!("this node serves {serves}"),
+            ));
+        }
+        if self.messages.is_empty() || self.messages.len() > MAX_MESSAGES {
+            return invalid("between 1 and 256 messages are required");
+        }
+        if self.max_tokens == 0 {
+            return invalid("max_tokens must be at least 1");
+        }
+        if self.stop.len() > MAX_STOP_SEQUENCES || self.stop.iter().any(|s| s.len() > MAX_STOP_LEN)
+        {
+            return invalid("at most 4 stop sequences of at most 256 bytes");
+        }
+        let s = &self.sampler;
+        let sane = s.temperature.is_finite()
+            && (0.0..=2.0).contains(&s.temperature)
+            && s.top_p.is_finite()
+            && s.top_p > 0.0
+            && s.top_p <= 1.0
+            && s.min_p.is_finite()
+            && (0.0..=1.0).contains(&s.min_p);
+        if !sane {
+            return invalid("sampler settings out of range");
+        }
+        Ok(())
+    }
+}
+
 /// One frame from provider to gateway on a generate stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum GenerateFrame {
@@ -337,6 +398,118 @@ pub enum OpenLeavesResponse {
     },
 }
 
+/// An [`OpenLeavesResponse`] signed by the provider with its node key, bound to the request and
+/// the steps asked for: a fraud proof built on an opening holds only what the provider itself
+/// said, and nobody can make one up in its name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignedOpening {
+    /// What was signed.
+    pub opening: Opening,
+    /// The provider's secp256k1 public key, compressed SEC1.
+    pub public_key: Vec<u8>,
+    /// ECDSA signature `r ‖ s`.
+    pub signature: Vec<u8>,
+}
+
+/// The signed part of a [`SignedOpening`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Opening {
+    /// The request whose leaves were asked for.
+    pub request_id: RequestId,
+    /// The steps asked for.
+    pub indices: Vec<u32>,
+    /// The provider's answer.
+    pub response: OpenLeavesResponse,
+}
+
+/// Domain tag of opening signatures.
+const OPENING_DOMAIN: &[u8] = b"proofmesh/opening/v1";
+
+impl Opening {
+    /// Signs with the provider's node key.
+    pub fn sign(
+        self,
+        key: &libp2p::identity::Keypair,
+    ) -> Result<SignedOpening, crate::signing::SignatureError> {
+        let parts = crate::signing::sign(key, OPENING_DOMAIN, &self)?;
+        Ok(SignedOpening {
+            opening: self,
+            public_key: parts.public_key,
+            signature: parts.signature,
+        })
+    }
+}
+
+impl SignedOpening {
+    /// Checks the signature and returns the signer's peer id.
+    pub fn verify(&self) -> Result<libp2p::PeerId, crate::signing::SignatureError> {
+        crate::signing::verify(
+            &self.public_key,
+            &self.signature,
+            OPENING_DOMAIN,
+            &self.opening,
+        )
+    }
+}
+
+/// How long a referee ticket stays valid: the answer it covers starts streaming at once, and a
+/// long answer on a busy CPU provider takes minutes.
+pub const TICKET_LIFETIME: Duration = Duration::from_secs(15 * 60);
+
+/// A gateway's permission for one referee job: which referee may do it, for which request, until
+/// when. Referees take work only with a ticket signed by a gateway they accept, and bound the
+/// work per signing gateway, so that peers nobody accepts cannot hold their contexts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefereeTicket {
+    /// The referee the job is for (peer id bytes).
+    pub referee: Vec<u8>,
+    /// [`GenerateRequest::hash`] of the request to re-execute.
+    pub request_hash: Digest32,
+    /// Unix seconds after which the ticket is void.
+    pub expires_unix: u64,
+}
+
+/// A [`RefereeTicket`] signed by the gateway's node key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedTicket {
+    /// What was signed.
+    pub ticket: RefereeTicket,
+    /// The gateway's secp256k1 public key, compressed SEC1.
+    pub public_key: Vec<u8>,
+    /// ECDSA signature `r ‖ s`.
+    pub signature: Vec<u8>,
+}
+
+/// Domain tag of ticket signatures.
+const TICKET_DOMAIN: &[u8] = b"proofmesh/referee-ticket/v1";
+
+impl RefereeTicket {
+    /// Signs with the gateway's node key.
+    pub fn sign(
+        self,
+        key: &libp2p::identity::Keypair,
+    ) -> Result<SignedTicket, crate::signing::SignatureError> {
+        let parts = crate::signing::sign(key, TICKET_DOMAIN, &self)?;
+        Ok(SignedTicket {
+            ticket: self,
+            public_key: parts.public_key,
+            signature: parts.signature,
+        })
+    }
+}
+
+impl SignedTicket {
+    /// Checks the signature and returns the signing gateway's peer id.
+    pub fn verify(&self) -> Result<libp2p::PeerId, crate::signing::SignatureError> {
+        crate::signing::verify(
+            &self.public_key,
+            &self.signature,
+            TICKET_DOMAIN,
+            &self.ticket,
+        )
+    }
+}
+
 /// A provider's announcement that it is shutting down and takes no new requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Leaving;
@@ -387,12 +560,12 @@ pub struct Capabilities {
 /// One frame from a gateway to a referee.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RefereeFrame {
-    /// Re-execute the answer to this request, which `provider` (peer id bytes) is generating.
+    /// Re-execute the answer to this request. The referee is not told who is answering it.
     Begin {
         /// The request exactly as the provider got it (its hash binds the evidence).
         request: Box<GenerateRequest>,
-        /// The provider being audited; a referee never audits itself.
-        provider: Vec<u8>,
+        /// The gateway's permission for this job, checked before any work.
+        ticket: Box<SignedTicket>,
     },
     /// The next claimed tokens, in order, starting at step `first_step`.
     Tokens {
@@ -401,10 +574,8 @@ pub enum RefereeFrame {
         /// Claimed token ids.
         tokens: Vec<u32>,
     },
-    /// The answer is complete: the provider's signed commitment and the steps to report on.
+    /// Every claimed token was sent: report on these steps.
     Finish {
-        /// The provider's signed commitment.
-        commitment: Box<SignedCommitment>,
         /// Challenged steps, sorted and distinct, at most [`MAX_OPEN_INDICES`].
         indices: Vec<u32>,
     },

@@ -32,12 +32,19 @@ use serde::{Deserialize, Serialize};
 
 pub use challenge::{Challenge, DEFAULT_CHALLENGE_COUNT, PROBATION_CHALLENGE_COUNT};
 pub use evidence::{RefereeEvidence, RefereeStep, SignedEvidence};
-pub use exact::{EvidenceError, check_commitment, check_evidence, check_openings};
-pub use proof::{AuditRound, FraudProof};
+pub use exact::{
+    EvidenceError, check_commitment, check_evidence, check_openings, opening_is_signed,
+};
+pub use proof::{AuditRound, FraudProof, ProofError};
 pub use rule::{Judgement, Statistics, Tier, judge, judge_distances};
 
 /// Why an audit failed. The string forms are stable and appear in the `x-proofmesh-verdict`
 /// header; every variant but the last two is an exact check.
+///
+/// Some are proven by the provider's own signatures (the commitment, its openings); the ones
+/// that need the model (prompt, vocabulary, finish, logits, tokens) rest on referees' evidence
+/// ([`AuditFailure::needs_referee`]), so the gateway confirms them with a second referee before
+/// it penalises anyone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuditFailure {
@@ -59,9 +66,19 @@ pub enum AuditFailure {
     /// More steps than `max_tokens`, or a length finish before `max_tokens`.
     #[error("length_mismatch")]
     LengthMismatch,
+    /// The commitment declares another numerics class than the one the provider advertised
+    /// and was routed (and refereed) on.
+    #[error("numerics_mismatch")]
+    NumericsMismatch,
+    /// The text the provider streamed is not the detokenization of the tokens it committed.
+    #[error("text_mismatch")]
+    TextMismatch,
     /// The provider refused or failed to open the challenged leaves.
     #[error("opening_refused")]
     OpeningRefused,
+    /// The provider's opening is not signed with its key, or not for the challenge asked.
+    #[error("opening_unsigned")]
+    OpeningUnsigned,
     /// The opened leaves are not in the committed tree.
     #[error("merkle_path_invalid")]
     MerklePathInvalid,
@@ -98,6 +115,19 @@ pub enum AuditFailure {
 }
 
 impl AuditFailure {
+    /// Whether this failure rests on a referee's re-execution rather than on what the provider
+    /// signed or the gateway saw itself.
+    pub fn needs_referee(self) -> bool {
+        matches!(
+            self,
+            Self::PromptMismatch
+                | Self::TokenOutOfVocabulary
+                | Self::FinishMismatch
+                | Self::LogitsDiverge
+                | Self::TokensImplausible
+        )
+    }
+
     /// Whether this failure came from a threshold rather than an exact check.
     pub fn is_statistical(self) -> bool {
         matches!(self, Self::LogitsDiverge | Self::TokensImplausible)
@@ -113,6 +143,10 @@ pub enum AuditVerdict {
     /// Every exact check held, but no referee could re-execute the answer (no other provider of
     /// this model and no local model): the tokens were not checked against the model.
     Unrefereed,
+    /// Every exact check held, but the audit could not be completed for reasons that are not
+    /// the provider's proven fault: its leaves could not be fetched over the network, or one
+    /// referee's accusation found no second referee to confirm or refute it.
+    Inconclusive,
     /// Every check held, both layers.
     Passed,
     /// A check failed.
@@ -126,6 +160,7 @@ impl AuditVerdict {
         match self {
             Self::Unaudited => "unaudited".into(),
             Self::Unrefereed => "unrefereed".into(),
+            Self::Inconclusive => "inconclusive".into(),
             Self::Passed => "passed".into(),
             Self::Failed(reason) => format!("failed:{reason}"),
         }

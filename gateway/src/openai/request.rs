@@ -5,6 +5,7 @@ use proofmesh_shared::sampling::SamplerParams;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
+use crate::auditor::{ModeError, VerificationMode};
 use crate::error::ApiError;
 
 /// Completion length when the client names none. Small models ramble; clients that want more say
@@ -124,40 +125,18 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-/// How a request is verified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum VerificationMode {
-    /// Signed, not audited.
-    None,
-    /// Challenge random steps, check Merkle paths and replay the sampler.
-    Merkle,
-}
-
-impl VerificationMode {
-    /// The name used on the wire and in headers.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Merkle => "merkle",
-        }
-    }
-
-    /// Parses a mode name; modes that exist in the design but are not available yet are a clear
-    /// error, unknown names an invalid parameter.
-    pub fn parse(name: &str) -> Result<Self, ApiError> {
-        match name {
-            "none" => Ok(Self::None),
-            "merkle" => Ok(Self::Merkle),
-            "fraud" | "consensus" | "zk" => Err(ApiError::unsupported_mode(name)),
-            other => Err(ApiError::invalid(
-                "verification_mode",
-                format!(
-                    "Invalid verification_mode '{other}'; expected one of none, merkle, fraud, consensus, zk"
-                ),
-            )),
-        }
-    }
+/// Maps a `verification_mode` name onto the auditor's mode; modes that exist in the design but
+/// are not available yet are a clear error, unknown names an invalid parameter.
+fn parse_mode(name: &str) -> Result<VerificationMode, ApiError> {
+    name.parse().map_err(|e| match e {
+        ModeError::NotYet(name) => ApiError::unsupported_mode(&name),
+        _ => ApiError::invalid(
+            "verification_mode",
+            format!(
+                "Invalid verification_mode '{name}'; expected one of none, merkle, fraud, consensus, zk"
+            ),
+        ),
+    })
 }
 
 /// A request that passed validation, in internal terms.
@@ -262,7 +241,7 @@ impl ChatCompletionRequest {
         }
         let mode = match self.verification_mode.as_deref() {
             None => default_mode,
-            Some(name) => VerificationMode::parse(name)?,
+            Some(name) => parse_mode(name)?,
         };
         let seed = self.seed.map_or_else(rand::random::<u64>, |s| s as u64);
         Ok(ValidatedChat {

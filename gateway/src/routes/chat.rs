@@ -10,19 +10,20 @@ use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use proofmesh_shared::commit::SignedCommitment;
 use proofmesh_shared::protocol::{GenerateFrame, GenerateRequest, RequestId};
+use proofmesh_shared::verify::AuditFailure;
 
-use crate::audit::{Answer, AuditOutcome, audit};
+use crate::auditor::{Answer, AuditOutcome, Exclusion, VerificationMode};
+use crate::catalog::Resolved;
 use crate::error::ApiError;
 use crate::error::ErrorBody;
 use crate::inference::{self, Generation};
 use crate::lifecycle::Lifecycle;
 use crate::openai::extract::OpenAiJson;
-use crate::openai::request::{ChatCompletionRequest, ValidatedChat, VerificationMode};
+use crate::openai::request::{ChatCompletionRequest, ValidatedChat};
 use crate::openai::response::{
     AssistantMessage, AuditStatistics, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice,
     Delta, ProofmeshInfo, Usage, unix_now,
 };
-use crate::referee;
 use crate::registry::{Candidate, Lookup};
 use crate::state::AppState;
 
@@ -107,18 +108,10 @@ async fn answer(
     if let Some(pinned) = headers.get(PIN_HEADER) {
         pin(&mut candidates, pinned, &chat.model)?;
     }
-    if chat.mode == VerificationMode::Merkle {
-        candidates = referee::auditable(&state, candidates);
-        if candidates.is_empty() {
-            return Err(ApiError::no_provider(format!(
-                "No provider of '{}' can be audited in the exact tier right now: each would \
-                 need a referee of its own numerics class, and this gateway does not judge \
-                 answers across classes (its operator can allow that with --audit-tiers any). \
-                 Retry later, or ask for verification_mode \"none\"",
-                chat.model
-            )));
-        }
-    }
+    let candidates = state
+        .auditor
+        .admit(candidates, chat.mode)
+        .map_err(|e| excluded(e, &chat.model))?;
     let request = GenerateRequest {
         version: GenerateRequest::VERSION,
         request_id: RequestId::random(),
@@ -134,8 +127,7 @@ async fn answer(
         .record("model", chat.model.as_str())
         .record("verification_mode", chat.mode.as_str());
     if chat.stream {
-        let refereed = chat.mode == VerificationMode::Merkle;
-        let generation = inference::start(&state, &candidates, &request, refereed).await?;
+        let generation = inference::start(&state, &candidates, &request, chat.mode).await?;
         Ok(stream_response(state, chat, request, generation, arrived))
     } else {
         plain_response(&state, &chat, &request, &candidates, arrived).await
@@ -158,9 +150,26 @@ fn pin(candidates: &mut Vec<Candidate>, pinned: &HeaderValue, model: &str) -> Re
     Ok(())
 }
 
+/// Why no provider was admitted, as the client's error.
+fn excluded(exclusion: Exclusion, model: &str) -> ApiError {
+    match exclusion {
+        Exclusion::AllBenched => ApiError::no_provider(format!(
+            "Every provider of '{model}' recently failed verification"
+        )),
+        Exclusion::Unauditable => ApiError::no_provider(format!(
+            "No provider of '{model}' can be audited right now: each would need a referee this \
+             gateway trusts (its own engine, an allow-listed peer, or one with a clean record) of \
+             the provider's own numerics class (an operator can allow cross-class audits with \
+             --audit-tiers any, or unrefereed answers with --allow-unrefereed). Retry later, or \
+             ask for verification_mode \"none\""
+        )),
+    }
+}
+
 /// Generates to the end (failing over if a provider breaks), audits, then answers in one body.
-/// An answer that fails its audit never reaches the client: the request goes to another
-/// provider, and only when every attempt failed does the client get `verification_failed`.
+/// An answer that fails its audit, or could not be verified as asked, never reaches the client:
+/// the request goes to another provider, and only when every attempt failed does the client
+/// get `verification_failed` (or `verification_unavailable`).
 async fn plain_response(
     state: &AppState,
     chat: &ValidatedChat,
@@ -168,28 +177,34 @@ async fn plain_response(
     candidates: &[Candidate],
     arrived: Instant,
 ) -> Result<Response, ApiError> {
-    let refereed = chat.mode == VerificationMode::Merkle;
     let mut remaining: Vec<Candidate> = candidates.to_vec();
     let mut failed_verdict = None;
+    let mut unverified_verdict = None;
     for _ in 0..inference::MAX_ATTEMPTS {
         if remaining.is_empty() {
             break;
         }
         let (mut generation, done) =
-            inference::complete(state, &remaining, request, refereed).await?;
+            inference::complete(state, &remaining, request, chat.mode).await?;
         record_usage(state, &generation, done.tokens.len(), arrived);
         let answer = Answer {
             provider: &generation.candidate,
             request,
             tokens: &done.tokens,
             commitment: &done.commitment,
+            text_matches: done.text_matches,
         };
-        let outcome = audit(state, &answer, chat.mode, generation.referee.take()).await;
+        let referee = generation.referee.take();
+        let outcome = state.auditor.judge(&answer, chat.mode, referee).await;
         let info = proofmesh_info(chat, &generation, &done.commitment, &outcome);
-        if outcome.failed() {
-            tracing::warn!(provider = %generation.candidate.peer, verdict = %info.verdict, "answer failed its audit; trying another provider");
+        if !state.auditor.deliverable(&outcome.verdict()) {
+            tracing::warn!(provider = %generation.candidate.peer, verdict = %info.verdict, "answer withheld; trying another provider");
             remaining.retain(|c| c.peer != generation.candidate.peer);
-            failed_verdict = Some(info.verdict);
+            if outcome.failed() {
+                failed_verdict = Some(info.verdict);
+            } else {
+                unverified_verdict = Some(info.verdict);
+            }
             continue;
         }
         let body = ChatCompletion {
@@ -214,9 +229,10 @@ async fn plain_response(
         set_headers(response.headers_mut(), &info, true);
         return Ok(response);
     }
-    Err(match failed_verdict {
-        Some(verdict) => ApiError::verification_failed(&verdict),
-        None => ApiError::no_provider("No provider could take the request right now"),
+    Err(match (failed_verdict, unverified_verdict) {
+        (Some(verdict), _) => ApiError::verification_failed(&verdict),
+        (None, Some(verdict)) => ApiError::unverified(&verdict),
+        (None, None) => ApiError::no_provider("No provider could take the request right now"),
     })
 }
 
@@ -224,14 +240,16 @@ async fn plain_response(
 /// comparing two.
 pub const PIN_HEADER: &str = "x-proofmesh-provider";
 
-/// Providers for the requested model, or the right error.
+/// Providers for the requested model, or the right error. A name means only the digest the
+/// operator pinned it to.
 fn resolve(state: &AppState, model: &str) -> Result<Vec<Candidate>, ApiError> {
-    match state.registry.lookup(model) {
+    let Resolved::Digest(digest) = state.catalog.resolve(model) else {
+        let advertised = state.registry.advertised_as(model);
+        return Err(ApiError::model_not_pinned(model, &advertised));
+    };
+    match state.registry.lookup(&digest) {
         Lookup::Found(candidates) => Ok(candidates),
         Lookup::UnknownModel => Err(ApiError::model_not_found(model)),
-        Lookup::AllBenched => Err(ApiError::no_provider(format!(
-            "Every provider of '{model}' recently failed verification"
-        ))),
         Lookup::NoProviders => Err(ApiError::no_provider(
             "No provider is reachable on the mesh right now",
         )),
@@ -383,21 +401,38 @@ fn events(
                         return;
                     }
                     tokens.push(token);
+                    // Only text the gateway checked against the tokens goes out; the moment it
+                    // differs, the stream ends with an error.
+                    let Ok(text) = generation.text_of(token, text) else {
+                        state.auditor.observed(&generation.candidate.peer, AuditFailure::TextMismatch);
+                        yield Ok(json_event(&ApiError::verification_failed("failed:text_mismatch").body()));
+                        return;
+                    };
                     if !text.is_empty() {
                         yield Ok(json_event(&chunk(Delta { content: Some(text), ..Delta::default() }, None)));
                     }
                 }
                 GenerateFrame::Done { finish_reason, text, commitment } => {
                     record_usage(&state, &generation, tokens.len(), arrived);
+                    let Ok(text) = generation.tail_of(text) else {
+                        state.auditor.observed(&generation.candidate.peer, AuditFailure::TextMismatch);
+                        yield Ok(json_event(&ApiError::verification_failed("failed:text_mismatch").body()));
+                        return;
+                    };
                     if !text.is_empty() {
                         yield Ok(json_event(&chunk(Delta { content: Some(text), ..Delta::default() }, None)));
                     }
-                    let answer = Answer { provider: &generation.candidate, request: &request, tokens: &tokens, commitment: &commitment };
+                    let answer = Answer { provider: &generation.candidate, request: &request, tokens: &tokens, commitment: &commitment, text_matches: true };
                     let referee = generation.referee.take();
-                    let outcome = audit(&state, &answer, chat.mode, referee).await;
+                    let outcome = state.auditor.judge(&answer, chat.mode, referee).await;
                     let info = proofmesh_info(&chat, &generation, &commitment, &outcome);
-                    if outcome.failed() {
-                        let mut body = serde_json::to_value(ApiError::verification_failed(&info.verdict).body()).unwrap_or_default();
+                    if !state.auditor.deliverable(&outcome.verdict()) {
+                        let error = if outcome.failed() {
+                            ApiError::verification_failed(&info.verdict)
+                        } else {
+                            ApiError::unverified(&info.verdict)
+                        };
+                        let mut body = serde_json::to_value(error.body()).unwrap_or_default();
                         body["proofmesh"] = serde_json::to_value(&info).unwrap_or_default();
                         yield Ok(json_event(&body));
                         return;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use proofmesh_gateway::GatewayConfig;
-use proofmesh_gateway::openai::request::VerificationMode;
+use proofmesh_gateway::auditor::{AuditPolicy, AuditTiers, VerificationMode};
 use proofmesh_provider::engine::{EngineConfig, KvCache};
 use proofmesh_provider::{ProviderConfig, Tamper};
 use serde_json::{Value, json};
@@ -130,6 +130,8 @@ pub struct ProviderSpec {
     pub referee_slots: u32,
     /// Its KV cache: q8_0 (deterministic, audited in the exact tier) or f16 (tolerant tier).
     pub kv_cache: KvCache,
+    /// Advertise, sign and referee under this numerics class instead of the engine's.
+    pub claim_numerics: Option<&'static str>,
 }
 
 pub const HONEST: ProviderSpec = ProviderSpec {
@@ -138,6 +140,7 @@ pub const HONEST: ProviderSpec = ProviderSpec {
     serves: None,
     referee_slots: 2,
     kv_cache: KvCache::Q8_0,
+    claim_numerics: None,
 };
 
 impl ProviderSpec {
@@ -175,9 +178,19 @@ pub struct GatewayOptions {
     /// one forging provider can be probed repeatedly).
     pub failed_audit_cooldown: Duration,
     /// Audit tiers the gateway accepts (the product default: exact only).
-    pub audit_tiers: proofmesh_gateway::referee::AuditTiers,
+    pub audit_tiers: AuditTiers,
     /// Re-execution contexts of the gateway's own referee (0: the default of 4).
     pub referee_slots: u32,
+    /// Trust the providers `Mesh::start_with` starts as referees (the operator's allow-list).
+    pub trust_providers: bool,
+    /// Peers on the gateway's referee allow-list.
+    pub trusted_referees: Vec<PeerId>,
+    /// Deliver answers no trusted referee re-executed.
+    pub allow_unrefereed: bool,
+    /// The durable peer book's directory (default: an in-memory book).
+    pub state_dir: Option<PathBuf>,
+    /// The gateway's node key (default: a fresh one).
+    pub keypair: Option<libp2p::identity::Keypair>,
 }
 
 pub async fn start_gateway() -> (Mesh, proofmesh_gateway::Started) {
@@ -195,26 +208,47 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
         p2p_listen: loopback(),
         bootstrap,
         mdns: false,
-        keypair: libp2p::identity::Keypair::generate_secp256k1(),
-        challenge_count: proofmesh_shared::verify::DEFAULT_CHALLENGE_COUNT,
+        keypair: options
+            .keypair
+            .clone()
+            .unwrap_or_else(libp2p::identity::Keypair::generate_secp256k1),
         default_mode: VerificationMode::Merkle,
-        failed_audit_cooldown: options.failed_audit_cooldown,
         // Short, so the drain-deadline test ends quickly.
         drain_timeout: Duration::from_secs(1),
-        referee: (!options.no_local_referee).then(|| proofmesh_gateway::LocalReferee {
-            model: model_path(),
-            threads: 2,
-            slots: if options.referee_slots == 0 {
-                4
-            } else {
-                options.referee_slots
-            },
-            context_size: 2048,
+        policy: AuditPolicy {
+            challenge_count: proofmesh_shared::verify::DEFAULT_CHALLENGE_COUNT,
+            // Every test provider is new; probation would double the steps challenged
+            // everywhere.
+            probation_audits: 0,
+            tiers: options.audit_tiers,
+            bench: options.failed_audit_cooldown,
+            allow_unrefereed: options.allow_unrefereed,
+            // Referees are the gateway's own engine and the allow-list, unless a test says so.
+            referee_earn_audits: 0,
+            ..AuditPolicy::default()
+        },
+        referee: (!options.no_local_referee).then(|| {
+            proofmesh_gateway::auditor::local::EngineReferee {
+                model: model_path(),
+                threads: 2,
+                slots: if options.referee_slots == 0 {
+                    4
+                } else {
+                    options.referee_slots
+                },
+                context_size: 2048,
+            }
         }),
-        // Every test provider is new; probation would double the steps challenged everywhere.
-        probation_audits: 0,
-        audit_tiers: options.audit_tiers,
+        trusted_referees: options.trusted_referees.clone(),
+        pins: Vec::new(),
+        book: options.state_dir.as_ref().map(|d| d.join("peers.redb")),
         evidence_dir: options.evidence_dir.clone(),
+        // The gateway trusts the vocabulary of the model file it was given, referee or not.
+        vocabularies: if options.no_local_referee {
+            vec![model_path()]
+        } else {
+            Vec::new()
+        },
     };
     tokio::spawn(async move {
         let shutdown = async move {
@@ -242,16 +276,34 @@ impl Mesh {
     }
 
     /// A gateway set up with `options` and one provider per spec.
-    pub async fn start_with(specs: &[ProviderSpec], options: GatewayOptions) -> Mesh {
+    pub async fn start_with(specs: &[ProviderSpec], mut options: GatewayOptions) -> Mesh {
+        let keys: Vec<libp2p::identity::Keypair> = specs
+            .iter()
+            .map(|_| libp2p::identity::Keypair::generate_secp256k1())
+            .collect();
+        if options.trust_providers {
+            options
+                .trusted_referees
+                .extend(keys.iter().map(|k| k.public().to_peer_id()));
+        }
         let (mut mesh, _) = start_gateway_with(options).await;
-        for spec in specs {
-            mesh.add_provider(spec.clone()).await;
+        for (spec, key) in specs.iter().zip(keys) {
+            mesh.add_provider_with_key(spec.clone(), key).await;
         }
         mesh.wait_for_providers(specs.len()).await;
         mesh
     }
 
     pub async fn add_provider(&mut self, spec: ProviderSpec) {
+        self.add_provider_with_key(spec, libp2p::identity::Keypair::generate_secp256k1())
+            .await;
+    }
+
+    pub async fn add_provider_with_key(
+        &mut self,
+        spec: ProviderSpec,
+        keypair: libp2p::identity::Keypair,
+    ) {
         let (tx, rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let config = ProviderConfig {
@@ -267,7 +319,7 @@ impl Mesh {
                 referee_micro_batch: proofmesh_provider::engine::DEFAULT_REFEREE_MICRO_BATCH,
             },
             model_name: Some(spec.name.to_string()),
-            keypair: libp2p::identity::Keypair::generate_secp256k1(),
+            keypair,
             listen: loopback(),
             bootstrap: self.p2p_addrs.clone(),
             mdns: false,
@@ -277,9 +329,12 @@ impl Mesh {
             // drain is tested in topology.rs).
             drain_timeout: Duration::ZERO,
             referee_rate_per_minute: 10_000,
+            referee_for: Vec::new(),
+            referee_slots_per_gateway: 0,
             tamper: spec.tamper,
             tamper_model: (spec.tamper == Tamper::CopiedLogits).then(model_path),
             claim_digest: spec.serves.as_ref().map(|_| default_digest()),
+            claim_numerics: spec.claim_numerics.map(String::from),
         };
         let task = tokio::spawn(async move {
             let shutdown = async move {
@@ -338,9 +393,10 @@ impl Mesh {
 
     pub async fn chat_with(
         &self,
-        body: Value,
+        mut body: Value,
         pin: Option<PeerId>,
     ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let pin = pin.or_else(|| self.pin_by_name(&mut body));
         let mut request = reqwest::Client::new()
             .post(self.url("/v1/chat/completions"))
             .json(&body);
@@ -354,16 +410,34 @@ impl Mesh {
         (status, headers, body)
     }
 
+    /// Test providers advertise the names of their specs, but the gateway resolves only pinned
+    /// names (the default model's): a request for a spec's name asks for the default model,
+    /// pinned to that spec's (first) provider.
+    fn pin_by_name(&self, body: &mut Value) -> Option<PeerId> {
+        let name = body["model"].as_str()?.to_string();
+        if name == MODEL {
+            return None;
+        }
+        let provider = self.providers.iter().find(|p| p.name == name)?;
+        body["model"] = json!(MODEL);
+        Some(provider.peer_id)
+    }
+
     /// Streams a chat completion; returns the `data:` payloads in order.
-    pub async fn chat_stream(&self, body: Value) -> (u16, reqwest::header::HeaderMap, Vec<String>) {
+    pub async fn chat_stream(
+        &self,
+        mut body: Value,
+    ) -> (u16, reqwest::header::HeaderMap, Vec<String>) {
         use eventsource_stream::Eventsource;
         use futures::StreamExt;
-        let response = reqwest::Client::new()
+        let pin = self.pin_by_name(&mut body);
+        let mut request = reqwest::Client::new()
             .post(self.url("/v1/chat/completions"))
-            .json(&body)
-            .send()
-            .await
-            .expect("send");
+            .json(&body);
+        if let Some(peer) = pin {
+            request = request.header("x-proofmesh-provider", peer.to_string());
+        }
+        let response = request.send().await.expect("send");
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let mut data = Vec::new();

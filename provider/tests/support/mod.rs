@@ -36,6 +36,15 @@ pub async fn provider(
     engine: EngineConfig,
     referee_rate_per_minute: u32,
 ) -> (proofmesh_provider::Started, oneshot::Sender<()>) {
+    provider_for(engine, referee_rate_per_minute, Vec::new()).await
+}
+
+/// Like [`provider`], refereeing for the gateways `referee_for`.
+pub async fn provider_for(
+    engine: EngineConfig,
+    referee_rate_per_minute: u32,
+    referee_for: Vec<PeerId>,
+) -> (proofmesh_provider::Started, oneshot::Sender<()>) {
     let config = ProviderConfig {
         engine,
         model_name: None,
@@ -47,9 +56,12 @@ pub async fn provider(
         http_listen: None,
         drain_timeout: Duration::from_secs(5),
         referee_rate_per_minute,
+        referee_for,
+        referee_slots_per_gateway: 0,
         tamper: Tamper::None,
         tamper_model: None,
         claim_digest: None,
+        claim_numerics: None,
     };
     let (tx, rx) = oneshot::channel();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -69,8 +81,13 @@ pub async fn provider(
 
 /// A gateway-role swarm on loopback that dials `bootstrap`.
 pub fn client(bootstrap: Vec<libp2p::Multiaddr>) -> Client {
+    client_with(Keypair::generate_secp256k1(), bootstrap)
+}
+
+/// A gateway-role swarm with the node key `keypair`.
+pub fn client_with(keypair: Keypair, bootstrap: Vec<libp2p::Multiaddr>) -> Client {
     let (client, _events, event_loop) = net::new(NetConfig {
-        keypair: Keypair::generate_secp256k1(),
+        keypair,
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
         bootstrap,
         mdns: false,

@@ -9,7 +9,7 @@ use libp2p::{StreamProtocol, identify, identity::Keypair, kad, mdns, ping, reque
 use crate::protocol::{
     CAPS_PROTOCOL, CONTROL_TIMEOUT, Capabilities, CapsRequest, LEAVE_PROTOCOL, LeaveAck, Leaving,
     MAX_CAPS_MESSAGE, MAX_OPEN_REQUEST, MAX_OPEN_RESPONSE, OPEN_PROTOCOL, OpenLeavesRequest,
-    OpenLeavesResponse,
+    SignedOpening,
 };
 
 /// Kademlia protocol name, so proofmesh's DHT never mixes with the public IPFS one.
@@ -29,7 +29,7 @@ pub(crate) struct Behaviour {
     pub(crate) ping: ping::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
-    pub(crate) open: request_response::cbor::Behaviour<OpenLeavesRequest, OpenLeavesResponse>,
+    pub(crate) open: request_response::cbor::Behaviour<OpenLeavesRequest, SignedOpening>,
     pub(crate) caps: request_response::cbor::Behaviour<CapsRequest, Capabilities>,
     pub(crate) leave: request_response::cbor::Behaviour<Leaving, LeaveAck>,
     pub(crate) stream: libp2p_stream::Behaviour,

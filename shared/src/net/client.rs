@@ -5,7 +5,7 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::NetError;
-use crate::protocol::{OpenLeavesRequest, OpenLeavesResponse};
+use crate::protocol::{OpenLeavesRequest, SignedOpening};
 
 /// A request to the event loop; each carries its own reply channel.
 #[derive(Debug)]
@@ -20,11 +20,11 @@ pub(crate) enum Command {
     OpenLeaves {
         peer: PeerId,
         request: OpenLeavesRequest,
-        reply: oneshot::Sender<Result<OpenLeavesResponse, NetError>>,
+        reply: oneshot::Sender<Result<SignedOpening, NetError>>,
     },
     RespondOpenLeaves {
-        channel: ResponseChannel<OpenLeavesResponse>,
-        response: OpenLeavesResponse,
+        channel: ResponseChannel<SignedOpening>,
+        response: SignedOpening,
     },
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
@@ -102,7 +102,7 @@ impl Client {
         &self,
         peer: PeerId,
         request: OpenLeavesRequest,
-    ) -> Result<OpenLeavesResponse, NetError> {
+    ) -> Result<SignedOpening, NetError> {
         self.ask(|reply| Command::OpenLeaves {
             peer,
             request,
@@ -114,8 +114,8 @@ impl Client {
     /// Answers a challenge received as [`super::Event::OpenLeaves`].
     pub async fn respond_open_leaves(
         &self,
-        channel: ResponseChannel<OpenLeavesResponse>,
-        response: OpenLeavesResponse,
+        channel: ResponseChannel<SignedOpening>,
+        response: SignedOpening,
     ) -> Result<(), NetError> {
         self.sender
             .send(Command::RespondOpenLeaves { channel, response })

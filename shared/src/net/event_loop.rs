@@ -20,7 +20,7 @@ use super::client::{Client, Command};
 use super::{Event, NetConfig, NetError, Role};
 use crate::protocol::{
     CAPS_PROTOCOL, Capabilities, CapsRequest, GenerateRequest, LeaveAck, Leaving, ModelDigest,
-    OpenLeavesResponse,
+    SignedOpening,
 };
 
 /// How often the loop re-dials bootstrap peers (when alone), refreshes Kademlia and, on
@@ -57,13 +57,8 @@ pub struct EventLoop {
     bootstrap: Vec<Multiaddr>,
     /// When a provider last published its records while connected to someone.
     announced: Option<std::time::Instant>,
-    pending_open: HashMap<
-        OutboundRequestId,
-        (
-            PeerId,
-            oneshot::Sender<Result<OpenLeavesResponse, NetError>>,
-        ),
-    >,
+    pending_open:
+        HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<SignedOpening, NetError>>)>,
     /// A running leave announcement: peers not yet answered, acknowledgements, the reply.
     leaving: Option<Leave>,
 }

@@ -22,24 +22,21 @@ pub struct RefereeStep {
     pub top: Vec<TopLogit>,
 }
 
-/// A referee's account of one re-execution: what it examined (bound to the commitment), the
-/// facts the exact layer needs, its logits at the challenged steps, and the DiFR margin of every
-/// claimed token.
+/// A referee's account of one re-execution: what it examined (the request and the claimed
+/// tokens, which the provider's commitment covers too), the facts the exact layer needs, its
+/// logits at the challenged steps, and the DiFR margin of every claimed token. The referee is
+/// never told whose answer it re-executed, so nothing here names the provider.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RefereeEvidence {
     /// Format version, [`RefereeEvidence::VERSION`].
     pub version: u16,
-    /// Peer id (bytes) of the provider whose answer was re-executed.
-    pub provider: Vec<u8>,
     /// The request, as in the commitment.
     pub request_id: RequestId,
     /// The request hash, as in the commitment.
     pub request_hash: Digest32,
     /// The model the referee ran (its own file's digest).
     pub model_digest: ModelDigest,
-    /// The commitment's Merkle root.
-    pub merkle_root: Digest32,
-    /// The commitment's output hash, recomputed by the referee over the tokens it was sent.
+    /// [`crate::commit::output_hash`] of the tokens the referee was sent.
     pub output_hash: Digest32,
     /// Tokens re-executed (the answer's length).
     pub steps: u32,
@@ -65,7 +62,7 @@ pub struct RefereeEvidence {
 
 impl RefereeEvidence {
     /// The current format version.
-    pub const VERSION: u16 = 1;
+    pub const VERSION: u16 = 2;
 
     /// Signs with the referee's node key.
     pub fn sign(self, key: &libp2p::identity::Keypair) -> Result<SignedEvidence, SignatureError> {
@@ -79,7 +76,7 @@ impl RefereeEvidence {
 }
 
 /// Domain tag of the evidence signature.
-const DOMAIN: &[u8] = b"proofmesh/referee-evidence/v1";
+const DOMAIN: &[u8] = b"proofmesh/referee-evidence/v2";
 
 /// [`RefereeEvidence`] with the referee's public key and signature, so that a fraud proof can be
 /// checked offline and attributed to the referee that made it.

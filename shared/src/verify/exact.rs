@@ -4,7 +4,7 @@ use libp2p::PeerId;
 
 use super::{AuditFailure, Challenge, SignedEvidence};
 use crate::commit::{SignedCommitment, StepLeaf, output_hash, verify_openings};
-use crate::protocol::{FinishReason, GenerateRequest, OpenLeavesResponse};
+use crate::protocol::{FinishReason, GenerateRequest, OpenLeavesResponse, SignedOpening};
 use crate::sampling::{self, CANDIDATES};
 
 /// Checks a signed commitment against what the gateway itself knows: the request it sent, the
@@ -41,9 +41,23 @@ pub fn check_commitment(
     Ok(())
 }
 
+/// Whether `opening` is `provider`'s own signed answer to `challenge` of this request. An
+/// opening that is not cannot be held against the provider by anyone else.
+pub fn opening_is_signed(
+    opening: &SignedOpening,
+    provider: &PeerId,
+    request: &GenerateRequest,
+    challenge: &Challenge,
+) -> bool {
+    opening.verify().is_ok_and(|signer| &signer == provider)
+        && opening.opening.request_id == request.request_id
+        && opening.opening.indices == challenge.indices
+}
+
 /// Checks the provider's opening of `challenge`: Merkle inclusion, that each leaf is the step and
 /// token streamed, that its draw is the PRF's, and that the sampler replayed on its committed
-/// candidates picks its token. Returns the opened leaves, in challenge order.
+/// candidates picks its token. Returns the opened leaves, in challenge order. (Whose signature
+/// the opening carries is [`opening_is_signed`]'s question.)
 pub fn check_openings<'a>(
     signed: &SignedCommitment,
     request: &GenerateRequest,
@@ -128,7 +142,6 @@ pub enum EvidenceError {
 pub fn check_evidence(
     signed: &SignedEvidence,
     referee: &PeerId,
-    provider: &PeerId,
     commitment: &SignedCommitment,
     request: &GenerateRequest,
     tokens: &[u32],
@@ -143,20 +156,14 @@ pub fn check_evidence(
     if e.version != super::RefereeEvidence::VERSION {
         return Err(EvidenceError::Malformed("unknown version"));
     }
-    if e.provider != provider.to_bytes() {
-        return Err(EvidenceError::Binding("provider"));
-    }
     if e.request_id != request.request_id || e.request_hash != request.hash() {
         return Err(EvidenceError::Binding("request"));
     }
     if e.model_digest != request.model_digest {
         return Err(EvidenceError::Binding("model"));
     }
-    if e.merkle_root != c.merkle_root
-        || e.output_hash != output_hash(tokens)
-        || e.steps as usize != tokens.len()
-    {
-        return Err(EvidenceError::Binding("commitment"));
+    if e.output_hash != output_hash(tokens) || e.steps as usize != tokens.len() {
+        return Err(EvidenceError::Binding("tokens"));
     }
     if e.margins.len() != tokens.len() || e.margins.iter().any(|m| m.is_nan() || *m < 0.0) {
         return Err(EvidenceError::Malformed("margins"));

@@ -1,35 +1,50 @@
 //! Fraud proofs: a failed audit written down so that anyone can re-check it offline.
 //!
 //! A [`FraudProof`] holds everything the audit looked at: the request, the streamed tokens, the
-//! provider's signed commitment, the challenged steps with the provider's opening (leaves and
-//! Merkle proof), and the referee's signed evidence. [`FraudProof::check`] re-runs the same
-//! rule ([`super::exact`], [`super::rule`]) and says which failure it shows. The tier comes from
-//! the numerics classes both parties signed, so nothing in the proof rests on the gateway's
-//! word; only the choice of challenged steps does (it used the gateway's secret), which can
-//! only have helped the provider.
+//! provider's signed commitment, and per round the challenged steps, the provider's signed
+//! opening of them (leaves and Merkle proof) and every referee's signed evidence on the same
+//! steps. [`FraudProof::check`] re-runs the same rule ([`super::exact`], [`super::rule`]) and
+//! says which failure it shows.
+//!
+//! What a proof can rest on:
+//!
+//! - **The provider's own signatures.** A failure of the commitment or of an opening (bad
+//!   Merkle path, a leaf that is not the streamed token, a wrong draw, an off-policy token, a
+//!   signed refusal) is proven by material only the provider could have signed. Openings must
+//!   carry the provider's signature; an unsigned one makes the proof invalid, so nobody can
+//!   fabricate an opening in a provider's name.
+//! - **Referees' signed evidence**, for everything the model has to say (another prompt,
+//!   tokens outside the vocabulary, a false end, logits or tokens that are not the model's).
+//!   One referee's word is never enough: such a failure needs at least
+//!   [`FraudProof::REFEREES_REQUIRED`] referees with distinct keys, each of whose evidence shows
+//!   a failure, and none that shows the answer passing. A verifier may name referees it trusts
+//!   itself (a gateway's own engine) to accept one of them alone.
+//!
+//! The tier comes from the numerics classes the provider and each referee signed; the choice of
+//! challenged steps used the gateway's secret, which can only have helped the provider.
 
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use super::exact::EvidenceError;
+use super::exact::{EvidenceError, opening_is_signed};
 use super::{
     AuditFailure, Challenge, Judgement, SignedEvidence, Tier, check_commitment, check_evidence,
     check_openings, judge,
 };
 use crate::commit::{SignedCommitment, StepLeaf};
-use crate::protocol::{GenerateRequest, OpenLeavesResponse};
+use crate::protocol::{GenerateRequest, SignedOpening};
 use crate::verify::RefereeStep;
 
-/// One round of an audit: the steps challenged, the provider's opening of them and, when a
-/// referee took part, its evidence on the same steps.
+/// One round of an audit: the steps challenged, the provider's signed opening of them and the
+/// evidence of every referee asked about the same steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRound {
     /// The challenged steps.
     pub challenge: Challenge,
-    /// The provider's answer.
-    pub opening: OpenLeavesResponse,
-    /// The referee's signed evidence.
-    pub evidence: Option<SignedEvidence>,
+    /// The provider's signed answer.
+    pub opening: SignedOpening,
+    /// The referees' signed evidence on these steps, one per referee.
+    pub evidence: Vec<SignedEvidence>,
 }
 
 /// A failed audit, self-contained.
@@ -39,8 +54,6 @@ pub struct FraudProof {
     pub version: u16,
     /// The provider (peer id bytes).
     pub provider: Vec<u8>,
-    /// The referee (peer id bytes), when one took part.
-    pub referee: Option<Vec<u8>>,
     /// The request as sent.
     pub request: GenerateRequest,
     /// The tokens streamed.
@@ -57,12 +70,31 @@ pub struct FraudProof {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProofError {
+    /// The format version is not this build's.
+    #[error("unknown proof version {0}")]
+    Version(u16),
     /// A peer id does not parse.
     #[error("malformed peer id")]
     BadPeer,
-    /// The referee's evidence is unusable.
+    /// An opening is not signed by the provider, or not for this request and challenge.
+    #[error("an opening is not the provider's signed answer to its challenge")]
+    UnsignedOpening,
+    /// A referee's evidence is unusable.
     #[error(transparent)]
     Evidence(#[from] EvidenceError),
+    /// The accusation rests on fewer independent referees than required.
+    #[error(
+        "the accusation rests on {found} referee(s); {required} with distinct keys are required"
+    )]
+    TooFewReferees {
+        /// Referees whose evidence shows a failure.
+        found: usize,
+        /// Referees required.
+        required: usize,
+    },
+    /// A referee's evidence shows the answer passing.
+    #[error("referee {0} found no failure")]
+    Disputed(String),
     /// Every check holds: the proof shows no fraud.
     #[error("every check holds")]
     NoFailure,
@@ -70,61 +102,124 @@ pub enum ProofError {
 
 impl FraudProof {
     /// The current format version.
-    pub const VERSION: u16 = 1;
+    pub const VERSION: u16 = 2;
+    /// Distinct referees a model-based accusation needs.
+    pub const REFEREES_REQUIRED: usize = 2;
 
     /// Re-runs the audit rule on the proof; returns the failure it shows.
     pub fn check(&self) -> Result<AuditFailure, ProofError> {
+        self.check_trusting(&[])
+    }
+
+    /// Like [`FraudProof::check`], but the evidence of a referee in `trusted` suffices alone.
+    pub fn check_trusting(&self, trusted: &[PeerId]) -> Result<AuditFailure, ProofError> {
+        if self.version != Self::VERSION {
+            return Err(ProofError::Version(self.version));
+        }
         let provider = PeerId::from_bytes(&self.provider).map_err(|_| ProofError::BadPeer)?;
         if let Err(failure) =
             check_commitment(&self.commitment, &self.request, &provider, &self.tokens)
         {
             return Ok(failure);
         }
-        let referee = match &self.referee {
-            Some(bytes) => Some(PeerId::from_bytes(bytes).map_err(|_| ProofError::BadPeer)?),
-            None => None,
-        };
         let mut leaves: Vec<StepLeaf> = Vec::new();
-        let mut opened: Vec<RefereeStep> = Vec::new();
-        let mut margins: Vec<f32> = Vec::new();
-        let mut tier = None;
         for round in &self.rounds {
-            let round_leaves = match check_openings(
+            if !opening_is_signed(&round.opening, &provider, &self.request, &round.challenge) {
+                return Err(ProofError::UnsignedOpening);
+            }
+            match check_openings(
                 &self.commitment,
                 &self.request,
                 &self.tokens,
                 &round.challenge,
-                &round.opening,
+                &round.opening.opening.response,
             ) {
-                Ok(l) => l,
+                Ok(l) => leaves.extend_from_slice(l),
                 Err(failure) => return Ok(failure),
-            };
-            leaves.extend_from_slice(round_leaves);
-            if let (Some(evidence), Some(referee)) = (&round.evidence, referee) {
-                match check_evidence(
-                    evidence,
-                    &referee,
-                    &provider,
-                    &self.commitment,
-                    &self.request,
-                    &self.tokens,
-                    &round.challenge,
-                )? {
-                    Err(failure) => return Ok(failure),
-                    Ok(()) => {
-                        opened.extend_from_slice(&evidence.evidence.opened);
-                        margins.clone_from(&evidence.evidence.margins);
-                        tier = Some(Tier::between(
-                            &self.commitment.commitment.numerics,
-                            &evidence.evidence.numerics,
-                        ));
-                    }
+            }
+        }
+        self.referees_agree(&leaves, trusted)
+    }
+
+    /// The model-based part: every referee in the proof judged on its own evidence.
+    fn referees_agree(
+        &self,
+        leaves: &[StepLeaf],
+        trusted: &[PeerId],
+    ) -> Result<AuditFailure, ProofError> {
+        let mut referees: Vec<PeerId> = Vec::new();
+        for round in &self.rounds {
+            for evidence in &round.evidence {
+                let signer = evidence.verify().map_err(|_| EvidenceError::BadSignature)?;
+                if !referees.contains(&signer) {
+                    referees.push(signer);
                 }
             }
         }
-        match tier.map(|tier| judge(&leaves, &opened, &margins, tier)) {
-            Some(Judgement::Fail(failure, _)) => Ok(failure),
-            _ => Err(ProofError::NoFailure),
+        let mut failures: Vec<AuditFailure> = Vec::new();
+        let mut trusted_failure = false;
+        for referee in &referees {
+            match self.judged_by(referee, leaves)? {
+                Some(failure) => {
+                    trusted_failure |= trusted.contains(referee);
+                    failures.push(failure);
+                }
+                None => return Err(ProofError::Disputed(referee.to_string())),
+            }
         }
+        let Some(&first) = failures.first() else {
+            return Err(ProofError::NoFailure);
+        };
+        if failures.len() < Self::REFEREES_REQUIRED && !trusted_failure {
+            return Err(ProofError::TooFewReferees {
+                found: failures.len(),
+                required: Self::REFEREES_REQUIRED,
+            });
+        }
+        Ok(first)
+    }
+
+    /// The failure `referee`'s evidence shows, if any.
+    fn judged_by(
+        &self,
+        referee: &PeerId,
+        leaves: &[StepLeaf],
+    ) -> Result<Option<AuditFailure>, ProofError> {
+        let mut opened: Vec<RefereeStep> = Vec::new();
+        let mut judged: Vec<StepLeaf> = Vec::new();
+        let mut margins: Vec<f32> = Vec::new();
+        let mut tier = Tier::Exact;
+        let mut offset = 0;
+        for round in &self.rounds {
+            let count = round.challenge.indices.len();
+            let round_leaves = leaves.get(offset..offset + count).unwrap_or_default();
+            offset += count;
+            let mine = round
+                .evidence
+                .iter()
+                .find(|e| e.verify().is_ok_and(|signer| &signer == referee));
+            let Some(evidence) = mine else { continue };
+            if let Err(failure) = check_evidence(
+                evidence,
+                referee,
+                &self.commitment,
+                &self.request,
+                &self.tokens,
+                &round.challenge,
+            )? {
+                return Ok(Some(failure));
+            }
+            opened.extend_from_slice(&evidence.evidence.opened);
+            judged.extend_from_slice(round_leaves);
+            margins.clone_from(&evidence.evidence.margins);
+            tier = tier.max(Tier::between(
+                &self.commitment.commitment.numerics,
+                &evidence.evidence.numerics,
+            ));
+        }
+        Ok(match judge(&judged, &opened, &margins, tier) {
+            Judgement::Fail(failure, _) => Some(failure),
+            _ => None,
+        })
     }
 }

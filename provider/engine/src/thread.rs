@@ -17,7 +17,7 @@ use proofmesh_shared::protocol::FinishReason;
 use proofmesh_shared::sampling;
 
 use super::prefix::FreeSeqs;
-use super::referee::{self, Referees};
+use super::reexecute::{self, Referees};
 use super::{EngineLoad, Job, Message, StepEvent};
 
 /// What the thread needs to build its context.
@@ -100,7 +100,7 @@ pub(super) fn run(
         let params = settings
             .context_params()
             .with_n_ctx(super::total_context(settings.context_size, 1))
-            .with_n_batch(referee::chunk(settings.referee_micro_batch) as u32)
+            .with_n_batch(reexecute::chunk(settings.referee_micro_batch) as u32)
             .with_n_ubatch(settings.referee_micro_batch)
             .with_n_seq_max(1);
         match model.new_context(backend, params) {
@@ -116,7 +116,7 @@ pub(super) fn run(
         referee_contexts,
         n_vocab,
         settings.context_size as usize,
-        referee::chunk(settings.referee_micro_batch),
+        reexecute::chunk(settings.referee_micro_batch),
     );
     let _ = ready.send(Ok(()));
     let mut batch = LlamaBatch::new(settings.batch_size as usize, 1);

@@ -5,7 +5,7 @@
 
 /// What [`TextStream::push`] produced.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Pushed {
+pub enum Pushed {
     /// Text that is safe to show now (may be empty).
     Text(String),
     /// A stop sequence matched: show this text, then end generation.
@@ -14,7 +14,7 @@ pub(crate) enum Pushed {
 
 /// Incremental decoder with stop-sequence matching.
 #[derive(Debug, Default)]
-pub(crate) struct TextStream {
+pub struct TextStream {
     undecoded: Vec<u8>,
     held: String,
     stops: Vec<String>,
@@ -22,7 +22,7 @@ pub(crate) struct TextStream {
 
 impl TextStream {
     /// A stream that ends on any of `stops` (empty strings are ignored).
-    pub(crate) fn new(stops: &[String]) -> Self {
+    pub fn new(stops: &[String]) -> Self {
         Self {
             stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
             ..Self::default()
@@ -30,7 +30,7 @@ impl TextStream {
     }
 
     /// Adds the bytes of one token.
-    pub(crate) fn push(&mut self, bytes: &[u8]) -> Pushed {
+    pub fn push(&mut self, bytes: &[u8]) -> Pushed {
         self.undecoded.extend_from_slice(bytes);
         self.decode_complete();
         let first_stop = self
@@ -51,7 +51,7 @@ impl TextStream {
     }
 
     /// Everything still held back, at the end of generation.
-    pub(crate) fn finish(&mut self) -> String {
+    pub fn finish(&mut self) -> String {
         let mut text = std::mem::take(&mut self.held);
         text.push_str(&String::from_utf8_lossy(&std::mem::take(
             &mut self.undecoded,

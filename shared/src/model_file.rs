@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use proofmesh_shared::protocol::ModelDigest;
+use crate::protocol::ModelDigest;
 use sha2::Digest;
 
 /// SHA-256 of a file, read in 1 MiB chunks.

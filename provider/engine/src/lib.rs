@@ -1,4 +1,20 @@
-//! The llama.cpp engine: one OS thread owns the context; async code talks to it over channels.
+//! The llama.cpp side of proofmesh, in its own crate so that only what runs a model links
+//! llama.cpp: the provider, and the gateway when it is built with its own referee
+//! (`local-referee` feature).
+//!
+//! # Layout
+//!
+//! - this file: [`Engine`], the engine thread's handle: batched generation and teacher-forced
+//!   re-execution; `thread` (the thread itself), `prefix` (prompt cache), `reexecute`
+//!   (re-execution contexts).
+//! - [`referee`]: [`referee::Referee`], re-executing another provider's answer and signing
+//!   evidence about it (served over the mesh by the provider, run in-process by a gateway).
+//! - [`model_file`]: digest, name and quantization of a GGUF file (from the shared crate).
+//! - [`variants`]: cheaper or altered copies of a model, for audit tests and calibration.
+//!
+//! # The engine
+//!
+//! One OS thread owns the context; async code talks to it over channels.
 //!
 //! `LlamaModel` is `Send + Sync` and shared in an `Arc` (tokenizing and the chat template run on
 //! the caller's side); `LlamaContext` borrows the model and is neither, so the engine thread
@@ -23,8 +39,12 @@
 //! at 64 rows and loses this.
 
 mod prefix;
-mod referee;
+mod reexecute;
+pub mod referee;
 mod thread;
+pub mod variants;
+
+pub use proofmesh_shared::model_file;
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -259,7 +279,7 @@ pub enum StepEvent {
 #[derive(Debug)]
 pub(crate) enum Message {
     Generate(Job),
-    Reexecute(referee::Command),
+    Reexecute(reexecute::Command),
     /// The last [`Engine`] handle is gone: end every job and return.
     Stop,
 }
@@ -315,7 +335,7 @@ impl Reexecution {
     /// Appends claimed tokens (in step order).
     pub fn push(&self, tokens: Vec<u32>) -> Result<(), EngineError> {
         self.messages
-            .send(Message::Reexecute(referee::Command::Tokens {
+            .send(Message::Reexecute(reexecute::Command::Tokens {
                 id: self.id,
                 tokens,
             }))
@@ -327,7 +347,7 @@ impl Reexecution {
     pub async fn finish(mut self) -> Result<Reexecuted, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.messages
-            .send(Message::Reexecute(referee::Command::Finish {
+            .send(Message::Reexecute(reexecute::Command::Finish {
                 id: self.id,
                 reply,
             }))
@@ -346,7 +366,9 @@ impl Drop for Reexecution {
         if !self.finished {
             let _ = self
                 .messages
-                .send(Message::Reexecute(referee::Command::Cancel { id: self.id }));
+                .send(Message::Reexecute(reexecute::Command::Cancel {
+                    id: self.id,
+                }));
             self.free_slots.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -689,7 +711,7 @@ impl Engine {
             finished: false,
         };
         self.messages
-            .send(Message::Reexecute(referee::Command::Begin {
+            .send(Message::Reexecute(reexecute::Command::Begin {
                 id,
                 prompt,
                 sampler,
@@ -784,8 +806,9 @@ mod tests {
     /// would let two builds with different kernels claim to agree bit for bit.
     #[test]
     fn llama_cpp_build_matches_the_lock_file() {
-        let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"))
-            .expect("Cargo.lock");
+        let lock =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.lock"))
+                .expect("Cargo.lock");
         let version = lock
             .split("[[package]]")
             .find(|p| p.contains("name = \"llama-cpp-sys-2\""))

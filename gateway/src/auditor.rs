@@ -1,0 +1,455 @@
+//! The gateway's verification, owned in one place.
+//!
+//! An [`Auditor`] is built once at start with everything verification needs: the challenge
+//! secret, the [`AuditPolicy`] (what an answer must pass), the [`RefereePool`] (which referees
+//! the gateway trusts), the durable per-peer [`Book`] (reputation, failures, benching,
+//! probation) and the proof sink (where fraud proofs go). The request path calls it three
+//! times: [`Auditor::admit`] filters and orders the providers a request may go to,
+//! [`Auditor::follow`] starts a referee on an answer as it begins streaming, and
+//! [`Auditor::judge`] audits the finished answer and records what follows.
+//!
+//! Nothing a peer declares is taken as a fact here: the tier comes from the class a provider
+//! advertised and was routed on, checked against the class it signed; referees come only from
+//! the trusted pool and are never told whose answer they check; a peer referee's accusation
+//! needs a second referee; records are keyed to peer ids in the durable book.
+//!
+//! # Layout
+//!
+//! - [`mode`]: the requested [`VerificationMode`].
+//! - [`policy`]: the [`AuditPolicy`] and [`AuditTiers`].
+//! - [`book`]: the durable per-peer [`Book`].
+//! - [`pool`]: the trusted [`RefereePool`] and the referee [`pool::Choice`].
+//! - [`session`]: one referee following one answer; the [`session::LocalReferee`] seam.
+//! - [`procedure`]: the audit procedure itself, behind the [`procedure::LeafOpener`] and
+//!   [`procedure::Referees`] seams.
+//! - [`vocab`]: model vocabularies read from GGUF files, and the [`vocab::Transcript`] that
+//!   turns an answer's tokens into the text the client reads.
+//! - `local` (feature `local-referee`): the gateway's own engine as referee.
+
+pub mod book;
+#[cfg(feature = "local-referee")]
+pub mod local;
+pub mod mode;
+pub mod policy;
+pub mod pool;
+pub mod procedure;
+pub mod session;
+pub mod vocab;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use libp2p::PeerId;
+use proofmesh_shared::net::Client;
+use proofmesh_shared::protocol::{GenerateRequest, ModelDigest, OpenLeavesRequest, SignedOpening};
+use proofmesh_shared::verify::{AuditFailure, AuditVerdict, FraudProof, Statistics, Tier};
+
+pub use book::{Book, BookError, PeerRecord};
+pub use mode::{ModeError, VerificationMode};
+pub use policy::{AuditPolicy, AuditTiers};
+pub use pool::RefereePool;
+pub use procedure::Answer;
+pub use session::{Dialer, LocalReferee, RefereeSession};
+pub use vocab::{Transcript, Vocabulary};
+
+use crate::metrics::{GatewayMetrics, VerdictLabels};
+use crate::registry::{Candidate, Registry};
+use pool::Prospect;
+use procedure::{LeafOpener, Procedure, Referees, Report, Witness};
+
+/// How the auditor is set up.
+#[derive(Debug, Clone, Default)]
+pub struct AuditorConfig {
+    /// What answers must pass.
+    pub policy: AuditPolicy,
+    /// The gateway's own engine, as referee.
+    pub local: Option<Arc<dyn LocalReferee>>,
+    /// Peers the operator trusts as referees.
+    pub trusted_referees: Vec<PeerId>,
+    /// The peer book's file; `None` keeps the book in memory only.
+    pub book: Option<PathBuf>,
+    /// Where fraud proofs of failed audits are written, if anywhere.
+    pub evidence_dir: Option<PathBuf>,
+    /// Vocabularies the gateway trusts (read from model files it was given), by digest: the
+    /// text of answers of these models is the gateway's own detokenization.
+    pub vocabularies: Vec<(ModelDigest, Arc<Vocabulary>)>,
+}
+
+/// The verification owner. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Auditor {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    secret: [u8; 32],
+    policy: AuditPolicy,
+    pool: RefereePool,
+    book: Book,
+    evidence_dir: Option<PathBuf>,
+    dialer: Dialer,
+    registry: Registry,
+    metrics: Arc<GatewayMetrics>,
+    vocabularies: HashMap<ModelDigest, Arc<Vocabulary>>,
+}
+
+/// Why no provider may take a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exclusion {
+    /// Every provider of the model is benched after a failed audit.
+    AllBenched,
+    /// None can be audited the way the policy requires.
+    Unauditable,
+}
+
+/// What an audit found, as the request path reports it.
+#[derive(Debug, Clone, Default)]
+pub struct AuditOutcome {
+    /// The verdict.
+    pub verdict: Option<AuditVerdict>,
+    /// The steps challenged (empty in `none` mode).
+    pub challenged: Vec<u32>,
+    /// Time the audit took.
+    pub elapsed: Duration,
+    /// The referee whose evidence decided: a peer id, or `local`.
+    pub referee: Option<String>,
+    /// The tier it judged in.
+    pub tier: Option<Tier>,
+    /// The statistical layer's measurements, when it ran.
+    pub statistics: Option<Statistics>,
+    /// Bytes of evidence the audit moved.
+    pub evidence_bytes: usize,
+}
+
+impl AuditOutcome {
+    /// The verdict (`unaudited` until one is reached).
+    pub fn verdict(&self) -> AuditVerdict {
+        self.verdict.clone().unwrap_or(AuditVerdict::Unaudited)
+    }
+
+    /// Whether the answer failed.
+    pub fn failed(&self) -> bool {
+        matches!(self.verdict, Some(AuditVerdict::Failed(_)))
+    }
+}
+
+impl Auditor {
+    /// Builds the auditor: opens the book, draws the challenge secret.
+    pub fn new(
+        config: AuditorConfig,
+        dialer: Dialer,
+        registry: Registry,
+        metrics: Arc<GatewayMetrics>,
+    ) -> Result<Self, BookError> {
+        let book = match &config.book {
+            Some(path) => Book::open(path)?,
+            None => Book::in_memory()?,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                secret: rand::random(),
+                policy: config.policy,
+                pool: RefereePool::new(config.local, config.trusted_referees),
+                book,
+                evidence_dir: config.evidence_dir,
+                dialer,
+                registry,
+                metrics,
+                vocabularies: config.vocabularies.into_iter().collect(),
+            }),
+        })
+    }
+
+    /// The gateway's own assembly of an answer's text, when it has the model's vocabulary.
+    pub fn transcript(&self, digest: &ModelDigest, stops: &[String]) -> Option<Transcript> {
+        self.inner
+            .vocabularies
+            .get(digest)
+            .map(|v| Transcript::new(Arc::clone(v), stops))
+    }
+
+    /// Records a failure the gateway saw itself while an answer streamed (text that is not the
+    /// tokens'), before any commitment: the provider is penalised; there is nothing signed to
+    /// write a proof from.
+    pub fn observed(&self, provider: &PeerId, failure: AuditFailure) {
+        let inner = &self.inner;
+        inner
+            .metrics
+            .audits
+            .get_or_create(&VerdictLabels {
+                verdict: "failed",
+                reason: failure.to_string(),
+            })
+            .inc();
+        inner.book.failed(provider, inner.policy.bench);
+        tracing::warn!(%provider, %failure, "provider caught while streaming; benched");
+    }
+
+    /// What answers must pass.
+    pub fn policy(&self) -> &AuditPolicy {
+        &self.inner.policy
+    }
+
+    /// The per-peer book.
+    pub fn book(&self) -> &Book {
+        &self.inner.book
+    }
+
+    /// The gateway's own engine referee, if any.
+    pub fn local(&self) -> Option<&Arc<dyn LocalReferee>> {
+        self.inner.pool.local()
+    }
+
+    /// The providers a request in `mode` may go to, in routing order: benched ones are left
+    /// out; for refereed modes, so are those no trusted referee can audit as the policy
+    /// requires. Providers on probation are tried first for a bounded share of requests.
+    pub fn admit(
+        &self,
+        candidates: Vec<Candidate>,
+        mode: VerificationMode,
+    ) -> Result<Vec<Candidate>, Exclusion> {
+        let inner = &self.inner;
+        let policy = &inner.policy;
+        let live: Vec<Candidate> = candidates
+            .into_iter()
+            .filter(|c| !inner.book.get(&c.peer).benched())
+            .collect();
+        if live.is_empty() {
+            return Err(Exclusion::AllBenched);
+        }
+        if mode.refereed()
+            && !policy.allow_unrefereed
+            && live
+                .first()
+                .is_some_and(|c| !inner.vocabularies.contains_key(&c.card.digest))
+        {
+            // Without a vocabulary it trusts, the gateway cannot check the text it would send.
+            return Err(Exclusion::Unauditable);
+        }
+        let probation_first = rand::random::<f64>() < policy.probation_share;
+        let mut keyed: Vec<((Prospect, bool), Candidate)> = live
+            .into_iter()
+            .map(|c| {
+                let prospect = if mode.refereed() {
+                    inner
+                        .pool
+                        .prospect(&inner.registry, &inner.book, policy, &c)
+                } else {
+                    Prospect::Exact
+                };
+                let on_probation = inner
+                    .book
+                    .get(&c.peer)
+                    .on_probation(policy.probation_audits);
+                ((prospect, on_probation != probation_first), c)
+            })
+            .filter(|((prospect, _), _)| match prospect {
+                Prospect::Exact => true,
+                Prospect::Tolerant => policy.tiers == AuditTiers::Any,
+                Prospect::Unrefereed => policy.allow_unrefereed,
+            })
+            .collect();
+        if keyed.is_empty() {
+            return Err(Exclusion::Unauditable);
+        }
+        keyed.sort_by_key(|(key, _)| *key);
+        Ok(keyed.into_iter().map(|(_, c)| c).collect())
+    }
+
+    /// A referee that follows `provider`'s answer to `request` as it streams (refereed modes
+    /// only).
+    pub fn follow(
+        &self,
+        provider: &Candidate,
+        request: &GenerateRequest,
+        mode: VerificationMode,
+    ) -> Option<RefereeSession> {
+        if !mode.refereed() {
+            return None;
+        }
+        let inner = &self.inner;
+        let choice =
+            inner
+                .pool
+                .choose(&inner.registry, &inner.book, &inner.policy, provider, &[])?;
+        Some(RefereeSession::start(&inner.dialer, choice, request))
+    }
+
+    /// Audits a finished answer (`session` is the referee that followed it) and records what
+    /// follows: the book, the metrics, the log and the fraud proof.
+    pub async fn judge(
+        &self,
+        answer: &Answer<'_>,
+        mode: VerificationMode,
+        session: Option<RefereeSession>,
+    ) -> AuditOutcome {
+        let started = Instant::now();
+        let inner = &self.inner;
+        let on_probation = inner
+            .book
+            .get(&answer.provider.peer)
+            .on_probation(inner.policy.probation_audits);
+        let opener = NetOpener(inner.dialer.net.clone());
+        let referees = Fresh { inner };
+        let procedure = Procedure {
+            secret: &inner.secret,
+            policy: &inner.policy,
+            on_probation,
+            opener: &opener,
+            referees: &referees,
+        };
+        let session = session.map(|s| Box::new(s) as Box<dyn Witness>);
+        let report = procedure.run(answer, mode, session).await;
+        let elapsed = started.elapsed();
+        self.record(answer, mode, &report, elapsed);
+        AuditOutcome {
+            verdict: report.verdict.clone(),
+            challenged: report.challenged.clone(),
+            elapsed,
+            referee: report.referee.as_ref().map(pool::Choice::label),
+            tier: report.tier,
+            statistics: report.statistics.clone(),
+            evidence_bytes: report.evidence_bytes,
+        }
+    }
+
+    /// Whether an answer with this verdict may reach the client.
+    pub fn deliverable(&self, verdict: &AuditVerdict) -> bool {
+        match verdict {
+            AuditVerdict::Passed | AuditVerdict::Unaudited => true,
+            AuditVerdict::Unrefereed => self.inner.policy.allow_unrefereed,
+            AuditVerdict::Inconclusive | AuditVerdict::Failed(_) => false,
+        }
+    }
+
+    /// The book, the metrics, the log and the proof.
+    fn record(
+        &self,
+        answer: &Answer<'_>,
+        mode: VerificationMode,
+        report: &Report,
+        elapsed: Duration,
+    ) {
+        let inner = &self.inner;
+        let provider = answer.provider.peer;
+        let verdict = report.verdict();
+        let (label, reason) = match &verdict {
+            AuditVerdict::Unaudited => ("unaudited", String::new()),
+            AuditVerdict::Unrefereed => ("unrefereed", String::new()),
+            AuditVerdict::Inconclusive => ("inconclusive", String::new()),
+            AuditVerdict::Passed => ("passed", String::new()),
+            AuditVerdict::Failed(failure) => ("failed", failure.to_string()),
+        };
+        inner
+            .metrics
+            .audits
+            .get_or_create(&VerdictLabels {
+                verdict: label,
+                reason,
+            })
+            .inc();
+        if mode.refereed() {
+            inner.metrics.audit_seconds.observe(elapsed.as_secs_f64());
+        }
+        for referee in &report.confirmed {
+            inner.book.referee_confirmed(referee);
+        }
+        for referee in &report.struck {
+            inner.metrics.referee_failures.inc();
+            inner.book.referee_struck(referee);
+        }
+        match verdict {
+            AuditVerdict::Passed => {
+                inner.book.passed(&provider);
+            }
+            AuditVerdict::Failed(failure) if report.penalise => {
+                inner.book.failed(&provider, inner.policy.bench);
+                let saved = report.proof.as_ref().and_then(|p| self.save_proof(p));
+                let stats = report.statistics.as_ref();
+                tracing::warn!(
+                    %provider,
+                    request = %answer.request.request_id,
+                    %failure,
+                    model = %answer.request.model_digest,
+                    merkle_root = %hex::encode(answer.commitment.commitment.merkle_root),
+                    steps = answer.commitment.commitment.steps,
+                    numerics = %answer.commitment.commitment.numerics,
+                    challenged = ?report.challenged,
+                    referee = ?report.referee.as_ref().map(pool::Choice::label),
+                    tier = ?report.tier,
+                    median_distance = ?stats.map(|s| s.median_distance),
+                    max_distance = ?stats.map(|s| s.max_distance),
+                    excess_margin = ?stats.map(|s| s.excess_margin),
+                    max_margin = ?stats.map(|s| s.max_margin),
+                    proof = ?saved,
+                    "audit failed; provider benched"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Writes the proof as CBOR into the evidence directory; returns its path.
+    fn save_proof(&self, proof: &FraudProof) -> Option<PathBuf> {
+        let dir = self.inner.evidence_dir.as_ref()?;
+        let path = dir.join(format!(
+            "{}-{}.cbor",
+            crate::openai::response::unix_now(),
+            proof.request.request_id
+        ));
+        let mut bytes = Vec::new();
+        let written = ciborium::into_writer(proof, &mut bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|()| std::fs::create_dir_all(dir).map_err(|e| e.to_string()))
+            .and_then(|()| std::fs::write(&path, &bytes).map_err(|e| e.to_string()));
+        match written {
+            Ok(()) => Some(path),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot write the fraud proof");
+                None
+            }
+        }
+    }
+}
+
+/// Leaf openings over the mesh's request-response protocol.
+struct NetOpener(Client);
+
+#[async_trait]
+impl LeafOpener for NetOpener {
+    async fn open(
+        &self,
+        provider: PeerId,
+        request: OpenLeavesRequest,
+    ) -> Result<SignedOpening, String> {
+        self.0
+            .open_leaves(provider, request)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Fresh referees from the trusted pool, each fed the whole answer at once.
+struct Fresh<'a> {
+    inner: &'a Inner,
+}
+
+impl Referees for Fresh<'_> {
+    fn fresh(&self, answer: &Answer<'_>, exclude: &[PeerId]) -> Option<Box<dyn Witness>> {
+        let inner = self.inner;
+        let choice = inner.pool.choose(
+            &inner.registry,
+            &inner.book,
+            &inner.policy,
+            answer.provider,
+            exclude,
+        )?;
+        let session = RefereeSession::start(&inner.dialer, choice, answer.request);
+        session.push_all(answer.tokens);
+        Some(Box::new(session))
+    }
+}

@@ -1,0 +1,104 @@
+//! What the gateway requires of an answer before it calls it verified. The gateway decides
+//! this itself: nothing a provider or referee declares changes it.
+
+use std::time::Duration;
+
+use proofmesh_shared::verify::{DEFAULT_CHALLENGE_COUNT, PROBATION_CHALLENGE_COUNT, Tier};
+
+/// Default for how long a provider whose answer failed an audit is kept out of routing.
+pub const FAILED_AUDIT_COOLDOWN: Duration = Duration::from_secs(300);
+/// Default for how many audits a provider must pass before it is challenged at the normal rate
+/// and routed to without limit.
+pub const PROBATION_AUDITS: u32 = 10;
+/// Default share of requests a provider on probation may be tried first for, when established
+/// providers of the model are available: enough to earn a record, too little for a new identity
+/// (free to make) to take the traffic over.
+pub const PROBATION_SHARE: f64 = 0.25;
+/// Default for how many audits a provider must pass, with no failure and no strike as a referee,
+/// before the gateway trusts it as a referee too.
+pub const REFEREE_EARN_AUDITS: u32 = 50;
+
+/// Which audit tiers the gateway accepts for merkle answers.
+///
+/// In the exact tier (provider and referee of one deterministic numerics class) honest logits
+/// agree bit for bit and every cheat in the attack suite is caught in every request. In the
+/// tolerant tier (other numerics: f16 KV cache, GPU against CPU) the limits must sit above
+/// kernel noise, and a cheat whose cheaper decoder departs from the claimed model only at
+/// near-ties passes some requests (`bench/calibration.md`). Since a provider declares its own
+/// numerics, a cheat could pick the tolerant tier; so by default no merkle answer is audited
+/// in it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditTiers {
+    /// An answer passes only when a referee the gateway chose, of the class the provider
+    /// advertised, judged it in the exact tier.
+    #[default]
+    Exact,
+    /// Also audit across numerics classes, in the tolerant tier (e.g. GPU providers refereed
+    /// on CPU), accepting its weaker detection of near-tie cheats.
+    Any,
+}
+
+impl AuditTiers {
+    /// Whether an answer judged in `tier` may pass.
+    pub fn accepts(self, tier: Tier) -> bool {
+        tier == Tier::Exact || self == Self::Any
+    }
+}
+
+/// The gateway's audit settings, fixed at start.
+#[derive(Debug, Clone)]
+pub struct AuditPolicy {
+    /// Steps challenged per merkle audit of an established provider.
+    pub challenge_count: usize,
+    /// Audits a provider must pass before it leaves probation.
+    pub probation_audits: u32,
+    /// Share of requests a provider on probation is tried first for.
+    pub probation_share: f64,
+    /// Which tiers merkle answers may pass in.
+    pub tiers: AuditTiers,
+    /// How long a provider whose answer failed is kept out of routing.
+    pub bench: Duration,
+    /// Deliver merkle answers no referee could re-execute (labelled `unrefereed`) instead of
+    /// refusing them.
+    pub allow_unrefereed: bool,
+    /// Audits a provider must pass (cleanly) before it is trusted as a referee; 0: only the
+    /// operator's allow-list and the gateway's own engine referee.
+    pub referee_earn_audits: u32,
+}
+
+impl Default for AuditPolicy {
+    fn default() -> Self {
+        Self {
+            challenge_count: DEFAULT_CHALLENGE_COUNT,
+            probation_audits: PROBATION_AUDITS,
+            probation_share: PROBATION_SHARE,
+            tiers: AuditTiers::Exact,
+            bench: FAILED_AUDIT_COOLDOWN,
+            allow_unrefereed: false,
+            referee_earn_audits: REFEREE_EARN_AUDITS,
+        }
+    }
+}
+
+impl AuditPolicy {
+    /// Steps to challenge for a provider, more while it is on probation.
+    pub fn challenges(&self, on_probation: bool) -> usize {
+        let count = self.challenge_count.max(1);
+        if on_probation {
+            count.max(PROBATION_CHALLENGE_COUNT)
+        } else {
+            count
+        }
+    }
+}
