@@ -15,7 +15,10 @@ mkdir -p "$state"
 
 scripts/install-deps.sh
 echo "building (release) ..." >&2
-cargo build --release --locked -p proofmesh-gateway -p proofmesh-provider
+# The gateway is built with its own referee: it re-executes answers itself, the one referee a
+# fresh mesh has that it can trust.
+cargo build --release --locked -p proofmesh-gateway -p proofmesh-provider \
+  --features proofmesh-gateway/local-referee
 bin=target/release
 model="$("$bin/proofmesh-provider" fetch-model)"
 
@@ -27,7 +30,9 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 "$bin/proofmesh-gateway" --http-listen "127.0.0.1:$http_port" \
-  --p2p-listen "/ip4/127.0.0.1/tcp/$p2p_port" --key "$state/gateway.key" >"$state/gateway.log" 2>&1 &
+  --p2p-listen "/ip4/127.0.0.1/tcp/$p2p_port" --key "$state/gateway.key" \
+  --state-dir "$state/gateway-state" --referee-model "$model" --referee-threads 1 \
+  >"$state/gateway.log" 2>&1 &
 pids+=($!)
 for i in 1 2; do
   "$bin/proofmesh-provider" --model "$model" --key "$state/provider$i.key" \

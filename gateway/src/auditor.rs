@@ -20,6 +20,7 @@
 //! - [`book`]: the durable per-peer [`Book`].
 //! - [`pool`]: the trusted [`RefereePool`] and the referee [`pool::Choice`].
 //! - [`session`]: one referee following one answer; the [`session::LocalReferee`] seam.
+//! - [`canary`]: canary audits of peer referees against the gateway's own engine.
 //! - [`procedure`]: the audit procedure itself, behind the [`procedure::LeafOpener`] and
 //!   [`procedure::Referees`] seams.
 //! - [`vocab`]: model vocabularies read from GGUF files, and the [`vocab::Transcript`] that
@@ -27,6 +28,7 @@
 //! - `local` (feature `local-referee`): the gateway's own engine as referee.
 
 pub mod book;
+pub mod canary;
 #[cfg(feature = "local-referee")]
 pub mod local;
 pub mod mode;
@@ -306,6 +308,13 @@ impl Auditor {
         let report = procedure.run(answer, mode, session).await;
         let elapsed = started.elapsed();
         self.record(answer, mode, &report, elapsed);
+        if report.verdict == Some(AuditVerdict::Passed)
+            && rand::random::<f64>() < inner.policy.canary_rate
+        {
+            let auditor = self.clone();
+            let (request, tokens) = (answer.request.clone(), answer.tokens.to_vec());
+            tokio::spawn(async move { auditor.canary(&request, &tokens).await });
+        }
         AuditOutcome {
             verdict: report.verdict.clone(),
             challenged: report.challenged.clone(),
@@ -314,6 +323,70 @@ impl Auditor {
             tier: report.tier,
             statistics: report.statistics.clone(),
             evidence_bytes: report.evidence_bytes,
+        }
+    }
+
+    /// Puts a trusted peer referee of the gateway's own engine's class to a canary audit built
+    /// from a passed answer (see [`canary`]); one that differs is struck and dropped.
+    pub async fn canary(&self, request: &GenerateRequest, tokens: &[u32]) {
+        let inner = &self.inner;
+        let Some(local) = inner
+            .pool
+            .local()
+            .filter(|l| l.digest() == request.model_digest)
+            .cloned()
+        else {
+            return;
+        };
+        let Some(vocabulary) = inner.vocabularies.get(&request.model_digest) else {
+            return;
+        };
+        let peers: Vec<(PeerId, String)> = inner
+            .registry
+            .referees(&request.model_digest, &local.peer_id())
+            .into_iter()
+            .filter(|(peer, numerics)| {
+                numerics == local.numerics() && inner.pool.trusts(peer, &inner.book, &inner.policy)
+            })
+            .collect();
+        if peers.is_empty() {
+            return;
+        }
+        let referee = peers[rand::random::<u32>() as usize % peers.len()].clone();
+        let peer = referee.0;
+        let outcome = canary::check(
+            &inner.dialer,
+            local,
+            referee,
+            request,
+            tokens,
+            vocabulary.len(),
+        )
+        .await;
+        let label = match outcome {
+            canary::CanaryOutcome::Agreed => "agreed",
+            canary::CanaryOutcome::Differed => "differed",
+            canary::CanaryOutcome::Unjudged => "unjudged",
+        };
+        inner
+            .metrics
+            .canaries
+            .get_or_create(&VerdictLabels {
+                verdict: label,
+                reason: String::new(),
+            })
+            .inc();
+        match outcome {
+            canary::CanaryOutcome::Agreed => {
+                inner.book.referee_confirmed(&peer);
+                tracing::debug!(referee = %peer, "canary audit: the referee agreed with the gateway's engine");
+            }
+            canary::CanaryOutcome::Differed => {
+                inner.metrics.referee_strikes.inc();
+                inner.book.referee_struck(&peer);
+                tracing::warn!(referee = %peer, "canary audit: the referee's evidence is not the model's; referee dropped");
+            }
+            canary::CanaryOutcome::Unjudged => {}
         }
     }
 
@@ -355,11 +428,15 @@ impl Auditor {
         if mode.refereed() {
             inner.metrics.audit_seconds.observe(elapsed.as_secs_f64());
         }
+        inner
+            .metrics
+            .referee_failures
+            .inc_by(report.referee_failures as u64);
         for referee in &report.confirmed {
             inner.book.referee_confirmed(referee);
         }
         for referee in &report.struck {
-            inner.metrics.referee_failures.inc();
+            inner.metrics.referee_strikes.inc();
             inner.book.referee_struck(referee);
         }
         match verdict {

@@ -49,11 +49,17 @@ enum Command {
     /// Print the OpenAPI 3.1 document of the HTTP API (the committed openapi/openapi.json).
     Openapi,
     /// Re-check a fraud proof written to the evidence directory: re-runs the audit rule on the
-    /// provider's signed commitment, its opened leaves and the referee's signed evidence, and
-    /// prints the failure they show (exit 0), or why they show none (exit 1).
+    /// provider's signed commitment, its signed leaf openings and the referees' signed evidence,
+    /// and prints the failure they show (exit 0), or why they show none (exit 1). A failure only
+    /// the model can show (logits, tokens, prompt, vocabulary, finish) needs two referees with
+    /// distinct keys, or one named with --trust.
     CheckProof {
         /// The proof (CBOR).
         file: PathBuf,
+        /// Peer ids of referees whose evidence alone is enough (e.g. your own gateway's, whose
+        /// engine referees), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        trust: Vec<libp2p::PeerId>,
     },
 }
 
@@ -190,7 +196,7 @@ struct Flags {
 }
 
 /// `check-proof`: loads a fraud proof and re-runs the audit rule on it.
-fn check_proof(file: &std::path::Path) -> anyhow::Result<()> {
+fn check_proof(file: &std::path::Path, trust: &[libp2p::PeerId]) -> anyhow::Result<()> {
     use proofmesh_shared::verify::FraudProof;
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let proof: FraudProof = ciborium::from_reader(bytes.as_slice())
@@ -206,7 +212,17 @@ fn check_proof(file: &std::path::Path) -> anyhow::Result<()> {
         proof.commitment.commitment.steps, proof.commitment.commitment.numerics
     );
     println!("recorded   failed:{}", proof.failure);
-    match proof.check() {
+    let referees: std::collections::BTreeSet<String> = proof
+        .rounds
+        .iter()
+        .flat_map(|r| r.evidence.iter())
+        .filter_map(|e| e.verify().ok())
+        .map(|p| p.to_string())
+        .collect();
+    for referee in &referees {
+        println!("referee    {referee}");
+    }
+    match proof.check_trusting(trust) {
         Ok(failure) => {
             println!("re-checked failed:{failure}");
             if failure != proof.failure {
@@ -241,7 +257,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", proofmesh_gateway::openapi::document_json());
             return Ok(());
         }
-        Some(Command::CheckProof { file }) => return check_proof(file),
+        Some(Command::CheckProof { file, trust }) => return check_proof(file, trust),
         None => {}
     }
     let settings: GatewaySettings = config::layered(cli.config.as_deref(), &cli.flags)?;

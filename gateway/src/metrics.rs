@@ -47,6 +47,10 @@ pub struct GatewayMetrics {
     pub audit_seconds: Histogram,
     /// Referees that failed to deliver usable evidence (unreachable, refused, invalid).
     pub referee_failures: Counter,
+    /// Referee accusations another referee refuted, and canary audits a referee failed.
+    pub referee_strikes: Counter,
+    /// Canary audits of peer referees, by outcome (in `verdict`).
+    pub canaries: Family<VerdictLabels, Counter>,
     /// Peers with an open connection (set at scrape time).
     pub peers_connected: Gauge,
     /// Providers in the routing table (set at scrape time).
@@ -105,6 +109,18 @@ impl Default for GatewayMetrics {
             "Referees that delivered no usable evidence",
             referee_failures.clone(),
         );
+        let canaries = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "canaries",
+            "Canary audits of peer referees by outcome (agreed, differed, unjudged)",
+            canaries.clone(),
+        );
+        let referee_strikes = Counter::default();
+        registry.register(
+            "referee_strikes",
+            "Referee accusations another referee refuted (the accuser is dropped)",
+            referee_strikes.clone(),
+        );
         registry.register(
             "peers_connected",
             "Peers with an open connection",
@@ -130,6 +146,8 @@ impl Default for GatewayMetrics {
             audits,
             audit_seconds,
             referee_failures,
+            referee_strikes,
+            canaries,
             peers_connected,
             providers,
             uptime_seconds,

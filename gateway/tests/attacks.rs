@@ -17,7 +17,7 @@ use proofmesh_gateway::auditor::AuditTiers;
 use proofmesh_provider::Tamper;
 use proofmesh_provider::engine::KvCache;
 use proofmesh_provider::variants::Variant;
-use proofmesh_shared::verify::FraudProof;
+use proofmesh_shared::verify::{FraudProof, ProofError};
 use serde_json::{Value, json};
 use support::{GatewayOptions, HONEST, MODEL, Mesh, ProviderSpec, chat_body, header};
 
@@ -76,10 +76,12 @@ async fn other_weights_are_caught_in_the_exact_tier() {
         let verdict = assert_caught(&mesh, variant.name(), 128).await;
         assert_eq!(verdict, "failed:logits_diverge", "{}", variant.name());
     }
-    // Another model has another tokenizer: the prompt it ran is not the one it was sent.
+    // Another model has another vocabulary: its tokens' text is not what it streams under the
+    // claimed model's vocabulary, which the gateway sees itself before any referee is asked
+    // (and a referee would find the prompt it ran is not the one it was sent).
     assert_eq!(
         assert_caught(&mesh, "gemma", 64).await,
-        "failed:prompt_mismatch"
+        "failed:text_mismatch"
     );
     // The honest provider beside them passes, in the exact tier, refereed by the gateway.
     let (status, headers, answer) = ask(&mesh, MODEL, STORY, 128).await;
@@ -280,11 +282,22 @@ async fn failed_answers_are_retried_elsewhere_and_proven() {
     let bytes = std::fs::read(proofs[0].path()).expect("proof");
     let proof: FraudProof = ciborium::from_reader(bytes.as_slice()).expect("cbor");
     assert_eq!(proof.provider, cheat.to_bytes());
-    assert_eq!(proof.check(), Ok(proof.failure));
+    // The gateway's own engine refereed: its word alone is no proof to anyone else...
+    assert!(matches!(
+        proof.check(),
+        Err(ProofError::TooFewReferees { found: 1, .. })
+    ));
+    // ...but is to a checker that trusts that gateway.
+    assert_eq!(
+        proof.check_trusting(&[mesh.gateway_peer]),
+        Ok(proof.failure)
+    );
     // Anyone with the gateway binary can re-check it.
     let checked = std::process::Command::new(env!("CARGO_BIN_EXE_proofmesh-gateway"))
         .arg("check-proof")
         .arg(proofs[0].path())
+        .arg("--trust")
+        .arg(mesh.gateway_peer.to_string())
         .output()
         .expect("check-proof");
     let printed = String::from_utf8_lossy(&checked.stdout);

@@ -195,6 +195,15 @@ async fn compose_topology_as_processes() {
             "PROOFMESH_EVIDENCE_DIR".into(),
             dir.join("evidence").display().to_string(),
         ),
+        (
+            "PROOFMESH_STATE_DIR".into(),
+            dir.join("state").display().to_string(),
+        ),
+        (
+            "PROOFMESH_REFEREE_MODEL".into(),
+            model.display().to_string(),
+        ),
+        ("PROOFMESH_REFEREE_THREADS".into(), "1".into()),
     ]);
     let mut gateway = Node::spawn(
         "gateway",

@@ -238,20 +238,21 @@ pub async fn run(
             0 => slots,
             n => n.min(slots),
         };
-        let admission = referee::Admission::new(
-            config
-                .referee_for
-                .iter()
-                .copied()
-                .chain(config.bootstrap.iter().filter_map(peer_of)),
-            per_gateway as usize,
-        );
-        tokio::spawn(referee::accept_streams(
+        let desk = referee::Desk {
             referee,
-            admission,
-            client.clone(),
-            Some(Arc::clone(&metrics)),
-        ))
+            admission: referee::Admission::new(
+                config
+                    .referee_for
+                    .iter()
+                    .copied()
+                    .chain(config.bootstrap.iter().filter_map(peer_of)),
+                per_gateway as usize,
+            ),
+            metrics: Some(Arc::clone(&metrics)),
+            lies: matches!(config.tamper, Tamper::FalseAccuser | Tamper::RubberStamp)
+                .then(|| (config.tamper, config.keypair.clone())),
+        };
+        tokio::spawn(referee::accept_streams(Arc::new(desk), client.clone()))
     });
     let events_task = tokio::spawn(Arc::clone(&service).answer_events(client.clone(), events));
 

@@ -113,13 +113,22 @@ impl Admission {
     }
 }
 
-/// Accepts `/proofmesh/referee/1` streams until the mesh stops.
-pub(crate) async fn accept_streams(
-    referee: Referee,
-    admission: Admission,
-    client: Client,
-    metrics: Option<Arc<ProviderMetrics>>,
-) {
+/// Everything a served referee stream needs.
+#[derive(Debug, Clone)]
+pub struct Desk {
+    /// The job side.
+    pub referee: Referee,
+    /// Who may start jobs, and how many each.
+    pub admission: Admission,
+    /// Where jobs are counted.
+    pub metrics: Option<Arc<ProviderMetrics>>,
+    /// Test-only: a referee that signs false evidence (how, and with its node key).
+    #[doc(hidden)]
+    pub lies: Option<(crate::Tamper, libp2p::identity::Keypair)>,
+}
+
+/// Accepts `/proofmesh/referee/2` streams until the mesh stops.
+pub(crate) async fn accept_streams(desk: Arc<Desk>, client: Client) {
     let mut incoming = match client.stream_control().accept(REFEREE_PROTOCOL) {
         Ok(incoming) => incoming,
         Err(e) => {
@@ -128,25 +137,15 @@ pub(crate) async fn accept_streams(
         }
     };
     while let Some((peer, stream)) = incoming.next().await {
-        let referee = referee.clone();
-        let admission = admission.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            serve_stream(&referee, &admission, metrics.as_deref(), peer, stream).await;
-        });
+        let desk = Arc::clone(&desk);
+        tokio::spawn(async move { serve_stream(&desk, peer, stream).await });
     }
 }
 
 /// Serves one gateway's referee stream: `Begin`, then `Tokens` as they come, `Finish`, `Open`.
-pub async fn serve_stream(
-    referee: &Referee,
-    admission: &Admission,
-    metrics: Option<&ProviderMetrics>,
-    asker: PeerId,
-    mut stream: libp2p::Stream,
-) {
-    let outcome = serve(referee, admission, asker, &mut stream).await;
-    if let Some(metrics) = metrics {
+pub async fn serve_stream(desk: &Desk, asker: PeerId, mut stream: libp2p::Stream) {
+    let outcome = serve(desk, asker, &mut stream).await;
+    if let Some(metrics) = &desk.metrics {
         let outcome = match &outcome {
             Ok(()) => "completed",
             Err(StreamEnd::Job(RefereeError::Busy(_) | RefereeError::Invalid(_))) => "refused",
@@ -208,12 +207,7 @@ async fn next_frame(stream: &mut libp2p::Stream) -> Result<Option<RefereeFrame>,
     }
 }
 
-async fn serve(
-    referee: &Referee,
-    admission: &Admission,
-    asker: PeerId,
-    stream: &mut libp2p::Stream,
-) -> Result<(), StreamEnd> {
+async fn serve(desk: &Desk, asker: PeerId, stream: &mut libp2p::Stream) -> Result<(), StreamEnd> {
     let begin = tokio::time::timeout(
         REQUEST_READ_TIMEOUT,
         read_frame::<_, RefereeFrame>(stream, MAX_REFEREE_FRAME),
@@ -223,7 +217,9 @@ async fn serve(
     let RefereeFrame::Begin { request, ticket } = begin else {
         return Err(StreamEnd::Protocol("the first frame must be Begin".into()));
     };
-    let _held = admission.admit(&ticket, referee.peer_id(), &request)?;
+    let _held = desk
+        .admission
+        .admit(&ticket, desk.referee.peer_id(), &request)?;
     let span = tracing::info_span!(
         "provider.referee",
         request_id = %request.request_id,
@@ -232,18 +228,17 @@ async fn serve(
     if let Some(trace) = request.trace.as_ref().filter(|t| t.is_valid()) {
         proofmesh_shared::telemetry::set_parent(&span, trace);
     }
-    follow(referee, asker, *request, stream)
-        .instrument(span)
-        .await
+    follow(desk, asker, *request, stream).instrument(span).await
 }
 
 /// After `Begin`: takes the job, then answers the gateway's frames until it closes the stream.
 async fn follow(
-    referee: &Referee,
+    desk: &Desk,
     asker: PeerId,
     request: GenerateRequest,
     stream: &mut libp2p::Stream,
 ) -> Result<(), StreamEnd> {
+    let referee = &desk.referee;
     let mut job = referee.begin(request, asker)?;
     tracing::debug!("refereeing");
     write_frame(
@@ -279,6 +274,10 @@ async fn follow(
             RefereeFrame::Begin { .. } => {
                 return Err(StreamEnd::Protocol("one Begin per stream".into()));
             }
+        };
+        let evidence = match &desk.lies {
+            Some((tamper, key)) => crate::tamper::false_evidence(*tamper, evidence, key),
+            None => evidence,
         };
         write_frame(stream, &RefereeReply::Evidence(Box::new(evidence))).await?;
         replies += 1;

@@ -23,6 +23,7 @@ use proofmesh_shared::protocol::{
     RemoteErrorKind, SignedOpening,
 };
 use proofmesh_shared::sampling::{self, SamplerParams, TopLogit};
+use proofmesh_shared::verify::SignedEvidence;
 use tokio::sync::mpsc;
 
 use crate::engine::{Engine, StepEvent};
@@ -67,6 +68,12 @@ pub enum Tamper {
     OtherNumerics,
     /// Withholds its first leaf opening, as if the network had lost it; answers later ones.
     DropFirstOpening,
+    /// Generates honestly, but as a referee signs evidence whose logits are not the model's,
+    /// accusing every answer it checks.
+    FalseAccuser,
+    /// Generates honestly, but as a referee reports every token as the model's own choice
+    /// (all margins zero), passing any answer.
+    RubberStamp,
 }
 
 /// The text a [`Tamper::ForgedText`] provider streams in place of its first token's.
@@ -91,7 +98,12 @@ pub(crate) struct Cheat {
 impl Cheat {
     /// A cheat, or `None` for an honest provider.
     pub(crate) fn new(tamper: Tamper, claimed_engine: Option<Engine>) -> Option<Self> {
-        (tamper != Tamper::None || claimed_engine.is_some()).then(|| Self {
+        // A false accuser generates honestly; it lies only as a referee (`false_evidence`).
+        let generates_dishonestly = !matches!(
+            tamper,
+            Tamper::None | Tamper::FalseAccuser | Tamper::RubberStamp
+        );
+        (generates_dishonestly || claimed_engine.is_some()).then(|| Self {
             tamper,
             claimed_engine,
             replay: Mutex::default(),
@@ -328,6 +340,38 @@ impl Cheat {
             }
         }
         opening.sign(key).ok()
+    }
+}
+
+/// Evidence a lying referee made up, re-signed with `key`. A [`Tamper::FalseAccuser`] moves
+/// each candidate's logit by an amount that depends on its id (so no centring hides it); a
+/// [`Tamper::RubberStamp`] reports every claimed token as the model's own choice.
+pub(crate) fn false_evidence(
+    tamper: Tamper,
+    mut evidence: SignedEvidence,
+    key: &Keypair,
+) -> SignedEvidence {
+    match tamper {
+        Tamper::FalseAccuser => {
+            for step in &mut evidence.evidence.opened {
+                for candidate in &mut step.top {
+                    candidate.logit += (candidate.id % 7) as f32 * 0.25;
+                }
+                step.top
+                    .sort_by(|a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
+            }
+        }
+        Tamper::RubberStamp => {
+            for margin in &mut evidence.evidence.margins {
+                *margin = 0.0;
+            }
+        }
+        _ => return evidence,
+    }
+    tracing::warn!("TEST MODE: signing false referee evidence");
+    match evidence.evidence.clone().sign(key) {
+        Ok(signed) => signed,
+        Err(_) => evidence,
     }
 }
 

@@ -165,3 +165,71 @@ async fn hostile_requests_get_error_frames_and_the_provider_keeps_serving() {
     }
     assert!(steps > 0);
 }
+
+/// Runs `request` to its end as `client`: the tokens and the signed commitment.
+async fn generate(
+    client: &Client,
+    peer: PeerId,
+    request: &GenerateRequest,
+) -> (Vec<u32>, proofmesh_shared::commit::SignedCommitment) {
+    let mut s = open(client, peer).await;
+    write_frame(&mut s, request).await.unwrap();
+    let mut tokens = Vec::new();
+    loop {
+        match answer(&mut s).await {
+            GenerateFrame::Accepted { .. } => {}
+            GenerateFrame::Token { token, .. } => tokens.push(token),
+            GenerateFrame::Done { commitment, .. } => return (tokens, *commitment),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// A peer that reuses another requester's request id (a referee sees every id it checks)
+/// stores its own run beside the first one: the first requester still opens exactly the leaves
+/// it was committed to, signed by the provider, and a stranger opens nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_request_id_cannot_overwrite_anothers_leaves() {
+    use proofmesh_shared::protocol::{OpenLeavesRequest, OpenLeavesResponse};
+    use proofmesh_shared::verify::{Challenge, check_commitment, check_openings};
+    let (started, _stop) = provider().await;
+    let peer = started.peer_id;
+    let digest = started.model.digest;
+    let first = support::client(started.listen_addrs.clone());
+    let second = support::client(started.listen_addrs.clone());
+    let mine = request(digest, 8);
+    let (tokens, commitment) = generate(&first, peer, &mine).await;
+    // The same id, another prompt, from another peer.
+    let mut theirs = mine.clone();
+    theirs.messages[0].content = "Name a colour.".into();
+    let _ = generate(&second, peer, &theirs).await;
+    let challenge = Challenge {
+        indices: (0..tokens.len() as u32).collect(),
+    };
+    let ask = OpenLeavesRequest {
+        request_id: mine.request_id,
+        indices: challenge.indices.clone(),
+    };
+    let opening = first.open_leaves(peer, ask.clone()).await.unwrap();
+    assert_eq!(opening.verify().unwrap(), peer, "openings are signed");
+    assert!(check_commitment(&commitment, &mine, &peer, &tokens).is_ok());
+    assert!(
+        check_openings(
+            &commitment,
+            &mine,
+            &tokens,
+            &challenge,
+            &opening.opening.response
+        )
+        .is_ok(),
+        "the first requester's leaves were replaced"
+    );
+    // A third peer knowing the id opens nothing.
+    let stranger = support::client(started.listen_addrs.clone());
+    drop(open(&stranger, peer).await);
+    let refused = stranger.open_leaves(peer, ask).await.unwrap();
+    assert!(matches!(
+        refused.opening.response,
+        OpenLeavesResponse::Refused { .. }
+    ));
+}

@@ -237,6 +237,59 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// The child of `records_survive_kill_9`: records a failure, says so, and waits to be
+    /// killed.
+    #[test]
+    #[ignore = "run by records_survive_kill_9 in a child process"]
+    fn child_records_then_waits() {
+        let Ok(path) = std::env::var("PROOFMESH_BOOK_CHILD") else {
+            return;
+        };
+        let book = Book::open(Path::new(&path)).unwrap();
+        let peer: PeerId = std::env::var("PROOFMESH_BOOK_PEER")
+            .unwrap()
+            .parse()
+            .unwrap();
+        book.failed(&peer, Duration::from_secs(3600));
+        book.passed(&peer);
+        println!("RECORDED");
+        std::thread::sleep(Duration::from_secs(60));
+    }
+
+    #[test]
+    fn records_survive_kill_9() {
+        use std::io::BufRead;
+        let dir = std::env::temp_dir().join(format!("proofmesh-book-{}", rand::random::<u64>()));
+        let path = dir.join("book.redb");
+        let peer = PeerId::random();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "auditor::book::tests::child_records_then_waits",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("PROOFMESH_BOOK_CHILD", &path)
+            .env("PROOFMESH_BOOK_PEER", peer.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let recorded = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.contains("RECORDED"));
+        assert!(recorded, "the child did not record");
+        // SIGKILL: no destructor, no flush, no clean close.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let book = Book::open(&path).unwrap();
+        let record = book.get(&peer);
+        assert_eq!((record.failed, record.passed), (1, 1));
+        assert!(record.benched());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn earning_referee_trust_needs_a_clean_record() {
         let mut r = PeerRecord {

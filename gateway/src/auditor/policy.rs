@@ -14,6 +14,10 @@ pub const PROBATION_AUDITS: u32 = 10;
 /// providers of the model are available: enough to earn a record, too little for a new identity
 /// (free to make) to take the traffic over.
 pub const PROBATION_SHARE: f64 = 0.25;
+/// Default share of passed audits after which a trusted peer referee is put to a canary audit
+/// (when the gateway has its own engine): often enough that a lying referee is found within
+/// about a hundred audits, rarely enough to cost the engine little.
+pub const CANARY_RATE: f64 = 0.02;
 /// Default for how many audits a provider must pass, with no failure and no strike as a referee,
 /// before the gateway trusts it as a referee too.
 pub const REFEREE_EARN_AUDITS: u32 = 50;
@@ -75,6 +79,8 @@ pub struct AuditPolicy {
     /// Audits a provider must pass (cleanly) before it is trusted as a referee; 0: only the
     /// operator's allow-list and the gateway's own engine referee.
     pub referee_earn_audits: u32,
+    /// Share of passed audits followed by a canary audit of a trusted peer referee.
+    pub canary_rate: f64,
 }
 
 impl Default for AuditPolicy {
@@ -87,6 +93,7 @@ impl Default for AuditPolicy {
             bench: FAILED_AUDIT_COOLDOWN,
             allow_unrefereed: false,
             referee_earn_audits: REFEREE_EARN_AUDITS,
+            canary_rate: CANARY_RATE,
         }
     }
 }

@@ -98,10 +98,11 @@ impl RefereePool {
         self.local.as_ref()
     }
 
-    /// Whether the gateway trusts `peer` as a referee.
+    /// Whether the gateway trusts `peer` as a referee. A peer caught cheating, or caught
+    /// accusing falsely as a referee, is dropped, allow-listed or not.
     pub fn trusts(&self, peer: &PeerId, book: &Book, policy: &AuditPolicy) -> bool {
         let record = book.get(peer);
-        if record.failed > 0 || record.benched() {
+        if record.failed > 0 || record.benched() || record.referee_strikes > 0 {
             return false;
         }
         self.allow.contains(peer) || record.earned_referee(policy.referee_earn_audits)

@@ -138,6 +138,8 @@ pub struct Report {
     pub confirmed: Vec<PeerId>,
     /// Referees whose accusation another referee refuted.
     pub struck: Vec<PeerId>,
+    /// Referees replaced because they delivered no usable evidence.
+    pub referee_failures: usize,
 }
 
 impl Report {
@@ -236,7 +238,16 @@ impl Procedure<'_> {
                 return fail(report, failure, None, answer, signed.then_some(rounds));
             }
         };
-        let Some(mut heard) = self.first_referee(answer, session, first, &rounds[0]).await else {
+        let heard = self
+            .first_referee(
+                answer,
+                session,
+                first,
+                &rounds[0],
+                &mut report.referee_failures,
+            )
+            .await;
+        let Some(mut heard) = heard else {
             report.verdict = Some(AuditVerdict::Unrefereed);
             return report;
         };
@@ -337,6 +348,7 @@ impl Procedure<'_> {
         mut session: Option<Box<dyn Witness>>,
         mut evidence: Option<Result<SignedEvidence, SessionError>>,
         round: &AuditRound,
+        failures: &mut usize,
     ) -> Option<Heard> {
         let mut tried: Vec<PeerId> = Vec::new();
         let busy_until = Instant::now() + REFEREE_BUSY_WAIT;
@@ -367,6 +379,7 @@ impl Procedure<'_> {
                 None => "no evidence".into(),
             };
             tracing::warn!(referee = %current.choice().label(), %problem, request = %answer.request.request_id, "referee failed; trying another");
+            *failures += 1;
             tried.push(current.choice().peer());
             if tried.len() > REFEREE_FALLBACKS {
                 return None;

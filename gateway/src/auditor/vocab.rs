@@ -40,6 +40,10 @@ const EOG_TEXTS: &[&str] = &[
     "<｜end▁of▁sentence｜>",
     "<|end_of_text|>",
     "<|eom_id|>",
+    "<end_of_utterance>",
+    "<|return|>",
+    "<|call|>",
+    "</s>",
 ];
 
 /// Why a vocabulary could not be read.

@@ -95,6 +95,9 @@ pub struct ProviderHandle {
     pub peer_id: PeerId,
     pub addrs: Vec<libp2p::Multiaddr>,
     pub name: String,
+    /// How it was set up, and its node key: enough to start it again as the same peer.
+    pub spec: ProviderSpec,
+    pub key: libp2p::identity::Keypair,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -116,6 +119,7 @@ pub struct Mesh {
     pub p2p_addrs: Vec<libp2p::Multiaddr>,
     pub providers: Vec<ProviderHandle>,
     gateway_shutdown: Option<oneshot::Sender<()>>,
+    gateway_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// How a test provider is set up: its advertised name, its behaviour, and (for cheats) the
@@ -132,6 +136,8 @@ pub struct ProviderSpec {
     pub kv_cache: KvCache,
     /// Advertise, sign and referee under this numerics class instead of the engine's.
     pub claim_numerics: Option<&'static str>,
+    /// Advertise the served file's own digest (not the default model's) for `serves`.
+    pub own_digest: bool,
 }
 
 pub const HONEST: ProviderSpec = ProviderSpec {
@@ -141,6 +147,7 @@ pub const HONEST: ProviderSpec = ProviderSpec {
     referee_slots: 2,
     kv_cache: KvCache::Q8_0,
     claim_numerics: None,
+    own_digest: false,
 };
 
 impl ProviderSpec {
@@ -191,6 +198,8 @@ pub struct GatewayOptions {
     pub state_dir: Option<PathBuf>,
     /// The gateway's node key (default: a fresh one).
     pub keypair: Option<libp2p::identity::Keypair>,
+    /// Share of passed audits followed by a canary audit of a peer referee (default: none).
+    pub canary_rate: f64,
 }
 
 pub async fn start_gateway() -> (Mesh, proofmesh_gateway::Started) {
@@ -225,6 +234,7 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
             allow_unrefereed: options.allow_unrefereed,
             // Referees are the gateway's own engine and the allow-list, unless a test says so.
             referee_earn_audits: 0,
+            canary_rate: options.canary_rate,
             ..AuditPolicy::default()
         },
         referee: (!options.no_local_referee).then(|| {
@@ -250,7 +260,7 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
             Vec::new()
         },
     };
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop_rx.await;
         };
@@ -265,6 +275,7 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
         p2p_addrs: started.p2p_addrs.clone(),
         providers: Vec::new(),
         gateway_shutdown: Some(stop_tx),
+        gateway_task: Some(task),
     };
     (mesh, started)
 }
@@ -276,11 +287,20 @@ impl Mesh {
     }
 
     /// A gateway set up with `options` and one provider per spec.
-    pub async fn start_with(specs: &[ProviderSpec], mut options: GatewayOptions) -> Mesh {
+    pub async fn start_with(specs: &[ProviderSpec], options: GatewayOptions) -> Mesh {
         let keys: Vec<libp2p::identity::Keypair> = specs
             .iter()
             .map(|_| libp2p::identity::Keypair::generate_secp256k1())
             .collect();
+        Self::start_with_keys(specs, keys, options).await
+    }
+
+    /// Like [`Mesh::start_with`], the providers with these node keys.
+    pub async fn start_with_keys(
+        specs: &[ProviderSpec],
+        keys: Vec<libp2p::identity::Keypair>,
+        mut options: GatewayOptions,
+    ) -> Mesh {
         if options.trust_providers {
             options
                 .trusted_referees
@@ -304,6 +324,7 @@ impl Mesh {
         spec: ProviderSpec,
         keypair: libp2p::identity::Keypair,
     ) {
+        let key = keypair.clone();
         let (tx, rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let config = ProviderConfig {
@@ -333,7 +354,11 @@ impl Mesh {
             referee_slots_per_gateway: 0,
             tamper: spec.tamper,
             tamper_model: (spec.tamper == Tamper::CopiedLogits).then(model_path),
-            claim_digest: spec.serves.as_ref().map(|_| default_digest()),
+            claim_digest: spec
+                .serves
+                .as_ref()
+                .filter(|_| !spec.own_digest)
+                .map(|_| default_digest()),
             claim_numerics: spec.claim_numerics.map(String::from),
         };
         let task = tokio::spawn(async move {
@@ -349,9 +374,30 @@ impl Mesh {
             peer_id: started.peer_id,
             addrs: started.listen_addrs.clone(),
             name: spec.name.to_string(),
+            spec,
+            key,
             shutdown: Some(stop_tx),
             task,
         });
+    }
+
+    /// Kills provider `i` and starts it again with the same key and setup (a reconnect).
+    pub async fn restart_provider(&mut self, i: usize) {
+        let mut old = self.providers.remove(i);
+        old.kill().await;
+        self.add_provider_with_key(old.spec.clone(), old.key.clone())
+            .await;
+        let restarted = self.providers.pop().expect("restarted");
+        self.providers.insert(i, restarted);
+    }
+
+    /// Stops the gateway and waits until it has closed everything (its peer book included);
+    /// providers keep running.
+    pub async fn stop_gateway_and_wait(&mut self) {
+        self.stop_gateway();
+        if let Some(task) = self.gateway_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
     }
 
     /// Sends the gateway its shutdown signal (as SIGTERM would): it starts draining.

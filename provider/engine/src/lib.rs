@@ -739,6 +739,17 @@ impl Engine {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// The bytes the engine streams for `token`: its piece without special tokens, empty for an
+    /// end-of-generation token or one outside the vocabulary.
+    pub fn piece(&self, token: u32) -> Vec<u8> {
+        if token >= self.info.n_vocab || self.is_eog(token) {
+            return Vec::new();
+        }
+        self.model
+            .vocab()
+            .token_to_piece(llama_cpp_2::token::LlamaToken(token as i32), false, None)
+    }
+
     /// Whether `token` ends generation (end-of-sequence, end-of-turn).
     pub fn is_eog(&self, token: u32) -> bool {
         token < self.info.n_vocab
