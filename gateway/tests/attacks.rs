@@ -83,8 +83,17 @@ async fn other_weights_are_caught_in_the_exact_tier() {
         assert_caught(&mesh, "gemma", 64).await,
         "failed:text_mismatch"
     );
-    // The honest provider beside them passes, in the exact tier, refereed by the gateway.
-    let (status, headers, answer) = ask(&mesh, MODEL, STORY, 128).await;
+    // The honest provider beside them passes, in the exact tier, refereed by the gateway. (The
+    // cheats claim the same digest, so a request for the model may reach any of them: pinned.)
+    let honest = mesh.providers[0].peer_id;
+    let pinned = |max_tokens: u32| {
+        let body = chat_body(
+            STORY,
+            json!({"verification_mode": "merkle", "max_tokens": max_tokens}),
+        );
+        mesh.chat_with(body, Some(honest))
+    };
+    let (status, headers, answer) = pinned(128).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(header(&headers, "x-proofmesh-verdict"), "passed");
     assert_eq!(header(&headers, "x-proofmesh-referee"), "local");
@@ -92,7 +101,7 @@ async fn other_weights_are_caught_in_the_exact_tier() {
     assert_eq!(answer["proofmesh"]["audit"]["max_distance"], 0.0);
     assert_eq!(answer["proofmesh"]["audit"]["max_margin"], 0.0);
     // A long answer's audit moves well under 64 KiB of evidence.
-    let (status, _, answer) = ask(&mesh, MODEL, STORY, 512).await;
+    let (status, _, answer) = pinned(512).await;
     assert_eq!(status, 200, "{answer}");
     let steps = answer["usage"]["completion_tokens"].as_u64().unwrap();
     let bytes = answer["proofmesh"]["audit"]["evidence_bytes"]

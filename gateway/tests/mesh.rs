@@ -225,9 +225,12 @@ async fn forged_answers_are_rejected() {
             .contains("wrong_signer")
     );
 
-    // The honest provider beside them passes.
+    // The honest provider beside them passes (pinned: the cheats claim the same model).
     let (status, headers, _) = mesh
-        .chat(chat_body(prompt, json!({"max_tokens": 48})))
+        .chat_with(
+            chat_body(prompt, json!({"max_tokens": 48})),
+            Some(mesh.providers[0].peer_id),
+        )
         .await;
     assert_eq!(status, 200);
     assert_eq!(header(&headers, "x-proofmesh-verdict"), "passed");

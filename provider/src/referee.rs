@@ -284,3 +284,76 @@ async fn follow(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use libp2p::identity::Keypair;
+    use proofmesh_shared::protocol::{
+        ChatMessage, GenerateRequest, ModelDigest, RefereeTicket, RequestId,
+    };
+
+    use super::*;
+
+    fn request() -> GenerateRequest {
+        GenerateRequest {
+            version: GenerateRequest::VERSION,
+            request_id: RequestId::random(),
+            model_digest: ModelDigest([1; 32]),
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: "x".into(),
+            }],
+            sampler: Default::default(),
+            max_tokens: 8,
+            stop: vec![],
+            trace: None,
+        }
+    }
+
+    fn ticket(by: &Keypair, referee: PeerId, request: &GenerateRequest) -> SignedTicket {
+        RefereeTicket {
+            referee: referee.to_bytes(),
+            request_hash: request.hash(),
+            expires_unix: u64::MAX,
+        }
+        .sign(by)
+        .unwrap()
+    }
+
+    #[test]
+    fn each_accepted_gateway_holds_a_bounded_number_of_jobs() {
+        let (gateway, other) = (Keypair::generate_secp256k1(), Keypair::generate_secp256k1());
+        let referee = PeerId::random();
+        let admission = Admission::new(
+            [gateway.public().to_peer_id(), other.public().to_peer_id()],
+            2,
+        );
+        let r = request();
+        let first = admission
+            .admit(&ticket(&gateway, referee, &r), referee, &r)
+            .unwrap();
+        let second = admission
+            .admit(&ticket(&gateway, referee, &r), referee, &r)
+            .unwrap();
+        assert!(matches!(
+            admission.admit(&ticket(&gateway, referee, &r), referee, &r),
+            Err(RefereeError::Busy(_))
+        ));
+        // Another gateway's places are its own.
+        let theirs = admission.admit(&ticket(&other, referee, &r), referee, &r);
+        assert!(theirs.is_ok());
+        drop(first);
+        assert!(
+            admission
+                .admit(&ticket(&gateway, referee, &r), referee, &r)
+                .is_ok()
+        );
+        drop(second);
+        // A stranger's ticket takes nothing.
+        let stranger = Keypair::generate_secp256k1();
+        assert!(matches!(
+            admission.admit(&ticket(&stranger, referee, &r), referee, &r),
+            Err(RefereeError::Invalid(_))
+        ));
+    }
+}

@@ -254,7 +254,8 @@ impl Cheat {
                 Tamper::OffPolicyToken if leaf.step == 1 => {
                     if let Some(runner_up) = leaf.top.iter().find(|c| c.id != leaf.token) {
                         leaf.token = runner_up.id;
-                        piece.clear();
+                        // Its true text, so that only the sampler replay can tell.
+                        *piece = engine.piece(leaf.token);
                     }
                 }
                 Tamper::MadeUpTokens => {
@@ -268,7 +269,7 @@ impl Cheat {
                     let token = 256
                         + (splitmix(seed ^ u64::from(leaf.step)) % u64::from(n_vocab - 256)) as u32;
                     *leaf = fabricated_leaf(leaf.step, token, leaf.draw);
-                    *piece = engine.detokenize(&[token]).into_bytes();
+                    *piece = engine.piece(token);
                 }
                 _ => {}
             }

@@ -19,8 +19,9 @@ pub struct ProofmeshInfo {
     pub steps: u32,
     /// The step indices that were challenged and checked.
     pub challenged: Vec<u32>,
-    /// `unaudited`, `unrefereed` (exact checks only: no referee could re-execute the answer),
-    /// `passed` or `failed:<reason>`.
+    /// `unaudited`, `passed`, `unrefereed` (exact checks only: no trusted referee could
+    /// re-execute the answer; delivered only when the operator allows it), `inconclusive` or
+    /// `failed:<reason>` (in error events of streams that were withheld).
     pub verdict: String,
     /// Who re-executed the answer for the audit: a provider's peer id, or `local` for the
     /// gateway's own engine; absent when no referee took part.
