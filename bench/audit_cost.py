@@ -109,8 +109,9 @@ def main():
     args = ap.parse_args()
     if (os.cpu_count() or 1) < 2:
         sys.exit("needs two cores to pin provider and referee apart")
+    # The gateway referees with its own engine: built with the `local-referee` feature.
     subprocess.run(["cargo", "build", "--release", "--locked", "-p", "proofmesh-gateway", "-p", "proofmesh-provider",
-                    "--bins"], cwd=ROOT, check=True)
+                    "--features", "proofmesh-gateway/local-referee", "--bins"], cwd=ROOT, check=True)
     bins = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"), "release")
     model = subprocess.run([os.path.join(bins, "proofmesh-provider"), "fetch-model"], check=True,
                            capture_output=True, text=True).stdout.strip()

@@ -219,8 +219,12 @@ def main():
                                            "-np", str(parallel), "-c", str(CTX_PER_SLOT * parallel),
                                            "--host", "127.0.0.1", "--port", str(ls_port)], stderr=log("llama-server"),
                                           stdout=subprocess.DEVNULL))
+            # No referee here (one provider on 2 cores): merkle answers get every exact check and
+            # the gateway's own text check, and are delivered labelled `unrefereed` by opt-in.
             procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-gateway"), "--http-listen", f"127.0.0.1:{http}",
-                                           "--p2p-listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--ephemeral-key"],
+                                           "--p2p-listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--ephemeral-key",
+                                           "--allow-unrefereed", "--vocabularies", model,
+                                           "--state-dir", os.path.join(logs, f"state-c{c}")],
                                           stderr=log("gateway")))
             procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-provider"), "--model", model, "--ephemeral-key",
                                            "--threads", str(args.threads), "--parallel", str(parallel),

@@ -73,8 +73,12 @@ def main():
     ttft = {"none": [], "merkle": []}
     ratios = {"engine": [], "none": [], "merkle": []}
     try:
+        # No referee here: merkle answers get the exact checks and the gateway's text check,
+        # delivered labelled `unrefereed` by opt-in.
         procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-gateway"), "--http-listen", f"127.0.0.1:{http}",
-                                       "--p2p-listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--ephemeral-key"],
+                                       "--p2p-listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--ephemeral-key",
+                                       "--allow-unrefereed", "--vocabularies", model,
+                                       "--state-dir", os.path.join(logs, "gateway-state")],
                                       stderr=open(os.path.join(logs, "gateway.log"), "w")))
         procs.append(subprocess.Popen([os.path.join(bins, "proofmesh-provider"), "--model", model, "--ephemeral-key",
                                        "--threads", str(args.threads), "--parallel", "1",

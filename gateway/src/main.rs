@@ -163,7 +163,12 @@ struct Flags {
     referee_earn_audits: Option<u32>,
     /// Deliver merkle answers that no trusted referee re-executed (verdict `unrefereed`,
     /// reported in x-proofmesh-verdict) instead of answering 503 [default: false].
-    #[arg(long, env = "PROOFMESH_ALLOW_UNREFEREED")]
+    #[arg(
+        long,
+        env = "PROOFMESH_ALLOW_UNREFEREED",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     allow_unrefereed: Option<bool>,
     /// GGUF files whose vocabularies check the text of answers, comma-separated (the referee
