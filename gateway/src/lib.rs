@@ -207,11 +207,13 @@ pub async fn run(
     for (name, digest) in catalog.pins() {
         tracing::info!(%name, %digest, "model name pinned");
     }
+    // The referee's model file was hashed when its engine started: not again here.
+    let referee_file = referee_model(&config).zip(local.as_ref().map(|(_, l)| l.digest()));
     let files = config
         .vocabularies
         .iter()
-        .cloned()
-        .chain(referee_model(&config))
+        .map(|path| (path.clone(), None))
+        .chain(referee_file.map(|(path, digest)| (path, Some(digest))))
         .collect();
     let vocabularies = load_vocabularies(files).await?;
     let metrics = Arc::new(GatewayMetrics::default());
@@ -322,16 +324,23 @@ fn referee_model(_config: &GatewayConfig) -> Option<std::path::PathBuf> {
     None
 }
 
-/// Hashes each model file and reads its vocabulary.
+/// Reads each model file's vocabulary, hashing the file unless its digest is known already.
 async fn load_vocabularies(
-    files: Vec<std::path::PathBuf>,
+    files: Vec<(
+        std::path::PathBuf,
+        Option<proofmesh_shared::protocol::ModelDigest>,
+    )>,
 ) -> Result<Vec<(proofmesh_shared::protocol::ModelDigest, Arc<Vocabulary>)>, GatewayError> {
     let mut loaded = Vec::new();
-    for path in files {
+    for (path, known) in files {
         let shown = path.display().to_string();
         let read = tokio::task::spawn_blocking(move || {
-            let digest =
-                proofmesh_shared::model_file::file_digest(&path).map_err(|e| e.to_string())?;
+            let digest = match known {
+                Some(digest) => digest,
+                None => {
+                    proofmesh_shared::model_file::file_digest(&path).map_err(|e| e.to_string())?
+                }
+            };
             let vocabulary = Vocabulary::from_gguf(&path).map_err(|e| e.to_string())?;
             Ok::<_, String>((digest, vocabulary))
         })

@@ -180,6 +180,18 @@ enum Opinion {
     Fail(AuditFailure, Option<Statistics>),
 }
 
+/// How a borderline first judgement's second round went.
+enum SecondRound {
+    /// No further steps, or the referee or the network could not take part: the first
+    /// round's judgement stands.
+    Skipped,
+    /// A round was added; this many bytes of evidence moved.
+    Added(usize),
+    /// The provider's opening of the new steps failed an exact check (the bool: whether it
+    /// was signed, so that it can go into a proof).
+    ProviderFailed(AuditFailure, bool),
+}
+
 /// A referee heard on every round: its evidence, one per round.
 struct Heard {
     witness: Box<dyn Witness>,
@@ -253,20 +265,24 @@ impl Procedure<'_> {
         };
         report.evidence_bytes += heard.evidence.iter().map(cbor_len).sum::<usize>();
         let mut opinion = opinion_of(answer, &rounds, &heard, &leaves);
-        if matches!(opinion, Opinion::Borderline(_))
-            && let Some(result) = self
+        if matches!(opinion, Opinion::Borderline(_)) {
+            match self
                 .second_round(answer, &mut heard, &mut rounds, &mut leaves)
                 .await
-        {
-            report.challenged = rounds
-                .iter()
-                .flat_map(|r| r.challenge.indices.iter().copied())
-                .collect();
-            report.evidence_bytes += result;
-            opinion = opinion_of(answer, &rounds, &heard, &leaves);
-        }
-        if let Some(failure) = rounds.iter().find_map(|r| self.provider_failure(answer, r)) {
-            return fail(report, failure, None, answer, Some(rounds));
+            {
+                SecondRound::Skipped => {}
+                SecondRound::ProviderFailed(failure, signed) => {
+                    return fail(report, failure, None, answer, signed.then_some(rounds));
+                }
+                SecondRound::Added(bytes) => {
+                    report.challenged = rounds
+                        .iter()
+                        .flat_map(|r| r.challenge.indices.iter().copied())
+                        .collect();
+                    report.evidence_bytes += bytes;
+                    opinion = opinion_of(answer, &rounds, &heard, &leaves);
+                }
+            }
         }
         match opinion {
             Opinion::Pass(stats) | Opinion::Borderline(stats) => {
@@ -335,11 +351,6 @@ impl Procedure<'_> {
         .map_err(|f| (f, true))
     }
 
-    /// A later round's opening failure, if any (the first round's was checked already).
-    fn provider_failure(&self, answer: &Answer<'_>, round: &AuditRound) -> Option<AuditFailure> {
-        self.leaves_of(answer, round).err().map(|(f, _)| f)
-    }
-
     /// The first referee's usable evidence on the first round, replacing referees that fail
     /// (their fault, never the provider's).
     async fn first_referee(
@@ -400,15 +411,14 @@ impl Procedure<'_> {
         }
     }
 
-    /// Opens as many steps again on both sides; returns the bytes moved, or `None` when the
-    /// referee could not take part (the first round's judgement stands).
+    /// Opens as many steps again on both sides, checking the provider's new opening exactly.
     async fn second_round(
         &self,
         answer: &Answer<'_>,
         heard: &mut Heard,
         rounds: &mut Vec<AuditRound>,
         leaves: &mut Vec<StepLeaf>,
-    ) -> Option<usize> {
+    ) -> SecondRound {
         let first = &rounds[0].challenge;
         let wider = Challenge::extend(
             self.secret,
@@ -425,27 +435,34 @@ impl Procedure<'_> {
                 .collect(),
         };
         if extra.indices.is_empty() {
-            return None;
+            return SecondRound::Skipped;
         }
         let (opening, evidence) = tokio::join!(
             self.open(answer, &extra),
             heard.witness.open(&extra.indices)
         );
-        let opening = opening?;
-        let evidence = evidence.ok()?;
-        usable(answer, heard.witness.choice(), &evidence, &extra).ok()?;
+        let (Some(opening), Ok(evidence)) = (opening, evidence) else {
+            return SecondRound::Skipped;
+        };
+        if usable(answer, heard.witness.choice(), &evidence, &extra).is_err() {
+            return SecondRound::Skipped;
+        }
         let bytes = cbor_len(&opening) + cbor_len(&evidence);
         let round = AuditRound {
             challenge: extra,
             opening,
             evidence: Vec::new(),
         };
-        if let Ok(more) = self.leaves_of(answer, &round) {
-            leaves.extend(more);
-        }
+        let checked = self.leaves_of(answer, &round);
         rounds.push(round);
-        heard.evidence.push(evidence);
-        Some(bytes)
+        match checked {
+            Ok(more) => {
+                leaves.extend(more);
+                heard.evidence.push(evidence);
+                SecondRound::Added(bytes)
+            }
+            Err((failure, signed)) => SecondRound::ProviderFailed(failure, signed),
+        }
     }
 
     /// An accusation: the gateway's own engine is believed; a peer's is put to a second
