@@ -217,6 +217,10 @@ async fn serve(desk: &Desk, asker: PeerId, stream: &mut libp2p::Stream) -> Resul
     let RefereeFrame::Begin { request, ticket } = begin else {
         return Err(StreamEnd::Protocol("the first frame must be Begin".into()));
     };
+    // An invalid request takes no place of its gateway's (checked again by the job itself).
+    request
+        .validate(&desk.referee.digest())
+        .map_err(|refusal| RefereeError::Invalid(refusal.message))?;
     let _held = desk
         .admission
         .admit(&ticket, desk.referee.peer_id(), &request)?;
