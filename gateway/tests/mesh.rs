@@ -460,8 +460,8 @@ async fn audits_wait_for_a_busy_referee() {
             json!({"max_tokens": 32, "temperature": 0.0}),
         );
         let (a, b) = tokio::join!(mesh.chat(body.clone()), mesh.chat(body));
-        for (i, (status, headers, _)) in [a, b].iter().enumerate() {
-            assert_eq!(*status, 200, "round {round}, request {i}");
+        for (i, (status, headers, answer)) in [a, b].iter().enumerate() {
+            assert_eq!(*status, 200, "round {round}, request {i}: {answer}");
             assert_eq!(
                 header(headers, "x-proofmesh-verdict"),
                 "passed",

@@ -271,3 +271,38 @@ async fn a_referee_job_returns_evidence_and_hostile_jobs_are_refused() {
     }
     assert!(rate_limited >= 2, "{rate_limited} of 4 rate-limited");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_is_free_again_only_once_its_job_is_done() {
+    // One referee context. Finishing a job does not free it at once: the engine thread still
+    // has to feed the job its last tokens. A job begun in that gap must be refused as busy, not
+    // accepted and then lost (`Finish` answering "unknown re-execution").
+    use proofmesh_provider::engine::{Engine, EngineError};
+    let mut config = support::small_engine().await;
+    config.referee_slots = 1;
+    let engine = tokio::task::spawn_blocking(move || Engine::start(&config))
+        .await
+        .unwrap()
+        .unwrap();
+    let prompt: Vec<u32> = (1..=40).collect();
+    let claimed: Vec<u32> = (100..164).collect();
+    for round in 0..3 {
+        let first = engine
+            .reexecute(prompt.clone(), SamplerParams::default(), 64)
+            .unwrap();
+        first.push(claimed.clone()).unwrap();
+        let finishing = tokio::spawn(first.finish());
+        // Begin the next job as soon as the engine will take one.
+        let second = loop {
+            match engine.reexecute(prompt.clone(), SamplerParams::default(), 64) {
+                Ok(job) => break job,
+                Err(EngineError::RefereeBusy) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        };
+        finishing.await.unwrap().expect("the first job's evidence");
+        second.push(claimed.clone()).unwrap();
+        let evidence = second.finish().await.expect("the second job's evidence");
+        assert_eq!(evidence.steps.len(), claimed.len(), "round {round}");
+    }
+}

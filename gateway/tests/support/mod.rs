@@ -202,6 +202,17 @@ pub struct GatewayOptions {
     pub canary_rate: f64,
 }
 
+/// Sends the gateway's warnings (or `RUST_LOG`'s choice) to the test's captured output, which
+/// the harness shows when a test fails.
+fn log_to_test_output() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 pub async fn start_gateway() -> (Mesh, proofmesh_gateway::Started) {
     start_gateway_with(GatewayOptions::default()).await
 }
@@ -209,6 +220,7 @@ pub async fn start_gateway() -> (Mesh, proofmesh_gateway::Started) {
 /// A gateway with `options`. By default it referees answers itself with the default model, so
 /// that a mesh of one provider still gets fully refereed audits.
 pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gateway::Started) {
+    log_to_test_output();
     let bootstrap = options.bootstrap.clone();
     let (tx, rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

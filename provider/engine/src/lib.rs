@@ -327,7 +327,6 @@ pub struct Reexecuted {
 pub struct Reexecution {
     id: u64,
     messages: std::sync::mpsc::Sender<Message>,
-    free_slots: Arc<AtomicUsize>,
     finished: bool,
 }
 
@@ -353,7 +352,6 @@ impl Reexecution {
             }))
             .map_err(|_| EngineError::Stopped)?;
         self.finished = true;
-        self.free_slots.fetch_add(1, Ordering::Relaxed);
         answer
             .await
             .map_err(|_| EngineError::Stopped)?
@@ -369,7 +367,6 @@ impl Drop for Reexecution {
                 .send(Message::Reexecute(reexecute::Command::Cancel {
                     id: self.id,
                 }));
-            self.free_slots.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -406,6 +403,10 @@ pub struct EngineLoad {
     pub busy_slots: AtomicUsize,
     /// Prompt tokens whose KV came from the prompt cache instead of a prefill, since start.
     pub cached_prompt_tokens: AtomicUsize,
+    /// Referee contexts neither running a job nor reserved by a handle. A handle takes one
+    /// before it asks for a job; only the engine thread gives one back, once the context is
+    /// really free, so a job never begins without a context waiting for it.
+    pub free_referee_contexts: AtomicUsize,
 }
 
 /// Handle to the engine thread. Cheap to clone.
@@ -415,7 +416,6 @@ pub struct Engine {
     model: Arc<LlamaModel>,
     info: ModelInfo,
     load: Arc<EngineLoad>,
-    free_referee_slots: Arc<AtomicUsize>,
     next_reexecution: Arc<std::sync::atomic::AtomicU64>,
     _thread: Arc<EngineThread>,
 }
@@ -626,7 +626,6 @@ impl Engine {
                 model,
                 info,
                 load,
-                free_referee_slots: Arc::new(AtomicUsize::new(config.referee_slots as usize)),
                 next_reexecution: Arc::default(),
             }),
             Ok(Err(message)) => Err(EngineError::Context { message }),
@@ -695,9 +694,11 @@ impl Engine {
                 message: "empty prompt".into(),
             });
         }
-        let reserved =
-            self.free_referee_slots
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        let reserved = self.load.free_referee_contexts.fetch_update(
+            Ordering::AcqRel,
+            Ordering::Acquire,
+            |n| n.checked_sub(1),
+        );
         if reserved.is_err() {
             return Err(EngineError::RefereeBusy);
         }
@@ -707,7 +708,6 @@ impl Engine {
         let reexecution = Reexecution {
             id,
             messages: self.messages.clone(),
-            free_slots: Arc::clone(&self.free_referee_slots),
             finished: false,
         };
         self.messages
@@ -723,7 +723,7 @@ impl Engine {
 
     /// Re-execution contexts free right now.
     pub fn free_referee_slots(&self) -> usize {
-        self.free_referee_slots.load(Ordering::Relaxed)
+        self.load.free_referee_contexts.load(Ordering::Acquire)
     }
 
     /// The text of `tokens` (invalid ids are skipped), for stop-sequence checks.

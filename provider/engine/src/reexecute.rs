@@ -8,6 +8,9 @@
 //! claimed step it keeps the referee's candidates, logsumexp, logit of the claimed token and the
 //! token's DiFR margin; `Finish` replies with all of them once the last token is in.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
@@ -15,7 +18,7 @@ use proofmesh_shared::sampling::{self, SamplerParams};
 use proofmesh_shared::verify::RefereeStep;
 use tokio::sync::oneshot;
 
-use super::Reexecuted;
+use super::{EngineLoad, Reexecuted};
 
 /// Most tokens fed to a referee context per turn of the engine loop: long enough to amortise
 /// a `llama_decode` call, short enough (~0.2 s on 2 CPU cores) not to stall running streams.
@@ -86,6 +89,7 @@ pub(super) struct Referees<'m> {
     n_vocab: u32,
     context_size: usize,
     chunk: usize,
+    load: Arc<EngineLoad>,
 }
 
 impl std::fmt::Debug for Referees<'_> {
@@ -103,7 +107,10 @@ impl<'m> Referees<'m> {
         n_vocab: u32,
         context_size: usize,
         chunk: usize,
+        load: Arc<EngineLoad>,
     ) -> Self {
+        load.free_referee_contexts
+            .store(contexts.len(), Ordering::Release);
         Self {
             free: (0..contexts.len()).rev().collect(),
             contexts,
@@ -113,7 +120,16 @@ impl<'m> Referees<'m> {
             n_vocab,
             context_size,
             chunk,
+            load,
         }
+    }
+
+    /// Gives a job's context back, and only then lets a handle reserve it again.
+    fn release(&mut self, context: usize) {
+        self.free.push(context);
+        self.load
+            .free_referee_contexts
+            .fetch_add(1, Ordering::AcqRel);
     }
 
     /// Whether a turn would do anything.
@@ -149,7 +165,7 @@ impl<'m> Referees<'m> {
             Command::Cancel { id } => {
                 if let Some(at) = self.jobs.iter().position(|j| j.id == id) {
                     let job = self.jobs.swap_remove(at);
-                    self.free.push(job.context);
+                    self.release(job.context);
                 }
             }
         }
@@ -157,8 +173,8 @@ impl<'m> Referees<'m> {
 
     fn begin(&mut self, id: u64, prompt: Vec<u32>, sampler: SamplerParams, max_tokens: u32) {
         let Some(context) = self.free.pop() else {
-            // The handle reserved a slot, so this only happens if the counts disagree; the job
-            // fails rather than waiting forever.
+            // The handle reserved a context and only the engine thread gives one back, so this
+            // cannot happen; should it, the job is unknown to `Finish` rather than waiting.
             tracing::warn!(id, "no free referee context");
             return;
         };
@@ -200,7 +216,7 @@ impl<'m> Referees<'m> {
             let done = job.failed.is_some() || job.fed >= job.target();
             if done && job.finish.is_some() {
                 let mut job = self.jobs.swap_remove(i);
-                self.free.push(job.context);
+                self.release(job.context);
                 if let Some(reply) = job.finish.take() {
                     let _ = reply.send(match job.failed {
                         Some(message) => Err(message),

@@ -117,6 +117,7 @@ pub(super) fn run(
         n_vocab,
         settings.context_size as usize,
         reexecute::chunk(settings.referee_micro_batch),
+        Arc::clone(&load),
     );
     let _ = ready.send(Ok(()));
     let mut batch = LlamaBatch::new(settings.batch_size as usize, 1);
