@@ -224,12 +224,12 @@ impl Auditor {
             return Err(Exclusion::AllBenched);
         }
         if mode.refereed()
-            && !policy.allow_unrefereed
             && live
                 .first()
                 .is_some_and(|c| !inner.vocabularies.contains_key(&c.card.digest))
         {
-            // Without a vocabulary it trusts, the gateway cannot check the text it would send.
+            // Without a vocabulary it trusts, the gateway cannot check the text it would send,
+            // and a referee passes tokens, not text: no audited mode, opt-ins or not.
             return Err(Exclusion::Unauditable);
         }
         let probation_first = rand::random::<f64>() < policy.probation_share;

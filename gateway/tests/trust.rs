@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use proofmesh_provider::Tamper;
-use proofmesh_provider::tamper::FORGED_TEXT;
+use proofmesh_provider::tamper::{FALSE_USAGE_EXTRA, FORGED_TEXT};
 use proofmesh_provider::variants::Variant;
 use proofmesh_shared::protocol::{
     MAX_EVIDENCE_FRAME, REFEREE_PROTOCOL, RefereeFrame, RefereeReply, RefereeTicket,
@@ -88,6 +88,81 @@ async fn forged_text_never_reaches_the_client() {
     assert_eq!(header(&headers, "x-proofmesh-verdict"), "passed");
 }
 
+/// Without a vocabulary for the model the gateway cannot check text, and a referee passes
+/// tokens, not text: no audited mode is offered, even to an operator who allows unrefereed
+/// answers, so a text forger's words are never labelled `passed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_vocabulary_no_answer_is_passed() {
+    let mesh = Mesh::start_with(
+        &[
+            HONEST,
+            ProviderSpec::tampering("forged-text", Tamper::ForgedText),
+        ],
+        GatewayOptions {
+            no_local_referee: true,
+            no_vocabulary: true,
+            trust_providers: true,
+            allow_unrefereed: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let forger = mesh.providers[1].peer_id;
+    let (status, _, answer) = mesh.chat_with(merkle(16), Some(forger)).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "no_provider_available", "{answer}");
+    assert!(!answer.to_string().contains(FORGED_TEXT), "{answer}");
+    // `none` still serves, labelled unaudited.
+    let body = chat_body(
+        PROMPT,
+        json!({"verification_mode": "none", "max_tokens": 8}),
+    );
+    let (status, headers, _) = mesh.chat_with(body, Some(mesh.providers[0].peer_id)).await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-proofmesh-verdict"), "unaudited");
+}
+
+/// A provider that generates and commits honestly but claims more prompt tokens and another
+/// finish reason in its unsigned frames: the client reads what the provider signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_and_finish_reason_are_the_signed_ones() {
+    let mesh = Mesh::start(&[ProviderSpec::tampering("false-usage", Tamper::FalseUsage)]).await;
+    // Eight tokens of a story: the model is cut off, so the signed finish is `length`.
+    let body = merkle(8);
+    let (status, headers, answer) = mesh.chat(body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(header(&headers, "x-proofmesh-verdict"), "passed");
+    assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
+    let prompt_tokens = answer["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        prompt_tokens > 5 && prompt_tokens < u64::from(FALSE_USAGE_EXTRA),
+        "{answer}"
+    );
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (status, _, events) = mesh.chat_stream(streamed).await;
+    assert_eq!(status, 200);
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter_map(|e| serde_json::from_str(e).ok())
+        .collect();
+    let finish = chunks
+        .iter()
+        .find_map(|c| c["choices"][0]["finish_reason"].as_str())
+        .expect("a finish chunk");
+    assert_eq!(finish, "length", "{events:?}");
+    let usage = chunks
+        .iter()
+        .find(|c| c["usage"].is_object())
+        .expect("a usage chunk");
+    assert_eq!(
+        usage["usage"]["prompt_tokens"].as_u64(),
+        Some(prompt_tokens)
+    );
+}
+
 /// A provider serving a cheaper copy of the model (one tensor requantized, which the tolerant
 /// tier cannot tell from kernel noise) that advertises the deterministic class, and so is routed
 /// and refereed in the exact tier, but signs a non-deterministic class hoping to be judged with
@@ -132,11 +207,14 @@ async fn colluding_referees_with_a_made_up_class_are_not_used() {
     assert_eq!(header(&headers, "x-proofmesh-audit-tier"), "exact");
 }
 
-/// A trusted referee that turns false accuser: its accusation of an honest answer is put to a
-/// second referee, which finds the answer sound; the answer is delivered, the honest provider
-/// is not penalised, and the accuser is struck and never chosen again.
+/// A trusted peer referee that turns false accuser, on a gateway without an engine of its own:
+/// its accusation of an honest answer is put to a second peer, which finds the answer sound. One
+/// peer's word against another's settles nothing: the honest provider is never failed or
+/// penalised, the answer is withheld (503, not 502), and nobody is struck on a peer's word.
+/// (Where the gateway's engine is the second referee it is believed and the accuser struck:
+/// `auditor::procedure` tests; canaries catch false accusers too: `canary_audits_drop_lying_referees`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_referee_that_accuses_an_honest_provider_is_overruled_and_dropped() {
+async fn a_referee_that_accuses_an_honest_provider_penalises_nobody() {
     let served = ProviderSpec {
         referee_slots: 0,
         ..HONEST
@@ -152,19 +230,36 @@ async fn a_referee_that_accuses_an_honest_provider_is_overruled_and_dropped() {
         },
     )
     .await;
-    let (provider, liar) = (mesh.providers[0].peer_id, mesh.providers[1].peer_id);
-    let mut struck_at = None;
+    let provider = mesh.providers[0].peer_id;
+    let (mut passed, mut withheld) = (0, 0);
     for i in 0..12 {
         let (status, headers, answer) = mesh.chat_with(merkle(32), Some(provider)).await;
-        assert_eq!(status, 200, "request {i}: {answer}");
-        assert_eq!(header(&headers, "x-proofmesh-verdict"), "passed", "{i}");
-        assert_ne!(header(&headers, "x-proofmesh-referee"), liar.to_string());
-        if struck_at.is_none() && strikes(&mesh).await >= 1.0 {
-            struck_at = Some(i);
+        match status {
+            200 => {
+                assert_eq!(header(&headers, "x-proofmesh-verdict"), "passed", "{i}");
+                passed += 1;
+            }
+            503 => {
+                assert_eq!(
+                    answer["error"]["code"], "verification_unavailable",
+                    "request {i}: {answer}"
+                );
+                assert!(message(&answer).contains("inconclusive"), "{answer}");
+                withheld += 1;
+            }
+            other => panic!("request {i}: {other} {answer}"),
         }
     }
-    let struck_at = struck_at.expect("the liar was never asked in 12 audits");
-    assert_eq!(strikes(&mesh).await, 1.0, "struck again after {struck_at}");
+    assert!(withheld > 0, "the liar was never asked in 12 audits");
+    assert!(
+        passed > 0,
+        "the honest referee was never asked in 12 audits"
+    );
+    assert_eq!(
+        strikes(&mesh).await,
+        0.0,
+        "a referee was struck on a peer's word"
+    );
 }
 
 /// The gateway's metric `name`, summed over its labels.

@@ -181,7 +181,6 @@ impl Service {
         let prompt = self.prompt(request)?;
         let prompt_tokens = prompt.len() as u32;
         let steps = self.submit(request, prompt.clone())?;
-        send(stream, &GenerateFrame::Accepted { prompt_tokens }).await?;
         self.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
         tracing::Span::current().record("prompt_tokens", prompt_tokens);
         // The one seam for test-only misbehaviour: a cheating provider takes the honest
@@ -191,6 +190,7 @@ impl Service {
                 .serve(self, peer, request, &prompt, steps, stream)
                 .await;
         }
+        send(stream, &GenerateFrame::Accepted { prompt_tokens }).await?;
         let mut text = TextStream::new(&request.stop);
         let mut leaves: Vec<StepLeaf> = Vec::new();
         let mut steps = steps;

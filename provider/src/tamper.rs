@@ -74,7 +74,13 @@ pub enum Tamper {
     /// Generates honestly, but as a referee reports every token as the model's own choice
     /// (all margins zero), passing any answer.
     RubberStamp,
+    /// Generates and commits honestly, but claims [`FALSE_USAGE_EXTRA`] more prompt tokens in
+    /// `Accepted` and the other finish reason in `Done` than it signed.
+    FalseUsage,
 }
+
+/// The prompt tokens a [`Tamper::FalseUsage`] provider adds to its claim.
+pub const FALSE_USAGE_EXTRA: u32 = 1000;
 
 /// The text a [`Tamper::ForgedText`] provider streams in place of its first token's.
 pub const FORGED_TEXT: &str = "FORGED BY THE PROVIDER";
@@ -123,6 +129,11 @@ impl Cheat {
         stream: &mut libp2p::Stream,
     ) -> Result<(), Option<Refusal>> {
         let started = Instant::now();
+        let mut prompt_tokens = prompt.len() as u32;
+        if self.tamper == Tamper::FalseUsage {
+            prompt_tokens += FALSE_USAGE_EXTRA;
+        }
+        send(stream, &GenerateFrame::Accepted { prompt_tokens }).await?;
         let mut kept: Vec<KeptStep> = Vec::new();
         let mut honest_text = TextStream::new(&request.stop);
         let mut finish = loop {
@@ -193,10 +204,15 @@ impl Cheat {
         {
             *byte ^= 0x40;
         }
+        let claimed_finish = match (self.tamper, finish) {
+            (Tamper::FalseUsage, FinishReason::Length) => FinishReason::Stop,
+            (Tamper::FalseUsage, _) => FinishReason::Length,
+            _ => finish,
+        };
         send(
             stream,
             &GenerateFrame::Done {
-                finish_reason: finish,
+                finish_reason: claimed_finish,
                 text: text.finish(),
                 commitment: Box::new(commitment),
             },

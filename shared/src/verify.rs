@@ -132,6 +132,16 @@ impl AuditFailure {
     pub fn is_statistical(self) -> bool {
         matches!(self, Self::LogitsDiverge | Self::TokensImplausible)
     }
+
+    /// Whether this failure of [`check_commitment`] shows in what the provider signed for the
+    /// request and tokens its commitment binds (a model digest or a length), and so can be
+    /// proven to anyone. The others (a bad signature, another signer, another request, other
+    /// tokens) say only that what the checker holds is not what the provider signed: the
+    /// gateway that received it over the provider's own connection may act on that, but
+    /// anyone can make such material up, so it proves nothing.
+    pub fn is_signed_by_provider(self) -> bool {
+        matches!(self, Self::ModelMismatch | Self::LengthMismatch)
+    }
 }
 
 /// The outcome of an audit.

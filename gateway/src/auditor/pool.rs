@@ -99,13 +99,16 @@ impl RefereePool {
     }
 
     /// Whether the gateway trusts `peer` as a referee. A peer caught cheating, or caught
-    /// accusing falsely as a referee, is dropped, allow-listed or not.
+    /// accusing falsely as a referee, is dropped, allow-listed or not. Trust is earned only on a
+    /// gateway with its own engine: only that engine can put a peer referee to canary audits,
+    /// so without it a peer that earned trust could rubber-stamp unchecked.
     pub fn trusts(&self, peer: &PeerId, book: &Book, policy: &AuditPolicy) -> bool {
         let record = book.get(peer);
         if record.failed > 0 || record.benched() || record.referee_strikes > 0 {
             return false;
         }
-        self.allow.contains(peer) || record.earned_referee(policy.referee_earn_audits)
+        self.allow.contains(peer)
+            || (self.local.is_some() && record.earned_referee(policy.referee_earn_audits))
     }
 
     /// Trusted peers that referee `provider`'s model, other than it and `exclude`, with the
@@ -203,5 +206,59 @@ impl RefereePool {
             peer: *peer,
             numerics: numerics.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use libp2p::identity::Keypair;
+    use proofmesh_shared::protocol::ModelDigest;
+
+    use super::*;
+    use crate::auditor::session::{LocalJob, SessionError};
+
+    #[derive(Debug)]
+    struct Engine;
+
+    impl LocalReferee for Engine {
+        fn peer_id(&self) -> PeerId {
+            PeerId::random()
+        }
+        fn digest(&self) -> ModelDigest {
+            ModelDigest([1; 32])
+        }
+        fn numerics(&self) -> &str {
+            "det/test"
+        }
+        fn has_capacity(&self) -> bool {
+            true
+        }
+        fn begin(
+            &self,
+            _request: proofmesh_shared::protocol::GenerateRequest,
+        ) -> Result<Box<dyn LocalJob>, SessionError> {
+            Err(SessionError::Refused("a fake".into()))
+        }
+    }
+
+    #[test]
+    fn referee_trust_is_earned_only_where_canaries_can_check_it() {
+        let book = Book::in_memory().unwrap();
+        let policy = AuditPolicy {
+            referee_earn_audits: 3,
+            ..AuditPolicy::default()
+        };
+        let earner = Keypair::generate_secp256k1().public().to_peer_id();
+        let listed = Keypair::generate_secp256k1().public().to_peer_id();
+        for _ in 0..3 {
+            book.passed(&earner);
+        }
+        let without_engine = RefereePool::new(None, [listed]);
+        assert!(!without_engine.trusts(&earner, &book, &policy));
+        assert!(without_engine.trusts(&listed, &book, &policy));
+        let with_engine = RefereePool::new(Some(Arc::new(Engine)), [listed]);
+        assert!(with_engine.trusts(&earner, &book, &policy));
+        book.referee_struck(&earner);
+        assert!(!with_engine.trusts(&earner, &book, &policy));
     }
 }

@@ -187,6 +187,9 @@ enum SecondRound {
     Skipped,
     /// A round was added; this many bytes of evidence moved.
     Added(usize),
+    /// The provider's opening of the new steps never came: a borderline answer it would not
+    /// open further is not passed (nor, the network being possibly to blame, penalised).
+    Unopened,
     /// The provider's opening of the new steps failed an exact check (the bool: whether it
     /// was signed, so that it can go into a proof).
     ProviderFailed(AuditFailure, bool),
@@ -211,7 +214,10 @@ impl Procedure<'_> {
         if let Err(failure) =
             check_commitment(answer.commitment, answer.request, &provider, answer.tokens)
         {
-            return fail(report, failure, None, answer, Some(Vec::new()));
+            // Received over the provider's own connection, so it is the provider's doing; but
+            // only what it signed for this request and these tokens goes into a proof.
+            let proof = failure.is_signed_by_provider().then(Vec::new);
+            return fail(report, failure, None, answer, proof);
         }
         // Seen by the gateway itself, but not provable to anyone else: penalised, no proof.
         if answer.commitment.commitment.numerics != answer.provider.card.numerics {
@@ -271,6 +277,10 @@ impl Procedure<'_> {
                 .await
             {
                 SecondRound::Skipped => {}
+                SecondRound::Unopened => {
+                    report.verdict = Some(AuditVerdict::Inconclusive);
+                    return report;
+                }
                 SecondRound::ProviderFailed(failure, signed) => {
                     return fail(report, failure, None, answer, signed.then_some(rounds));
                 }
@@ -441,7 +451,10 @@ impl Procedure<'_> {
             self.open(answer, &extra),
             heard.witness.open(&extra.indices)
         );
-        let (Some(opening), Ok(evidence)) = (opening, evidence) else {
+        let Some(opening) = opening else {
+            return SecondRound::Unopened;
+        };
+        let Ok(evidence) = evidence else {
             return SecondRound::Skipped;
         };
         if usable(answer, heard.witness.choice(), &evidence, &extra).is_err() {
@@ -503,8 +516,16 @@ impl Procedure<'_> {
                 let stats = stats.or_else(|| report.statistics.clone());
                 fail(report, confirmed, stats, answer, Some(rounds))
             }
+            Opinion::Pass(_) | Opinion::Borderline(_) if !second.witness.choice().is_local() => {
+                // One peer's word against another's: neither is believed over the other, so
+                // nobody is penalised and the answer is not passed (a colluder could otherwise
+                // pass a caught cheat and get an honest referee struck in one move).
+                tracing::warn!(referee = %accuser_peer, second = %second.witness.choice().label(), %failure, "two peer referees disagree; not acted on");
+                report.verdict = Some(AuditVerdict::Inconclusive);
+                report
+            }
             Opinion::Pass(stats) | Opinion::Borderline(stats) => {
-                tracing::warn!(referee = %accuser_peer, %failure, "a referee accused an answer another referee found sound; referee struck");
+                tracing::warn!(referee = %accuser_peer, %failure, "the gateway's engine found sound an answer a referee accused; referee struck");
                 report.struck.push(accuser_peer);
                 pass(
                     &mut report,
@@ -697,6 +718,7 @@ mod tests {
 
     use super::*;
     use crate::auditor::policy::AuditTiers;
+    use crate::auditor::session::{LocalJob, LocalReferee};
 
     const CLASS: &str = "det/test";
 
@@ -817,10 +839,12 @@ mod tests {
         }
     }
 
-    /// A provider that opens honestly, after losing the first `lost` requests.
+    /// A provider that opens honestly, after losing the first `lost` requests, and goes silent
+    /// after `opens` openings.
     struct Opener {
         run: Arc<Run>,
         lost: AtomicU32,
+        opens: AtomicU32,
     }
 
     #[async_trait]
@@ -836,6 +860,13 @@ mod tests {
                 .is_ok()
             {
                 return Err("connection reset".into());
+            }
+            if self
+                .opens
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_err()
+            {
+                return Err("timed out".into());
             }
             let idx: Vec<usize> = request.indices.iter().map(|&i| i as usize).collect();
             let response = OpenLeavesResponse::Opened {
@@ -855,6 +886,7 @@ mod tests {
     /// A referee re-executing with `model` (the true one, or another when it lies).
     struct Fake {
         choice: Choice,
+        class: String,
         key: Keypair,
         run: Arc<Run>,
         model: Model,
@@ -893,7 +925,7 @@ mod tests {
                 steps: self.run.tokens.len() as u32,
                 prompt_tokens: 3,
                 prompt_hash: prompt_hash(&[1, 2, 3]),
-                numerics: CLASS.into(),
+                numerics: self.class.clone(),
                 micro_batch: 32,
                 invalid_tokens: 0,
                 ends_with_eog: false,
@@ -921,30 +953,77 @@ mod tests {
         }
     }
 
+    /// Where a fake referee runs.
+    #[derive(Clone, Copy)]
+    enum Seat {
+        /// A trusted peer of this numerics class.
+        Peer(&'static str),
+        /// The gateway's own engine (class [`CLASS`]).
+        Engine,
+    }
+
+    /// The gateway's engine, as far as the pool's choice needs it.
+    #[derive(Debug)]
+    struct Engine(PeerId);
+
+    impl LocalReferee for Engine {
+        fn peer_id(&self) -> PeerId {
+            self.0
+        }
+        fn digest(&self) -> ModelDigest {
+            ModelDigest([5; 32])
+        }
+        fn numerics(&self) -> &str {
+            CLASS
+        }
+        fn has_capacity(&self) -> bool {
+            true
+        }
+        fn begin(&self, _request: GenerateRequest) -> Result<Box<dyn LocalJob>, SessionError> {
+            Err(SessionError::Refused("a fake".into()))
+        }
+    }
+
     /// The trusted referees, each re-executing with its model, handed out in order.
     struct Pool {
         run: Arc<Run>,
-        referees: Vec<(Keypair, Model)>,
+        referees: Vec<(Keypair, Model, Seat)>,
     }
 
     impl Pool {
+        /// Trusted peers of the provider's class.
         fn new(run: &Arc<Run>, models: &[Model]) -> Self {
+            let seats: Vec<(Model, Seat)> =
+                models.iter().map(|m| (*m, Seat::Peer(CLASS))).collect();
+            Self::seated(run, &seats)
+        }
+
+        fn seated(run: &Arc<Run>, referees: &[(Model, Seat)]) -> Self {
             Self {
                 run: Arc::clone(run),
-                referees: models
+                referees: referees
                     .iter()
-                    .map(|m| (Keypair::generate_secp256k1(), *m))
+                    .map(|(m, seat)| (Keypair::generate_secp256k1(), *m, *seat))
                     .collect(),
             }
         }
 
         fn witness(&self, i: usize) -> Box<dyn Witness> {
-            let (key, model) = &self.referees[i];
+            let (key, model, seat) = &self.referees[i];
+            let peer = key.public().to_peer_id();
+            let (choice, class) = match seat {
+                Seat::Peer(class) => (
+                    Choice::Remote {
+                        peer,
+                        numerics: (*class).into(),
+                    },
+                    *class,
+                ),
+                Seat::Engine => (Choice::Local(Arc::new(Engine(peer))), CLASS),
+            };
             Box::new(Fake {
-                choice: Choice::Remote {
-                    peer: key.public().to_peer_id(),
-                    numerics: CLASS.into(),
-                },
+                choice,
+                class: class.into(),
                 key: key.clone(),
                 run: Arc::clone(&self.run),
                 model: *model,
@@ -965,13 +1044,27 @@ mod tests {
     }
 
     async fn audit(run: &Arc<Run>, pool: &Pool, lost: u32, first: Option<usize>) -> Report {
+        audit_with(run, pool, AuditTiers::Exact, lost, u32::MAX, first).await
+    }
+
+    /// An audit under `tiers` by a provider that loses its first `lost` opening requests and
+    /// answers at most `opens`.
+    async fn audit_with(
+        run: &Arc<Run>,
+        pool: &Pool,
+        tiers: AuditTiers,
+        lost: u32,
+        opens: u32,
+        first: Option<usize>,
+    ) -> Report {
         let policy = AuditPolicy {
-            tiers: AuditTiers::Exact,
+            tiers,
             ..AuditPolicy::default()
         };
         let opener = Opener {
             run: Arc::clone(run),
             lost: AtomicU32::new(lost),
+            opens: AtomicU32::new(opens),
         };
         let procedure = Procedure {
             secret: &[3; 32],
@@ -997,14 +1090,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_lying_referee_is_overruled_and_struck() {
+    async fn a_lying_referee_is_overruled_by_the_gateways_engine_and_struck() {
         let run = run(logits, 40);
-        let pool = Pool::new(&run, &[skewed, logits]);
+        let pool = Pool::seated(&run, &[(skewed, Seat::Peer(CLASS)), (logits, Seat::Engine)]);
         let report = audit(&run, &pool, 0, Some(0)).await;
         assert_eq!(report.verdict(), AuditVerdict::Passed);
         assert!(!report.penalise, "an honest provider was penalised");
         assert_eq!(report.struck, vec![pool.peer(0)]);
         assert_eq!(report.referee.map(|c| c.peer()), Some(pool.peer(1)));
+    }
+
+    #[tokio::test]
+    async fn one_peer_referees_word_against_anothers_settles_nothing() {
+        // An honest answer, a false accuser, and an honest peer: neither referee is believed
+        // over the other, so nobody is struck or penalised and nothing is passed.
+        let honest = run(logits, 40);
+        let pool = Pool::new(&honest, &[skewed, logits]);
+        let report = audit(&honest, &pool, 0, Some(0)).await;
+        assert_eq!(report.verdict(), AuditVerdict::Inconclusive);
+        assert!(!report.penalise && report.struck.is_empty());
+        // A cheat caught by an honest peer, "cleared" by a colluding one: not passed, and the
+        // honest referee is not struck.
+        let cheat = run(skewed, 40);
+        let pool = Pool::new(&cheat, &[logits, skewed]);
+        let report = audit(&cheat, &pool, 0, Some(0)).await;
+        assert_eq!(report.verdict(), AuditVerdict::Inconclusive);
+        assert!(report.struck.is_empty());
     }
 
     #[tokio::test]
@@ -1029,21 +1140,38 @@ mod tests {
         assert!(report.penalise);
         assert_eq!(report.confirmed, vec![pool.peer(0)]);
         let proof = report.proof.expect("a proof");
-        assert_eq!(proof.check(), Ok(failure));
-        // One referee's word alone proves nothing...
+        // Keys cost nothing: two referees' word proves nothing to a checker that trusts
+        // neither...
+        assert_eq!(proof.check(), Err(ProofError::NoTrustedReferee(2)));
+        // ...and to one that trusts either, one of them suffices.
+        assert_eq!(proof.check_trusting(&[pool.peer(1)]), Ok(failure));
         let mut alone = proof.clone();
         for round in &mut alone.rounds {
             round.evidence.truncate(1);
         }
-        assert_eq!(
-            alone.check(),
-            Err(ProofError::TooFewReferees {
-                found: 1,
-                required: 2
-            })
-        );
-        // ...unless the checker trusts that referee itself.
+        assert_eq!(alone.check(), Err(ProofError::NoTrustedReferee(1)));
         assert_eq!(alone.check_trusting(&[pool.peer(0)]), Ok(failure));
+        // Material that is not the provider's signed answer to the proof's request and tokens
+        // is no proof against it, whatever it shows.
+        let trusted = [pool.peer(0)];
+        let mut other_tokens = proof.clone();
+        other_tokens.tokens[0] ^= 1;
+        assert_eq!(
+            other_tokens.check_trusting(&trusted),
+            Err(ProofError::Unbound(AuditFailure::OutputMismatch))
+        );
+        let mut unsigned = proof.clone();
+        unsigned.commitment.signature[10] ^= 1;
+        assert_eq!(
+            unsigned.check_trusting(&trusted),
+            Err(ProofError::Unbound(AuditFailure::BadSignature))
+        );
+        let mut other_request = proof.clone();
+        other_request.request.max_tokens += 1;
+        assert_eq!(
+            other_request.check_trusting(&trusted),
+            Err(ProofError::Unbound(AuditFailure::RequestMismatch))
+        );
         // An opening the provider did not sign cannot be put in its name.
         let mut forged = proof;
         forged.rounds[0].opening = Opening {
@@ -1055,7 +1183,10 @@ mod tests {
         }
         .sign(&Keypair::generate_secp256k1())
         .unwrap();
-        assert_eq!(forged.check(), Err(ProofError::UnsignedOpening));
+        assert_eq!(
+            forged.check_trusting(&[pool.peer(0)]),
+            Err(ProofError::UnsignedOpening)
+        );
     }
 
     #[tokio::test]
@@ -1063,7 +1194,39 @@ mod tests {
         let run = run(logits, 40);
         let pool = Pool::new(&run, &[skewed, logits, skewed]);
         let report = audit(&run, &pool, 0, Some(0)).await;
-        assert_eq!(report.verdict(), AuditVerdict::Passed);
+        assert!(
+            !matches!(report.verdict(), AuditVerdict::Failed(_)),
+            "{:?}",
+            report.verdict()
+        );
+        assert!(!report.penalise);
+    }
+
+    /// The model as another numerics class computes it: close, not equal.
+    fn nudged(step: u32) -> Vec<f32> {
+        logits(step)
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| l + ((i as u32 * 31 + step * 17) % 13) as f32 * 0.07 - 0.42)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_borderline_answer_its_provider_will_not_open_further_is_not_passed() {
+        let run = run(logits, 40);
+        let pool = Pool::seated(&run, &[(nudged, Seat::Peer("f16/other"))]);
+        // Opened twice, the borderline first round is settled by the second.
+        let report = audit_with(&run, &pool, AuditTiers::Any, 0, 2, Some(0)).await;
+        assert_eq!(
+            report.verdict(),
+            AuditVerdict::Passed,
+            "{:?}",
+            report.statistics
+        );
+        assert_eq!(report.challenged.len(), 32, "a second round was taken");
+        // Silent on the second opening, the provider gets no pass (and no penalty).
+        let report = audit_with(&run, &pool, AuditTiers::Any, 0, 1, Some(0)).await;
+        assert_eq!(report.verdict(), AuditVerdict::Inconclusive);
         assert!(!report.penalise);
     }
 

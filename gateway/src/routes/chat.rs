@@ -218,10 +218,14 @@ async fn plain_response(
                     role: "assistant",
                     content: done.text,
                 },
-                finish_reason: done.finish_reason.as_openai(),
+                // What the provider signed (and the audit checked), not its unsigned claims.
+                finish_reason: done.commitment.commitment.finish_reason.as_openai(),
                 logprobs: None,
             }],
-            usage: Usage::new(generation.prompt_tokens, done.tokens.len() as u32),
+            usage: Usage::new(
+                done.commitment.commitment.prompt_tokens,
+                done.tokens.len() as u32,
+            ),
             system_fingerprint: None,
             proofmesh: info.clone(),
         };
@@ -412,7 +416,7 @@ fn events(
                         yield Ok(json_event(&chunk(Delta { content: Some(text), ..Delta::default() }, None)));
                     }
                 }
-                GenerateFrame::Done { finish_reason, text, commitment } => {
+                GenerateFrame::Done { text, commitment, .. } => {
                     record_usage(&state, &generation, tokens.len(), arrived);
                     let Ok(text) = generation.tail_of(text) else {
                         state.auditor.observed(&generation.candidate.peer, AuditFailure::TextMismatch);
@@ -437,13 +441,15 @@ fn events(
                         yield Ok(json_event(&body));
                         return;
                     }
-                    let mut last = chunk(Delta::default(), Some(finish_reason.as_openai()));
+                    // What the provider signed (and the audit checked), not its unsigned claims.
+                    let signed = &commitment.commitment;
+                    let mut last = chunk(Delta::default(), Some(signed.finish_reason.as_openai()));
                     last.proofmesh = Some(info.clone());
                     yield Ok(json_event(&last));
                     if chat.include_usage {
                         let mut usage = chunk(Delta::default(), None);
                         usage.choices.clear();
-                        usage.usage = Some(Usage::new(generation.prompt_tokens, tokens.len() as u32));
+                        usage.usage = Some(Usage::new(signed.prompt_tokens, tokens.len() as u32));
                         usage.proofmesh = Some(info);
                         yield Ok(json_event(&usage));
                     }

@@ -194,6 +194,8 @@ pub struct GatewayOptions {
     pub trusted_referees: Vec<PeerId>,
     /// Deliver answers no trusted referee re-executed.
     pub allow_unrefereed: bool,
+    /// Give the gateway no model vocabulary (by default it reads the default model's).
+    pub no_vocabulary: bool,
     /// The durable peer book's directory (default: an in-memory book).
     pub state_dir: Option<PathBuf>,
     /// The gateway's node key (default: a fresh one).
@@ -266,7 +268,7 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
         book: options.state_dir.as_ref().map(|d| d.join("peers.redb")),
         evidence_dir: options.evidence_dir.clone(),
         // The gateway trusts the vocabulary of the model file it was given, referee or not.
-        vocabularies: if options.no_local_referee {
+        vocabularies: if options.no_local_referee && !options.no_vocabulary {
             vec![model_path()]
         } else {
             Vec::new()

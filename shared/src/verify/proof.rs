@@ -8,17 +8,20 @@
 //!
 //! What a proof can rest on:
 //!
-//! - **The provider's own signatures.** A failure of the commitment or of an opening (bad
-//!   Merkle path, a leaf that is not the streamed token, a wrong draw, an off-policy token, a
-//!   signed refusal) is proven by material only the provider could have signed. Openings must
-//!   carry the provider's signature; an unsigned one makes the proof invalid, so nobody can
-//!   fabricate an opening in a provider's name.
+//! - **The provider's own signatures.** A failure of the commitment or of an opening (a model
+//!   or a length the provider signed for this very request, a bad Merkle path, a leaf that is
+//!   not the streamed token, a wrong draw, an off-policy token, a signed refusal) is proven by
+//!   material only the provider could have signed. The proof must first be bound to the
+//!   provider: its commitment signed by the provider's key for the proof's request and tokens.
+//!   A bad signature, another signer, another request or other tokens say only that the proof
+//!   is not the provider's (whoever wrote it can make those up), so such a proof is invalid,
+//!   as is one with an opening the provider did not sign.
 //! - **Referees' signed evidence**, for everything the model has to say (another prompt,
 //!   tokens outside the vocabulary, a false end, logits or tokens that are not the model's).
-//!   One referee's word is never enough: such a failure needs at least
-//!   [`FraudProof::REFEREES_REQUIRED`] referees with distinct keys, each of whose evidence shows
-//!   a failure, and none that shows the answer passing. A verifier may name referees it trusts
-//!   itself (a gateway's own engine) to accept one of them alone.
+//!   Keys cost nothing, so no number of referees proves anything by itself: such a failure
+//!   holds only for a checker that trusts one of the referees whose evidence shows it (a
+//!   gateway's own engine, named with `--trust`), and when no referee in the proof shows the
+//!   answer passing.
 //!
 //! The tier comes from the numerics classes the provider and each referee signed; the choice of
 //! challenged steps used the gateway's secret, which can only have helped the provider.
@@ -82,16 +85,15 @@ pub enum ProofError {
     /// A referee's evidence is unusable.
     #[error(transparent)]
     Evidence(#[from] EvidenceError),
-    /// The accusation rests on fewer independent referees than required.
+    /// The commitment is not the provider's for this request and these tokens.
+    #[error("the commitment is not the provider's signed answer to this request ({0})")]
+    Unbound(AuditFailure),
+    /// The accusation needs the model, and no referee showing it is one the checker trusts.
     #[error(
-        "the accusation rests on {found} referee(s); {required} with distinct keys are required"
+        "the accusation rests on {0} referee(s), none of them trusted by this checker (keys \
+         cost nothing: name a referee you trust)"
     )]
-    TooFewReferees {
-        /// Referees whose evidence shows a failure.
-        found: usize,
-        /// Referees required.
-        required: usize,
-    },
+    NoTrustedReferee(usize),
     /// A referee's evidence shows the answer passing.
     #[error("referee {0} found no failure")]
     Disputed(String),
@@ -103,24 +105,24 @@ pub enum ProofError {
 impl FraudProof {
     /// The current format version.
     pub const VERSION: u16 = 2;
-    /// Distinct referees a model-based accusation needs.
-    pub const REFEREES_REQUIRED: usize = 2;
 
-    /// Re-runs the audit rule on the proof; returns the failure it shows.
+    /// Re-runs the audit rule on the proof, trusting no referee: only a failure proven by the
+    /// provider's own signatures holds.
     pub fn check(&self) -> Result<AuditFailure, ProofError> {
         self.check_trusting(&[])
     }
 
-    /// Like [`FraudProof::check`], but the evidence of a referee in `trusted` suffices alone.
+    /// Like [`FraudProof::check`], but a model-based failure holds when a referee in `trusted`
+    /// shows it (and no referee in the proof shows the answer passing).
     pub fn check_trusting(&self, trusted: &[PeerId]) -> Result<AuditFailure, ProofError> {
         if self.version != Self::VERSION {
             return Err(ProofError::Version(self.version));
         }
         let provider = PeerId::from_bytes(&self.provider).map_err(|_| ProofError::BadPeer)?;
-        if let Err(failure) =
-            check_commitment(&self.commitment, &self.request, &provider, &self.tokens)
-        {
-            return Ok(failure);
+        match check_commitment(&self.commitment, &self.request, &provider, &self.tokens) {
+            Ok(()) => {}
+            Err(failure) if failure.is_signed_by_provider() => return Ok(failure),
+            Err(failure) => return Err(ProofError::Unbound(failure)),
         }
         let mut leaves: Vec<StepLeaf> = Vec::new();
         for round in &self.rounds {
@@ -170,11 +172,8 @@ impl FraudProof {
         let Some(&first) = failures.first() else {
             return Err(ProofError::NoFailure);
         };
-        if failures.len() < Self::REFEREES_REQUIRED && !trusted_failure {
-            return Err(ProofError::TooFewReferees {
-                found: failures.len(),
-                required: Self::REFEREES_REQUIRED,
-            });
+        if !trusted_failure {
+            return Err(ProofError::NoTrustedReferee(failures.len()));
         }
         Ok(first)
     }
