@@ -50,9 +50,10 @@ enum Command {
     Openapi,
     /// Re-check a fraud proof written to the evidence directory: re-runs the audit rule on the
     /// provider's signed commitment, its signed leaf openings and the referees' signed evidence,
-    /// and prints the failure they show (exit 0), or why they show none (exit 1). A failure only
-    /// the model can show (logits, tokens, prompt, vocabulary, finish) needs two referees with
-    /// distinct keys, or one named with --trust.
+    /// and prints the failure they show (exit 0), or why they show none (exit 1). A failure of
+    /// what the provider signed holds for anyone; one only the model can show (logits, tokens,
+    /// prompt, vocabulary, finish) holds only when a referee you name with --trust shows it
+    /// (keys cost nothing, so no count of referees in a file proves anything by itself).
     CheckProof {
         /// The proof (CBOR).
         file: PathBuf,

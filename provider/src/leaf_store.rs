@@ -1,9 +1,12 @@
 //! Leaves kept after a generation so the provider can open them when challenged.
 //!
-//! Bounded in bytes and in age: the oldest runs go first. Runs are keyed by the requester and the
-//! request id together: only the peer that made a request may open its leaves (they reveal the
-//! model's logits over that request's output), and a peer that reuses another's request id
-//! stores its own run beside that one instead of replacing it.
+//! Bounded in bytes and in age. Runs are keyed by the requester and the request id together:
+//! only the peer that made a request may open its leaves (they reveal the model's logits over
+//! that request's output), and a peer that reuses another's request id stores its own run beside
+//! that one instead of replacing it. When the store is full, the oldest run of the requester
+//! holding the most bytes goes first, so a peer flooding the provider with requests evicts its
+//! own runs, not those another gateway is about to audit (an honest provider that could not
+//! open them would answer a signed refusal, which an audit holds against it).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -35,6 +38,49 @@ struct Inner {
     runs: HashMap<RunKey, Run>,
     order: VecDeque<RunKey>,
     bytes: usize,
+    /// Bytes held per requester.
+    held: HashMap<PeerId, usize>,
+}
+
+impl Inner {
+    fn remove(&mut self, key: &RunKey) {
+        if let Some(run) = self.runs.remove(key) {
+            self.bytes -= run.bytes;
+            if let Some(held) = self.held.get_mut(&key.0) {
+                *held -= run.bytes;
+                if *held == 0 {
+                    self.held.remove(&key.0);
+                }
+            }
+        }
+    }
+
+    /// Drops expired runs from the front, then, while over `max_bytes`, the oldest run of the
+    /// requester holding the most.
+    fn evict(&mut self, max_bytes: usize, now: Instant) {
+        while let Some(&oldest) = self.order.front() {
+            let expired = self
+                .runs
+                .get(&oldest)
+                .is_none_or(|r| now.duration_since(r.stored) > LEAF_TTL);
+            if !expired {
+                break;
+            }
+            self.order.pop_front();
+            self.remove(&oldest);
+        }
+        while self.bytes > max_bytes {
+            let Some(heaviest) = self.held.iter().max_by_key(|(_, b)| **b).map(|(p, _)| *p) else {
+                break;
+            };
+            let Some(at) = self.order.iter().position(|k| k.0 == heaviest) else {
+                break;
+            };
+            if let Some(key) = self.order.remove(at) {
+                self.remove(&key);
+            }
+        }
+    }
 }
 
 /// The bounded store of past runs' leaves.
@@ -65,10 +111,12 @@ impl LeafStore {
         let bytes = leaves.iter().map(StepLeaf::size_bytes).sum::<usize>() + leaves.len() * 64;
         let mut inner = self.lock();
         let key = (requester, id);
-        if let Some(old) = inner.runs.remove(&key) {
-            inner.bytes -= old.bytes;
+        if inner.runs.contains_key(&key) {
+            inner.remove(&key);
+            inner.order.retain(|k| k != &key);
         }
         inner.bytes += bytes;
+        *inner.held.entry(requester).or_default() += bytes;
         inner.runs.insert(
             key,
             Run {
@@ -79,20 +127,7 @@ impl LeafStore {
             },
         );
         inner.order.push_back(key);
-        let now = Instant::now();
-        while let Some(&oldest) = inner.order.front() {
-            let expired = inner
-                .runs
-                .get(&oldest)
-                .is_none_or(|r| now.duration_since(r.stored) > LEAF_TTL);
-            if inner.bytes <= self.max_bytes && !expired {
-                break;
-            }
-            inner.order.pop_front();
-            if let Some(run) = inner.runs.remove(&oldest) {
-                inner.bytes -= run.bytes;
-            }
-        }
+        inner.evict(self.max_bytes, Instant::now());
     }
 
     /// Bytes held right now.
@@ -202,6 +237,54 @@ mod tests {
         assert!(store.bytes() <= 4_000);
         assert!(matches!(
             store.open(&me, &ask),
+            OpenLeavesResponse::Refused { .. }
+        ));
+    }
+
+    #[test]
+    fn a_flood_from_one_peer_evicts_its_own_runs() {
+        let store = LeafStore::new(4_000);
+        let gateway = PeerId::random();
+        let flooder = PeerId::random();
+        let audited = RequestId::from_bytes([1; 16]);
+        let l = leaves(10);
+        store.insert(audited, gateway, l.clone(), LeafTree::build(&l));
+        for i in 2..200u8 {
+            let l = leaves(10);
+            store.insert(
+                RequestId::from_bytes([i; 16]),
+                flooder,
+                l.clone(),
+                LeafTree::build(&l),
+            );
+        }
+        assert!(store.bytes() <= 4_000);
+        let ask = OpenLeavesRequest {
+            request_id: audited,
+            indices: vec![0, 9],
+        };
+        assert!(
+            matches!(
+                store.open(&gateway, &ask),
+                OpenLeavesResponse::Opened { .. }
+            ),
+            "the flood evicted another requester's run"
+        );
+        // The flooder's newest run is kept, its oldest are gone.
+        let newest = OpenLeavesRequest {
+            request_id: RequestId::from_bytes([199; 16]),
+            indices: vec![0],
+        };
+        assert!(matches!(
+            store.open(&flooder, &newest),
+            OpenLeavesResponse::Opened { .. }
+        ));
+        let oldest = OpenLeavesRequest {
+            request_id: RequestId::from_bytes([2; 16]),
+            indices: vec![0],
+        };
+        assert!(matches!(
+            store.open(&flooder, &oldest),
             OpenLeavesResponse::Refused { .. }
         ));
     }

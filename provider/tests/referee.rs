@@ -45,6 +45,29 @@ async fn reply(stream: &mut libp2p::Stream) -> RefereeReply {
     .expect("a reply frame")
 }
 
+/// Opens a job with `frame`, asking again while the referee's one context is still being freed
+/// from the previous job (it answers `Overloaded` until its engine thread has let go).
+async fn begun(
+    client: &Client,
+    peer: PeerId,
+    frame: &RefereeFrame,
+) -> (libp2p::Stream, RefereeReply) {
+    for _ in 0..200 {
+        let mut s = open(client, peer).await;
+        write_frame(&mut s, frame).await.unwrap();
+        match reply(&mut s).await {
+            RefereeReply::Error {
+                kind: RemoteErrorKind::Overloaded,
+                message,
+            } if !message.contains("a minute") => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return (s, other),
+        }
+    }
+    panic!("the referee stayed busy")
+}
+
 fn refused(reply: &RefereeReply) -> RemoteErrorKind {
     match reply {
         RefereeReply::Error { kind, .. } => *kind,
@@ -117,12 +140,11 @@ async fn a_referee_job_returns_evidence_and_hostile_jobs_are_refused() {
     // An honest job: tokens in two frames, then Finish; evidence on two steps, then on one more.
     let req = request(digest, 8);
     let tokens = [504u32, 28, 3874, 30, 2, 2, 2, 2];
-    let mut s = open(&client, referee).await;
-    write_frame(&mut s, &begin(&req)).await.unwrap();
+    let (mut s, accepted) = begun(&client, referee, &begin(&req)).await;
     let RefereeReply::Accepted {
         prompt_tokens,
         numerics,
-    } = reply(&mut s).await
+    } = accepted
     else {
         panic!("expected Accepted")
     };
@@ -231,9 +253,8 @@ async fn a_referee_job_returns_evidence_and_hostile_jobs_are_refused() {
     ];
     for frames in &bad_frames {
         let req = request(digest, 8);
-        let mut s = open(&client, referee).await;
-        write_frame(&mut s, &begin(&req)).await.unwrap();
-        assert!(matches!(reply(&mut s).await, RefereeReply::Accepted { .. }));
+        let (mut s, accepted) = begun(&client, referee, &begin(&req)).await;
+        assert!(matches!(accepted, RefereeReply::Accepted { .. }));
         for frame in frames(&req) {
             write_frame(&mut s, &frame).await.unwrap();
         }

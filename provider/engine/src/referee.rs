@@ -153,9 +153,10 @@ impl Referee {
             )));
         }
         self.admit(asker)?;
-        let reexecution =
-            self.engine
-                .reexecute(prompt.clone(), request.sampler, request.max_tokens)?;
+        let reexecution = self
+            .engine
+            .reexecute(prompt.clone(), request.sampler, request.max_tokens)
+            .inspect_err(|_| self.refund(asker))?;
         Ok(RefereeJob {
             referee: self.clone(),
             request,
@@ -164,6 +165,18 @@ impl Referee {
             claimed: Vec::new(),
             result: None,
         })
+    }
+
+    /// Gives back the start [`Referee::admit`] took for a job that did not start (no context
+    /// free): only jobs that ran count against the rate.
+    fn refund(&self, asker: PeerId) {
+        let mut starts = self
+            .starts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((tokens, _)) = starts.get_mut(&asker) {
+            *tokens = (*tokens + 1.0).min(f64::from(self.rate_per_minute));
+        }
     }
 
     /// Token bucket per asker: `rate_per_minute` starts a minute, in bursts of at most that many.
