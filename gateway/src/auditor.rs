@@ -443,6 +443,15 @@ impl Auditor {
             AuditVerdict::Passed => {
                 inner.book.passed(&provider);
             }
+            AuditVerdict::Inconclusive if report.unopened => {
+                let policy = &inner.policy;
+                let record = inner
+                    .book
+                    .unopened(&provider, policy.unopened_limit, policy.bench);
+                if record.benched() {
+                    tracing::warn!(%provider, limit = policy.unopened_limit, "a provider left its leaves unopened audit after audit; benched");
+                }
+            }
             AuditVerdict::Failed(failure) if report.penalise => {
                 inner.book.failed(&provider, inner.policy.bench);
                 let saved = report.proof.as_ref().and_then(|p| self.save_proof(p));

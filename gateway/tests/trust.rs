@@ -391,6 +391,28 @@ async fn an_opening_dropped_by_the_network_is_asked_again() {
     assert_eq!(header(&headers, "x-proofmesh-verdict"), "passed");
 }
 
+/// A provider that never opens its leaves when challenged: one silence may be the network's
+/// and costs nothing but the answer; three audits in a row left unopened bench it, so it cannot
+/// dodge every audit of a wrong answer for free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_never_opens_its_leaves_is_benched() {
+    let mesh = Mesh::start_with(
+        &[
+            HONEST,
+            ProviderSpec::tampering("silent", Tamper::NeverOpens),
+        ],
+        benching(),
+    )
+    .await;
+    let (honest, silent) = (mesh.providers[0].peer_id, mesh.providers[1].peer_id);
+    for i in 0..3 {
+        let (status, _, answer) = mesh.chat_with(merkle(16), Some(silent)).await;
+        assert_eq!(status, 503, "request {i}: {answer}");
+        assert!(message(&answer).contains("inconclusive"), "{answer}");
+    }
+    assert_benched(&mesh, silent, honest).await;
+}
+
 /// A peer no gateway vouches for opens referee jobs on the only referee and holds them idle:
 /// without a ticket from a gateway the referee works for, none takes a context, and the
 /// gateway's audit gets its referee at once.

@@ -68,6 +68,8 @@ pub enum Tamper {
     OtherNumerics,
     /// Withholds its first leaf opening, as if the network had lost it; answers later ones.
     DropFirstOpening,
+    /// Generates honestly, but never opens its leaves when challenged.
+    NeverOpens,
     /// Generates honestly, but as a referee signs evidence whose logits are not the model's,
     /// accusing every answer it checks.
     FalseAccuser,
@@ -337,7 +339,7 @@ impl Cheat {
     /// Signs a leaf opening, tampered as the cheat says; `None` withholds it.
     pub(crate) fn opening(&self, mut opening: Opening, key: &Keypair) -> Option<SignedOpening> {
         let first = self.openings.fetch_add(1, Ordering::Relaxed) == 0;
-        if self.tamper == Tamper::DropFirstOpening && first {
+        if (self.tamper == Tamper::DropFirstOpening && first) || self.tamper == Tamper::NeverOpens {
             tracing::warn!("TEST MODE: withholding a leaf opening");
             return None;
         }

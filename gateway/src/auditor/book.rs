@@ -34,6 +34,9 @@ pub struct PeerRecord {
     pub referee_confirmed: u32,
     /// As a referee: accusations of its that another referee refuted, or checks it failed.
     pub referee_strikes: u32,
+    /// Audits in a row whose leaves it never opened (reset by a passed audit and by benching).
+    #[serde(default)]
+    pub unopened: u32,
 }
 
 impl PeerRecord {
@@ -177,7 +180,24 @@ impl Book {
 
     /// Records an answer of `peer` that passed its audit.
     pub fn passed(&self, peer: &PeerId) -> PeerRecord {
-        self.update(peer, |r| r.passed = r.passed.saturating_add(1))
+        self.update(peer, |r| {
+            r.passed = r.passed.saturating_add(1);
+            r.unopened = 0;
+        })
+    }
+
+    /// Records an audit whose leaves `peer` never opened. One such silence may be the
+    /// network's doing and costs nothing; `limit` in a row (with no passed audit between) are
+    /// the provider's, and bench it for `bench` (not a failure: nothing was proven).
+    pub fn unopened(&self, peer: &PeerId, limit: u32, bench: Duration) -> PeerRecord {
+        self.update(peer, |r| {
+            r.unopened = r.unopened.saturating_add(1);
+            if r.unopened >= limit {
+                r.unopened = 0;
+                let until = now_ms().saturating_add(bench.as_millis() as u64);
+                r.benched_until_ms = r.benched_until_ms.max(until);
+            }
+        })
     }
 
     /// Records an answer of `peer` that failed its audit, and benches it for `bench`.
@@ -288,6 +308,21 @@ mod tests {
         assert_eq!((record.failed, record.passed), (1, 1));
         assert!(record.benched());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_provider_silent_when_challenged_is_benched_after_a_few_in_a_row() {
+        let book = Book::in_memory().unwrap();
+        let peer = PeerId::random();
+        let bench = Duration::from_secs(60);
+        assert!(!book.unopened(&peer, 3, bench).benched());
+        assert!(!book.unopened(&peer, 3, bench).benched());
+        book.passed(&peer);
+        assert!(!book.unopened(&peer, 3, bench).benched());
+        assert!(!book.unopened(&peer, 3, bench).benched());
+        let record = book.unopened(&peer, 3, bench);
+        assert!(record.benched());
+        assert_eq!((record.failed, record.unopened), (0, 0));
     }
 
     #[test]

@@ -14,6 +14,9 @@ pub const PROBATION_AUDITS: u32 = 10;
 /// providers of the model are available: enough to earn a record, too little for a new identity
 /// (free to make) to take the traffic over.
 pub const PROBATION_SHARE: f64 = 0.25;
+/// Default audits in a row a provider may leave unopened before it is benched.
+pub const UNOPENED_LIMIT: u32 = 3;
+
 /// Default share of passed audits after which a trusted peer referee is put to a canary audit
 /// (when the gateway has its own engine): often enough that a lying referee is found within
 /// about a hundred audits, rarely enough to cost the engine little.
@@ -81,6 +84,9 @@ pub struct AuditPolicy {
     pub referee_earn_audits: u32,
     /// Share of passed audits followed by a canary audit of a trusted peer referee.
     pub canary_rate: f64,
+    /// Audits in a row whose leaves a provider never opened before it is benched (for
+    /// `bench`, without a failure: one silence may be the network's, a run of them is not).
+    pub unopened_limit: u32,
 }
 
 impl Default for AuditPolicy {
@@ -94,6 +100,7 @@ impl Default for AuditPolicy {
             allow_unrefereed: false,
             referee_earn_audits: REFEREE_EARN_AUDITS,
             canary_rate: CANARY_RATE,
+            unopened_limit: UNOPENED_LIMIT,
         }
     }
 }

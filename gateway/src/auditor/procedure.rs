@@ -140,6 +140,8 @@ pub struct Report {
     pub struck: Vec<PeerId>,
     /// Referees replaced because they delivered no usable evidence.
     pub referee_failures: usize,
+    /// Whether the audit was left inconclusive because the provider never opened its leaves.
+    pub unopened: bool,
 }
 
 impl Report {
@@ -242,6 +244,7 @@ impl Procedure<'_> {
         });
         let Some(opening) = opening else {
             report.verdict = Some(AuditVerdict::Inconclusive);
+            report.unopened = true;
             return report;
         };
         report.evidence_bytes += cbor_len(&opening);
@@ -279,6 +282,7 @@ impl Procedure<'_> {
                 SecondRound::Skipped => {}
                 SecondRound::Unopened => {
                     report.verdict = Some(AuditVerdict::Inconclusive);
+                    report.unopened = true;
                     return report;
                 }
                 SecondRound::ProviderFailed(failure, signed) => {
@@ -1239,7 +1243,7 @@ mod tests {
         // One that never arrives is no fraud.
         let report = audit(&run, &pool, 100, None).await;
         assert_eq!(report.verdict(), AuditVerdict::Inconclusive);
-        assert!(!report.penalise);
+        assert!(!report.penalise && report.unopened);
     }
 
     #[tokio::test]

@@ -154,7 +154,8 @@ fn pin(candidates: &mut Vec<Candidate>, pinned: &HeaderValue, model: &str) -> Re
 fn excluded(exclusion: Exclusion, model: &str) -> ApiError {
     match exclusion {
         Exclusion::AllBenched => ApiError::no_provider(format!(
-            "Every provider of '{model}' recently failed verification"
+            "Every provider of '{model}' recently failed verification (or left its audits \
+             unanswered) and is benched"
         )),
         Exclusion::Unauditable => ApiError::no_provider(format!(
             "No provider of '{model}' can be audited right now: each would need a referee this \
