@@ -346,7 +346,13 @@ impl Auditor {
             .referees(&request.model_digest, &local.peer_id())
             .into_iter()
             .filter(|(peer, numerics)| {
-                numerics == local.numerics() && inner.pool.trusts(peer, &inner.book, &inner.policy)
+                numerics == local.numerics()
+                    && inner.pool.trusts(
+                        peer,
+                        (&request.model_digest, numerics),
+                        &inner.book,
+                        &inner.policy,
+                    )
             })
             .collect();
         if peers.is_empty() {

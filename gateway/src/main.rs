@@ -157,9 +157,9 @@ struct Flags {
     #[serde(skip_serializing_if = "Option::is_none")]
     trusted_referees: Option<Vec<String>>,
     /// Audits a provider must pass, with no failure and no strike as a referee, before it is
-    /// trusted as a referee too (only on a gateway with its own engine, which puts such
-    /// referees to canary audits); 0 trusts only the gateway's own engine and
-    /// --trusted-referees [default: 50].
+    /// trusted as a referee too (only for the model and numerics class of the gateway's own
+    /// engine, which puts such referees to canary audits); 0 trusts only the gateway's own
+    /// engine and --trusted-referees [default: 50].
     #[arg(long, env = "PROOFMESH_REFEREE_EARN_AUDITS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     referee_earn_audits: Option<u32>,

@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use libp2p::PeerId;
+use proofmesh_shared::protocol::ModelDigest;
 use proofmesh_shared::verify::Tier;
 
 use super::book::Book;
@@ -98,17 +99,28 @@ impl RefereePool {
         self.local.as_ref()
     }
 
-    /// Whether the gateway trusts `peer` as a referee. A peer caught cheating, or caught
-    /// accusing falsely as a referee, is dropped, allow-listed or not. Trust is earned only on a
-    /// gateway with its own engine: only that engine can put a peer referee to canary audits,
-    /// so without it a peer that earned trust could rubber-stamp unchecked.
-    pub fn trusts(&self, peer: &PeerId, book: &Book, policy: &AuditPolicy) -> bool {
+    /// Whether the gateway trusts `peer` as a referee of `digest` in the numerics class
+    /// `numerics`. A peer caught cheating, or caught accusing falsely as a referee, is dropped,
+    /// allow-listed or not. Trust is earned only where the gateway's own engine can put the
+    /// peer to canary audits (the same model, the same class): elsewhere a peer that earned
+    /// trust could rubber-stamp unchecked.
+    pub fn trusts(
+        &self,
+        peer: &PeerId,
+        referee_of: (&ModelDigest, &str),
+        book: &Book,
+        policy: &AuditPolicy,
+    ) -> bool {
         let record = book.get(peer);
         if record.failed > 0 || record.benched() || record.referee_strikes > 0 {
             return false;
         }
-        self.allow.contains(peer)
-            || (self.local.is_some() && record.earned_referee(policy.referee_earn_audits))
+        let (digest, numerics) = referee_of;
+        let canaried = self
+            .local
+            .as_ref()
+            .is_some_and(|l| &l.digest() == digest && l.numerics() == numerics);
+        self.allow.contains(peer) || (canaried && record.earned_referee(policy.referee_earn_audits))
     }
 
     /// Trusted peers that referee `provider`'s model, other than it and `exclude`, with the
@@ -124,7 +136,10 @@ impl RefereePool {
         registry
             .referees(&provider.card.digest, &provider.peer)
             .into_iter()
-            .filter(|(peer, _)| !exclude.contains(peer) && self.trusts(peer, book, policy))
+            .filter(|(peer, numerics)| {
+                !exclude.contains(peer)
+                    && self.trusts(peer, (&provider.card.digest, numerics), book, policy)
+            })
             .collect()
     }
 
@@ -212,7 +227,6 @@ impl RefereePool {
 #[cfg(test)]
 mod tests {
     use libp2p::identity::Keypair;
-    use proofmesh_shared::protocol::ModelDigest;
 
     use super::*;
     use crate::auditor::session::{LocalJob, SessionError};
@@ -253,12 +267,19 @@ mod tests {
         for _ in 0..3 {
             book.passed(&earner);
         }
+        let canaried = (&ModelDigest([1; 32]), "det/test");
         let without_engine = RefereePool::new(None, [listed]);
-        assert!(!without_engine.trusts(&earner, &book, &policy));
-        assert!(without_engine.trusts(&listed, &book, &policy));
+        assert!(!without_engine.trusts(&earner, canaried, &book, &policy));
+        assert!(without_engine.trusts(&listed, canaried, &book, &policy));
         let with_engine = RefereePool::new(Some(Arc::new(Engine)), [listed]);
-        assert!(with_engine.trusts(&earner, &book, &policy));
+        assert!(with_engine.trusts(&earner, canaried, &book, &policy));
+        // Another model or class than the engine's: no canary could check it.
+        let other_model = (&ModelDigest([2; 32]), "det/test");
+        let other_class = (&ModelDigest([1; 32]), "gpu/cuda");
+        assert!(!with_engine.trusts(&earner, other_model, &book, &policy));
+        assert!(!with_engine.trusts(&earner, other_class, &book, &policy));
+        assert!(with_engine.trusts(&listed, other_class, &book, &policy));
         book.referee_struck(&earner);
-        assert!(!with_engine.trusts(&earner, &book, &policy));
+        assert!(!with_engine.trusts(&earner, canaried, &book, &policy));
     }
 }

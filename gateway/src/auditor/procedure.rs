@@ -16,9 +16,11 @@
 //!    judged in a tier the policy does not accept is not `passed`.
 //! 6. An accusation by a peer referee is never acted on alone: a second referee with another
 //!    key (the gateway's own engine first) judges the same steps. If it agrees the failure is
-//!    confirmed; if it finds the answer sound the accuser is struck and the second referee's
-//!    verdict stands; with no second referee the audit is `inconclusive`. The gateway's own
-//!    engine needs no second opinion: the gateway trusts what it checked itself.
+//!    confirmed. If the gateway's engine finds the answer sound, the accuser is struck and the
+//!    engine's verdict stands; if another peer does, one peer's word stands against another's
+//!    and the audit is `inconclusive` (nobody struck or penalised), as it is with no second
+//!    referee. The gateway's own engine needs no second opinion: the gateway trusts what it
+//!    checked itself.
 //!
 //! The procedure talks to the world through two seams, [`LeafOpener`] (the provider) and
 //! [`Referees`] / [`Witness`] (referees), so it runs in unit tests without a model or a mesh.
@@ -1132,7 +1134,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_confirmed_accusation_is_a_proof_anyone_can_check() {
+    async fn a_confirmed_accusation_is_a_proof_to_whoever_trusts_a_referee_in_it() {
         // The provider decoded with skewed logits; both referees run the true model.
         let run = run(skewed, 40);
         let pool = Pool::new(&run, &[logits, logits]);
@@ -1194,16 +1196,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn two_lying_referees_against_an_honest_answer_are_disputed_by_a_third() {
+    async fn two_lying_referees_cannot_get_an_honest_answer_failed() {
+        // The second liar confirms the first; the engine, asked first, refutes them both.
         let run = run(logits, 40);
-        let pool = Pool::new(&run, &[skewed, logits, skewed]);
-        let report = audit(&run, &pool, 0, Some(0)).await;
-        assert!(
-            !matches!(report.verdict(), AuditVerdict::Failed(_)),
-            "{:?}",
-            report.verdict()
+        let pool = Pool::seated(
+            &run,
+            &[
+                (skewed, Seat::Peer(CLASS)),
+                (logits, Seat::Engine),
+                (skewed, Seat::Peer(CLASS)),
+            ],
         );
+        let report = audit(&run, &pool, 0, Some(0)).await;
+        assert_eq!(report.verdict(), AuditVerdict::Passed);
         assert!(!report.penalise);
+        assert_eq!(report.struck, vec![pool.peer(0)]);
     }
 
     /// The model as another numerics class computes it: close, not equal.

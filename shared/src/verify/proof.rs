@@ -159,23 +159,23 @@ impl FraudProof {
             }
         }
         let mut failures: Vec<AuditFailure> = Vec::new();
-        let mut trusted_failure = false;
+        let mut trusted_failure = None;
         for referee in &referees {
             match self.judged_by(referee, leaves)? {
                 Some(failure) => {
-                    trusted_failure |= trusted.contains(referee);
+                    if trusted.contains(referee) && trusted_failure.is_none() {
+                        trusted_failure = Some(failure);
+                    }
                     failures.push(failure);
                 }
                 None => return Err(ProofError::Disputed(referee.to_string())),
             }
         }
-        let Some(&first) = failures.first() else {
+        if failures.is_empty() {
             return Err(ProofError::NoFailure);
-        };
-        if !trusted_failure {
-            return Err(ProofError::NoTrustedReferee(failures.len()));
         }
-        Ok(first)
+        // The failure a trusted referee shows: an untrusted one could not relabel it.
+        trusted_failure.ok_or(ProofError::NoTrustedReferee(failures.len()))
     }
 
     /// The failure `referee`'s evidence shows, if any.
