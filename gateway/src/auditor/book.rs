@@ -45,6 +45,12 @@ impl PeerRecord {
         self.passed < audits || self.failed > 0
     }
 
+    /// Benches it for `bench` from now (never shortening a bench it is already serving).
+    fn bench_for(&mut self, bench: Duration) {
+        let until = now_ms().saturating_add(bench.as_millis() as u64);
+        self.benched_until_ms = self.benched_until_ms.max(until);
+    }
+
     /// Whether it is benched right now.
     pub fn benched(&self) -> bool {
         self.benched_until_ms > now_ms()
@@ -194,8 +200,7 @@ impl Book {
             r.unopened = r.unopened.saturating_add(1);
             if r.unopened >= limit {
                 r.unopened = 0;
-                let until = now_ms().saturating_add(bench.as_millis() as u64);
-                r.benched_until_ms = r.benched_until_ms.max(until);
+                r.bench_for(bench);
             }
         })
     }
@@ -204,8 +209,7 @@ impl Book {
     pub fn failed(&self, peer: &PeerId, bench: Duration) -> PeerRecord {
         self.update(peer, |r| {
             r.failed = r.failed.saturating_add(1);
-            let until = now_ms().saturating_add(bench.as_millis() as u64);
-            r.benched_until_ms = r.benched_until_ms.max(until);
+            r.bench_for(bench);
         })
     }
 
