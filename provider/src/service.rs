@@ -178,7 +178,7 @@ impl Service {
         read_at: Instant,
     ) -> Result<(), Option<Refusal>> {
         request.validate(&self.digest)?;
-        let prompt = self.prompt(request)?;
+        let prompt = self.prompt(request).await?;
         let prompt_tokens = prompt.len() as u32;
         let steps = self.submit(request, prompt.clone())?;
         self.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
@@ -235,21 +235,31 @@ impl Service {
     }
 
     /// The prompt after the model's chat template, checked against the context window.
-    fn prompt(&self, request: &GenerateRequest) -> Result<Vec<u32>, Refusal> {
-        let prompt = self
-            .engine
-            .tokenize_chat(&request.messages)
-            .map_err(|e| Refusal::new(RemoteErrorKind::InvalidRequest, e.to_string()))?;
+    async fn prompt(&self, request: &GenerateRequest) -> Result<Vec<u32>, Refusal> {
         let window = self.engine.info().context_size as usize;
-        if prompt.len() + request.max_tokens as usize > window {
-            return Err(Refusal::new(
+        let too_long = |tokens: String| {
+            Refusal::new(
                 RemoteErrorKind::ContextLength,
                 format!(
-                    "this model's context window is {window} tokens; the prompt is {} tokens and max_tokens is {}",
-                    prompt.len(),
+                    "this model's context window is {window} tokens; the prompt is {tokens} tokens and max_tokens is {}",
                     request.max_tokens
                 ),
-            ));
+            )
+        };
+        // Refused before tokenizing when even its fewest possible tokens cannot fit.
+        let fewest = self.engine.fewest_tokens(&request.messages);
+        if fewest + request.max_tokens as usize > window {
+            return Err(too_long(format!("at least {fewest}")));
+        }
+        // Tokenizing is CPU work: off the async runtime's workers.
+        let engine = self.engine.clone();
+        let messages = request.messages.clone();
+        let prompt = tokio::task::spawn_blocking(move || engine.tokenize_chat(&messages))
+            .await
+            .map_err(|e| Refusal::new(RemoteErrorKind::Internal, e.to_string()))?
+            .map_err(|e| Refusal::new(RemoteErrorKind::InvalidRequest, e.to_string()))?;
+        if prompt.len() + request.max_tokens as usize > window {
+            return Err(too_long(prompt.len().to_string()));
         }
         Ok(prompt)
     }

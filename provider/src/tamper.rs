@@ -79,7 +79,22 @@ pub enum Tamper {
     /// Generates and commits honestly, but claims [`FALSE_USAGE_EXTRA`] more prompt tokens in
     /// `Accepted` and the other finish reason in `Done` than it signed.
     FalseUsage,
+    /// Refuses every request, claiming its context is too small for it.
+    FalseRefusal,
+    /// Refuses every request, claiming it is at capacity.
+    Busy,
+    /// Accepts, then never sends a token (a provider that hangs).
+    Stall,
+    /// Streams its honest tokens, then keeps streaming more, never a `Done`, ignoring
+    /// `max_tokens` (up to [`ENDLESS_LIMIT`] frames, or until the gateway hangs up).
+    Endless,
 }
+
+/// Frames a [`Tamper::Endless`] provider sends at most (a test's bound, not the gateway's).
+pub const ENDLESS_LIMIT: u32 = 1_000_000;
+
+/// How long a [`Tamper::Stall`] provider stays silent.
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The prompt tokens a [`Tamper::FalseUsage`] provider adds to its claim.
 pub const FALSE_USAGE_EXTRA: u32 = 1000;
@@ -131,11 +146,30 @@ impl Cheat {
         stream: &mut libp2p::Stream,
     ) -> Result<(), Option<Refusal>> {
         let started = Instant::now();
+        match self.tamper {
+            Tamper::FalseRefusal => {
+                return Err(Some(Refusal::new(
+                    RemoteErrorKind::ContextLength,
+                    "the prompt does not fit this provider's context (a lie)",
+                )));
+            }
+            Tamper::Busy => {
+                return Err(Some(Refusal::new(
+                    RemoteErrorKind::Overloaded,
+                    "at capacity (a lie)",
+                )));
+            }
+            _ => {}
+        }
         let mut prompt_tokens = prompt.len() as u32;
         if self.tamper == Tamper::FalseUsage {
             prompt_tokens += FALSE_USAGE_EXTRA;
         }
         send(stream, &GenerateFrame::Accepted { prompt_tokens }).await?;
+        if self.tamper == Tamper::Stall {
+            tokio::time::sleep(STALL).await;
+            return Err(None);
+        }
         let mut kept: Vec<KeptStep> = Vec::new();
         let mut honest_text = TextStream::new(&request.stop);
         let mut finish = loop {
@@ -187,6 +221,9 @@ impl Cheat {
             if self.tamper == Tamper::HangUp && step >= 2 {
                 return Err(None);
             }
+        }
+        if self.tamper == Tamper::Endless {
+            return endless(stream, streamed.len() as u32, streamed.last().copied()).await;
         }
         let mut commitment =
             service.commit(peer, request, prompt, leaves, finish, started.elapsed())?;
@@ -455,4 +492,21 @@ pub fn patched(
         logit += 0.5;
     }
     top
+}
+
+/// [`Tamper::Endless`]: more tokens after the last real one, until the gateway hangs up.
+async fn endless(
+    stream: &mut libp2p::Stream,
+    from: u32,
+    token: Option<u32>,
+) -> Result<(), Option<Refusal>> {
+    for step in from..from.saturating_add(ENDLESS_LIMIT) {
+        let frame = GenerateFrame::Token {
+            step,
+            token: token.unwrap_or(0),
+            text: " more".into(),
+        };
+        send(stream, &frame).await?;
+    }
+    Err(None)
 }

@@ -107,6 +107,20 @@ async fn hostile_requests_get_error_frames_and_the_provider_keeps_serving() {
         RemoteErrorKind::ContextLength
     );
 
+    // A prompt of most of a megabyte is refused by its size alone, before any tokenizing: the
+    // refusal gives the fewest tokens it can be.
+    let mut huge = request(digest, 8);
+    huge.messages[0].content = "lorem ipsum dolor sit amet ".repeat(36_000);
+    let mut s = open(&client, peer).await;
+    write_frame(&mut s, &huge).await.unwrap();
+    match answer(&mut s).await {
+        GenerateFrame::Error { kind, message } => {
+            assert_eq!(kind, RemoteErrorKind::ContextLength);
+            assert!(message.contains("at least"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
     // Out-of-range sampler settings and an empty conversation.
     let mut bad = request(digest, 8);
     bad.sampler.temperature = f32::NAN;

@@ -392,6 +392,9 @@ pub struct ModelInfo {
     pub numerics: String,
     /// Tokens per micro-batch when re-executing.
     pub referee_micro_batch: u32,
+    /// Bytes of the longest token's text (special tokens' included): a prompt of `n` bytes
+    /// is at least `n / longest_token_bytes` tokens, known before tokenizing it.
+    pub longest_token_bytes: u32,
 }
 
 /// Live counts the engine thread keeps, for metrics.
@@ -424,6 +427,21 @@ impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine").field("info", &self.info).finish()
     }
+}
+
+/// The longest text any token of `model` stands for, rendered either way.
+fn longest_token_bytes(model: &LlamaModel) -> u32 {
+    let vocab = model.vocab();
+    (0..model.n_vocab())
+        .map(|t| {
+            let token = llama_cpp_2::token::LlamaToken(t);
+            vocab
+                .token_to_piece(token, false, None)
+                .len()
+                .max(vocab.token_to_piece(token, true, None).len())
+        })
+        .max()
+        .map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX).max(1))
 }
 
 /// Where a `dynamic-backends` build loads llama.cpp's backend libraries from (set before the
@@ -586,6 +604,7 @@ impl Engine {
                 config.kv_cache,
             ),
             referee_micro_batch: config.referee_micro_batch.clamp(1, 4096),
+            longest_token_bytes: longest_token_bytes(&model),
         };
         let (messages, queue) = std::sync::mpsc::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -636,6 +655,17 @@ impl Engine {
     /// Facts about the loaded model.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The fewest tokens `messages` can take (their text over the longest token's, halved for
+    /// any normalisation the tokenizer does): a bound known without tokenizing, so that an
+    /// oversized prompt is refused before any work is spent on it.
+    pub fn fewest_tokens(&self, messages: &[ChatMessage]) -> usize {
+        let bytes: usize = messages
+            .iter()
+            .map(|m| m.content.len() + m.role.len())
+            .sum();
+        bytes / (2 * self.info.longest_token_bytes.max(1) as usize)
     }
 
     /// Applies the model's own chat template (ChatML when it has none) and tokenizes the result.

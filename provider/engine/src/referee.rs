@@ -140,11 +140,18 @@ impl Referee {
         request
             .validate(&self.digest)
             .map_err(|refusal| RefereeError::Invalid(refusal.message))?;
+        let window = self.engine.info().context_size as usize;
+        let fewest = self.engine.fewest_tokens(&request.messages);
+        if fewest + request.max_tokens as usize > window {
+            return Err(RefereeError::Invalid(format!(
+                "prompt of at least {fewest} tokens plus max_tokens {} exceeds this referee's context of {window}",
+                request.max_tokens
+            )));
+        }
         let prompt = self
             .engine
             .tokenize_chat(&request.messages)
             .map_err(|e| RefereeError::Invalid(e.to_string()))?;
-        let window = self.engine.info().context_size as usize;
         if prompt.len() + request.max_tokens as usize > window {
             return Err(RefereeError::Invalid(format!(
                 "prompt of {} tokens plus max_tokens {} exceeds this referee's context of {window}",

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{StreamProtocol, identify, identity::Keypair, kad, mdns, ping, request_response};
@@ -19,12 +20,21 @@ pub(crate) const IDENTIFY_PROTOCOL: &str = "/proofmesh/1";
 /// Concurrent control streams per connection: a busy gateway opens leaves for many requests at
 /// once, each one short.
 const MAX_CONTROL_STREAMS: usize = 256;
+/// Connections to one peer: a dialled and an accepted one can cross, and hole punching holds
+/// a relayed and a direct one at once; a peer that wants more wants to exhaust us.
+pub(crate) const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+/// Inbound connections still in their handshake: the rest are refused until these finish.
+pub(crate) const MAX_PENDING_INCOMING: u32 = 128;
+/// Inbound connections established at once: a mesh node serves gateways and peers, not
+/// crowds; past this, new ones are refused and the established keep being served.
+pub(crate) const MAX_ESTABLISHED_INCOMING: u32 = 1024;
 /// How long a leaving provider waits for each peer to acknowledge.
 pub(crate) const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Every protocol a proofmesh node speaks.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    pub(crate) limits: connection_limits::Behaviour,
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
@@ -63,6 +73,12 @@ impl Behaviour {
             .set_request_size_maximum(MAX_CAPS_MESSAGE)
             .set_response_size_maximum(MAX_CAPS_MESSAGE);
         Ok(Self {
+            limits: connection_limits::Behaviour::new(
+                ConnectionLimits::default()
+                    .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+                    .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+                    .with_max_established_incoming(Some(MAX_ESTABLISHED_INCOMING)),
+            ),
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
                     .with_agent_version(format!("proofmesh/{}", env!("CARGO_PKG_VERSION"))),

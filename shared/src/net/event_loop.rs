@@ -158,9 +158,26 @@ impl EventLoop {
         }
     }
 
+    /// Dials again each bootstrap peer this node lost (a gateway that restarted, a provider
+    /// that came back), even while it is connected to others; an address without a peer id
+    /// only when it is connected to nobody.
+    fn redial_bootstrap(&mut self) {
+        let alone = self.swarm.connected_peers().next().is_none();
+        for addr in self.bootstrap.clone() {
+            let peer = match addr.iter().last() {
+                Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some(peer),
+                _ => None,
+            };
+            let lost = peer.map_or(alone, |peer| !self.swarm.is_connected(&peer));
+            if lost && let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::debug!(%addr, error = %e, "bootstrap re-dial failed");
+            }
+        }
+    }
+
     fn on_tick(&mut self) {
+        self.redial_bootstrap();
         if self.swarm.connected_peers().next().is_none() {
-            self.dial_bootstrap();
             return;
         }
         // Fails only with an empty routing table; the next tick tries again.
