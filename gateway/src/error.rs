@@ -18,6 +18,8 @@ pub struct ApiError {
     param: Option<String>,
     message: String,
     should_retry: Option<bool>,
+    /// Seconds in `Retry-After` (a 429 says when to come back).
+    retry_after: Option<u64>,
 }
 
 /// OpenAI's error body.
@@ -55,6 +57,7 @@ impl ApiError {
             param: None,
             message: message.into(),
             should_retry: None,
+            retry_after: None,
         }
     }
 
@@ -68,6 +71,16 @@ impl ApiError {
         );
         e.param = Some(param.into());
         e
+    }
+
+    /// 401: no API key, or not one this gateway issued.
+    pub fn invalid_api_key(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            message,
+        )
     }
 
     /// 400: the body is not JSON at all.
@@ -224,6 +237,32 @@ impl ApiError {
         )
     }
 
+    /// 429: every provider that could serve is at capacity, or this gateway is; `Retry-After`
+    /// says when to try again (the SDKs honour it up to 120 s).
+    pub fn busy(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "requests",
+            Some("rate_limit_exceeded"),
+            message,
+        );
+        e.retry_after = Some(retry_after_secs.clamp(1, 120));
+        e
+    }
+
+    /// 504: the request ran out of its end-to-end deadline (`request_timeout_secs`).
+    pub fn deadline_exceeded(deadline: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            Some("request_timeout"),
+            format!(
+                "The request did not finish within this gateway's deadline of {} s",
+                deadline.as_secs()
+            ),
+        )
+    }
+
     /// 504: the provider went silent.
     pub fn provider_timeout() -> Self {
         Self::new(
@@ -242,6 +281,12 @@ impl ApiError {
     /// The machine-readable code, if any.
     pub fn code(&self) -> Option<&'static str> {
         self.code
+    }
+
+    /// Whether this is a refusal of the request itself (a 4xx), which another provider may
+    /// still accept: a larger context, or a provider that does not lie about it.
+    pub fn is_client_error(&self) -> bool {
+        self.status.is_client_error()
     }
 
     /// OpenAI's error body for this error (also used inside SSE streams).
@@ -268,6 +313,11 @@ impl IntoResponse for ApiError {
                 "x-should-retry",
                 HeaderValue::from_static(if retry { "true" } else { "false" }),
             );
+        }
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

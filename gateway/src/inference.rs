@@ -1,33 +1,38 @@
 //! Running one generation on a provider over a `/proofmesh/generate/1` stream.
 //!
-//! [`start`] tries the candidates in order (at most [`MAX_ATTEMPTS`]) until one accepts the
-//! request; failures before the first token cool the provider down and move on. [`complete`]
-//! also retries when a provider fails mid-generation, which is safe because nothing has reached
-//! the client yet; streaming responses only fail over before their first byte. For a refereed
-//! (merkle) request the auditor starts a [`RefereeSession`] as soon as a provider accepts, and
-//! every token read from the provider is forwarded to it.
+//! [`start`] opens a generation on the next provider the request's [`Attempts`] offer, until
+//! one accepts; for a refereed (merkle) request the auditor starts a [`RefereeSession`] as soon
+//! as a provider accepts, and every token read from the provider is forwarded to it. Which
+//! provider comes next, and when to give up, is the retry policy's ([`crate::failover`]).
+//!
+//! What a provider sends is bounded: no more tokens than `max_tokens` (more is a lie the book
+//! records), no more text than [`MAX_TEXT_PER_TOKEN`] bytes a token on average, no gap between
+//! frames over [`FRAME_GAP_TIMEOUT`], and nothing after the request's deadline.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proofmesh_shared::commit::SignedCommitment;
 use proofmesh_shared::protocol::{
     FRAME_GAP_TIMEOUT, FinishReason, FrameError, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest,
     MAX_STREAM_FRAME, RemoteErrorKind, read_frame, write_frame,
 };
+use proofmesh_shared::verify::AuditFailure;
 
 use crate::auditor::vocab::Expected;
-use crate::auditor::{RefereeSession, Transcript, VerificationMode};
+use crate::auditor::{Auditor, RefereeSession, Transcript, VerificationMode};
 use crate::error::ApiError;
-use crate::registry::{Candidate, FAILURE_COOLDOWN, LoadGuard};
+use crate::failover::{Attempts, Deadline, Failure};
+use crate::registry::{Candidate, LoadGuard};
 use crate::state::AppState;
 
-/// One first attempt plus at most two failovers (../STACK.md: what OpenAI SDK users expect).
-pub const MAX_ATTEMPTS: usize = 3;
 /// Opening a stream and sending the request: a healthy provider on a live connection answers
 /// in milliseconds.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tries at opening a stream that the provider's stream acceptor dropped (see `try_start`).
 const OPEN_ATTEMPTS: u32 = 8;
+/// Bytes of text a provider may send per token, on average over its answer: far above any
+/// vocabulary's longest token, far below what would let a provider fill the gateway's memory.
+pub const MAX_TEXT_PER_TOKEN: usize = 256;
 
 /// A generation in progress on one provider.
 #[derive(Debug)]
@@ -37,11 +42,19 @@ pub struct Generation {
     /// Prompt length the provider reported.
     pub prompt_tokens: u32,
     /// When the first token frame arrived (for time-to-first-token).
-    pub first_token_at: Option<std::time::Instant>,
+    pub first_token_at: Option<Instant>,
     /// The referee following this answer, when it is audited.
     pub referee: Option<RefereeSession>,
     /// The gateway's own assembly of the text, when it has the model's vocabulary.
     transcript: Option<Transcript>,
+    /// Tokens the request allows.
+    max_tokens: u32,
+    /// Tokens and text bytes received so far.
+    tokens_seen: u32,
+    text_bytes: usize,
+    /// When the request must be over.
+    deadline: Deadline,
+    auditor: Auditor,
     stream: libp2p::Stream,
     _load: LoadGuard,
 }
@@ -65,40 +78,64 @@ pub struct Completed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TextMismatch;
 
-/// Why an attempt failed, and whether another provider may do better.
-enum Attempt {
-    Retry(ApiError),
-    Fatal(ApiError),
-}
-
 impl Generation {
-    /// The next frame; a silent or broken provider becomes a 504 or 502.
+    /// The next frame; a silent or broken provider becomes a 504 or 502, the request's
+    /// deadline a 504, and a frame beyond what the request allows a 502.
     pub async fn next(&mut self) -> Result<GenerateFrame, ApiError> {
-        match tokio::time::timeout(
-            FRAME_GAP_TIMEOUT,
-            read_frame(&mut self.stream, MAX_STREAM_FRAME),
-        )
-        .await
+        let wait = FRAME_GAP_TIMEOUT.min(self.deadline.remaining());
+        let frame = match tokio::time::timeout(wait, read_frame(&mut self.stream, MAX_STREAM_FRAME))
+            .await
         {
-            Ok(Ok(frame)) => {
-                if let GenerateFrame::Token { token, .. } = &frame {
-                    if self.first_token_at.is_none() {
-                        self.first_token_at = Some(std::time::Instant::now());
-                    }
-                    if let Some(referee) = &self.referee {
-                        referee.push(*token);
-                    }
-                }
-                Ok(frame)
-            }
+            Ok(Ok(frame)) => frame,
             Ok(Err(e)) => {
                 tracing::warn!(provider = %self.candidate.peer, error = %e, "provider stream broke");
-                Err(ApiError::provider_failed(
+                return Err(ApiError::provider_failed(
                     "The provider closed the stream before finishing",
-                ))
+                ));
             }
-            Err(_) => Err(ApiError::provider_timeout()),
+            Err(_) if self.deadline.passed() => return Err(self.deadline.error()),
+            Err(_) => return Err(ApiError::provider_timeout()),
+        };
+        self.bound(&frame)?;
+        if let GenerateFrame::Token { token, .. } = &frame {
+            if self.first_token_at.is_none() {
+                self.first_token_at = Some(Instant::now());
+            }
+            if let Some(referee) = &self.referee {
+                referee.push(*token);
+            }
         }
+        Ok(frame)
+    }
+
+    /// Holds the provider to the request: at most `max_tokens` tokens (one more is a lie the
+    /// peer book records, as no honest engine sends it) and at most [`MAX_TEXT_PER_TOKEN`]
+    /// bytes of text a token.
+    fn bound(&mut self, frame: &GenerateFrame) -> Result<(), ApiError> {
+        let text = match frame {
+            GenerateFrame::Token { text, .. } => {
+                self.tokens_seen += 1;
+                if self.tokens_seen > self.max_tokens {
+                    self.auditor
+                        .observed(&self.candidate.peer, AuditFailure::LengthMismatch);
+                    return Err(ApiError::provider_failed(
+                        "The provider sent more tokens than max_tokens allows",
+                    ));
+                }
+                text
+            }
+            GenerateFrame::Done { text, .. } => text,
+            GenerateFrame::Error { .. } | GenerateFrame::Accepted { .. } => return Ok(()),
+        };
+        self.text_bytes += text.len();
+        let allowed = (self.tokens_seen.max(1) as usize).saturating_mul(MAX_TEXT_PER_TOKEN);
+        if self.text_bytes > allowed {
+            tracing::warn!(provider = %self.candidate.peer, bytes = self.text_bytes, tokens = self.tokens_seen, "provider sent more text than its tokens can hold");
+            return Err(ApiError::provider_failed(
+                "The provider sent more text than its tokens can hold",
+            ));
+        }
+        Ok(())
     }
 
     /// The text the client gets for the step that produced `token`: the gateway's own
@@ -194,77 +231,46 @@ fn remote_error(kind: RemoteErrorKind, message: &str) -> ApiError {
     }
 }
 
-fn classify(kind: RemoteErrorKind, message: &str) -> Attempt {
+/// What a provider's refusal before the first token means for the retry policy.
+fn refusal(kind: RemoteErrorKind, message: &str) -> Failure {
     let error = remote_error(kind, message);
     match kind {
-        RemoteErrorKind::InvalidRequest | RemoteErrorKind::ContextLength => Attempt::Fatal(error),
-        _ => Attempt::Retry(error),
+        // Another provider may have a larger context, or not lie about the request.
+        RemoteErrorKind::InvalidRequest | RemoteErrorKind::ContextLength => Failure::Refused(error),
+        RemoteErrorKind::Overloaded => Failure::Busy,
+        RemoteErrorKind::UnknownModel
+        | RemoteErrorKind::ShuttingDown
+        | RemoteErrorKind::Internal => Failure::Broke(error),
     }
 }
 
-/// Opens a generation on the first candidate that accepts `request`; in a refereed mode, a
-/// referee starts following it at once.
-pub async fn start(
+/// Opens a generation on the next provider `attempts` offers that accepts `request`; in a
+/// refereed mode, a referee starts following it at once. When none does, the retry policy's
+/// error for the whole request.
+pub async fn start<'a>(
     state: &AppState,
-    candidates: &[Candidate],
+    attempts: &mut Attempts<'a>,
     request: &GenerateRequest,
     mode: VerificationMode,
 ) -> Result<Generation, ApiError> {
-    let mut last = ApiError::no_provider("No provider could take the request right now");
-    for candidate in candidates.iter().take(MAX_ATTEMPTS) {
-        match try_start(state, candidate, request).await {
+    while let Some(candidate) = attempts.next_candidate() {
+        match try_start(state, candidate, request, attempts.deadline()).await {
             Ok(mut generation) => {
                 generation.referee = state.auditor.follow(candidate, request, mode);
                 return Ok(generation);
             }
-            Err(Attempt::Fatal(e)) => return Err(e),
-            Err(Attempt::Retry(e)) => {
-                tracing::warn!(provider = %candidate.peer, code = ?e.code(), "provider failed before the first token; trying another");
-                state.registry.cool_down(&candidate.peer, FAILURE_COOLDOWN);
-                last = e;
-            }
+            Err(failure) => attempts.failed(candidate, failure),
         }
     }
-    Err(last)
-}
-
-/// Runs `request` to completion, failing over (within [`MAX_ATTEMPTS`] in total) when a
-/// provider fails at any point.
-pub async fn complete(
-    state: &AppState,
-    candidates: &[Candidate],
-    request: &GenerateRequest,
-    mode: VerificationMode,
-) -> Result<(Generation, Completed), ApiError> {
-    let mut last = ApiError::no_provider("No provider could take the request right now");
-    for candidate in candidates.iter().take(MAX_ATTEMPTS) {
-        let mut generation =
-            match start(state, std::slice::from_ref(candidate), request, mode).await {
-                Ok(generation) => generation,
-                Err(e) if e.status().is_server_error() => {
-                    last = e;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-        match generation.collect().await {
-            Ok(done) => return Ok((generation, done)),
-            Err(e) if e.status().is_server_error() => {
-                tracing::warn!(provider = %candidate.peer, code = ?e.code(), "provider failed mid-generation; trying another");
-                state.registry.cool_down(&candidate.peer, FAILURE_COOLDOWN);
-                last = e;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last)
+    Err(attempts.error())
 }
 
 async fn try_start(
     state: &AppState,
     candidate: &Candidate,
     request: &GenerateRequest,
-) -> Result<Generation, Attempt> {
+    deadline: Deadline,
+) -> Result<Generation, Failure> {
     let load = state.registry.track(candidate.peer);
     // libp2p-stream hands inbound streams to the provider's acceptor through a channel with room
     // for one: a second stream negotiated before the acceptor took the first is dropped. So this
@@ -281,13 +287,12 @@ async fn try_start(
                 tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt)) + jitter()).await;
                 continue;
             }
-            return Err(Attempt::Retry(ApiError::provider_failed(
+            return Err(Failure::Broke(ApiError::provider_failed(
                 "The provider could not be reached (request not delivered)",
             )));
         }
-        match tokio::time::timeout(FRAME_GAP_TIMEOUT, read_frame(&mut stream, MAX_STREAM_FRAME))
-            .await
-        {
+        let wait = FRAME_GAP_TIMEOUT.min(deadline.remaining());
+        match tokio::time::timeout(wait, read_frame(&mut stream, MAX_STREAM_FRAME)).await {
             Ok(Ok(GenerateFrame::Accepted { prompt_tokens })) => {
                 return Ok(Generation {
                     candidate: candidate.clone(),
@@ -297,13 +302,18 @@ async fn try_start(
                     transcript: state
                         .auditor
                         .transcript(&candidate.card.digest, &request.stop),
+                    max_tokens: request.max_tokens,
+                    tokens_seen: 0,
+                    text_bytes: 0,
+                    deadline,
+                    auditor: state.auditor.clone(),
                     stream,
                     _load: load,
                 });
             }
-            Ok(Ok(GenerateFrame::Error { kind, message })) => return Err(classify(kind, &message)),
+            Ok(Ok(GenerateFrame::Error { kind, message })) => return Err(refusal(kind, &message)),
             Ok(Ok(_)) => {
-                return Err(Attempt::Retry(ApiError::provider_failed(
+                return Err(Failure::Broke(ApiError::provider_failed(
                     "The provider violated the protocol",
                 )));
             }
@@ -313,22 +323,23 @@ async fn try_start(
             }
             Ok(Err(e)) => {
                 tracing::warn!(provider = %candidate.peer, error = %e, "provider stream broke");
-                return Err(Attempt::Retry(ApiError::provider_failed(
+                return Err(Failure::Broke(ApiError::provider_failed(
                     "The provider closed the stream before answering",
                 )));
             }
-            Err(_) => return Err(Attempt::Retry(ApiError::provider_timeout())),
+            Err(_) if deadline.passed() => return Err(Failure::Broke(deadline.error())),
+            Err(_) => return Err(Failure::Broke(ApiError::provider_timeout())),
         }
     }
-    Err(Attempt::Retry(ApiError::provider_failed(
+    Err(Failure::Broke(ApiError::provider_failed(
         "The provider kept dropping the stream",
     )))
 }
 
 /// Opens a generate stream to the candidate.
-async fn open(state: &AppState, candidate: &Candidate) -> Result<libp2p::Stream, Attempt> {
+async fn open(state: &AppState, candidate: &Candidate) -> Result<libp2p::Stream, Failure> {
     let unreachable = |what: &str| {
-        Attempt::Retry(ApiError::provider_failed(format!(
+        Failure::Broke(ApiError::provider_failed(format!(
             "The provider could not be reached ({what})"
         )))
     };

@@ -12,19 +12,27 @@
 //! - [`openapi`]: the OpenAPI document generated from those routes, and `/docs`.
 //! - [`openai`]: OpenAI's wire types and the JSON extractor.
 //! - [`error`]: [`error::ApiError`], rendered as OpenAI's error object.
+//! - [`access`]: optional API keys (hashed in a 0600 file) and their rate limits.
 //! - [`registry`]: providers known from the mesh, what they advertise and their load.
 //! - [`catalog`]: model names the operator pinned to digests.
-//! - [`inference`]: one generation over a `/proofmesh/generate/1` stream, with failover.
+//! - [`inference`]: one generation over a `/proofmesh/generate/1` stream, bounded by what the
+//!   request allows.
+//! - [`failover`]: the one retry policy: which provider next, how many tries, the deadline,
+//!   and the error when every try failed.
 //! - [`auditor`]: the one owner of verification. Built with the `local-referee` feature, the
 //!   gateway can also re-execute answers with its own engine (and then links llama.cpp);
 //!   without it, it links none.
 //! - [`state`]: [`state::AppState`], shared by handlers.
 //! - [`metrics`]: the Prometheus metrics; [`lifecycle`]: draining on shutdown.
+//! - [`http`]: the HTTP server, with header and body deadlines and a connection cap.
 //! - [`settings`]: the layered configuration behind the command line.
 
+pub mod access;
 pub mod auditor;
 pub mod catalog;
 pub mod error;
+pub mod failover;
+pub mod http;
 pub mod inference;
 pub mod lifecycle;
 pub mod metrics;
@@ -77,6 +85,14 @@ pub struct GatewayConfig {
     pub default_mode: VerificationMode,
     /// How long running requests may take to finish after SIGTERM.
     pub drain_timeout: std::time::Duration,
+    /// How hard one request is tried: failovers and its deadline.
+    pub retry: failover::RetryPolicy,
+    /// Chat completions served at once.
+    pub max_concurrent_requests: usize,
+    /// Limits on the HTTP server's connections.
+    pub http_limits: http::HttpLimits,
+    /// API keys and which routes need one.
+    pub access: access::Access,
     /// What answers must pass.
     pub policy: AuditPolicy,
     /// The gateway's own referee (built with the `local-referee` feature).
@@ -138,6 +154,10 @@ pub fn app(state: AppState) -> Router {
         .merge(api)
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", doc))
         .fallback(|uri: axum::http::Uri| async move { ApiError::route_not_found(uri.path()) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::authorize,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(TraceLayer::new_for_http().make_span_with(http_span))
         .with_state(state)
@@ -149,6 +169,7 @@ fn http_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
         "http.request",
         method = %request.method(),
         path = %request.uri().path(),
+        api_key = tracing::field::Empty,
     );
     proofmesh_shared::telemetry::set_parent_from_headers(&span, request.headers());
     span
@@ -243,6 +264,9 @@ pub async fn run(
         metrics,
         lifecycle: Lifecycle::default(),
         started: std::time::Instant::now(),
+        retry: config.retry,
+        admission: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
+        access: config.access.clone(),
     };
     let lifecycle = state.lifecycle.clone();
     let listener = tokio::net::TcpListener::bind(config.http_listen).await?;
@@ -262,7 +286,7 @@ pub async fn run(
     drop(client);
     let drain_timeout = config.drain_timeout;
     let draining = lifecycle.clone();
-    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+    let serve = http::serve(listener, app(state), config.http_limits, async move {
         shutdown.await;
         draining.begin_drain(drain_timeout);
     });
@@ -272,17 +296,16 @@ pub async fn run(
         lifecycle.deadline().await;
         tokio::time::sleep(lifecycle::CLOSE_GRACE).await;
     };
-    let served = tokio::select! {
-        served = serve => served,
+    tokio::select! {
+        () = serve => {}
         () = hard_stop => {
             tracing::warn!("connections still open after the drain deadline; closing them");
-            Ok(())
         }
-    };
+    }
     registry_task.abort();
     net_task.abort();
     tracing::info!("gateway stopped");
-    Ok(served?)
+    Ok(())
 }
 
 /// Starts the gateway's own referee, when configured: its model's name and the referee.

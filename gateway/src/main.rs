@@ -8,7 +8,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use proofmesh_gateway::GatewayConfig;
+use proofmesh_gateway::access::{Access, KeyFile};
 use proofmesh_gateway::auditor::{AuditPolicy, AuditTiers, VerificationMode};
+use proofmesh_gateway::failover::RetryPolicy;
+use proofmesh_gateway::http::HttpLimits;
 use proofmesh_gateway::settings::GatewaySettings;
 use proofmesh_shared::config::{self, CONFIG_ENV};
 use proofmesh_shared::telemetry::{self, LogFormat, TelemetryConfig};
@@ -62,6 +65,37 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         trust: Vec<libp2p::PeerId>,
     },
+    /// Manage API keys. The file keeps only each key's SHA-256 (mode 0600); a new key is
+    /// printed once. Point the gateway at the file with --api-keys-file and restart it.
+    Keys {
+        /// The key file [default: <data dir>/proofmesh/gateway-keys.toml].
+        #[arg(long, env = "PROOFMESH_API_KEYS_FILE", global = true)]
+        file: Option<PathBuf>,
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Create a key and print it (once: it is not stored).
+    Create {
+        /// Who the key is for: letters, digits, - _ . @ (up to 64).
+        name: String,
+        /// Requests a minute this key may make [default: unlimited].
+        #[arg(long)]
+        requests_per_minute: Option<u32>,
+        /// Prompt plus completion tokens a minute this key may use [default: unlimited].
+        #[arg(long)]
+        tokens_per_minute: Option<u32>,
+    },
+    /// List the keys' names, creation times and limits.
+    List,
+    /// Delete a key; requests with it get 401 once the gateway restarts.
+    Revoke {
+        /// The key's name.
+        name: String,
+    },
 }
 
 /// Flags and their environment variables; unset ones leave the file and defaults alone.
@@ -109,6 +143,49 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_DRAIN_TIMEOUT_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     drain_timeout_secs: Option<u64>,
+    /// Seconds one chat completion may take from arrival to its last byte, failovers and audit
+    /// included; past it the client gets 504 `request_timeout`, or a stream an error event,
+    /// 1-86400 [default: 300].
+    #[arg(long, env = "PROOFMESH_REQUEST_TIMEOUT_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_timeout_secs: Option<u64>,
+    /// Providers one request tries at most, each once: the first plus failovers when one
+    /// breaks, hangs, is busy, refuses, or its answer fails the audit, 1-16 [default: 3].
+    #[arg(long, env = "PROOFMESH_MAX_ATTEMPTS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_attempts: Option<u32>,
+    /// Chat completions served at once; one more is answered 429 with Retry-After
+    /// [default: 256].
+    #[arg(long, env = "PROOFMESH_MAX_CONCURRENT_REQUESTS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_concurrent_requests: Option<u32>,
+    /// Seconds a client gets to send a request's headers; also how long a kept-alive
+    /// connection may sit idle (slow or silent clients are cut off) [default: 10].
+    #[arg(long, env = "PROOFMESH_HEADER_READ_TIMEOUT_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    header_read_timeout_secs: Option<u64>,
+    /// Seconds a client gets to send a request's body [default: 30].
+    #[arg(long, env = "PROOFMESH_BODY_READ_TIMEOUT_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_read_timeout_secs: Option<u64>,
+    /// HTTP connections open at once; more are closed as soon as accepted [default: 4096].
+    #[arg(long, env = "PROOFMESH_MAX_CONNECTIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections: Option<u32>,
+    /// API key file, written by `proofmesh-gateway keys create`; set, every API route needs
+    /// `Authorization: Bearer <key>` from it (401 otherwise) and each key's rates apply (429)
+    /// [default: none, the API is open].
+    #[arg(long, env = "PROOFMESH_API_KEYS_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_keys_file: Option<PathBuf>,
+    /// With API keys on, serve GET /v1/models without a key [default: true].
+    #[arg(long, env = "PROOFMESH_PUBLIC_MODELS", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    public_models: Option<bool>,
+    /// With API keys on, serve /healthz, /readyz and /metrics without a key [default: true].
+    #[arg(long, env = "PROOFMESH_PUBLIC_OPERATIONS", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    public_operations: Option<bool>,
     /// GGUF model file the gateway re-executes answers with as its own referee (the same file
     /// providers serve, e.g. from `proofmesh-provider fetch-model`); needs a build with the
     /// `local-referee` feature. Its name is pinned to its digest, and its vocabulary checks the
@@ -244,6 +321,65 @@ fn check_proof(file: &std::path::Path, trust: &[libp2p::PeerId]) -> anyhow::Resu
     }
 }
 
+fn default_keys_path() -> PathBuf {
+    directories::BaseDirs::new()
+        .map(|d| {
+            d.data_local_dir()
+                .join("proofmesh")
+                .join("gateway-keys.toml")
+        })
+        .unwrap_or_else(|| PathBuf::from("gateway-keys.toml"))
+}
+
+/// `proofmesh-gateway keys …`.
+fn manage_keys(path: &std::path::Path, action: &KeysAction) -> anyhow::Result<()> {
+    let mut keys = KeyFile::load(path)?;
+    match action {
+        KeysAction::Create {
+            name,
+            requests_per_minute,
+            tokens_per_minute,
+        } => {
+            let secret = keys.create(name, *requests_per_minute, *tokens_per_minute)?;
+            keys.save(path)?;
+            eprintln!(
+                "created key '{name}' in {}; it is shown once, here, and stored only as a hash:",
+                path.display()
+            );
+            println!("{secret}");
+            eprintln!(
+                "(the gateway reads the file at start: --api-keys-file {})",
+                path.display()
+            );
+        }
+        KeysAction::List => {
+            if keys.keys.is_empty() {
+                eprintln!("no keys in {}", path.display());
+            }
+            let limit = |l: Option<u32>| l.map_or("unlimited".to_string(), |n| n.to_string());
+            for key in &keys.keys {
+                println!(
+                    "{}\tcreated {}\trequests/min {}\ttokens/min {}",
+                    key.name,
+                    key.created,
+                    limit(key.requests_per_minute),
+                    limit(key.tokens_per_minute)
+                );
+            }
+        }
+        KeysAction::Revoke { name } => {
+            anyhow::ensure!(
+                keys.revoke(name),
+                "no key named '{name}' in {}",
+                path.display()
+            );
+            keys.save(path)?;
+            eprintln!("revoked '{name}'; restart the gateway for it to take effect");
+        }
+    }
+    Ok(())
+}
+
 fn default_state_dir() -> PathBuf {
     directories::BaseDirs::new()
         .map(|d| d.data_local_dir().join("proofmesh").join("gateway"))
@@ -265,6 +401,10 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Command::CheckProof { file, trust }) => return check_proof(file, trust),
+        Some(Command::Keys { file, action }) => {
+            let file = file.clone().unwrap_or_else(default_keys_path);
+            return manage_keys(&file, action);
+        }
         None => {}
     }
     let settings: GatewaySettings = config::layered(cli.config.as_deref(), &cli.flags)?;
@@ -298,6 +438,28 @@ async fn main() -> anyhow::Result<()> {
         keypair,
         default_mode: settings.default_verification_mode,
         drain_timeout: Duration::from_secs(settings.drain_timeout_secs),
+        retry: RetryPolicy {
+            max_attempts: settings.max_attempts as usize,
+            deadline: Duration::from_secs(settings.request_timeout_secs),
+        },
+        max_concurrent_requests: settings.max_concurrent_requests as usize,
+        access: match &settings.api_keys_file {
+            Some(path) => {
+                let keys = KeyFile::load(path)?;
+                if keys.keys.is_empty() {
+                    tracing::warn!(file = %path.display(), "the API key file holds no key: every API request will get 401");
+                } else {
+                    tracing::info!(file = %path.display(), keys = keys.keys.len(), "API keys required");
+                }
+                Access::with_keys(&keys, settings.public_models, settings.public_operations)
+            }
+            None => Access::open(),
+        },
+        http_limits: HttpLimits {
+            header_read_timeout: Duration::from_secs(settings.header_read_timeout_secs),
+            body_read_timeout: Duration::from_secs(settings.body_read_timeout_secs),
+            max_connections: settings.max_connections as usize,
+        },
         policy: AuditPolicy {
             challenge_count: usize::from(settings.challenges),
             probation_audits: settings.probation_audits,

@@ -9,8 +9,11 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use proofmesh_shared::protocol::{ModelCard, ModelDigest};
 
-/// How long a provider that failed is skipped (LiteLLM's router uses 5 s).
+/// How long a provider that failed is tried last (LiteLLM's router uses 5 s); each further
+/// failure in a row doubles it, up to [`MAX_COOLDOWN`].
 pub const FAILURE_COOLDOWN: Duration = Duration::from_secs(5);
+/// The longest a failing provider's circuit stays open.
+pub const MAX_COOLDOWN: Duration = Duration::from_secs(80);
 
 #[derive(Debug)]
 struct Entry {
@@ -18,6 +21,8 @@ struct Entry {
     in_flight: usize,
     /// Tried last until then (it failed recently), but still tried when nothing else serves.
     cooldown_until: Option<Instant>,
+    /// Failures since its last success: the circuit breaker's count.
+    failures_in_row: u32,
     first_seen: u64,
     /// Serialises this gateway's stream opens to the provider (see `inference::try_start`).
     open_gate: Arc<tokio::sync::Mutex<()>>,
@@ -93,6 +98,7 @@ impl Registry {
             models: Vec::new(),
             in_flight: 0,
             cooldown_until: None,
+            failures_in_row: 0,
             first_seen: crate::openai::response::unix_now(),
             open_gate: Arc::default(),
         });
@@ -107,13 +113,41 @@ impl Registry {
         }
     }
 
-    /// Tries a provider that just failed after the others for `duration` (LiteLLM-style
-    /// cool-down). With no other provider it is still tried: a transient failure must not turn
-    /// into seconds of 503s.
-    pub fn cool_down(&self, peer: &PeerId, duration: Duration) {
+    /// Opens a failing provider's circuit: it is tried after the others for
+    /// [`FAILURE_COOLDOWN`], doubled for each failure in a row (up to [`MAX_COOLDOWN`]). With
+    /// no other provider it is still tried (half-open): a transient failure must not turn into
+    /// seconds of 503s, and one success closes the circuit again.
+    pub fn failed(&self, peer: &PeerId) {
         if let Some(entry) = self.lock().get_mut(peer) {
-            entry.cooldown_until = Some(Instant::now() + duration);
+            entry.failures_in_row = entry.failures_in_row.saturating_add(1);
+            let doublings = entry.failures_in_row.saturating_sub(1).min(8);
+            let cooldown = (FAILURE_COOLDOWN * (1 << doublings)).min(MAX_COOLDOWN);
+            entry.cooldown_until = Some(Instant::now() + cooldown);
         }
+    }
+
+    /// Closes a provider's circuit: it answered.
+    pub fn succeeded(&self, peer: &PeerId) {
+        if let Some(entry) = self.lock().get_mut(peer) {
+            entry.failures_in_row = 0;
+            entry.cooldown_until = None;
+        }
+    }
+
+    /// How long until the first of these providers leaves its cool-down (zero if one is not
+    /// cooling down): what a client told to come back later should wait.
+    pub fn soonest_ready(&self, peers: &[PeerId]) -> Duration {
+        let now = Instant::now();
+        let map = self.lock();
+        peers
+            .iter()
+            .map(|peer| {
+                map.get(peer)
+                    .and_then(|e| e.cooldown_until)
+                    .map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
+            })
+            .min()
+            .unwrap_or(Duration::ZERO)
     }
 
     /// Providers of `digest` that offer to referee, other than `except`, with the numerics
@@ -238,6 +272,24 @@ impl Registry {
 mod tests {
     use super::*;
 
+    #[test]
+    fn failures_in_a_row_keep_the_circuit_open_longer() {
+        let r = Registry::default();
+        let a = PeerId::random();
+        r.upsert(a, vec![card("m", 1)]);
+        let mut last = Duration::ZERO;
+        for _ in 0..12 {
+            r.failed(&a);
+            let open = r.soonest_ready(&[a]);
+            assert!(open >= last.min(MAX_COOLDOWN - Duration::from_millis(50)));
+            assert!(open <= MAX_COOLDOWN);
+            last = open;
+        }
+        assert!(last > MAX_COOLDOWN / 2, "{last:?}");
+        r.succeeded(&a);
+        assert_eq!(r.soonest_ready(&[a]), Duration::ZERO);
+    }
+
     fn card(name: &str, digest: u8) -> ModelCard {
         ModelCard {
             name: name.into(),
@@ -274,12 +326,18 @@ mod tests {
             panic!("expected providers")
         };
         assert_eq!(found.iter().map(|c| c.peer).collect::<Vec<_>>(), vec![b, a]);
-        // A provider cooling down is tried after the healthy ones.
-        r.cool_down(&b, Duration::from_secs(60));
+        // A provider whose circuit is open is tried after the healthy ones...
+        r.failed(&b);
         let Lookup::Found(found) = r.lookup(&one) else {
             panic!("expected providers")
         };
         assert_eq!(found.iter().map(|c| c.peer).collect::<Vec<_>>(), vec![a, b]);
+        // ...and again in its place once it answered.
+        r.succeeded(&b);
+        let Lookup::Found(found) = r.lookup(&one) else {
+            panic!("expected providers")
+        };
+        assert_eq!(found.iter().map(|c| c.peer).collect::<Vec<_>>(), vec![b, a]);
         r.remove(&a);
         r.remove(&b);
         assert_eq!(r.models().len(), 1);

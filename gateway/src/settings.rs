@@ -34,6 +34,27 @@ pub struct GatewaySettings {
     pub failed_audit_cooldown_secs: u64,
     /// Seconds running requests get to finish after SIGTERM.
     pub drain_timeout_secs: u64,
+    /// Seconds one chat completion may take from arrival to its last byte, failovers and
+    /// audit included; a stream still running then ends with an error event.
+    pub request_timeout_secs: u64,
+    /// Providers one request tries at most (each once): the first plus failovers.
+    pub max_attempts: u32,
+    /// Chat completions served at once; one more gets 429 with `Retry-After`.
+    pub max_concurrent_requests: u32,
+    /// Seconds a client gets to send a request's headers (and a kept-alive connection may sit
+    /// idle).
+    pub header_read_timeout_secs: u64,
+    /// Seconds a client gets to send a request's body.
+    pub body_read_timeout_secs: u64,
+    /// HTTP connections open at once; more are closed on accept.
+    pub max_connections: u32,
+    /// API key file (`proofmesh-gateway keys create` writes it); set, every API route needs a
+    /// key from it. Unset, the API is open.
+    pub api_keys_file: Option<PathBuf>,
+    /// With API keys on: `GET /v1/models` without a key.
+    pub public_models: bool,
+    /// With API keys on: `/healthz`, `/readyz` and `/metrics` without a key.
+    pub public_operations: bool,
     /// A GGUF file the gateway re-executes answers with, as its own referee; unset leaves
     /// refereeing to other providers of the same model.
     pub referee_model: Option<PathBuf>,
@@ -91,6 +112,15 @@ impl Default for GatewaySettings {
             default_verification_mode: VerificationMode::Merkle,
             failed_audit_cooldown_secs: 300,
             drain_timeout_secs: 30,
+            request_timeout_secs: 300,
+            max_attempts: 3,
+            max_concurrent_requests: 256,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
+            max_connections: 4096,
+            api_keys_file: None,
+            public_models: true,
+            public_operations: true,
             referee_model: None,
             referee_threads: None,
             referee_slots: 2,
@@ -136,6 +166,37 @@ impl GatewaySettings {
             self.drain_timeout_secs,
             0..=3600,
             "0 to 3600",
+        )?;
+        check_range(
+            "request_timeout_secs",
+            self.request_timeout_secs,
+            1..=86_400,
+            "1 to 86400",
+        )?;
+        check_range("max_attempts", self.max_attempts, 1..=16, "1 to 16")?;
+        check_range(
+            "max_concurrent_requests",
+            self.max_concurrent_requests,
+            1..=100_000,
+            "1 to 100000",
+        )?;
+        check_range(
+            "header_read_timeout_secs",
+            self.header_read_timeout_secs,
+            1..=3600,
+            "1 to 3600",
+        )?;
+        check_range(
+            "body_read_timeout_secs",
+            self.body_read_timeout_secs,
+            1..=3600,
+            "1 to 3600",
+        )?;
+        check_range(
+            "max_connections",
+            self.max_connections,
+            1..=1_000_000,
+            "1 to 1000000",
         )?;
         for pin in &self.pins {
             if let Err(why) = crate::catalog::parse_pin(pin) {

@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use proofmesh_shared::net::Client;
 
+use crate::access::Access;
 use crate::auditor::{Auditor, VerificationMode};
 use crate::catalog::Catalog;
+use crate::failover::RetryPolicy;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::GatewayMetrics;
 use crate::registry::Registry;
@@ -30,4 +32,10 @@ pub struct AppState {
     pub lifecycle: Lifecycle,
     /// When the gateway started.
     pub started: std::time::Instant,
+    /// How hard one request is tried: failovers and its deadline.
+    pub retry: RetryPolicy,
+    /// Chat completions running at once, at most (a request past it gets 429).
+    pub admission: Arc<tokio::sync::Semaphore>,
+    /// API keys and which routes need one.
+    pub access: Access,
 }

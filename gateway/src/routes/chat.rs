@@ -1,8 +1,10 @@
 //! `POST /v1/chat/completions`: validate, route, generate, audit, answer.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Instant;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -11,11 +13,14 @@ use futures::{Stream, StreamExt};
 use proofmesh_shared::commit::SignedCommitment;
 use proofmesh_shared::protocol::{GenerateFrame, GenerateRequest, RequestId};
 use proofmesh_shared::verify::AuditFailure;
+use tokio::sync::OwnedSemaphorePermit;
 
+use crate::access::Caller;
 use crate::auditor::{Answer, AuditOutcome, Exclusion, VerificationMode};
 use crate::catalog::Resolved;
 use crate::error::ApiError;
 use crate::error::ErrorBody;
+use crate::failover::{Attempts, Failure};
 use crate::inference::{self, Generation};
 use crate::lifecycle::Lifecycle;
 use crate::openai::extract::OpenAiJson;
@@ -58,13 +63,16 @@ A failure after the stream started arrives as a `data:` line holding an `ErrorBo
                 ("x-proofmesh-audit-tier" = String, description = "`exact` or `tolerant` (non-streaming only; absent without a referee)"),
                 ("x-proofmesh-audit-ms" = String, description = "Audit time in milliseconds (non-streaming only)"),
             )),
-        (status = 400, description = "Invalid request (`param` names the field), `context_length_exceeded` or `unsupported_verification_mode`", body = ErrorBody),
+        (status = 400, description = "Invalid request (`param` names the field), `context_length_exceeded` (from every provider tried) or `unsupported_verification_mode`", body = ErrorBody),
+        (status = 401, description = "`invalid_api_key`: the gateway requires API keys and the request had none, or not one it issued", body = ErrorBody),
         (status = 404, description = "`model_not_found`: no provider serves it, or a name the operator did not pin to a digest (names are never resolved by what peers advertise; ask by `sha256:<hex>` instead)", body = ErrorBody),
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
         (status = 502, description = "The provider failed, or `verification_failed`: every provider tried failed its audit (then `x-should-retry: false`)", body = ErrorBody,
             headers(("x-should-retry" = String, description = "`false` when retrying cannot help"))),
         (status = 503, description = "`no_provider_available` (none reachable, all benched, or for `merkle`: none that a trusted referee of its own numerics class can audit), `verification_unavailable` (answers were produced but none could be verified: no trusted referee, or an audit that could not be completed; they were withheld) or `shutting_down`", body = ErrorBody),
-        (status = 504, description = "The provider did not answer in time", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`: every provider tried is at capacity, the gateway is at `max_concurrent_requests`, or the API key is over its rate", body = ErrorBody,
+            headers(("retry-after" = String, description = "Seconds to wait before retrying"))),
+        (status = 504, description = "`provider_timeout`: the provider went silent; `request_timeout`: the request ran past the gateway's `request_timeout_secs`", body = ErrorBody),
     )
 )]
 #[tracing::instrument(
@@ -74,12 +82,16 @@ A failure after the stream started arrives as a `data:` line holding an `ErrorBo
 )]
 pub async fn completions(
     State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     OpenAiJson(body): OpenAiJson<ChatCompletionRequest>,
 ) -> Response {
-    let arrived = Instant::now();
+    let arrival = Arrival {
+        at: Instant::now(),
+        caller: caller.map(|Extension(caller)| caller),
+    };
     let mut mode = None;
-    let mut response = answer(state, &headers, body, arrived, &mut mode)
+    let mut response = answer(state, &headers, body, arrival, &mut mode)
         .await
         .unwrap_or_else(IntoResponse::into_response);
     if let Some(mode) = mode {
@@ -96,12 +108,19 @@ async fn answer(
     state: AppState,
     headers: &HeaderMap,
     body: ChatCompletionRequest,
-    arrived: Instant,
+    arrival: Arrival,
     mode: &mut Option<VerificationMode>,
 ) -> Result<Response, ApiError> {
     if state.lifecycle.is_draining() {
         return Err(ApiError::shutting_down());
     }
+    let Ok(admitted) = Arc::clone(&state.admission).try_acquire_owned() else {
+        return Err(ApiError::busy(
+            "This gateway is serving as many requests as it is configured to; retry after the \
+             time in Retry-After",
+            1,
+        ));
+    };
     let chat = body.validate(state.default_mode)?;
     *mode = Some(chat.mode);
     let mut candidates = resolve(&state, &chat.model)?;
@@ -126,11 +145,16 @@ async fn answer(
         .record("request_id", tracing::field::display(&request.request_id))
         .record("model", chat.model.as_str())
         .record("verification_mode", chat.mode.as_str());
+    let mut attempts = Attempts::new(state.retry, state.registry.clone(), &candidates, arrival.at);
     if chat.stream {
-        let generation = inference::start(&state, &candidates, &request, chat.mode).await?;
-        Ok(stream_response(state, chat, request, generation, arrived))
+        // Failover happens only before the first byte: once a provider accepted, the stream is
+        // its, and a failure ends it with an error event.
+        let generation = inference::start(&state, &mut attempts, &request, chat.mode).await?;
+        Ok(stream_response(
+            state, chat, request, generation, arrival, admitted,
+        ))
     } else {
-        plain_response(&state, &chat, &request, &candidates, arrived).await
+        plain_response(&state, &chat, &request, &mut attempts, &arrival).await
     }
 }
 
@@ -167,27 +191,28 @@ fn excluded(exclusion: Exclusion, model: &str) -> ApiError {
     }
 }
 
-/// Generates to the end (failing over if a provider breaks), audits, then answers in one body.
-/// An answer that fails its audit, or could not be verified as asked, never reaches the client:
-/// the request goes to another provider, and only when every attempt failed does the client
-/// get `verification_failed` (or `verification_unavailable`).
+/// Generates to the end, audits, then answers in one body. A provider that breaks, or whose
+/// answer fails its audit or could not be verified as asked, is replaced by the next one the
+/// retry policy offers: nothing has reached the client yet. Such an answer never reaches the
+/// client; when every try failed, the client gets the policy's most telling error
+/// (`verification_failed`, `verification_unavailable`, …).
 async fn plain_response(
     state: &AppState,
     chat: &ValidatedChat,
     request: &GenerateRequest,
-    candidates: &[Candidate],
-    arrived: Instant,
+    attempts: &mut Attempts<'_>,
+    arrival: &Arrival,
 ) -> Result<Response, ApiError> {
-    let mut remaining: Vec<Candidate> = candidates.to_vec();
-    let mut failed_verdict = None;
-    let mut unverified_verdict = None;
-    for _ in 0..inference::MAX_ATTEMPTS {
-        if remaining.is_empty() {
-            break;
-        }
-        let (mut generation, done) =
-            inference::complete(state, &remaining, request, chat.mode).await?;
-        record_usage(state, &generation, done.tokens.len(), arrived);
+    loop {
+        let mut generation = inference::start(state, attempts, request, chat.mode).await?;
+        let done = match generation.collect().await {
+            Ok(done) => done,
+            Err(e) => {
+                attempts.failed(&generation.candidate, Failure::Broke(e));
+                continue;
+            }
+        };
+        record_usage(state, &generation, done.tokens.len(), arrival);
         let answer = Answer {
             provider: &generation.candidate,
             request,
@@ -199,15 +224,15 @@ async fn plain_response(
         let outcome = state.auditor.judge(&answer, chat.mode, referee).await;
         let info = proofmesh_info(chat, &generation, &done.commitment, &outcome);
         if !state.auditor.deliverable(&outcome.verdict()) {
-            tracing::warn!(provider = %generation.candidate.peer, verdict = %info.verdict, "answer withheld; trying another provider");
-            remaining.retain(|c| c.peer != generation.candidate.peer);
-            if outcome.failed() {
-                failed_verdict = Some(info.verdict);
+            let failure = if outcome.failed() {
+                Failure::Failed(info.verdict)
             } else {
-                unverified_verdict = Some(info.verdict);
-            }
+                Failure::Unverified(info.verdict)
+            };
+            attempts.failed(&generation.candidate, failure);
             continue;
         }
+        attempts.succeeded(&generation.candidate);
         let body = ChatCompletion {
             id: completion_id(&request.request_id),
             object: "chat.completion",
@@ -234,11 +259,6 @@ async fn plain_response(
         set_headers(response.headers_mut(), &info, true);
         return Ok(response);
     }
-    Err(match (failed_verdict, unverified_verdict) {
-        (Some(verdict), _) => ApiError::verification_failed(&verdict),
-        (None, Some(verdict)) => ApiError::unverified(&verdict),
-        (None, None) => ApiError::no_provider("No provider could take the request right now"),
-    })
 }
 
 /// Request header that pins a request to one provider (by peer id), for debugging a provider or
@@ -261,8 +281,20 @@ fn resolve(state: &AppState, model: &str) -> Result<Vec<Candidate>, ApiError> {
     }
 }
 
-/// Counts a finished generation's tokens (and its time to first token, when not yet counted).
-fn record_usage(state: &AppState, generation: &Generation, tokens: usize, arrived: Instant) {
+/// When a request arrived, and who sent it (with API keys on).
+#[derive(Debug, Clone)]
+struct Arrival {
+    at: Instant,
+    caller: Option<Caller>,
+}
+
+/// Counts a finished generation's tokens (and its time to first token, when not yet counted),
+/// and charges them to the caller's key: generated tokens cost whether or not the answer was
+/// delivered.
+fn record_usage(state: &AppState, generation: &Generation, tokens: usize, arrival: &Arrival) {
+    if let Some(caller) = &arrival.caller {
+        caller.charge_tokens(tokens as u64 + u64::from(generation.prompt_tokens));
+    }
     let metrics = &state.metrics;
     metrics.tokens_generated.inc_by(tokens as u64);
     metrics
@@ -271,7 +303,7 @@ fn record_usage(state: &AppState, generation: &Generation, tokens: usize, arrive
     if let Some(first) = generation.first_token_at {
         metrics
             .time_to_first_token
-            .observe(first.saturating_duration_since(arrived).as_secs_f64());
+            .observe(first.saturating_duration_since(arrival.at).as_secs_f64());
     }
 }
 
@@ -339,7 +371,8 @@ fn stream_response(
     chat: ValidatedChat,
     request: GenerateRequest,
     generation: Generation,
-    arrived: Instant,
+    arrival: Arrival,
+    admitted: OwnedSemaphorePermit,
 ) -> Response {
     let mut headers = HeaderMap::new();
     let early = ProofmeshInfo {
@@ -357,7 +390,10 @@ fn stream_response(
     };
     set_headers(&mut headers, &early, false);
     let deadline = state.lifecycle.clone();
-    let events = until_drained(events(state, chat, request, generation, arrived), deadline);
+    let events = until_drained(
+        events(state, chat, request, generation, arrival, admitted),
+        deadline,
+    );
     let sse = Sse::new(events).keep_alive(KeepAlive::default());
     (headers, sse).into_response()
 }
@@ -369,7 +405,8 @@ fn events(
     chat: ValidatedChat,
     request: GenerateRequest,
     mut generation: Generation,
-    arrived: Instant,
+    arrival: Arrival,
+    admitted: OwnedSemaphorePermit,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let id = completion_id(&request.request_id);
     let created = unix_now();
@@ -389,12 +426,15 @@ fn events(
         proofmesh: None,
     };
     async_stream::stream! {
+        // The request counts against the gateway's limit until its stream ends.
+        let _admitted = admitted;
         yield Ok(json_event(&chunk(Delta { role: Some("assistant"), content: Some(String::new()) }, None)));
         let mut tokens: Vec<u32> = Vec::new();
         loop {
             let frame = match generation.next().await {
                 Ok(frame) => frame,
                 Err(e) => {
+                    state.registry.failed(&generation.candidate.peer);
                     yield Ok(json_event(&e.body()));
                     return;
                 }
@@ -418,7 +458,7 @@ fn events(
                     }
                 }
                 GenerateFrame::Done { text, commitment, .. } => {
-                    record_usage(&state, &generation, tokens.len(), arrived);
+                    record_usage(&state, &generation, tokens.len(), &arrival);
                     let Ok(text) = generation.tail_of(text) else {
                         state.auditor.observed(&generation.candidate.peer, AuditFailure::TextMismatch);
                         yield Ok(json_event(&ApiError::verification_failed("failed:text_mismatch").body()));
@@ -442,6 +482,7 @@ fn events(
                         yield Ok(json_event(&body));
                         return;
                     }
+                    state.registry.succeeded(&generation.candidate.peer);
                     // What the provider signed (and the audit checked), not its unsigned claims.
                     let signed = &commitment.commitment;
                     let mut last = chunk(Delta::default(), Some(signed.finish_reason.as_openai()));
@@ -459,6 +500,7 @@ fn events(
                 }
                 GenerateFrame::Error { message, .. } => {
                     tracing::warn!(provider = %generation.candidate.peer, %message, "provider failed mid-stream");
+                    state.registry.failed(&generation.candidate.peer);
                     yield Ok(json_event(&ApiError::provider_failed("The provider failed while generating").body()));
                     return;
                 }

@@ -8,7 +8,10 @@ use crate::state::AppState;
 
 /// The models the mesh serves right now, with their digests and provider counts.
 #[utoipa::path(get, path = "/v1/models", tag = "models",
-    responses((status = 200, description = "Models served by at least one connected provider", body = ModelList)))]
+    responses(
+        (status = 200, description = "Models served by at least one connected provider", body = ModelList),
+        (status = 401, description = "`invalid_api_key`: the gateway requires API keys for this route (`public_models = false`)", body = crate::error::ErrorBody),
+    ))]
 pub async fn list(State(state): State<AppState>) -> Json<ModelList> {
     let mut data = Vec::new();
     for m in state.registry.models() {

@@ -94,12 +94,14 @@ fn loopback() -> Vec<libp2p::Multiaddr> {
 pub struct ProviderHandle {
     pub peer_id: PeerId,
     pub addrs: Vec<libp2p::Multiaddr>,
+    /// Its operations server (`/metrics`, `/healthz`).
+    pub http_addr: Option<std::net::SocketAddr>,
     pub name: String,
     /// How it was set up, and its node key: enough to start it again as the same peer.
     pub spec: ProviderSpec,
     pub key: libp2p::identity::Keypair,
     shutdown: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ProviderHandle {
@@ -108,7 +110,9 @@ impl ProviderHandle {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = (&mut self.task).await;
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
     }
 }
 
@@ -202,6 +206,14 @@ pub struct GatewayOptions {
     pub keypair: Option<libp2p::identity::Keypair>,
     /// Share of passed audits followed by a canary audit of a peer referee (default: none).
     pub canary_rate: f64,
+    /// One request's end-to-end deadline (default: the product's).
+    pub request_timeout: Option<Duration>,
+    /// Chat completions served at once (default: the product's).
+    pub max_concurrent_requests: Option<usize>,
+    /// Time a client gets to send its headers (default: the product's).
+    pub header_read_timeout: Option<Duration>,
+    /// Require these API keys (default: an open API).
+    pub api_keys: Option<proofmesh_gateway::access::KeyFile>,
 }
 
 /// Sends the gateway's warnings (or `RUST_LOG`'s choice) to the test's captured output, which
@@ -238,6 +250,23 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
         default_mode: VerificationMode::Merkle,
         // Short, so the drain-deadline test ends quickly.
         drain_timeout: Duration::from_secs(1),
+        retry: proofmesh_gateway::failover::RetryPolicy {
+            deadline: options
+                .request_timeout
+                .unwrap_or(proofmesh_gateway::failover::RetryPolicy::default().deadline),
+            ..proofmesh_gateway::failover::RetryPolicy::default()
+        },
+        max_concurrent_requests: options.max_concurrent_requests.unwrap_or(256),
+        access: match &options.api_keys {
+            Some(keys) => proofmesh_gateway::access::Access::with_keys(keys, true, true),
+            None => proofmesh_gateway::access::Access::open(),
+        },
+        http_limits: proofmesh_gateway::http::HttpLimits {
+            header_read_timeout: options
+                .header_read_timeout
+                .unwrap_or(proofmesh_gateway::http::HttpLimits::default().header_read_timeout),
+            ..proofmesh_gateway::http::HttpLimits::default()
+        },
         policy: AuditPolicy {
             challenge_count: proofmesh_shared::verify::DEFAULT_CHALLENGE_COUNT,
             // Every test provider is new; probation would double the steps challenged
@@ -359,7 +388,7 @@ impl Mesh {
             bootstrap: self.p2p_addrs.clone(),
             mdns: false,
             leaf_store_bytes: 64 << 20,
-            http_listen: None,
+            http_listen: Some("127.0.0.1:0".parse().expect("addr")),
             // `kill` stands for a crash: no time for running streams (the binaries' graceful
             // drain is tested in topology.rs).
             drain_timeout: Duration::ZERO,
@@ -387,11 +416,12 @@ impl Mesh {
         self.providers.push(ProviderHandle {
             peer_id: started.peer_id,
             addrs: started.listen_addrs.clone(),
+            http_addr: started.http_addr,
             name: spec.name.to_string(),
             spec,
             key,
             shutdown: Some(stop_tx),
-            task,
+            task: Some(task),
         });
     }
 
