@@ -103,6 +103,12 @@ impl KeyFile {
             return Err(invalid(format!("more than {MAX_KEYS} keys")));
         }
         for key in &file.keys {
+            if key.requests_per_minute == Some(0) || key.tokens_per_minute == Some(0) {
+                return Err(invalid(format!(
+                    "key '{}': a rate is at least 1 a minute",
+                    key.name
+                )));
+            }
             if parse_hash(&key.sha256).is_none() {
                 return Err(invalid(format!(
                     "key '{}': sha256 is not 64 hex digits",
@@ -161,6 +167,11 @@ impl KeyFile {
                 "a key name is 1 to {MAX_NAME_LEN} letters, digits or - _ . @"
             )));
         }
+        if requests_per_minute == Some(0) || tokens_per_minute == Some(0) {
+            return Err(AccessError::Refused(
+                "a rate is at least 1 a minute (revoke a key to stop it)".into(),
+            ));
+        }
         if self.keys.iter().any(|k| k.name == name) {
             return Err(AccessError::Refused(format!(
                 "a key named '{name}' exists already (revoke it first)"
@@ -209,9 +220,10 @@ struct Bucket {
 
 impl Bucket {
     fn per_minute(capacity: u32) -> Self {
+        let capacity = f64::from(capacity.max(1));
         Self {
-            level: f64::from(capacity),
-            capacity: f64::from(capacity),
+            level: capacity,
+            capacity,
             refilled: Instant::now(),
         }
     }
@@ -230,7 +242,7 @@ impl Bucket {
         if missing <= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(missing * 60.0 / self.capacity.max(f64::MIN_POSITIVE))
+            Duration::from_secs_f64((missing * 60.0 / self.capacity).min(3600.0))
         }
     }
 
@@ -441,6 +453,7 @@ mod tests {
         assert!(alice.starts_with(KEY_PREFIX) && alice.len() == KEY_PREFIX.len() + 64);
         assert!(file.create("alice", None, None).is_err());
         assert!(file.create("no spaces", None, None).is_err());
+        assert!(file.create("zero", Some(0), None).is_err());
         let text = toml::to_string(&file).expect("toml");
         assert!(
             !text.contains(&alice[KEY_PREFIX.len()..]) && !text.contains(&bob[KEY_PREFIX.len()..])

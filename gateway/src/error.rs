@@ -171,6 +171,19 @@ impl ApiError {
         )
     }
 
+    /// 408: the body did not arrive in time.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            Some("request_body_timeout"),
+            format!(
+                "The request body did not arrive within {} s",
+                limit.as_secs()
+            ),
+        )
+    }
+
     /// 413: the body is over the limit.
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(
@@ -255,7 +268,7 @@ impl ApiError {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,
             "server_error",
-            Some("request_timeout"),
+            Some(crate::failover::REQUEST_TIMEOUT),
             format!(
                 "The request did not finish within this gateway's deadline of {} s",
                 deadline.as_secs()
@@ -283,10 +296,15 @@ impl ApiError {
         self.code
     }
 
-    /// Whether this is a refusal of the request itself (a 4xx), which another provider may
-    /// still accept: a larger context, or a provider that does not lie about it.
-    pub fn is_client_error(&self) -> bool {
-        self.status.is_client_error()
+    /// The same error without `x-should-retry: false`: a retry may help after all.
+    pub fn retryable(mut self) -> Self {
+        self.should_retry = None;
+        self
+    }
+
+    /// Whether the client may usefully retry (no `x-should-retry: false`).
+    pub fn is_retryable(&self) -> bool {
+        self.should_retry != Some(false)
     }
 
     /// OpenAI's error body for this error (also used inside SSE streams).

@@ -4,8 +4,11 @@
 //! A request tries each provider at most once, at most [`RetryPolicy::max_attempts`] of them,
 //! and only while its end-to-end deadline has not passed. Whatever went wrong on one provider
 //! (it broke, hung, refused, was busy, or its answer was withheld by the audit) is recorded as
-//! a [`Failure`]; a provider that broke opens its circuit in the registry. When nothing is left
-//! to try, [`Attempts::error`] picks the one error that tells the client the most.
+//! a [`Failure`]. A provider that broke, refused or was busy opens its circuit in the registry,
+//! so that it is tried after the others for a while (a peer that refuses everything must not
+//! stay first in line because it holds no load); running out of the request's own time does
+//! not count against the provider. When nothing is left to try, [`Attempts::error`] picks the
+//! one error that tells the client the most.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +20,7 @@ use crate::registry::{Candidate, Registry};
 pub struct RetryPolicy {
     /// Providers tried for one request, at most (each once): the first plus failovers.
     pub max_attempts: usize,
-    /// From the request's arrival to its last byte.
+    /// From the request's arrival to its last token (the audit after it has its own limits).
     pub deadline: Duration,
 }
 
@@ -78,7 +81,23 @@ pub enum Failure {
     Failed(String),
     /// Its answer could not be verified as asked (the verdict).
     Unverified(String),
+    /// The request's deadline passed while it was at work: not the provider's fault.
+    Deadline,
 }
+
+impl Failure {
+    /// A failure from the error a generation ended with: the deadline, or the provider's.
+    pub fn from_error(error: ApiError) -> Self {
+        if error.code() == Some(REQUEST_TIMEOUT) {
+            Self::Deadline
+        } else {
+            Self::Broke(error)
+        }
+    }
+}
+
+/// The error code of a request past its deadline.
+pub const REQUEST_TIMEOUT: &str = "request_timeout";
 
 /// One request's tries.
 #[derive(Debug)]
@@ -124,7 +143,7 @@ impl<'a> Attempts<'a> {
         self.deadline
     }
 
-    /// Records that `candidate` failed; one that broke opens its circuit.
+    /// Records that `candidate` failed; one that broke, refused or was busy opens its circuit.
     pub fn failed(&mut self, candidate: &Candidate, failure: Failure) {
         match &failure {
             Failure::Broke(e) => {
@@ -133,12 +152,17 @@ impl<'a> Attempts<'a> {
             }
             Failure::Busy => {
                 tracing::info!(provider = %candidate.peer, "provider at capacity; trying another");
+                self.registry.failed(&candidate.peer);
             }
             Failure::Refused(e) => {
                 tracing::info!(provider = %candidate.peer, code = ?e.code(), "provider refused the request; trying another");
+                self.registry.failed(&candidate.peer);
             }
             Failure::Failed(verdict) | Failure::Unverified(verdict) => {
                 tracing::warn!(provider = %candidate.peer, %verdict, "answer withheld; trying another provider");
+            }
+            Failure::Deadline => {
+                tracing::warn!(provider = %candidate.peer, "request deadline passed");
             }
         }
         self.failures.push(failure);
@@ -150,16 +174,26 @@ impl<'a> Attempts<'a> {
     }
 
     /// The error for a request whose every try failed, most telling first: a failed audit
-    /// (retrying cannot help), an answer that could not be verified, the deadline, a provider
-    /// that broke, every provider busy (429 with `Retry-After`), a refusal of the request by
-    /// every provider that answered, and nobody to try at all.
+    /// (the client is told not to retry only when every try failed one), an answer that could
+    /// not be verified, the deadline, a provider that broke, every provider busy (429 with
+    /// `Retry-After`), a refusal of the request by every provider that answered, and nobody to
+    /// try at all.
     pub fn error(&self) -> ApiError {
         let verdict = |f: &Failure, failed: bool| match (f, failed) {
             (Failure::Failed(v), true) | (Failure::Unverified(v), false) => Some(v.clone()),
             _ => None,
         };
         if let Some(v) = self.failures.iter().find_map(|f| verdict(f, true)) {
-            return ApiError::verification_failed(&v);
+            let every_try_failed = self
+                .failures
+                .iter()
+                .all(|f| matches!(f, Failure::Failed(_)));
+            let error = ApiError::verification_failed(&v);
+            return if every_try_failed {
+                error
+            } else {
+                error.retryable()
+            };
         }
         if let Some(v) = self.failures.iter().find_map(|f| verdict(f, false)) {
             return ApiError::unverified(&v);
@@ -175,14 +209,15 @@ impl<'a> Attempts<'a> {
                 Failure::Broke(e) => broke = Some(e.clone()),
                 Failure::Refused(e) => refused = refused.or_else(|| Some(e.clone())),
                 Failure::Busy => busy = true,
-                Failure::Failed(_) | Failure::Unverified(_) => {}
+                Failure::Failed(_) | Failure::Unverified(_) | Failure::Deadline => {}
             }
         }
         if let Some(e) = broke {
             return e;
         }
         if busy {
-            let peers: Vec<_> = self.candidates.iter().map(|c| c.peer).collect();
+            let tried = &self.candidates[..self.next.min(self.candidates.len())];
+            let peers: Vec<_> = tried.iter().map(|c| c.peer).collect();
             let wait = self.registry.soonest_ready(&peers).as_secs().max(1);
             return ApiError::busy(
                 "Every provider of this model is at capacity; retry after the time in Retry-After",
@@ -286,6 +321,18 @@ mod tests {
             Failure::Busy,
         ]);
         assert_eq!(failed.code(), Some("verification_failed"));
+        assert!(
+            failed.is_retryable(),
+            "another try may reach an honest provider"
+        );
+        let all_failed = run(vec![Failure::Failed("failed:logits_diverge".into())]);
+        assert!(!all_failed.is_retryable());
+        assert_eq!(
+            run(vec![Failure::Busy, Failure::Deadline])
+                .status()
+                .as_u16(),
+            429
+        );
         assert_eq!(run(vec![]).status().as_u16(), 503);
     }
 }

@@ -14,13 +14,18 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
+/// How long a request's whole body may take to arrive (a request extension the JSON
+/// extractor reads).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyReadTimeout(pub Duration);
+
 /// Limits on the HTTP server's connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpLimits {
     /// Time a client gets to send a request's headers, from when the connection is ready for
     /// one (so it also closes a kept-alive connection left idle that long).
     pub header_read_timeout: Duration,
-    /// Time a client gets to send a request's body.
+    /// Time a client gets to send a request's whole body.
     pub body_read_timeout: Duration,
     /// Connections open at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
@@ -44,9 +49,9 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) {
-    let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-        limits.body_read_timeout,
-    ));
+    // The body extractor reads the whole body within this (tower-http's body timeout restarts
+    // with every frame, so a byte now and then would keep it alive).
+    let app = app.layer(axum::Extension(BodyReadTimeout(limits.body_read_timeout)));
     // HTTP/1.1 only, as the OpenAI SDKs speak: sniffing for HTTP/2 would wait on a silent
     // client with no deadline at all, before hyper's header deadline starts.
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();

@@ -18,6 +18,7 @@ use proofmesh_shared::protocol::{
 };
 use proofmesh_shared::verify::AuditFailure;
 
+use crate::access::Caller;
 use crate::auditor::vocab::Expected;
 use crate::auditor::{Auditor, RefereeSession, Transcript, VerificationMode};
 use crate::error::ApiError;
@@ -54,9 +55,19 @@ pub struct Generation {
     text_bytes: usize,
     /// When the request must be over.
     deadline: Deadline,
+    /// Whose API key pays for the tokens, once the generation is over however it ended.
+    payer: Option<Caller>,
     auditor: Auditor,
     stream: libp2p::Stream,
     _load: LoadGuard,
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if let Some(payer) = &self.payer {
+            payer.charge_tokens(u64::from(self.tokens_seen) + u64::from(self.prompt_tokens));
+        }
+    }
 }
 
 /// The result of a finished generation, before the audit.
@@ -106,6 +117,17 @@ impl Generation {
             }
         }
         Ok(frame)
+    }
+
+    /// When the request must be over.
+    pub fn deadline(&self) -> Deadline {
+        self.deadline
+    }
+
+    /// Charges this generation's tokens (prompt and those received) to `caller`'s key when it
+    /// ends, however it ends: delivered, withheld, failed over or abandoned by the client.
+    pub fn bill_to(&mut self, caller: Option<Caller>) {
+        self.payer = caller;
     }
 
     /// Holds the provider to the request: at most `max_tokens` tokens (one more is a lie the
@@ -277,10 +299,19 @@ async fn try_start(
     // gateway opens one stream per provider at a time (until the provider's first frame), and a
     // stream closed before any frame (another gateway won the race) is retried, not blamed.
     let gate = state.registry.open_gate(&candidate.peer);
-    let _opening = gate.lock().await;
+    let Ok(_opening) = tokio::time::timeout(deadline.remaining(), gate.lock()).await else {
+        return Err(Failure::Deadline);
+    };
     for attempt in 1..=OPEN_ATTEMPTS {
-        let mut stream = open(state, candidate).await?;
-        let written = tokio::time::timeout(OPEN_TIMEOUT, write_frame(&mut stream, request)).await;
+        if deadline.passed() {
+            return Err(Failure::Deadline);
+        }
+        let mut stream = open(state, candidate, deadline).await?;
+        let written = tokio::time::timeout(
+            OPEN_TIMEOUT.min(deadline.remaining()),
+            write_frame(&mut stream, request),
+        )
+        .await;
         if !matches!(written, Ok(Ok(()))) {
             if attempt < OPEN_ATTEMPTS {
                 tracing::debug!(provider = %candidate.peer, attempt, "stream dropped before the request; reopening");
@@ -306,6 +337,7 @@ async fn try_start(
                     tokens_seen: 0,
                     text_bytes: 0,
                     deadline,
+                    payer: None,
                     auditor: state.auditor.clone(),
                     stream,
                     _load: load,
@@ -327,7 +359,7 @@ async fn try_start(
                     "The provider closed the stream before answering",
                 )));
             }
-            Err(_) if deadline.passed() => return Err(Failure::Broke(deadline.error())),
+            Err(_) if deadline.passed() => return Err(Failure::Deadline),
             Err(_) => return Err(Failure::Broke(ApiError::provider_timeout())),
         }
     }
@@ -337,7 +369,11 @@ async fn try_start(
 }
 
 /// Opens a generate stream to the candidate.
-async fn open(state: &AppState, candidate: &Candidate) -> Result<libp2p::Stream, Failure> {
+async fn open(
+    state: &AppState,
+    candidate: &Candidate,
+    deadline: Deadline,
+) -> Result<libp2p::Stream, Failure> {
     let unreachable = |what: &str| {
         Failure::Broke(ApiError::provider_failed(format!(
             "The provider could not be reached ({what})"
@@ -345,7 +381,7 @@ async fn open(state: &AppState, candidate: &Candidate) -> Result<libp2p::Stream,
     };
     let mut control = state.net.stream_control();
     match tokio::time::timeout(
-        OPEN_TIMEOUT,
+        OPEN_TIMEOUT.min(deadline.remaining()),
         control.open_stream(candidate.peer, GENERATE_PROTOCOL),
     )
     .await
@@ -355,6 +391,7 @@ async fn open(state: &AppState, candidate: &Candidate) -> Result<libp2p::Stream,
             tracing::debug!(provider = %candidate.peer, error = %e, "cannot open a generate stream");
             Err(unreachable("stream refused"))
         }
+        Err(_) if deadline.passed() => Err(Failure::Deadline),
         Err(_) => Err(unreachable("timeout")),
     }
 }

@@ -143,9 +143,9 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_DRAIN_TIMEOUT_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     drain_timeout_secs: Option<u64>,
-    /// Seconds one chat completion may take from arrival to its last byte, failovers and audit
-    /// included; past it the client gets 504 `request_timeout`, or a stream an error event,
-    /// 1-86400 [default: 300].
+    /// Seconds one chat completion may take from arrival to its last token, failovers included
+    /// (the audit after it runs under its own limits); past it the client gets 504
+    /// `request_timeout`, or a stream an error event, 1-86400 [default: 300].
     #[arg(long, env = "PROOFMESH_REQUEST_TIMEOUT_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     request_timeout_secs: Option<u64>,

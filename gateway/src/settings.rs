@@ -34,8 +34,9 @@ pub struct GatewaySettings {
     pub failed_audit_cooldown_secs: u64,
     /// Seconds running requests get to finish after SIGTERM.
     pub drain_timeout_secs: u64,
-    /// Seconds one chat completion may take from arrival to its last byte, failovers and
-    /// audit included; a stream still running then ends with an error event.
+    /// Seconds one chat completion may take from arrival to its last token, failovers included
+    /// (the audit after it runs under its own limits); a stream still running then ends with
+    /// an error event.
     pub request_timeout_secs: u64,
     /// Providers one request tries at most (each once): the first plus failovers.
     pub max_attempts: u32,

@@ -33,6 +33,7 @@ async fn slow_and_idle_clients_are_cut_off() {
         no_local_referee: true,
         no_vocabulary: true,
         header_read_timeout: Some(header_timeout),
+        body_read_timeout: Some(Duration::from_secs(2)),
         ..GatewayOptions::default()
     })
     .await;
@@ -61,6 +62,36 @@ async fn slow_and_idle_clients_are_cut_off() {
     eprintln!(
         "idle connection closed after {idle_closed:?}; the dribbling one by then too ({slow_closed:?} more)"
     );
+
+    // A body sent a byte at a time is cut off when its whole-body deadline passes, however
+    // regularly the bytes come.
+    let mut dribbling = TcpStream::connect(addr).await.expect("connect");
+    dribbling
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n\
+              Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+        )
+        .await
+        .expect("write");
+    let started_body = Instant::now();
+    let mut answer = String::new();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if dribbling.write_all(b" ").await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 4096];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(1), dribbling.read(&mut buf)).await
+        {
+            answer.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if n == 0 || answer.contains("\r\n\r\n") {
+                break;
+            }
+        }
+    }
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(started_body.elapsed() < Duration::from_secs(8));
 
     // Meanwhile, and after, others are served.
     let health = reqwest::get(mesh.url("/healthz")).await.expect("healthz");
@@ -119,7 +150,11 @@ async fn api_keys_are_required_checked_and_rate_limited() {
 
 #[test]
 fn the_keys_command_creates_lists_and_revokes_keys_stored_as_hashes() {
-    let dir = std::env::temp_dir().join(format!("pm-keys-cli-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "pm-keys-cli-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let file = dir.join("keys.toml");
     let run = |args: &[&str]| {
         let output = Command::new(env!("CARGO_BIN_EXE_proofmesh-gateway"))

@@ -251,6 +251,13 @@ impl Service {
         if fewest + request.max_tokens as usize > window {
             return Err(too_long(format!("at least {fewest}")));
         }
+        // No tokenizing for a job the queue would refuse anyway.
+        if self.engine.queue_full() {
+            return Err(Refusal::new(
+                RemoteErrorKind::Overloaded,
+                "provider queue is full",
+            ));
+        }
         // Tokenizing is CPU work: off the async runtime's workers.
         let engine = self.engine.clone();
         let messages = request.messages.clone();

@@ -5,6 +5,7 @@ use axum::extract::{FromRequest, Request};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
+use crate::http::BodyReadTimeout;
 
 /// Extracts a JSON body. Syntax errors are 400s, type errors name the field in `param`, bodies
 /// over the limit are 413s.
@@ -13,6 +14,8 @@ pub struct OpenAiJson<T>(pub T);
 
 /// Bodies larger than this are refused with 413 before parsing.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// How long a body may take to arrive when the server set no limit of its own.
+const DEFAULT_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl<S, T> FromRequest<S> for OpenAiJson<T>
 where
@@ -22,7 +25,14 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        let limit = req
+            .extensions()
+            .get::<BodyReadTimeout>()
+            .map_or(DEFAULT_BODY_READ_TIMEOUT, |t| t.0);
+        let read = tokio::time::timeout(limit, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| ApiError::body_timeout(limit))?;
+        let bytes = read.map_err(|rejection| {
             if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::payload_too_large(MAX_BODY_BYTES)
             } else {

@@ -20,7 +20,7 @@ use crate::auditor::{Answer, AuditOutcome, Exclusion, VerificationMode};
 use crate::catalog::Resolved;
 use crate::error::ApiError;
 use crate::error::ErrorBody;
-use crate::failover::{Attempts, Failure};
+use crate::failover::{Attempts, Deadline, Failure};
 use crate::inference::{self, Generation};
 use crate::lifecycle::Lifecycle;
 use crate::openai::extract::OpenAiJson;
@@ -66,6 +66,7 @@ A failure after the stream started arrives as a `data:` line holding an `ErrorBo
         (status = 400, description = "Invalid request (`param` names the field), `context_length_exceeded` (from every provider tried) or `unsupported_verification_mode`", body = ErrorBody),
         (status = 401, description = "`invalid_api_key`: the gateway requires API keys and the request had none, or not one it issued", body = ErrorBody),
         (status = 404, description = "`model_not_found`: no provider serves it, or a name the operator did not pin to a digest (names are never resolved by what peers advertise; ask by `sha256:<hex>` instead)", body = ErrorBody),
+        (status = 408, description = "`request_body_timeout`: the body did not arrive within `body_read_timeout_secs`", body = ErrorBody),
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
         (status = 502, description = "The provider failed, or `verification_failed`: every provider tried failed its audit (then `x-should-retry: false`)", body = ErrorBody,
             headers(("x-should-retry" = String, description = "`false` when retrying cannot help"))),
@@ -118,7 +119,8 @@ async fn answer(
         return Err(ApiError::busy(
             "This gateway is serving as many requests as it is configured to; retry after the \
              time in Retry-After",
-            1,
+            // 1 to 3 s, so that clients turned away together do not all come back together.
+            1 + rand::random::<u64>() % 3,
         ));
     };
     let chat = body.validate(state.default_mode)?;
@@ -149,7 +151,8 @@ async fn answer(
     if chat.stream {
         // Failover happens only before the first byte: once a provider accepted, the stream is
         // its, and a failure ends it with an error event.
-        let generation = inference::start(&state, &mut attempts, &request, chat.mode).await?;
+        let mut generation = inference::start(&state, &mut attempts, &request, chat.mode).await?;
+        generation.bill_to(arrival.caller.clone());
         Ok(stream_response(
             state, chat, request, generation, arrival, admitted,
         ))
@@ -205,10 +208,11 @@ async fn plain_response(
 ) -> Result<Response, ApiError> {
     loop {
         let mut generation = inference::start(state, attempts, request, chat.mode).await?;
+        generation.bill_to(arrival.caller.clone());
         let done = match generation.collect().await {
             Ok(done) => done,
             Err(e) => {
-                attempts.failed(&generation.candidate, Failure::Broke(e));
+                attempts.failed(&generation.candidate, Failure::from_error(e));
                 continue;
             }
         };
@@ -288,13 +292,9 @@ struct Arrival {
     caller: Option<Caller>,
 }
 
-/// Counts a finished generation's tokens (and its time to first token, when not yet counted),
-/// and charges them to the caller's key: generated tokens cost whether or not the answer was
-/// delivered.
+/// Counts a finished generation's tokens (and its time to first token, when not yet counted).
+/// (The caller's key pays for them through [`Generation::bill_to`].)
 fn record_usage(state: &AppState, generation: &Generation, tokens: usize, arrival: &Arrival) {
-    if let Some(caller) = &arrival.caller {
-        caller.charge_tokens(tokens as u64 + u64::from(generation.prompt_tokens));
-    }
     let metrics = &state.metrics;
     metrics.tokens_generated.inc_by(tokens as u64);
     metrics
@@ -389,9 +389,13 @@ fn stream_response(
         audit_ms: 0,
     };
     set_headers(&mut headers, &early, false);
-    let deadline = state.lifecycle.clone();
-    let events = until_drained(
-        events(state, chat, request, generation, arrival, admitted),
+    let lifecycle = state.lifecycle.clone();
+    let deadline = generation.deadline();
+    let events = detached(
+        until_drained(
+            events(state, chat, request, generation, arrival, admitted),
+            lifecycle,
+        ),
         deadline,
     );
     let sse = Sse::new(events).keep_alive(KeepAlive::default());
@@ -434,7 +438,9 @@ fn events(
             let frame = match generation.next().await {
                 Ok(frame) => frame,
                 Err(e) => {
-                    state.registry.failed(&generation.candidate.peer);
+                    if let Failure::Broke(_) = Failure::from_error(e.clone()) {
+                        state.registry.failed(&generation.candidate.peer);
+                    }
                     yield Ok(json_event(&e.body()));
                     return;
                 }
@@ -513,6 +519,46 @@ fn events(
     }
 }
 
+/// Events a stream may run ahead of a client that reads slowly.
+const STREAM_BUFFER: usize = 64;
+
+/// Runs `events` in a task of its own, `STREAM_BUFFER` events ahead of the client. A client
+/// that stops reading cannot hold the provider, the referee and the gateway's place past the
+/// request's deadline: then the task ends and drops them all (the client, when it reads again,
+/// finds the stream cut short, without `[DONE]`).
+fn detached(
+    events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static,
+    deadline: Deadline,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+    tokio::spawn(async move {
+        futures::pin_mut!(events);
+        loop {
+            // A client that hung up ends the stream at once, not at its next event.
+            let event = tokio::select! {
+                event = events.next() => event,
+                () = tx.closed() => return,
+            };
+            let Some(event) = event else { return };
+            match tokio::time::timeout(deadline.remaining(), tx.send(event)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::warn!(
+                        "a client stopped reading its stream; ending it at the deadline"
+                    );
+                    return;
+                }
+            }
+        }
+    });
+    async_stream::stream! {
+        while let Some(event) = rx.recv().await {
+            yield event;
+        }
+    }
+}
+
 /// Passes `events` through until the drain deadline; a stream still running then ends with a
 /// `shutting_down` error event (and no `[DONE]`), which SDKs raise as an error.
 fn until_drained(
@@ -534,5 +580,65 @@ fn until_drained(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// Sets its flag when dropped: stands for the provider stream and the gateway's place.
+    struct Held(Arc<AtomicBool>);
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_hangs_up_releases_everything_at_once() {
+        let released = Arc::new(AtomicBool::new(false));
+        let held = Held(Arc::clone(&released));
+        let silent = async_stream::stream! {
+            let _held = held;
+            yield Ok(Event::default().data("first"));
+            futures::future::pending::<()>().await;
+        };
+        let deadline = Deadline::new(Instant::now(), Duration::from_secs(300));
+        let mut stream = Box::pin(detached(silent, deadline));
+        assert!(stream.next().await.is_some());
+        drop(stream);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            released.load(Ordering::SeqCst),
+            "the generation outlived its client"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_releases_everything_at_the_deadline() {
+        let released = Arc::new(AtomicBool::new(false));
+        let held = Held(Arc::clone(&released));
+        let endless = async_stream::stream! {
+            let _held = held;
+            loop {
+                yield Ok(Event::default().data("token"));
+                tokio::task::yield_now().await;
+            }
+        };
+        let deadline = Deadline::new(Instant::now(), Duration::from_millis(300));
+        let stream = detached(endless, deadline);
+        futures::pin_mut!(stream);
+        // The client reads one event, then nothing more, and keeps the connection.
+        assert!(stream.next().await.is_some());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            released.load(Ordering::SeqCst),
+            "the generation outlived its deadline"
+        );
     }
 }

@@ -212,6 +212,8 @@ pub struct GatewayOptions {
     pub max_concurrent_requests: Option<usize>,
     /// Time a client gets to send its headers (default: the product's).
     pub header_read_timeout: Option<Duration>,
+    /// Time a client gets to send its whole body (default: the product's).
+    pub body_read_timeout: Option<Duration>,
     /// Require these API keys (default: an open API).
     pub api_keys: Option<proofmesh_gateway::access::KeyFile>,
 }
@@ -265,6 +267,9 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
             header_read_timeout: options
                 .header_read_timeout
                 .unwrap_or(proofmesh_gateway::http::HttpLimits::default().header_read_timeout),
+            body_read_timeout: options
+                .body_read_timeout
+                .unwrap_or(proofmesh_gateway::http::HttpLimits::default().body_read_timeout),
             ..proofmesh_gateway::http::HttpLimits::default()
         },
         policy: AuditPolicy {

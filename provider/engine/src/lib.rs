@@ -698,6 +698,11 @@ impl Engine {
         &self.load
     }
 
+    /// Whether [`MAX_QUEUED_JOBS`] are waiting already (a new job would be refused).
+    pub fn queue_full(&self) -> bool {
+        self.load.waiting.load(Ordering::Relaxed) >= MAX_QUEUED_JOBS
+    }
+
     /// Queues a job; fails at once when [`MAX_QUEUED_JOBS`] are already waiting.
     pub fn submit(&self, job: Job) -> Result<(), EngineError> {
         // Counted before sending so the engine thread's decrement can never run first.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
-use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, noise, ping, tcp, yamux};
 use tokio::sync::{mpsc, oneshot};
 
@@ -168,8 +168,16 @@ impl EventLoop {
                 Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some(peer),
                 _ => None,
             };
-            let lost = peer.map_or(alone, |peer| !self.swarm.is_connected(&peer));
-            if lost && let Err(e) = self.swarm.dial(addr.clone()) {
+            let dial = match peer {
+                // Not again while a dial to it is still under way.
+                Some(peer) if !self.swarm.is_connected(&peer) => DialOpts::peer_id(peer)
+                    .addresses(vec![addr.clone()])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build(),
+                None if alone => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+                _ => continue,
+            };
+            if let Err(e) = self.swarm.dial(dial) {
                 tracing::debug!(%addr, error = %e, "bootstrap re-dial failed");
             }
         }
