@@ -234,22 +234,11 @@ impl<'a> Attempts<'a> {
 mod tests {
     use super::*;
     use libp2p::PeerId;
-    use proofmesh_shared::protocol::{ModelCard, ModelDigest};
 
     fn candidates(n: usize, registry: &Registry) -> Vec<Candidate> {
         (0..n)
             .map(|_| {
-                let card = ModelCard {
-                    name: "m".into(),
-                    digest: ModelDigest([1; 32]),
-                    quantization: "Q4_1".into(),
-                    context_size: 2048,
-                    parallel: 4,
-                    device: "cpu".into(),
-                    gpu_layers: 0,
-                    numerics: "det/test".into(),
-                    referee: false,
-                };
+                let card = crate::registry::test_card("m", 1);
                 let peer = PeerId::random();
                 registry.upsert(peer, vec![card.clone()]);
                 Candidate { peer, card }

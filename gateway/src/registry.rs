@@ -268,6 +268,22 @@ impl Registry {
     }
 }
 
+/// A model card for unit tests: `name` under the digest `[digest; 32]`.
+#[cfg(test)]
+pub(crate) fn test_card(name: &str, digest: u8) -> ModelCard {
+    ModelCard {
+        name: name.into(),
+        digest: ModelDigest([digest; 32]),
+        quantization: "Q4_1".into(),
+        context_size: 2048,
+        parallel: 4,
+        device: "cpu".into(),
+        gpu_layers: 0,
+        numerics: "det/test".into(),
+        referee: true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,17 +307,7 @@ mod tests {
     }
 
     fn card(name: &str, digest: u8) -> ModelCard {
-        ModelCard {
-            name: name.into(),
-            digest: ModelDigest([digest; 32]),
-            quantization: "Q4_1".into(),
-            context_size: 2048,
-            parallel: 4,
-            device: "cpu".into(),
-            gpu_layers: 0,
-            numerics: "det/test".into(),
-            referee: true,
-        }
+        test_card(name, digest)
     }
 
     #[test]
