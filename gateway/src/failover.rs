@@ -99,6 +99,32 @@ impl Failure {
 /// The error code of a request past its deadline.
 pub const REQUEST_TIMEOUT: &str = "request_timeout";
 
+/// Logs a provider's failure and opens its circuit when it broke, refused or was busy (not for
+/// a withheld answer, which the auditor's book deals with, nor for the request's own deadline).
+/// For failures after a stream started too, where no [`Attempts`] is left to record them.
+pub fn record(registry: &Registry, candidate: &Candidate, failure: &Failure) {
+    match failure {
+        Failure::Broke(e) => {
+            tracing::warn!(provider = %candidate.peer, code = ?e.code(), "provider failed");
+            registry.failed(&candidate.peer);
+        }
+        Failure::Busy => {
+            tracing::info!(provider = %candidate.peer, "provider at capacity");
+            registry.failed(&candidate.peer);
+        }
+        Failure::Refused(e) => {
+            tracing::info!(provider = %candidate.peer, code = ?e.code(), "provider refused the request");
+            registry.failed(&candidate.peer);
+        }
+        Failure::Failed(verdict) | Failure::Unverified(verdict) => {
+            tracing::warn!(provider = %candidate.peer, %verdict, "answer withheld");
+        }
+        Failure::Deadline => {
+            tracing::warn!(provider = %candidate.peer, "request deadline passed");
+        }
+    }
+}
+
 /// One request's tries.
 #[derive(Debug)]
 pub struct Attempts<'a> {
@@ -143,28 +169,9 @@ impl<'a> Attempts<'a> {
         self.deadline
     }
 
-    /// Records that `candidate` failed; one that broke, refused or was busy opens its circuit.
+    /// Records that `candidate` failed ([`record`]) and keeps the failure for [`Attempts::error`].
     pub fn failed(&mut self, candidate: &Candidate, failure: Failure) {
-        match &failure {
-            Failure::Broke(e) => {
-                tracing::warn!(provider = %candidate.peer, code = ?e.code(), "provider failed; trying another");
-                self.registry.failed(&candidate.peer);
-            }
-            Failure::Busy => {
-                tracing::info!(provider = %candidate.peer, "provider at capacity; trying another");
-                self.registry.failed(&candidate.peer);
-            }
-            Failure::Refused(e) => {
-                tracing::info!(provider = %candidate.peer, code = ?e.code(), "provider refused the request; trying another");
-                self.registry.failed(&candidate.peer);
-            }
-            Failure::Failed(verdict) | Failure::Unverified(verdict) => {
-                tracing::warn!(provider = %candidate.peer, %verdict, "answer withheld; trying another provider");
-            }
-            Failure::Deadline => {
-                tracing::warn!(provider = %candidate.peer, "request deadline passed");
-            }
-        }
+        record(&self.registry, candidate, &failure);
         self.failures.push(failure);
     }
 

@@ -20,7 +20,7 @@ use crate::auditor::{Answer, AuditOutcome, Exclusion, VerificationMode};
 use crate::catalog::Resolved;
 use crate::error::ApiError;
 use crate::error::ErrorBody;
-use crate::failover::{Attempts, Deadline, Failure};
+use crate::failover::{self, Attempts, Deadline, Failure};
 use crate::inference::{self, Generation};
 use crate::lifecycle::Lifecycle;
 use crate::openai::extract::OpenAiJson;
@@ -438,10 +438,9 @@ fn events(
             let frame = match generation.next().await {
                 Ok(frame) => frame,
                 Err(e) => {
-                    if let Failure::Broke(_) = Failure::from_error(e.clone()) {
-                        state.registry.failed(&generation.candidate.peer);
-                    }
-                    yield Ok(json_event(&e.body()));
+                    let event = json_event(&e.body());
+                    failover::record(&state.registry, &generation.candidate, &Failure::from_error(e));
+                    yield Ok(event);
                     return;
                 }
             };
@@ -506,8 +505,10 @@ fn events(
                 }
                 GenerateFrame::Error { message, .. } => {
                     tracing::warn!(provider = %generation.candidate.peer, %message, "provider failed mid-stream");
-                    state.registry.failed(&generation.candidate.peer);
-                    yield Ok(json_event(&ApiError::provider_failed("The provider failed while generating").body()));
+                    let error = ApiError::provider_failed("The provider failed while generating");
+                    let event = json_event(&error.body());
+                    failover::record(&state.registry, &generation.candidate, &Failure::Broke(error));
+                    yield Ok(event);
                     return;
                 }
                 GenerateFrame::Accepted { .. } => {
@@ -599,10 +600,15 @@ mod tests {
         }
     }
 
+    /// A [`Held`] and the flag it sets.
+    fn held() -> (Held, Arc<AtomicBool>) {
+        let released = Arc::new(AtomicBool::new(false));
+        (Held(Arc::clone(&released)), released)
+    }
+
     #[tokio::test]
     async fn a_client_that_hangs_up_releases_everything_at_once() {
-        let released = Arc::new(AtomicBool::new(false));
-        let held = Held(Arc::clone(&released));
+        let (held, released) = held();
         let silent = async_stream::stream! {
             let _held = held;
             yield Ok(Event::default().data("first"));
@@ -621,8 +627,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_stops_reading_releases_everything_at_the_deadline() {
-        let released = Arc::new(AtomicBool::new(false));
-        let held = Held(Arc::clone(&released));
+        let (held, released) = held();
         let endless = async_stream::stream! {
             let _held = held;
             loop {
