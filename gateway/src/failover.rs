@@ -72,6 +72,9 @@ impl Deadline {
 pub enum Failure {
     /// It said it is at capacity.
     Busy,
+    /// This gateway already holds as many streams to it as it opens to one provider: nobody's
+    /// fault, and another provider may have room.
+    Full,
     /// It refused the request itself (context too small, invalid): another provider may
     /// accept it, and a provider may lie about it.
     Refused(ApiError),
@@ -121,6 +124,9 @@ pub fn record(registry: &Registry, candidate: &Candidate, failure: &Failure) {
         }
         Failure::Deadline => {
             tracing::warn!(provider = %candidate.peer, "request deadline passed");
+        }
+        Failure::Full => {
+            tracing::debug!(provider = %candidate.peer, "this gateway's streams to the provider are all in use");
         }
     }
 }
@@ -215,7 +221,7 @@ impl<'a> Attempts<'a> {
             match failure {
                 Failure::Broke(e) => broke = Some(e.clone()),
                 Failure::Refused(e) => refused = refused.or_else(|| Some(e.clone())),
-                Failure::Busy => busy = true,
+                Failure::Busy | Failure::Full => busy = true,
                 Failure::Failed(_) | Failure::Unverified(_) | Failure::Deadline => {}
             }
         }

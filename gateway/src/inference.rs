@@ -12,8 +12,9 @@
 use std::time::{Duration, Instant};
 
 use proofmesh_shared::commit::SignedCommitment;
+use proofmesh_shared::net::Offence;
 use proofmesh_shared::protocol::{
-    FRAME_GAP_TIMEOUT, FinishReason, FrameError, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest,
+    FRAME_GAP_TIMEOUT, FinishReason, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest,
     MAX_STREAM_FRAME, RemoteErrorKind, read_frame, write_frame,
 };
 use proofmesh_shared::verify::AuditFailure;
@@ -29,8 +30,6 @@ use crate::state::AppState;
 /// Opening a stream and sending the request: a healthy provider on a live connection answers
 /// in milliseconds.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Tries at opening a stream that the provider's stream acceptor dropped (see `try_start`).
-const OPEN_ATTEMPTS: u32 = 8;
 /// Bytes of text a provider may send per token, on average over its answer: far above any
 /// vocabulary's longest token, far below what would let a provider fill the gateway's memory.
 pub const MAX_TEXT_PER_TOKEN: usize = 256;
@@ -244,7 +243,8 @@ fn remote_error(kind: RemoteErrorKind, message: &str) -> ApiError {
         RemoteErrorKind::ContextLength => ApiError::context_length(message),
         RemoteErrorKind::UnknownModel
         | RemoteErrorKind::Overloaded
-        | RemoteErrorKind::ShuttingDown => {
+        | RemoteErrorKind::ShuttingDown
+        | RemoteErrorKind::NotServed => {
             ApiError::no_provider("No provider could take the request right now")
         }
         RemoteErrorKind::Internal => {
@@ -257,8 +257,11 @@ fn remote_error(kind: RemoteErrorKind, message: &str) -> ApiError {
 fn refusal(kind: RemoteErrorKind, message: &str) -> Failure {
     let error = remote_error(kind, message);
     match kind {
-        // Another provider may have a larger context, or not lie about the request.
-        RemoteErrorKind::InvalidRequest | RemoteErrorKind::ContextLength => Failure::Refused(error),
+        // Another provider may have a larger context, not lie about the request, or serve
+        // this gateway.
+        RemoteErrorKind::InvalidRequest
+        | RemoteErrorKind::ContextLength
+        | RemoteErrorKind::NotServed => Failure::Refused(error),
         RemoteErrorKind::Overloaded => Failure::Busy,
         RemoteErrorKind::UnknownModel
         | RemoteErrorKind::ShuttingDown
@@ -293,79 +296,69 @@ async fn try_start(
     request: &GenerateRequest,
     deadline: Deadline,
 ) -> Result<Generation, Failure> {
-    let load = state.registry.track(candidate.peer);
-    // libp2p-stream hands inbound streams to the provider's acceptor through a channel with room
-    // for one: a second stream negotiated before the acceptor took the first is dropped. So this
-    // gateway opens one stream per provider at a time (until the provider's first frame), and a
-    // stream closed before any frame (another gateway won the race) is retried, not blamed.
-    let gate = state.registry.open_gate(&candidate.peer);
-    let Ok(_opening) = tokio::time::timeout(deadline.remaining(), gate.lock()).await else {
-        return Err(Failure::Deadline);
+    let Some(load) = state.registry.try_track(candidate.peer) else {
+        return Err(Failure::Full);
     };
-    for attempt in 1..=OPEN_ATTEMPTS {
-        if deadline.passed() {
-            return Err(Failure::Deadline);
-        }
-        let mut stream = open(state, candidate, deadline).await?;
-        let written = tokio::time::timeout(
-            OPEN_TIMEOUT.min(deadline.remaining()),
-            write_frame(&mut stream, request),
-        )
-        .await;
-        if !matches!(written, Ok(Ok(()))) {
-            if attempt < OPEN_ATTEMPTS {
-                tracing::debug!(provider = %candidate.peer, attempt, "stream dropped before the request; reopening");
-                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt)) + jitter()).await;
-                continue;
-            }
-            return Err(Failure::Broke(ApiError::provider_failed(
+    let mut stream = open(state, candidate, deadline).await?;
+    let written = tokio::time::timeout(
+        OPEN_TIMEOUT.min(deadline.remaining()),
+        write_frame(&mut stream, request),
+    )
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        return Err(if deadline.passed() {
+            Failure::Deadline
+        } else {
+            Failure::Broke(ApiError::provider_failed(
                 "The provider could not be reached (request not delivered)",
-            )));
-        }
-        let wait = FRAME_GAP_TIMEOUT.min(deadline.remaining());
-        match tokio::time::timeout(wait, read_frame(&mut stream, MAX_STREAM_FRAME)).await {
-            Ok(Ok(GenerateFrame::Accepted { prompt_tokens })) => {
-                return Ok(Generation {
-                    candidate: candidate.clone(),
-                    prompt_tokens,
-                    first_token_at: None,
-                    referee: None,
-                    transcript: state
-                        .auditor
-                        .transcript(&candidate.card.digest, &request.stop),
-                    max_tokens: request.max_tokens,
-                    tokens_seen: 0,
-                    text_bytes: 0,
-                    deadline,
-                    payer: None,
-                    auditor: state.auditor.clone(),
-                    stream,
-                    _load: load,
-                });
-            }
-            Ok(Ok(GenerateFrame::Error { kind, message })) => return Err(refusal(kind, &message)),
-            Ok(Ok(_)) => {
-                return Err(Failure::Broke(ApiError::provider_failed(
-                    "The provider violated the protocol",
-                )));
-            }
-            Ok(Err(FrameError::Closed)) if attempt < OPEN_ATTEMPTS => {
-                tracing::debug!(provider = %candidate.peer, attempt, "stream dropped before the first frame; reopening");
-                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt)) + jitter()).await;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(provider = %candidate.peer, error = %e, "provider stream broke");
-                return Err(Failure::Broke(ApiError::provider_failed(
-                    "The provider closed the stream before answering",
-                )));
-            }
-            Err(_) if deadline.passed() => return Err(Failure::Deadline),
-            Err(_) => return Err(Failure::Broke(ApiError::provider_timeout())),
-        }
+            ))
+        });
     }
-    Err(Failure::Broke(ApiError::provider_failed(
-        "The provider kept dropping the stream",
-    )))
+    let wait = FRAME_GAP_TIMEOUT.min(deadline.remaining());
+    match tokio::time::timeout(wait, read_frame(&mut stream, MAX_STREAM_FRAME)).await {
+        Ok(Ok(GenerateFrame::Accepted { prompt_tokens })) => Ok(Generation {
+            candidate: candidate.clone(),
+            prompt_tokens,
+            first_token_at: None,
+            referee: None,
+            transcript: state
+                .auditor
+                .transcript(&candidate.card.digest, &request.stop),
+            max_tokens: request.max_tokens,
+            tokens_seen: 0,
+            text_bytes: 0,
+            deadline,
+            payer: None,
+            auditor: state.auditor.clone(),
+            stream,
+            _load: load,
+        }),
+        Ok(Ok(GenerateFrame::Error { kind, message })) => Err(refusal(kind, &message)),
+        Ok(Ok(_)) => {
+            report(state, candidate, Offence::Violation).await;
+            Err(Failure::Broke(ApiError::provider_failed(
+                "The provider violated the protocol",
+            )))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(provider = %candidate.peer, error = %e, "provider stream broke");
+            if e.is_violation() {
+                report(state, candidate, Offence::Violation).await;
+            }
+            Err(Failure::Broke(ApiError::provider_failed(
+                "The provider closed the stream before answering",
+            )))
+        }
+        Err(_) if deadline.passed() => Err(Failure::Deadline),
+        Err(_) => Err(Failure::Broke(ApiError::provider_timeout())),
+    }
+}
+
+/// Tells the mesh that the provider broke the protocol (enough of it, and it is banned).
+async fn report(state: &AppState, candidate: &Candidate, offence: Offence) {
+    if state.net.report(candidate.peer, offence).await.is_err() {
+        tracing::debug!("mesh stopped; offence not counted");
+    }
 }
 
 /// Opens a generate stream to the candidate.
@@ -394,9 +387,4 @@ async fn open(
         Err(_) if deadline.passed() => Err(Failure::Deadline),
         Err(_) => Err(unreachable("timeout")),
     }
-}
-
-/// Up to 10 ms of randomness, so racing gateways do not retry in lockstep.
-fn jitter() -> Duration {
-    Duration::from_micros(rand::random::<u64>() % 10_000)
 }

@@ -79,6 +79,8 @@ pub struct GatewayConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Whether to run mDNS discovery.
     pub mdns: bool,
+    /// A private mesh's pre-shared key: only nodes with the same key can connect.
+    pub mesh_key: Option<proofmesh_shared::net::mesh_key::PreSharedKey>,
     /// The node key.
     pub keypair: Keypair,
     /// Mode for requests that name none.
@@ -211,6 +213,7 @@ pub async fn run(
         bootstrap: config.bootstrap.clone(),
         mdns: config.mdns,
         role: Role::Gateway,
+        psk: config.mesh_key,
     })?;
     let net_task = tokio::spawn(event_loop.run());
     let registry = Registry::default();
@@ -250,6 +253,7 @@ pub async fn run(
         Dialer {
             net: client.clone(),
             keypair: config.keypair.clone(),
+            streams: Default::default(),
         },
         registry.clone(),
         Arc::clone(&metrics),

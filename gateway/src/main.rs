@@ -65,6 +65,13 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         trust: Vec<libp2p::PeerId>,
     },
+    /// Write a new pre-shared key for a private mesh to FILE (mode 0600; never over an existing
+    /// file) and print its fingerprint. Give the same file to every gateway and provider of the
+    /// mesh with --mesh-key-file: nodes without it cannot connect to them.
+    MeshKey {
+        /// Where to write it.
+        file: PathBuf,
+    },
     /// Manage API keys. The file keeps only each key's SHA-256 (mode 0600); a new key is
     /// printed once. Point the gateway at the file with --api-keys-file and restart it.
     Keys {
@@ -178,6 +185,12 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_API_KEYS_FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     api_keys_file: Option<PathBuf>,
+    /// A private mesh's pre-shared key file (`proofmesh-gateway mesh-key FILE` writes one):
+    /// only nodes with the same key can connect, over TCP only (drop QUIC from --p2p-listen)
+    /// [default: none, an open mesh].
+    #[arg(long, env = "PROOFMESH_MESH_KEY_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mesh_key_file: Option<PathBuf>,
     /// With API keys on, serve GET /v1/models without a key [default: true].
     #[arg(long, env = "PROOFMESH_PUBLIC_MODELS", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -401,6 +414,15 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Command::CheckProof { file, trust }) => return check_proof(file, trust),
+        Some(Command::MeshKey { file }) => {
+            let key = proofmesh_shared::net::mesh_key::create(file)?;
+            println!(
+                "wrote {} (fingerprint {})",
+                file.display(),
+                key.fingerprint()
+            );
+            return Ok(());
+        }
         Some(Command::Keys { file, action }) => {
             let file = file.clone().unwrap_or_else(default_keys_path);
             return manage_keys(&file, action);
@@ -435,6 +457,10 @@ async fn main() -> anyhow::Result<()> {
         p2p_listen: settings.p2p_listen,
         bootstrap: settings.bootstrap,
         mdns: settings.mdns,
+        mesh_key: match &settings.mesh_key_file {
+            Some(path) => Some(proofmesh_shared::net::mesh_key::load(path)?),
+            None => None,
+        },
         keypair,
         default_mode: settings.default_verification_mode,
         drain_timeout: Duration::from_secs(settings.drain_timeout_secs),

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use proofmesh_shared::protocol::{ModelCard, ModelDigest};
+#[cfg(test)]
+use proofmesh_shared::protocol::GENERATE_STREAMS_PER_GATEWAY;
+use proofmesh_shared::protocol::{GENERATE_STREAMS_PER_PROVIDER, ModelCard, ModelDigest};
 
 /// How long a provider that failed is tried last (LiteLLM's router uses 5 s); each further
 /// failure in a row doubles it, up to [`MAX_COOLDOWN`].
@@ -24,8 +26,6 @@ struct Entry {
     /// Failures since its last success: the circuit breaker's count.
     failures_in_row: u32,
     first_seen: u64,
-    /// Serialises this gateway's stream opens to the provider (see `inference::try_start`).
-    open_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Known providers and their load. Cheap to clone.
@@ -100,10 +100,11 @@ impl Registry {
             cooldown_until: None,
             failures_in_row: 0,
             first_seen: crate::openai::response::unix_now(),
-            open_gate: Arc::default(),
         });
-        entry.models = models;
-        tracing::info!(%peer, models = ?entry.models.iter().map(|m| &m.name).collect::<Vec<_>>(), "provider available");
+        if entry.models != models {
+            entry.models = models;
+            tracing::info!(%peer, models = ?entry.models.iter().map(|m| &m.name).collect::<Vec<_>>(), "provider available");
+        }
     }
 
     /// Forgets a provider (its last connection closed).
@@ -166,14 +167,6 @@ impl Registry {
             .collect()
     }
 
-    /// The lock this gateway holds while opening a stream to `peer`.
-    pub fn open_gate(&self, peer: &PeerId) -> Arc<tokio::sync::Mutex<()>> {
-        self.lock()
-            .get(peer)
-            .map(|e| Arc::clone(&e.open_gate))
-            .unwrap_or_default()
-    }
-
     /// Number of providers connected.
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -184,15 +177,21 @@ impl Registry {
         self.lock().is_empty()
     }
 
-    /// Counts a request against a provider's load until the guard drops.
-    pub fn track(&self, peer: PeerId) -> LoadGuard {
+    /// Counts a request against a provider's load until the guard drops; `None` when this
+    /// gateway already holds [`GENERATE_STREAMS_PER_PROVIDER`] streams to it, below the
+    /// provider's own quota for one gateway, so that an honest gateway is never refused at
+    /// the provider's door.
+    pub fn try_track(&self, peer: PeerId) -> Option<LoadGuard> {
         if let Some(entry) = self.lock().get_mut(&peer) {
+            if entry.in_flight >= GENERATE_STREAMS_PER_PROVIDER {
+                return None;
+            }
             entry.in_flight += 1;
         }
-        LoadGuard {
+        Some(LoadGuard {
             registry: self.clone(),
             peer,
-        }
+        })
     }
 
     /// Providers of the model `digest`, whatever name they advertise it under: healthy before
@@ -289,6 +288,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_gateway_opens_fewer_streams_to_a_provider_than_it_takes_from_one() {
+        const { assert!(GENERATE_STREAMS_PER_PROVIDER < GENERATE_STREAMS_PER_GATEWAY) };
+        let r = Registry::default();
+        let a = PeerId::random();
+        r.upsert(a, vec![card("m", 1)]);
+        let mut held: Vec<LoadGuard> = (0..GENERATE_STREAMS_PER_PROVIDER)
+            .map(|_| r.try_track(a).expect("room"))
+            .collect();
+        assert!(r.try_track(a).is_none(), "one stream past the cap");
+        held.pop();
+        assert!(
+            r.try_track(a).is_some(),
+            "a finished stream gives its place back"
+        );
+    }
+
+    #[test]
     fn failures_in_a_row_keep_the_circuit_open_longer() {
         let r = Registry::default();
         let a = PeerId::random();
@@ -327,7 +343,7 @@ mod tests {
             r.lookup(&ModelDigest([3; 32])),
             Lookup::UnknownModel
         ));
-        let _busy = r.track(a);
+        let _busy = r.try_track(a);
         let Lookup::Found(found) = r.lookup(&one) else {
             panic!("expected providers")
         };

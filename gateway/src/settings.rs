@@ -24,6 +24,9 @@ pub struct GatewaySettings {
     pub bootstrap: Vec<Multiaddr>,
     /// mDNS discovery on the local network.
     pub mdns: bool,
+    /// A private mesh's pre-shared key file (`proofmesh-gateway mesh-key FILE` writes one):
+    /// set, only nodes with the same key can connect, over TCP only.
+    pub mesh_key_file: Option<PathBuf>,
     /// Node key file (created 0600 on first start); default in the user's data directory.
     pub key: Option<PathBuf>,
     /// Steps challenged per merkle audit.
@@ -108,6 +111,7 @@ impl Default for GatewaySettings {
                 .collect(),
             bootstrap: Vec::new(),
             mdns: false,
+            mesh_key_file: None,
             key: None,
             challenges: proofmesh_shared::verify::DEFAULT_CHALLENGE_COUNT as u16,
             default_verification_mode: VerificationMode::Merkle,

@@ -444,6 +444,7 @@ async fn idle_referee_jobs_of_strangers_hold_no_context() {
             bootstrap: mesh.providers[1].addrs.clone(),
             mdns: false,
             role: proofmesh_shared::net::Role::Gateway,
+            psk: None,
         })
         .unwrap();
     tokio::spawn(event_loop.run());
@@ -501,16 +502,20 @@ async fn idle_referee_jobs_of_strangers_hold_no_context() {
 async fn open_stream(client: &proofmesh_shared::net::Client, peer: PeerId) -> libp2p::Stream {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match client
-            .stream_control()
-            .open_stream(peer, REFEREE_PROTOCOL)
-            .await
-        {
-            Ok(stream) => return stream,
-            Err(_) if Instant::now() < deadline => {
+        // Each try bounded: libp2p-stream can wait forever when asked while the first
+        // connection is being set up.
+        let opened = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.stream_control().open_stream(peer, REFEREE_PROTOCOL),
+        )
+        .await;
+        match opened {
+            Ok(Ok(stream)) => return stream,
+            _ if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => panic!("cannot open a referee stream: {e}"),
+            Ok(Err(e)) => panic!("cannot open a referee stream: {e}"),
+            Err(_) => panic!("cannot open a referee stream: timed out"),
         }
     }
 }

@@ -64,6 +64,10 @@ pub struct ProviderConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Whether to run mDNS discovery.
     pub mdns: bool,
+    /// A private mesh's pre-shared key: only nodes with the same key can connect.
+    pub mesh_key: Option<proofmesh_shared::net::mesh_key::PreSharedKey>,
+    /// The gateways whose generate requests this provider serves; empty: every gateway.
+    pub serve_gateways: Vec<PeerId>,
     /// Bound on leaves kept for challenges, in bytes.
     pub leaf_store_bytes: usize,
     /// Address of the `/metrics` `/healthz` `/readyz` server, if any.
@@ -193,6 +197,7 @@ pub async fn run(
             version: GenerateRequest::VERSION,
             models: vec![card.clone()],
         }),
+        psk: config.mesh_key,
     })?;
     let net_task = tokio::spawn(event_loop.run());
     let metrics = Arc::new(ProviderMetrics::default());
@@ -222,6 +227,7 @@ pub async fn run(
         cheat: tamper::Cheat::new(config.tamper, claimed_engine),
         metrics: Arc::clone(&metrics),
         draining: draining.clone(),
+        serve_gateways: config.serve_gateways.iter().copied().collect(),
     });
     let accept_task = tokio::spawn(Arc::clone(&service).accept_streams(client.clone()));
     let referee_task = (config.engine.referee_slots > 0).then(|| {

@@ -127,6 +127,17 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_REFEREE_SLOTS_PER_GATEWAY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     referee_slots_per_gateway: Option<u32>,
+    /// Peer ids of the only gateways whose requests this provider serves, comma-separated;
+    /// others get a `NotServed` refusal [default: every gateway].
+    #[arg(long, env = "PROOFMESH_SERVE_GATEWAYS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    serve_gateways: Option<Vec<String>>,
+    /// A private mesh's pre-shared key file (`proofmesh-gateway mesh-key FILE` writes one):
+    /// only nodes with the same key can connect, over TCP only (drop QUIC from --p2p-listen)
+    /// [default: none, an open mesh].
+    #[arg(long, env = "PROOFMESH_MESH_KEY_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mesh_key_file: Option<PathBuf>,
     /// Directory a `dynamic-backends` build loads llama.cpp's backends from (e.g. the one holding
     /// libggml-cuda.so) [default: the directory compiled in].
     #[arg(long, env = "PROOFMESH_BACKENDS_DIR")]
@@ -272,6 +283,15 @@ async fn main() -> anyhow::Result<()> {
         listen: settings.p2p_listen,
         bootstrap: settings.bootstrap,
         mdns: settings.mdns,
+        mesh_key: match &settings.mesh_key_file {
+            Some(path) => Some(proofmesh_shared::net::mesh_key::load(path)?),
+            None => None,
+        },
+        serve_gateways: settings
+            .serve_gateways
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
         leaf_store_bytes: usize::try_from(settings.leaf_store_mb << 20).unwrap_or(usize::MAX),
         http_listen: settings.http_listen,
         drain_timeout: Duration::from_secs(settings.drain_timeout_secs),

@@ -11,13 +11,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use futures::{AsyncWriteExt, StreamExt};
+use futures::AsyncWriteExt;
 use libp2p::PeerId;
-use proofmesh_shared::net::Client;
+use proofmesh_shared::net::{Client, Inbound, Quota};
 use proofmesh_shared::protocol::{
     FrameError, GenerateRequest, MAX_REFEREE_FRAME, REFEREE_IDLE_TIMEOUT, REFEREE_PROTOCOL,
-    REQUEST_READ_TIMEOUT, RefereeFrame, RefereeReply, RemoteErrorKind, SignedTicket, read_frame,
-    write_frame,
+    REFEREE_STREAMS_PER_GATEWAY, REFEREE_STREAMS_TOTAL, REQUEST_READ_TIMEOUT, RefereeFrame,
+    RefereeReply, RemoteErrorKind, SignedTicket, encode_frame, read_frame, write_frame,
 };
 use tracing::Instrument;
 
@@ -129,16 +129,28 @@ pub struct Desk {
 
 /// Accepts `/proofmesh/referee/2` streams until the mesh stops.
 pub(crate) async fn accept_streams(desk: Arc<Desk>, client: Client) {
-    let mut incoming = match client.stream_control().accept(REFEREE_PROTOCOL) {
+    let quota = Quota {
+        per_peer: REFEREE_STREAMS_PER_GATEWAY,
+        total: REFEREE_STREAMS_TOTAL,
+    };
+    let refusal = encode_frame(&RefereeReply::Error {
+        kind: RemoteErrorKind::Overloaded,
+        message: "no room for another referee stream from this gateway right now".into(),
+    })
+    .unwrap_or_default();
+    let mut incoming = match client.accept(REFEREE_PROTOCOL, quota, refusal) {
         Ok(incoming) => incoming,
         Err(e) => {
             tracing::error!(error = %e, "cannot accept referee streams");
             return;
         }
     };
-    while let Some((peer, stream)) = incoming.next().await {
+    while let Some(Inbound { peer, stream, slot }) = incoming.next().await {
         let desk = Arc::clone(&desk);
-        tokio::spawn(async move { serve_stream(&desk, peer, stream).await });
+        tokio::spawn(async move {
+            serve_stream(&desk, peer, stream).await;
+            drop(slot);
+        });
     }
 }
 

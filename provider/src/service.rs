@@ -6,17 +6,18 @@
 //! store the leaves for challenges and send `Done`. Leaf openings arrive as mesh events and are
 //! answered from the [`LeafStore`].
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::StreamExt;
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use proofmesh_shared::commit::{Commitment, LeafTree, StepLeaf, output_hash, prompt_hash};
-use proofmesh_shared::net::{Client, Event};
+use proofmesh_shared::net::{Client, Event, Inbound, Offence, Quota};
 use proofmesh_shared::protocol::{
-    FinishReason, FrameError, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest, MAX_REQUEST_FRAME,
-    ModelDigest, Opening, REQUEST_READ_TIMEOUT, Refusal, RemoteErrorKind, read_frame, write_frame,
+    FinishReason, GENERATE_PROTOCOL, GENERATE_STREAMS_PER_GATEWAY, GENERATE_STREAMS_TOTAL,
+    GenerateFrame, GenerateRequest, MAX_REQUEST_FRAME, ModelDigest, Opening, REQUEST_READ_TIMEOUT,
+    Refusal, RemoteErrorKind, encode_frame, read_frame, write_frame,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +31,22 @@ use proofmesh_shared::text::{Pushed, TextStream};
 
 /// How long writing one frame may take before the gateway is considered gone.
 const FRAME_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Resolves once the gateway has hung up: after its request a gateway only reads, so anything
+/// a read returns (the end of the stream, a reset, or bytes no honest gateway sends) means it
+/// is gone.
+async fn hung_up(stream: &mut libp2p::Stream) {
+    let mut byte = [0u8; 1];
+    let _ = futures::AsyncReadExt::read(stream, &mut byte).await;
+}
+
+/// Whether a gateway kept to the protocol on a stream; one that did not is reported to the
+/// mesh, which bans peers that keep doing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    Yes,
+    Not,
+}
 
 /// What every stream handler shares.
 #[derive(Debug)]
@@ -45,21 +62,38 @@ pub(crate) struct Service {
     pub(crate) metrics: Arc<ProviderMetrics>,
     /// Cancelled on shutdown: new requests are refused, running ones finish.
     pub(crate) draining: CancellationToken,
+    /// The gateways served; empty: every gateway.
+    pub(crate) serve_gateways: HashSet<PeerId>,
 }
 
 impl Service {
     /// Accepts generate streams until the mesh stops.
     pub(crate) async fn accept_streams(self: Arc<Self>, client: Client) {
-        let mut incoming = match client.stream_control().accept(GENERATE_PROTOCOL) {
+        let quota = Quota {
+            per_peer: GENERATE_STREAMS_PER_GATEWAY,
+            total: GENERATE_STREAMS_TOTAL,
+        };
+        let refusal = encode_frame(&GenerateFrame::Error {
+            kind: RemoteErrorKind::Overloaded,
+            message: "no room for another stream from this gateway right now".into(),
+        })
+        .unwrap_or_default();
+        let mut incoming = match client.accept(GENERATE_PROTOCOL, quota, refusal) {
             Ok(incoming) => incoming,
             Err(e) => {
                 tracing::error!(error = %e, "cannot accept generate streams");
                 return;
             }
         };
-        while let Some((peer, stream)) = incoming.next().await {
+        while let Some(Inbound { peer, stream, slot }) = incoming.next().await {
             let service = Arc::clone(&self);
-            tokio::spawn(async move { service.serve(peer, stream).await });
+            let client = client.clone();
+            tokio::spawn(async move {
+                if service.serve(peer, stream).await == Kept::Not {
+                    let _ = client.report(peer, Offence::Violation).await;
+                }
+                drop(slot);
+            });
         }
     }
 
@@ -96,7 +130,18 @@ impl Service {
         }
     }
 
-    async fn serve(&self, peer: PeerId, mut stream: libp2p::Stream) {
+    /// Serves one stream; says whether the gateway kept to the protocol.
+    async fn serve(&self, peer: PeerId, mut stream: libp2p::Stream) -> Kept {
+        if !self.serve_gateways.is_empty() && !self.serve_gateways.contains(&peer) {
+            tracing::debug!(%peer, "request from a gateway this provider does not serve");
+            let refusal = Refusal::new(
+                RemoteErrorKind::NotServed,
+                "this provider serves only the gateways its operator named",
+            );
+            let _ = send_refusal(&mut stream, refusal).await;
+            let _ = futures::AsyncWriteExt::close(&mut stream).await;
+            return Kept::Yes;
+        }
         let request: GenerateRequest = match tokio::time::timeout(
             REQUEST_READ_TIMEOUT,
             read_frame(&mut stream, MAX_REQUEST_FRAME),
@@ -104,26 +149,22 @@ impl Service {
         .await
         {
             Ok(Ok(request)) => request,
-            Ok(Err(FrameError::TooLarge { len, max })) => {
-                let refusal = Refusal::new(
-                    RemoteErrorKind::InvalidRequest,
-                    format!("request of {len} bytes exceeds {max}"),
-                );
-                let _ = send_refusal(&mut stream, refusal).await;
-                return;
-            }
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "unreadable generate request");
-                let _ = send_refusal(
-                    &mut stream,
-                    Refusal::new(RemoteErrorKind::InvalidRequest, e.to_string()),
-                )
-                .await;
-                return;
+                let kept = if e.is_violation() {
+                    Kept::Not
+                } else {
+                    Kept::Yes
+                };
+                let refusal = Refusal::new(RemoteErrorKind::InvalidRequest, e.to_string());
+                let _ = send_refusal(&mut stream, refusal).await;
+                return kept;
             }
             Err(_) => {
+                // A gateway writes its request as soon as the stream opens: a silent stream only
+                // holds a place at the door.
                 tracing::debug!(%peer, "no request frame in time");
-                return;
+                return Kept::Not;
             }
         };
         let read_at = Instant::now();
@@ -167,6 +208,7 @@ impl Service {
         };
         self.metrics.request_ended(outcome);
         let _ = futures::AsyncWriteExt::close(&mut stream).await;
+        Kept::Yes
     }
 
     /// Runs one request. `Err(Some)` is a refusal to send; `Err(None)` means the stream is gone.
@@ -195,7 +237,13 @@ impl Service {
         let mut leaves: Vec<StepLeaf> = Vec::new();
         let mut steps = steps;
         let finish_reason = loop {
-            match self.next_step(&mut steps, read_at).await? {
+            // A gateway that hung up while its request waits in the queue gives its place (and
+            // its slot at the door) back now, not when the engine reaches the request.
+            let step = tokio::select! {
+                step = self.next_step(&mut steps, read_at) => step?,
+                () = hung_up(stream) => return Err(None),
+            };
+            match step {
                 Step::Token(leaf, piece) => {
                     let (visible, stopped) = match text.push(&piece) {
                         Pushed::Text(t) => (t, false),

@@ -42,6 +42,11 @@ pub struct ProviderSettings {
     pub referee_for: Vec<String>,
     /// Re-execution jobs one gateway may hold here at once; 0: all the referee's contexts.
     pub referee_slots_per_gateway: u32,
+    /// Peer ids of the only gateways whose requests this provider serves; empty: every gateway.
+    pub serve_gateways: Vec<String>,
+    /// A private mesh's pre-shared key file (`proofmesh-gateway mesh-key FILE` writes one):
+    /// set, only nodes with the same key can connect, over TCP only.
+    pub mesh_key_file: Option<PathBuf>,
     /// Where a `dynamic-backends` build loads llama.cpp's backends (e.g. `libggml-cuda.so`) from.
     pub backends_dir: Option<PathBuf>,
     /// Mesh listen addresses (TCP and QUIC).
@@ -81,6 +86,8 @@ impl Default for ProviderSettings {
             referee_rate_per_minute: 600,
             referee_for: Vec::new(),
             referee_slots_per_gateway: 0,
+            serve_gateways: Vec::new(),
+            mesh_key_file: None,
             backends_dir: None,
             p2p_listen: ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
                 .iter()
@@ -115,13 +122,18 @@ impl ProviderSettings {
             0..=64,
             "0 to 64",
         )?;
-        for peer in &self.referee_for {
-            if peer.parse::<libp2p::PeerId>().is_err() {
-                return Err(ConfigError::OutOfRange {
-                    key: "referee_for",
-                    value: peer.clone(),
-                    why: "a libp2p peer id (12D3Koo… or 16Uiu2…)",
-                });
+        for (key, peers) in [
+            ("referee_for", &self.referee_for),
+            ("serve_gateways", &self.serve_gateways),
+        ] {
+            for peer in peers {
+                if peer.parse::<libp2p::PeerId>().is_err() {
+                    return Err(ConfigError::OutOfRange {
+                        key,
+                        value: peer.clone(),
+                        why: "a libp2p peer id (12D3Koo… or 16Uiu2…)",
+                    });
+                }
             }
         }
         check_range(

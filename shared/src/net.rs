@@ -3,8 +3,10 @@
 //! One task owns the `Swarm` ([`EventLoop::run`]); everything else talks to it through a
 //! cloneable [`Client`] that sends [`Command`](client)s over a channel, each with its own reply
 //! `oneshot`. The loop reports what the application must act on as [`Event`]s on a second channel.
-//! Token streams bypass the loop entirely: they run on `libp2p-stream` substreams opened through
-//! the client's stream `Control`, so generation never queues behind swarm work.
+//! Token streams bypass the loop entirely: they run on raw substreams, opened through
+//! `libp2p-stream`'s `Control` and taken concurrently under per-peer quotas by [`inbound`]'s
+//! doors ([`Client::accept`]), so generation never queues behind swarm work. [`conduct`] keeps
+//! the strikes of peers that flood the doors or break the protocol, and bans them for a while.
 //!
 //! Transports: TCP and QUIC, Noise, Yamux. Discovery: explicit bootstrap addresses (re-dialled on
 //! a timer while no peer is connected), mDNS on the LAN when enabled, Kademlia provider records
@@ -12,14 +14,19 @@
 
 mod behaviour;
 mod client;
+mod conduct;
 mod event_loop;
+mod inbound;
+pub mod mesh_key;
 
 use libp2p::identity::Keypair;
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
 
 pub use client::Client;
+pub use conduct::{BAN, Offence, STRIKES_TO_BAN, WINDOW};
 pub use event_loop::EventLoop;
+pub use inbound::{Inbound, Incoming, Quota, Slot};
 
 use crate::protocol::{Capabilities, OpenLeavesRequest, SignedOpening};
 
@@ -46,6 +53,9 @@ pub struct NetConfig {
     pub mdns: bool,
     /// Provider or gateway.
     pub role: Role,
+    /// A private mesh's pre-shared key ([`mesh_key`]): set, only nodes with the same key can
+    /// connect, and only over TCP.
+    pub psk: Option<mesh_key::PreSharedKey>,
 }
 
 /// What the event loop tells the application.

@@ -37,6 +37,24 @@ use crate::verify::SignedEvidence;
 pub const GENERATE_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/generate/1");
 /// The referee re-execution stream protocol.
 pub const REFEREE_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/referee/2");
+/// Generate streams a provider lets one gateway hold at once (waiting or generating): half its
+/// engine queue, so that one gateway can never take all of it from the others.
+pub const GENERATE_STREAMS_PER_GATEWAY: usize = 32;
+/// Generate streams a provider holds from all gateways together. With each read up to
+/// [`MAX_REQUEST_FRAME`], this bounds what a crowd of identities can make it buffer.
+pub const GENERATE_STREAMS_TOTAL: usize = 128;
+/// Generate streams a gateway opens to one provider at once. Below the provider's quota, so a
+/// stream the gateway is done with and the provider has not yet let go of never gets the next
+/// one refused (and the gateway struck for it).
+pub const GENERATE_STREAMS_PER_PROVIDER: usize = 24;
+/// Referee streams a referee lets one gateway hold at once (its own admission answers jobs
+/// past its slots with a polite `Overloaded`; this bounds what a flood can make it read).
+pub const REFEREE_STREAMS_PER_GATEWAY: usize = 64;
+/// Referee streams a gateway opens to one referee at once: below the referee's quota, for the
+/// same reason as [`GENERATE_STREAMS_PER_PROVIDER`].
+pub const REFEREE_STREAMS_PER_REFEREE: usize = 48;
+/// Referee streams a referee holds from all gateways together.
+pub const REFEREE_STREAMS_TOTAL: usize = 256;
 /// The leaf-opening request-response protocol.
 pub const OPEN_PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/open/2");
 /// The capability query protocol.
@@ -271,6 +289,8 @@ pub enum RemoteErrorKind {
     Overloaded,
     /// The provider is shutting down and takes no new requests.
     ShuttingDown,
+    /// The provider serves only gateways its operator named, and not this one.
+    NotServed,
     /// Anything else went wrong inside the provider.
     Internal,
 }
@@ -637,22 +657,35 @@ pub enum FrameError {
     },
 }
 
+impl FrameError {
+    /// Whether only a peer breaking the protocol causes it (an oversized or undecodable
+    /// frame), as opposed to a stream that ended or failed.
+    pub fn is_violation(&self) -> bool {
+        matches!(self, Self::TooLarge { .. } | Self::Malformed { .. })
+    }
+}
+
+/// One frame as bytes: a big-endian `u32` length, then the CBOR value.
+pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
+    let mut bytes = vec![0u8; 4];
+    ciborium::into_writer(value, &mut bytes).map_err(|e| FrameError::Malformed {
+        message: e.to_string(),
+    })?;
+    let len = u32::try_from(bytes.len() - 4).map_err(|_| FrameError::TooLarge {
+        len: bytes.len() - 4,
+        max: u32::MAX as usize,
+    })?;
+    bytes[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(bytes)
+}
+
 /// Writes one length-prefixed CBOR frame and flushes.
 pub async fn write_frame<W, T>(io: &mut W, value: &T) -> Result<(), FrameError>
 where
     W: AsyncWrite + Unpin,
     T: Serialize,
 {
-    let mut bytes = Vec::with_capacity(64);
-    ciborium::into_writer(value, &mut bytes).map_err(|e| FrameError::Malformed {
-        message: e.to_string(),
-    })?;
-    let len = u32::try_from(bytes.len()).map_err(|_| FrameError::TooLarge {
-        len: bytes.len(),
-        max: u32::MAX as usize,
-    })?;
-    io.write_all(&len.to_be_bytes()).await?;
-    io.write_all(&bytes).await?;
+    io.write_all(&encode_frame(value)?).await?;
     io.flush().await?;
     Ok(())
 }

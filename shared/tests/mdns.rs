@@ -67,6 +67,7 @@ async fn child(role: &str) {
         bootstrap: vec![],
         mdns: true,
         role,
+        psk: None,
     })
     .unwrap();
     tokio::spawn(event_loop.run());

@@ -8,7 +8,8 @@ mod support;
 use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
-use proofmesh_shared::net::{self, Client, Event, NetConfig, Role};
+use proofmesh_shared::net::mesh_key::PreSharedKey;
+use proofmesh_shared::net::{self, Client, Event, NetConfig, NetError, Role};
 use proofmesh_shared::protocol::Capabilities;
 use support::caps;
 use tokio::sync::mpsc;
@@ -18,12 +19,22 @@ async fn node(
     listen: &str,
     bootstrap: Vec<Multiaddr>,
 ) -> (Client, mpsc::Receiver<Event>, Vec<Multiaddr>) {
+    private_node(role, listen, bootstrap, None).await
+}
+
+async fn private_node(
+    role: Role,
+    listen: &str,
+    bootstrap: Vec<Multiaddr>,
+    psk: Option<PreSharedKey>,
+) -> (Client, mpsc::Receiver<Event>, Vec<Multiaddr>) {
     let (client, events, event_loop) = net::new(NetConfig {
         keypair: libp2p::identity::Keypair::generate_secp256k1(),
         listen: vec![listen.parse().unwrap()],
         bootstrap,
         mdns: false,
         role,
+        psk,
     })
     .unwrap();
     tokio::spawn(event_loop.run());
@@ -90,4 +101,59 @@ async fn gateway_discovers_a_provider_through_kademlia_records() {
             .unwrap()
             .contains(&second.local_peer_id())
     );
+}
+
+/// A private mesh: a gateway with the provider's pre-shared key finds it; one with another key,
+/// and one with none, never get a connection; a QUIC address is refused with the reason.
+#[tokio::test]
+async fn a_private_mesh_admits_only_nodes_with_its_key() {
+    const TCP: &str = "/ip4/127.0.0.1/tcp/0";
+    let key = PreSharedKey::new(rand::random());
+    let (provider, _pe, provider_addrs) =
+        private_node(Role::Provider(caps()), TCP, vec![], Some(key)).await;
+    let (member, mut events, _) =
+        private_node(Role::Gateway, TCP, provider_addrs.clone(), Some(key)).await;
+    provider_up(&mut events, provider.local_peer_id(), 20).await;
+    assert!(
+        member
+            .connected_peers()
+            .await
+            .unwrap()
+            .contains(&provider.local_peer_id())
+    );
+
+    let other_key = PreSharedKey::new(rand::random());
+    let (stranger, mut stranger_events, _) =
+        private_node(Role::Gateway, TCP, provider_addrs.clone(), Some(other_key)).await;
+    let (public, mut public_events, _) = node(Role::Gateway, TCP, provider_addrs.clone()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (who, client, events) in [
+        ("another key", &stranger, &mut stranger_events),
+        ("no key", &public, &mut public_events),
+    ] {
+        assert!(
+            client.connected_peers().await.unwrap().is_empty(),
+            "a node with {who} got a connection"
+        );
+        while let Ok(event) = events.try_recv() {
+            assert!(
+                !matches!(event, Event::ProviderUp { .. }),
+                "a node with {who} found the provider"
+            );
+        }
+    }
+
+    let quic = net::new(NetConfig {
+        keypair: libp2p::identity::Keypair::generate_secp256k1(),
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+        bootstrap: vec![],
+        mdns: false,
+        role: Role::Gateway,
+        psk: Some(key),
+    });
+    match quic {
+        Err(NetError::Listen { message, .. }) => assert!(message.contains("TCP only"), "{message}"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a private mesh node listened on QUIC"),
+    }
 }

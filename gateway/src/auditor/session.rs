@@ -8,6 +8,7 @@
 //! generation loop only drops tokens into a channel, so a slow referee never slows the answer
 //! down.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,9 +17,9 @@ use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use proofmesh_shared::net::Client;
 use proofmesh_shared::protocol::{
-    FrameError, GenerateRequest, MAX_EVIDENCE_FRAME, MAX_TOKENS_PER_FRAME, ModelDigest,
-    REFEREE_PROTOCOL, RefereeFrame, RefereeReply, RefereeTicket, RemoteErrorKind, TICKET_LIFETIME,
-    read_frame, write_frame,
+    GenerateRequest, MAX_EVIDENCE_FRAME, MAX_TOKENS_PER_FRAME, ModelDigest, REFEREE_PROTOCOL,
+    REFEREE_STREAMS_PER_REFEREE, RefereeFrame, RefereeReply, RefereeTicket, RemoteErrorKind,
+    TICKET_LIFETIME, read_frame, write_frame,
 };
 use proofmesh_shared::verify::SignedEvidence;
 use tokio::sync::{mpsc, oneshot};
@@ -27,8 +28,6 @@ use super::pool::Choice;
 
 /// Opening a referee stream and getting `Accepted`: a live peer answers in milliseconds.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Tries at opening a referee stream the acceptor dropped (see `inference::try_start`).
-const OPEN_ATTEMPTS: u32 = 4;
 /// How long the gateway waits for evidence after `Finish`: the referee still has to re-execute
 /// what it had not caught up with, which on a busy CPU referee may be a whole answer (2,000
 /// tokens at a slow 50 tokens/s is 40 s). Past this the gateway tries another referee.
@@ -107,13 +106,61 @@ impl std::fmt::Debug for Command {
     }
 }
 
-/// What a session needs from the gateway: the mesh, and the key that signs referee tickets.
+/// What a session needs from the gateway: the mesh, the key that signs referee tickets, and
+/// the count of streams open to each referee.
 #[derive(Debug, Clone)]
 pub struct Dialer {
     /// The mesh.
     pub net: Client,
     /// The gateway's node key.
     pub keypair: Keypair,
+    /// Streams open to each referee.
+    pub streams: RefereeStreams,
+}
+
+/// The referee streams this gateway holds to each referee, kept at most
+/// [`REFEREE_STREAMS_PER_REFEREE`]: below the referee's quota for one gateway, so that an honest
+/// gateway is never turned away at its door (and struck for it).
+#[derive(Debug, Clone, Default)]
+pub struct RefereeStreams(Arc<std::sync::Mutex<HashMap<PeerId, usize>>>);
+
+impl RefereeStreams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, usize>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for one more stream to `peer`, or `None` when all are in use.
+    fn take(&self, peer: PeerId) -> Option<RefereeStream> {
+        let mut open = self.lock();
+        let n = open.entry(peer).or_default();
+        if *n >= REFEREE_STREAMS_PER_REFEREE {
+            return None;
+        }
+        *n += 1;
+        Some(RefereeStream {
+            streams: self.clone(),
+            peer,
+        })
+    }
+}
+
+/// One stream's place in [`RefereeStreams`], given back on drop.
+#[derive(Debug)]
+struct RefereeStream {
+    streams: RefereeStreams,
+    peer: PeerId,
+}
+
+impl Drop for RefereeStream {
+    fn drop(&mut self) {
+        let mut open = self.streams.lock();
+        if let Some(n) = open.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// One answer followed by one referee.
@@ -231,7 +278,14 @@ impl Task {
 
     /// Runs the job on another provider over `/proofmesh/referee/2`.
     async fn run_remote(mut self, peer: PeerId) {
-        let mut stream = match self.connect(peer).await {
+        let place = self.dialer.streams.take(peer);
+        let connected = match &place {
+            Some(_) => self.connect(peer).await,
+            None => Err(SessionError::Busy(
+                "this gateway's streams to the referee are all in use".into(),
+            )),
+        };
+        let mut stream = match connected {
             Ok(stream) => Ok(stream),
             Err(e) => {
                 tracing::warn!(referee = %peer, error = %e, "referee not available");
@@ -281,44 +335,32 @@ impl Task {
             request: Box::new(self.request.clone()),
             ticket: Box::new(ticket),
         };
-        let mut last = SessionError::Unreachable("no attempt".into());
-        for attempt in 1..=OPEN_ATTEMPTS {
-            let mut control = self.dialer.net.stream_control();
-            let opened =
-                tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, REFEREE_PROTOCOL))
-                    .await;
-            let mut stream = match opened {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(SessionError::Unreachable(e.to_string())),
-                Err(_) => return Err(SessionError::Timeout),
-            };
-            let answer = tokio::time::timeout(OPEN_TIMEOUT, async {
-                write_frame(&mut stream, &begin).await?;
-                read_frame::<_, RefereeReply>(&mut stream, MAX_EVIDENCE_FRAME).await
-            })
-            .await;
-            match answer {
-                Ok(Ok(RefereeReply::Accepted { .. })) => return Ok(stream),
-                Ok(Ok(RefereeReply::Error {
-                    kind: RemoteErrorKind::Overloaded,
-                    message,
-                })) => return Err(SessionError::Busy(message)),
-                Ok(Ok(RefereeReply::Error { message, .. })) => {
-                    return Err(SessionError::Refused(message));
-                }
-                Ok(Ok(RefereeReply::Evidence(_))) => {
-                    return Err(SessionError::Refused("protocol violation".into()));
-                }
-                // Dropped by the referee's acceptor before it took the stream: try again.
-                Ok(Err(FrameError::Closed)) => {
-                    last = SessionError::Unreachable("stream dropped".into());
-                    tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
-                }
-                Ok(Err(e)) => return Err(SessionError::Unreachable(e.to_string())),
-                Err(_) => return Err(SessionError::Timeout),
+        let mut control = self.dialer.net.stream_control();
+        let opened =
+            tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, REFEREE_PROTOCOL)).await;
+        let mut stream = match opened {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(SessionError::Unreachable(e.to_string())),
+            Err(_) => return Err(SessionError::Timeout),
+        };
+        let answer = tokio::time::timeout(OPEN_TIMEOUT, async {
+            write_frame(&mut stream, &begin).await?;
+            read_frame::<_, RefereeReply>(&mut stream, MAX_EVIDENCE_FRAME).await
+        })
+        .await;
+        match answer {
+            Ok(Ok(RefereeReply::Accepted { .. })) => Ok(stream),
+            Ok(Ok(RefereeReply::Error {
+                kind: RemoteErrorKind::Overloaded,
+                message,
+            })) => Err(SessionError::Busy(message)),
+            Ok(Ok(RefereeReply::Error { message, .. })) => Err(SessionError::Refused(message)),
+            Ok(Ok(RefereeReply::Evidence(_))) => {
+                Err(SessionError::Refused("protocol violation".into()))
             }
+            Ok(Err(e)) => Err(SessionError::Unreachable(e.to_string())),
+            Err(_) => Err(SessionError::Timeout),
         }
-        Err(last)
     }
 }
 

@@ -245,6 +245,7 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
         p2p_listen: loopback(),
         bootstrap,
         mdns: false,
+        mesh_key: None,
         keypair: options
             .keypair
             .clone()
@@ -392,6 +393,8 @@ impl Mesh {
             listen: loopback(),
             bootstrap: self.p2p_addrs.clone(),
             mdns: false,
+            mesh_key: None,
+            serve_gateways: Vec::new(),
             leaf_store_bytes: 64 << 20,
             http_listen: Some("127.0.0.1:0".parse().expect("addr")),
             // `kill` stands for a crash: no time for running streams (the binaries' graceful

@@ -45,13 +45,24 @@ pub async fn provider_for(
     referee_rate_per_minute: u32,
     referee_for: Vec<PeerId>,
 ) -> (proofmesh_provider::Started, oneshot::Sender<()>) {
-    let config = ProviderConfig {
+    start(config(engine, referee_rate_per_minute, referee_for)).await
+}
+
+/// The configuration [`provider_for`] starts, to change before [`start`].
+pub fn config(
+    engine: EngineConfig,
+    referee_rate_per_minute: u32,
+    referee_for: Vec<PeerId>,
+) -> ProviderConfig {
+    ProviderConfig {
         engine,
         model_name: None,
         keypair: Keypair::generate_secp256k1(),
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
         bootstrap: vec![],
         mdns: false,
+        mesh_key: None,
+        serve_gateways: Vec::new(),
         leaf_store_bytes: 1 << 20,
         http_listen: None,
         drain_timeout: Duration::from_secs(5),
@@ -62,7 +73,11 @@ pub async fn provider_for(
         tamper_model: None,
         claim_digest: None,
         claim_numerics: None,
-    };
+    }
+}
+
+/// Starts a provider with `config`; dropping the returned sender stops it.
+pub async fn start(config: ProviderConfig) -> (proofmesh_provider::Started, oneshot::Sender<()>) {
     let (tx, rx) = oneshot::channel();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -92,6 +107,7 @@ pub fn client_with(keypair: Keypair, bootstrap: Vec<libp2p::Multiaddr>) -> Clien
         bootstrap,
         mdns: false,
         role: Role::Gateway,
+        psk: None,
     })
     .unwrap();
     tokio::spawn(event_loop.run());
@@ -102,16 +118,20 @@ pub fn client_with(keypair: Keypair, bootstrap: Vec<libp2p::Multiaddr>) -> Clien
 pub async fn open(client: &Client, peer: PeerId, protocol: StreamProtocol) -> libp2p::Stream {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match client
-            .stream_control()
-            .open_stream(peer, protocol.clone())
-            .await
-        {
-            Ok(stream) => return stream,
-            Err(_) if Instant::now() < deadline => {
+        // libp2p-stream waits forever when asked while the first connection is being set up
+        // (it records the connection after handing out its channel), so each try is bounded.
+        let opened = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.stream_control().open_stream(peer, protocol.clone()),
+        )
+        .await;
+        match opened {
+            Ok(Ok(stream)) => return stream,
+            _ if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => panic!("cannot open a stream: {e}"),
+            Ok(Err(e)) => panic!("cannot open a stream: {e}"),
+            Err(_) => panic!("cannot open a stream: timed out"),
         }
     }
 }

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
+use libp2p::allow_block_list::{self, BlockedPeers};
 use libp2p::connection_limits::{self, ConnectionLimits};
+use libp2p::memory_connection_limits;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{StreamProtocol, identify, identity::Keypair, kad, mdns, ping, request_response};
@@ -28,13 +30,19 @@ pub(crate) const MAX_PENDING_INCOMING: u32 = 128;
 /// Inbound connections established at once: a mesh node serves gateways and peers, not
 /// crowds; past this, new ones are refused and the established keep being served.
 pub(crate) const MAX_ESTABLISHED_INCOMING: u32 = 1024;
+/// Share of the machine's memory past which the node takes no new connection (those it has
+/// keep being served): a flood of connections cannot push it into the OOM killer. The
+/// measure is the process's resident memory, mapped model pages included, so it is set high.
+pub(crate) const MAX_MEMORY_SHARE: f64 = 0.9;
 /// How long a leaving provider waits for each peer to acknowledge.
 pub(crate) const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Every protocol a proofmesh node speaks.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    pub(crate) blocked: allow_block_list::Behaviour<BlockedPeers>,
     pub(crate) limits: connection_limits::Behaviour,
+    pub(crate) memory: memory_connection_limits::Behaviour,
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
@@ -42,6 +50,7 @@ pub(crate) struct Behaviour {
     pub(crate) open: request_response::cbor::Behaviour<OpenLeavesRequest, SignedOpening>,
     pub(crate) caps: request_response::cbor::Behaviour<CapsRequest, Capabilities>,
     pub(crate) leave: request_response::cbor::Behaviour<Leaving, LeaveAck>,
+    pub(crate) inbound: super::inbound::Behaviour,
     pub(crate) stream: libp2p_stream::Behaviour,
 }
 
@@ -73,12 +82,14 @@ impl Behaviour {
             .set_request_size_maximum(MAX_CAPS_MESSAGE)
             .set_response_size_maximum(MAX_CAPS_MESSAGE);
         Ok(Self {
+            blocked: allow_block_list::Behaviour::default(),
             limits: connection_limits::Behaviour::new(
                 ConnectionLimits::default()
                     .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
                     .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
                     .with_max_established_incoming(Some(MAX_ESTABLISHED_INCOMING)),
             ),
+            memory: memory_connection_limits::Behaviour::with_max_percentage(MAX_MEMORY_SHARE),
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
                     .with_agent_version(format!("proofmesh/{}", env!("CARGO_PKG_VERSION"))),
@@ -103,6 +114,7 @@ impl Behaviour {
                 [(LEAVE_PROTOCOL, request_response::ProtocolSupport::Full)],
                 control.with_request_timeout(LEAVE_TIMEOUT),
             ),
+            inbound: super::inbound::Behaviour::default(),
             stream: libp2p_stream::Behaviour::new(),
         })
     }

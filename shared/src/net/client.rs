@@ -1,10 +1,12 @@
 //! The cloneable handle everyone but the event loop uses.
 
 use libp2p::request_response::ResponseChannel;
-use libp2p::{Multiaddr, PeerId};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
 
 use super::NetError;
+use super::conduct::Offence;
+use super::inbound::{Doors, Incoming, Quota};
 use crate::protocol::{OpenLeavesRequest, SignedOpening};
 
 /// A request to the event loop; each carries its own reply channel.
@@ -32,6 +34,10 @@ pub(crate) enum Command {
     Leave {
         reply: oneshot::Sender<usize>,
     },
+    Report {
+        peer: PeerId,
+        offence: Offence,
+    },
 }
 
 /// Talks to the event loop. Cheap to clone; the loop stops when every clone is dropped.
@@ -39,6 +45,7 @@ pub(crate) enum Command {
 pub struct Client {
     pub(crate) sender: mpsc::Sender<Command>,
     pub(crate) control: libp2p_stream::Control,
+    pub(crate) doors: Doors,
     pub(crate) local_peer_id: PeerId,
 }
 
@@ -56,9 +63,35 @@ impl Client {
         self.local_peer_id
     }
 
-    /// The `libp2p-stream` control for opening and accepting raw streams.
+    /// The `libp2p-stream` control for opening raw streams to peers.
     pub fn stream_control(&self) -> libp2p_stream::Control {
         self.control.clone()
+    }
+
+    /// Starts taking inbound `protocol` streams, concurrently, under `quota`: streams past it
+    /// get `refusal` (an encoded frame of the protocol's own "overloaded" answer) and are
+    /// closed, and those past their own peer's quota count against that peer. Fails when this
+    /// protocol is taken already (its [`Incoming`] still alive).
+    pub fn accept(
+        &self,
+        protocol: StreamProtocol,
+        quota: Quota,
+        refusal: Vec<u8>,
+    ) -> Result<Incoming, NetError> {
+        self.doors
+            .open(protocol.clone(), quota, refusal)
+            .ok_or_else(|| NetError::Setup {
+                message: format!("{protocol} streams are accepted already"),
+            })
+    }
+
+    /// Counts what `peer` did wrong against it; enough in a short time and it is
+    /// disconnected and refused for a while.
+    pub async fn report(&self, peer: PeerId, offence: Offence) -> Result<(), NetError> {
+        self.sender
+            .send(Command::Report { peer, offence })
+            .await
+            .map_err(|_| NetError::Stopped)
     }
 
     async fn ask<T>(

@@ -9,6 +9,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::core::Transport;
+use libp2p::identity::Keypair;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -17,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::client::{Client, Command};
+use super::conduct::{Conduct, Offence};
 use super::{Event, NetConfig, NetError, Role};
 use crate::protocol::{
     CAPS_PROTOCOL, Capabilities, CapsRequest, GenerateRequest, LeaveAck, Leaving, ModelDigest,
@@ -26,12 +30,19 @@ use crate::protocol::{
 /// How often the loop re-dials bootstrap peers (when alone), refreshes Kademlia and, on
 /// gateways, looks up provider records.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
-/// Connections stay open while idle: gateways route to providers they are connected to, so an
-/// idle timeout would make a quiet provider vanish from `/v1/models`.
-const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// A connection nobody has used for this long closes, so that peers cannot park in the inbound
+/// connection slots. Gateways ask their providers for capabilities every [`CAPS_REFRESH`], so
+/// the connections they route over never go idle (and a quiet provider never vanishes from
+/// `/v1/models`).
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often a gateway asks each connected provider for its capabilities again: keeps the
+/// connection in use and picks up what changed.
+const CAPS_REFRESH: Duration = Duration::from_secs(60);
 /// How often a provider re-publishes its provider records. Kademlia's own republication runs
 /// every 12 hours; records published before a node had any peer reached nobody.
 const REANNOUNCE_INTERVAL: Duration = Duration::from_secs(300);
+/// How long a private-mesh connection may take to finish its handshakes.
+const PRIVATE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Room for commands waiting for the loop.
 const COMMAND_QUEUE: usize = 256;
 /// Room for events waiting for the application; beyond it events are dropped with a warning
@@ -61,6 +72,12 @@ pub struct EventLoop {
         HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<SignedOpening, NetError>>)>,
     /// A running leave announcement: peers not yet answered, acknowledgements, the reply.
     leaving: Option<Leave>,
+    /// Strikes and bans.
+    conduct: Conduct,
+    /// On gateways: the providers found, and when each was last asked for its capabilities.
+    providers: HashMap<PeerId, std::time::Instant>,
+    /// Peers that announced they are leaving: capabilities they sent before are stale.
+    departed: std::collections::HashSet<PeerId>,
 }
 
 /// The state of a leave announcement.
@@ -81,29 +98,21 @@ impl std::fmt::Debug for EventLoop {
 pub(super) fn build(
     config: NetConfig,
 ) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), NetError> {
-    let setup = |e: &dyn std::fmt::Display| NetError::Setup {
-        message: e.to_string(),
+    let mut swarm = match config.psk {
+        None => public_swarm(config.keypair.clone(), config.mdns)?,
+        Some(psk) => {
+            if let Some(quic) = config.listen.iter().find(|a| is_quic(a)) {
+                return Err(NetError::Listen {
+                    addr: quic.clone(),
+                    message: "a private mesh (pre-shared key) runs over TCP only: QUIC has its \
+                              own encryption, which the key cannot wrap"
+                        .into(),
+                });
+            }
+            tracing::info!(fingerprint = %psk.fingerprint(), "private mesh: connections need the pre-shared key");
+            private_swarm(config.keypair.clone(), config.mdns, psk)?
+        }
     };
-    let mdns = config.mdns;
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| setup(&e))?
-        .with_quic()
-        .with_dns()
-        .map_err(|e| setup(&e))?
-        .with_behaviour(
-            |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
-                Ok(Behaviour::new(key, mdns)?)
-            },
-        )
-        .map_err(|e| setup(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
-        .build();
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
@@ -117,6 +126,7 @@ pub(super) fn build(
     let client = Client {
         sender: command_tx,
         control: swarm.behaviour().stream.new_control(),
+        doors: swarm.behaviour().inbound.doors(),
         local_peer_id: *swarm.local_peer_id(),
     };
     let event_loop = EventLoop {
@@ -128,9 +138,71 @@ pub(super) fn build(
         announced: None,
         pending_open: HashMap::new(),
         leaving: None,
+        conduct: Conduct::default(),
+        providers: HashMap::new(),
+        departed: std::collections::HashSet::new(),
     };
     Ok((client, event_rx, event_loop))
 }
+
+fn setup(e: &dyn std::fmt::Display) -> NetError {
+    NetError::Setup {
+        message: e.to_string(),
+    }
+}
+
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+}
+
+/// The open mesh: TCP and QUIC, Noise, Yamux.
+fn public_swarm(keypair: Keypair, mdns: bool) -> Result<Swarm<Behaviour>, NetError> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| setup(&e))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| setup(&e))?
+        .with_behaviour(|key| -> Result<Behaviour, BoxError> { Ok(Behaviour::new(key, mdns)?) })
+        .map_err(|e| setup(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build())
+}
+
+/// A private mesh: TCP wrapped in the pre-shared key (libp2p `pnet`), then Noise and Yamux.
+fn private_swarm(
+    keypair: Keypair,
+    mdns: bool,
+    psk: PreSharedKey,
+) -> Result<Swarm<Behaviour>, NetError> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_other_transport(|key| -> Result<_, BoxError> {
+            Ok(
+                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                    .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default())
+                    .timeout(PRIVATE_HANDSHAKE_TIMEOUT),
+            )
+        })
+        .map_err(|e| setup(&e))?
+        .with_dns()
+        .map_err(|e| setup(&e))?
+        .with_behaviour(|key| -> Result<Behaviour, BoxError> { Ok(Behaviour::new(key, mdns)?) })
+        .map_err(|e| setup(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build())
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl EventLoop {
     /// Runs until every [`Client`] is dropped.
@@ -184,13 +256,38 @@ impl EventLoop {
     }
 
     fn on_tick(&mut self) {
+        for peer in self.conduct.lift_expired(std::time::Instant::now()) {
+            tracing::info!(%peer, "ban over");
+            self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+        }
         self.redial_bootstrap();
+        self.refresh_capabilities();
         if self.swarm.connected_peers().next().is_none() {
             return;
         }
         // Fails only with an empty routing table; the next tick tries again.
         let _ = self.swarm.behaviour_mut().kad.bootstrap();
         self.discover();
+    }
+
+    /// On gateways: asks every provider not asked for [`CAPS_REFRESH`] for its capabilities.
+    fn refresh_capabilities(&mut self) {
+        let now = std::time::Instant::now();
+        let due: Vec<PeerId> = self
+            .providers
+            .iter_mut()
+            .filter(|(_, asked)| now.duration_since(**asked) >= CAPS_REFRESH)
+            .map(|(peer, asked)| {
+                *asked = now;
+                *peer
+            })
+            .collect();
+        for peer in due {
+            self.swarm
+                .behaviour_mut()
+                .caps
+                .send_request(&peer, CapsRequest);
+        }
     }
 
     /// Providers publish their records (first connection, then every [`REANNOUNCE_INTERVAL`]);
@@ -263,6 +360,21 @@ impl EventLoop {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
             Command::Leave { reply } => self.start_leaving(reply),
+            Command::Report { peer, offence } => self.strike(peer, offence),
+        }
+    }
+
+    /// Counts an offence; a peer with enough is disconnected and refused for a while.
+    fn strike(&mut self, peer: PeerId, offence: Offence) {
+        if peer == *self.swarm.local_peer_id() {
+            return;
+        }
+        if self
+            .conduct
+            .strike(peer, offence, std::time::Instant::now())
+        {
+            tracing::warn!(%peer, ?offence, "peer banned for flooding or breaking the protocol");
+            self.swarm.behaviour_mut().blocked.block_peer(peer);
         }
     }
 
@@ -323,6 +435,8 @@ impl EventLoop {
             } => {
                 tracing::debug!(peer = %peer_id, ?cause, "connection closed");
                 if num_established == 0 {
+                    self.providers.remove(&peer_id);
+                    self.departed.remove(&peer_id);
                     self.emit(Event::PeerGone { peer: peer_id });
                 }
             }
@@ -335,6 +449,7 @@ impl EventLoop {
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
+            BehaviourEvent::Inbound(refused) => self.strike(refused.peer, Offence::Refused),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 for addr in &info.listen_addrs {
                     self.swarm
@@ -362,7 +477,13 @@ impl EventLoop {
                         let _ = self.swarm.behaviour_mut().caps.send_response(channel, caps);
                     }
                     request_response::Message::Response { response, .. } => {
-                        if !response.models.is_empty() {
+                        if !response.models.is_empty()
+                            && self.swarm.is_connected(&peer)
+                            && !self.departed.contains(&peer)
+                        {
+                            self.providers
+                                .entry(peer)
+                                .or_insert_with(std::time::Instant::now);
                             self.emit(Event::ProviderUp {
                                 peer,
                                 capabilities: response,
@@ -375,6 +496,8 @@ impl EventLoop {
                 match message {
                     request_response::Message::Request { channel, .. } => {
                         tracing::info!(%peer, "peer announced it is leaving");
+                        self.providers.remove(&peer);
+                        self.departed.insert(peer);
                         self.emit(Event::ProviderLeaving { peer });
                         let _ = self
                             .swarm
