@@ -220,7 +220,16 @@ impl<'a> Attempts<'a> {
         for failure in &self.failures {
             match failure {
                 Failure::Broke(e) => broke = Some(e.clone()),
-                Failure::Refused(e) => refused = refused.or_else(|| Some(e.clone())),
+                // The first refusal, unless a later one is about the request itself (a 400
+                // tells the client more than "this provider does not serve this gateway").
+                Failure::Refused(e) => {
+                    let better = refused.as_ref().is_none_or(|r: &ApiError| {
+                        r.status().is_server_error() && e.status().is_client_error()
+                    });
+                    if better {
+                        refused = Some(e.clone());
+                    }
+                }
                 Failure::Busy | Failure::Full => busy = true,
                 Failure::Failed(_) | Failure::Unverified(_) | Failure::Deadline => {}
             }
@@ -308,6 +317,12 @@ mod tests {
         let context = || Failure::Refused(ApiError::context_length("too long"));
         assert_eq!(
             run(vec![context(), context()]).code(),
+            Some("context_length_exceeded")
+        );
+        // A provider that does not serve this gateway says nothing about the request.
+        let not_served = || Failure::Refused(ApiError::no_provider("not served"));
+        assert_eq!(
+            run(vec![not_served(), context()]).code(),
             Some("context_length_exceeded")
         );
         let busy = run(vec![context(), Failure::Busy]);

@@ -152,7 +152,9 @@ async fn a_private_mesh_admits_only_nodes_with_its_key() {
         psk: Some(key),
     });
     match quic {
-        Err(NetError::Listen { message, .. }) => assert!(message.contains("TCP only"), "{message}"),
+        Err(NetError::Listen { message, .. }) => {
+            assert!(message.contains("TCP only"), "{message}");
+        }
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("a private mesh node listened on QUIC"),
     }

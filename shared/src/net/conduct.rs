@@ -102,6 +102,17 @@ impl Conduct {
         over
     }
 
+    /// While more peers are banned than [`MAX_TRACKED`], the ban that would end first, lifted
+    /// early: a crowd of identities banned one after another cannot grow the list forever.
+    pub(crate) fn lift_excess(&mut self) -> Option<PeerId> {
+        if self.banned.len() <= MAX_TRACKED {
+            return None;
+        }
+        let (&peer, _) = self.banned.iter().min_by_key(|(_, until)| **until)?;
+        self.banned.remove(&peer);
+        Some(peer)
+    }
+
     /// Whether `peer` is banned now.
     #[cfg(test)]
     pub(crate) fn is_banned(&self, peer: &PeerId) -> bool {
@@ -145,6 +156,30 @@ mod tests {
             now += WINDOW + Duration::from_secs(1);
         }
         assert!(!conduct.is_banned(&peer));
+    }
+
+    #[test]
+    fn the_ban_list_is_bounded() {
+        let mut conduct = Conduct::default();
+        let now = Instant::now();
+        let first = PeerId::random();
+        for _ in 0..4 {
+            conduct.strike(first, Offence::Violation, now);
+        }
+        for i in 0..MAX_TRACKED {
+            let later = now + Duration::from_millis(1 + i as u64);
+            let peer = PeerId::random();
+            for _ in 0..4 {
+                conduct.strike(peer, Offence::Violation, later);
+            }
+        }
+        assert_eq!(
+            conduct.lift_excess(),
+            Some(first),
+            "the ban ending first goes"
+        );
+        assert_eq!(conduct.lift_excess(), None);
+        assert_eq!(conduct.banned.len(), MAX_TRACKED);
     }
 
     #[test]

@@ -98,22 +98,36 @@ impl std::fmt::Debug for EventLoop {
 pub(super) fn build(
     config: NetConfig,
 ) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), NetError> {
+    let mut listen = config.listen.clone();
+    let mut bootstrap = config.bootstrap.clone();
     let mut swarm = match config.psk {
         None => public_swarm(config.keypair.clone(), config.mdns)?,
         Some(psk) => {
-            if let Some(quic) = config.listen.iter().find(|a| is_quic(a)) {
+            // QUIC has its own encryption, which the key cannot wrap: a private mesh is TCP only.
+            for (what, addrs) in [("listen", &mut listen), ("bootstrap", &mut bootstrap)] {
+                for addr in addrs.iter().filter(|a| is_quic(a)) {
+                    tracing::warn!(%addr, "private mesh: QUIC {what} address skipped (TCP only)");
+                }
+                addrs.retain(|a| !is_quic(a));
+            }
+            if listen.is_empty() && !config.listen.is_empty() {
                 return Err(NetError::Listen {
-                    addr: quic.clone(),
-                    message: "a private mesh (pre-shared key) runs over TCP only: QUIC has its \
-                              own encryption, which the key cannot wrap"
+                    addr: config.listen[0].clone(),
+                    message: "a private mesh (pre-shared key) runs over TCP only; give a TCP \
+                              address in --p2p-listen"
                         .into(),
                 });
+            }
+            if config.mdns {
+                tracing::warn!(
+                    "private mesh with mDNS on: mDNS announces this node's peer id and addresses on the LAN in the clear"
+                );
             }
             tracing::info!(fingerprint = %psk.fingerprint(), "private mesh: connections need the pre-shared key");
             private_swarm(config.keypair.clone(), config.mdns, psk)?
         }
     };
-    for addr in &config.listen {
+    for addr in &listen {
         swarm
             .listen_on(addr.clone())
             .map_err(|e| NetError::Listen {
@@ -134,7 +148,7 @@ pub(super) fn build(
         commands,
         events,
         role: config.role,
-        bootstrap: config.bootstrap,
+        bootstrap,
         announced: None,
         pending_open: HashMap::new(),
         leaving: None,
@@ -375,6 +389,9 @@ impl EventLoop {
         {
             tracing::warn!(%peer, ?offence, "peer banned for flooding or breaking the protocol");
             self.swarm.behaviour_mut().blocked.block_peer(peer);
+            if let Some(lifted) = self.conduct.lift_excess() {
+                self.swarm.behaviour_mut().blocked.unblock_peer(lifted);
+            }
         }
     }
 

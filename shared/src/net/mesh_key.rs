@@ -1,8 +1,9 @@
 //! The pre-shared key of a private mesh (libp2p `pnet`).
 //!
 //! Nodes started with the same key encrypt every TCP connection with it before Noise even
-//! begins, so a node without it cannot complete a handshake, learn a peer id or send a byte
-//! the application reads. The file is go-libp2p's `swarm.key` format, created with mode 0600;
+//! begins, so a node without it cannot complete a handshake, learn a peer id over a connection
+//! or send a byte the application reads. (mDNS still announces peer ids on the LAN in the clear:
+//! keep it off in a private mesh.) The file is go-libp2p's `swarm.key` format, created with mode 0600;
 //! only its fingerprint is ever logged.
 
 use std::io::Write;
@@ -60,6 +61,13 @@ pub fn load(path: &Path) -> Result<PreSharedKey, MeshKeyError> {
         }
     }
     let text = std::io::read_to_string(file).map_err(io)?;
+    // The parser slices by byte: anything but ASCII would make it panic.
+    if !text.is_ascii() {
+        return Err(MeshKeyError::Invalid {
+            path: path.to_path_buf(),
+            message: "it holds non-ASCII characters".into(),
+        });
+    }
     text.parse().map_err(|e| MeshKeyError::Invalid {
         path: path.to_path_buf(),
         message: format!("{e}"),
