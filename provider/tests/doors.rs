@@ -12,38 +12,16 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use proofmesh_shared::net::{Client, STRIKES_TO_BAN};
 use proofmesh_shared::protocol::{
-    ChatMessage, GENERATE_PROTOCOL, GENERATE_STREAMS_PER_GATEWAY, GenerateFrame, GenerateRequest,
-    MAX_STREAM_FRAME, ModelDigest, RemoteErrorKind, RequestId, read_frame, write_frame,
+    GENERATE_PROTOCOL, GENERATE_STREAMS_PER_GATEWAY, GenerateFrame, GenerateRequest,
+    MAX_STREAM_FRAME, ModelDigest, RemoteErrorKind, write_frame,
 };
-use proofmesh_shared::sampling::SamplerParams;
 
 fn request(digest: ModelDigest) -> GenerateRequest {
-    GenerateRequest {
-        version: GenerateRequest::VERSION,
-        request_id: RequestId::random(),
-        model_digest: digest,
-        messages: vec![ChatMessage {
-            role: "user".into(),
-            content: "Say hi.".into(),
-        }],
-        sampler: SamplerParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        max_tokens: 8,
-        stop: vec![],
-        trace: None,
-    }
+    support::greedy_request(digest, 8)
 }
 
 async fn frame(stream: &mut libp2p::Stream) -> GenerateFrame {
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        read_frame(stream, MAX_STREAM_FRAME),
-    )
-    .await
-    .expect("a frame within 30 s")
-    .expect("a readable frame")
+    support::next_frame(stream, MAX_STREAM_FRAME, 30).await
 }
 
 /// Runs one request to its signed end and returns how long it took.

@@ -11,10 +11,9 @@ use futures::AsyncWriteExt;
 use libp2p::PeerId;
 use proofmesh_shared::net::Client;
 use proofmesh_shared::protocol::{
-    ChatMessage, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest, MAX_STREAM_FRAME, ModelDigest,
-    RemoteErrorKind, RequestId, read_frame, write_frame,
+    GENERATE_PROTOCOL, GenerateFrame, GenerateRequest, MAX_STREAM_FRAME, ModelDigest,
+    RemoteErrorKind, read_frame, write_frame,
 };
-use proofmesh_shared::sampling::SamplerParams;
 use tokio::sync::oneshot;
 
 async fn provider() -> (proofmesh_provider::Started, oneshot::Sender<()>) {
@@ -28,32 +27,11 @@ async fn open(client: &Client, peer: PeerId) -> libp2p::Stream {
 }
 
 async fn answer(stream: &mut libp2p::Stream) -> GenerateFrame {
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        read_frame(stream, MAX_STREAM_FRAME),
-    )
-    .await
-    .unwrap()
-    .unwrap()
+    support::next_frame(stream, MAX_STREAM_FRAME, 30).await
 }
 
 fn request(digest: ModelDigest, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        version: GenerateRequest::VERSION,
-        request_id: RequestId::random(),
-        model_digest: digest,
-        messages: vec![ChatMessage {
-            role: "user".into(),
-            content: "Say hi.".into(),
-        }],
-        sampler: SamplerParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        max_tokens,
-        stop: vec![],
-        trace: None,
-    }
+    support::greedy_request(digest, max_tokens)
 }
 
 fn refused(frame: &GenerateFrame) -> RemoteErrorKind {

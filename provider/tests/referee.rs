@@ -36,13 +36,7 @@ async fn open(client: &Client, peer: PeerId) -> libp2p::Stream {
 }
 
 async fn reply(stream: &mut libp2p::Stream) -> RefereeReply {
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        read_frame(stream, MAX_EVIDENCE_FRAME),
-    )
-    .await
-    .expect("the referee answers")
-    .expect("a reply frame")
+    support::next_frame(stream, MAX_EVIDENCE_FRAME, 60).await
 }
 
 /// Opens a job with `frame`, asking again while the referee's one context is still being freed

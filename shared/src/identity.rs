@@ -50,23 +50,29 @@ pub fn load_or_create(path: &Path) -> Result<Keypair, KeyError> {
             let bytes = key.to_protobuf_encoding().map_err(|_| KeyError::Invalid {
                 path: path.to_path_buf(),
             })?;
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(io)?;
-            }
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                options.mode(0o600);
-            }
-            let mut file = options.open(path).map_err(io)?;
-            file.write_all(&bytes).map_err(io)?;
-            file.sync_all().map_err(io)?;
+            create_private(path, &bytes).map_err(io)?;
             Ok(key)
         }
         Err(e) => Err(io(e)),
     }
+}
+
+/// Writes `bytes` to a new file at `path` (directories included) that only its owner can read
+/// (mode 0600); never over an existing file.
+pub(crate) fn create_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 #[cfg(test)]

@@ -10,6 +10,10 @@ use libp2p::{PeerId, StreamProtocol};
 use proofmesh_provider::engine::EngineConfig;
 use proofmesh_provider::{ProviderConfig, Tamper};
 use proofmesh_shared::net::{self, Client, NetConfig, Role};
+use proofmesh_shared::protocol::{
+    ChatMessage, GenerateRequest, ModelDigest, RequestId, read_frame,
+};
+use proofmesh_shared::sampling::SamplerParams;
 use tokio::sync::oneshot;
 
 /// A small engine on the default model (fetched when missing): 256-token context, one sequence.
@@ -134,4 +138,36 @@ pub async fn open(client: &Client, peer: PeerId, protocol: StreamProtocol) -> li
             Err(_) => panic!("cannot open a stream: timed out"),
         }
     }
+}
+
+/// A greedy "Say hi." request for `digest`.
+pub fn greedy_request(digest: ModelDigest, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        version: GenerateRequest::VERSION,
+        request_id: RequestId::random(),
+        model_digest: digest,
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: "Say hi.".into(),
+        }],
+        sampler: SamplerParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        max_tokens,
+        stop: vec![],
+        trace: None,
+    }
+}
+
+/// The next frame on `stream` (at most `max` bytes), within `secs` seconds; panics otherwise.
+pub async fn next_frame<T: serde::de::DeserializeOwned>(
+    stream: &mut libp2p::Stream,
+    max: usize,
+    secs: u64,
+) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), read_frame(stream, max))
+        .await
+        .unwrap_or_else(|_| panic!("no frame within {secs} s"))
+        .expect("a readable frame")
 }

@@ -6,7 +6,6 @@
 //! keep it off in a private mesh.) The file is go-libp2p's `swarm.key` format, created with mode 0600;
 //! only its fingerprint is ever logged.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use libp2p::pnet::PreSharedKey;
@@ -81,19 +80,7 @@ pub fn create(path: &Path) -> Result<PreSharedKey, MeshKeyError> {
         source,
     };
     let key = PreSharedKey::new(rand::random());
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path).map_err(io)?;
-    file.write_all(key.to_key_file().as_bytes()).map_err(io)?;
-    file.sync_all().map_err(io)?;
+    crate::identity::create_private(path, key.to_key_file().as_bytes()).map_err(io)?;
     Ok(key)
 }
 
