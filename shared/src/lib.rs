@@ -29,7 +29,8 @@
 //! - [`metrics`]: the Prometheus text encoding both `/metrics` endpoints use.
 //! - [`model_file`]: digest, name and quantization of a GGUF file.
 //! - [`net`]: the libp2p behaviour and the one task that owns the `Swarm`, with a cloneable
-//!   [`net::Client`] for everyone else.
+//!   [`net::Client`] for everyone else; inbound streams taken under per-peer quotas, the strikes
+//!   and bans of peers that flood or break the protocol, and a private mesh's pre-shared key.
 
 pub mod commit;
 pub mod config;
