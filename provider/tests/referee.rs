@@ -16,8 +16,8 @@ use libp2p::identity::Keypair;
 use proofmesh_shared::commit::output_hash;
 use proofmesh_shared::net::Client;
 use proofmesh_shared::protocol::{
-    ChatMessage, GenerateRequest, MAX_EVIDENCE_FRAME, ModelDigest, REFEREE_PROTOCOL, RefereeFrame,
-    RefereeReply, RefereeTicket, RemoteErrorKind, RequestId, read_frame, write_frame,
+    GenerateRequest, MAX_EVIDENCE_FRAME, ModelDigest, REFEREE_PROTOCOL, RefereeFrame, RefereeReply,
+    RefereeTicket, RemoteErrorKind, read_frame, write_frame,
 };
 use proofmesh_shared::sampling::SamplerParams;
 use tokio::sync::oneshot;
@@ -70,22 +70,9 @@ fn refused(reply: &RefereeReply) -> RemoteErrorKind {
 }
 
 fn request(digest: ModelDigest, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        version: GenerateRequest::VERSION,
-        request_id: RequestId::random(),
-        model_digest: digest,
-        messages: vec![ChatMessage {
-            role: "user".into(),
-            content: "Name a fruit.".into(),
-        }],
-        sampler: SamplerParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        max_tokens,
-        stop: vec![],
-        trace: None,
-    }
+    let mut request = support::greedy_request(digest, max_tokens);
+    request.messages[0].content = "Name a fruit.".into();
+    request
 }
 
 /// Unix seconds now.
