@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages proofmesh needs to build: cmake and a C/C++ toolchain for
-# llama.cpp, clang + libclang for llama-cpp-2's bindgen. Does nothing when they are present.
+# llama.cpp, clang + libclang for llama-cpp-2's bindgen; iproute2 and iptables for the network
+# tests. Does nothing when they are present.
 set -euo pipefail
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -20,8 +21,9 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 # The official OpenAI Node client test.
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
-# The mDNS test builds two hosts from network namespaces.
+# The mDNS and topology tests build hosts from network namespaces; the NAT routers masquerade.
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -81,6 +81,8 @@ pub struct GatewayConfig {
     pub mdns: bool,
     /// A private mesh's pre-shared key: only nodes with the same key can connect.
     pub mesh_key: Option<proofmesh_shared::net::mesh_key::PreSharedKey>,
+    /// NAT traversal: the relay service for NATed peers, announced addresses.
+    pub traversal: proofmesh_shared::net::Traversal,
     /// The node key.
     pub keypair: Keypair,
     /// Mode for requests that name none.
@@ -214,6 +216,7 @@ pub async fn run(
         mdns: config.mdns,
         role: Role::Gateway,
         psk: config.mesh_key,
+        traversal: config.traversal.clone(),
     })?;
     let net_task = tokio::spawn(event_loop.run());
     let registry = Registry::default();

@@ -14,6 +14,7 @@ use proofmesh_gateway::failover::RetryPolicy;
 use proofmesh_gateway::http::HttpLimits;
 use proofmesh_gateway::settings::GatewaySettings;
 use proofmesh_shared::config::{self, CONFIG_ENV};
+use proofmesh_shared::net::Traversal;
 use proofmesh_shared::telemetry::{self, LogFormat, TelemetryConfig};
 use serde::Serialize;
 
@@ -191,6 +192,18 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_MESH_KEY_FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     mesh_key_file: Option<PathBuf>,
+    /// Serve peers behind NAT: relay v2 circuits for hole punching (2 minutes, 128 KiB each)
+    /// and AutoNAT v2 dial-backs; the relay takes reservations once this gateway has a
+    /// confirmed external address (--external-addresses, or AutoNAT) [default: true].
+    #[arg(long, env = "PROOFMESH_RELAY_SERVICE", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relay_service: Option<bool>,
+    /// Addresses this node is reachable at from outside (a public IP, a forwarded port),
+    /// comma-separated, e.g. /ip4/203.0.113.7/tcp/4001: announced without an AutoNAT test
+    /// [default: none, AutoNAT finds out].
+    #[arg(long, env = "PROOFMESH_EXTERNAL_ADDRESSES", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    external_addresses: Option<Vec<Multiaddr>>,
     /// With API keys on, serve GET /v1/models without a key [default: true].
     #[arg(long, env = "PROOFMESH_PUBLIC_MODELS", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -460,6 +473,11 @@ async fn main() -> anyhow::Result<()> {
         mesh_key: match &settings.mesh_key_file {
             Some(path) => Some(proofmesh_shared::net::mesh_key::load(path)?),
             None => None,
+        },
+        traversal: Traversal {
+            relays: Vec::new(),
+            external: settings.external_addresses,
+            serve: settings.relay_service,
         },
         keypair,
         default_mode: settings.default_verification_mode,

@@ -27,6 +27,12 @@ pub struct GatewaySettings {
     /// A private mesh's pre-shared key file (`proofmesh-gateway mesh-key FILE` writes one):
     /// set, only nodes with the same key can connect, over TCP only.
     pub mesh_key_file: Option<PathBuf>,
+    /// Serve peers behind NAT: relay v2 circuits (for hole punching: 2 minutes and 128 KiB
+    /// each) and AutoNAT v2 dial-backs. The relay takes reservations once this node has a
+    /// confirmed external address (`external_addresses`, or AutoNAT).
+    pub relay_service: bool,
+    /// Addresses this node is reachable at from outside, announced without a test.
+    pub external_addresses: Vec<Multiaddr>,
     /// Node key file (created 0600 on first start); default in the user's data directory.
     pub key: Option<PathBuf>,
     /// Steps challenged per merkle audit.
@@ -112,6 +118,8 @@ impl Default for GatewaySettings {
             bootstrap: Vec::new(),
             mdns: false,
             mesh_key_file: None,
+            relay_service: true,
+            external_addresses: Vec::new(),
             key: None,
             challenges: proofmesh_shared::verify::DEFAULT_CHALLENGE_COUNT as u16,
             default_verification_mode: VerificationMode::Merkle,

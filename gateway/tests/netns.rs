@@ -1,10 +1,18 @@
-//! Real network topology: the gateway and two providers, each on its own host (a Linux network
-//! namespace this test creates, joined to the gateway's by a veth link; the test itself reaches
-//! the gateway's HTTP port over a third link). While both providers generate, one provider's
-//! link is cut: its requests fail over to the other provider (nothing had reached the clients),
-//! and every request succeeds. The cut then heals: the provider dials the gateway again and
-//! serves. Nothing leaves the namespaces. Needs root (`ip netns`); without it the test says so
-//! and passes vacuously.
+//! Real network topologies, each host a Linux network namespace this test creates, joined by
+//! veth links; nothing leaves the namespaces. Needs root (`ip netns`, and `iptables` for the
+//! NAT routers); without them each test says so and passes vacuously.
+//!
+//! - A cut link: the gateway and two providers on their own hosts (the test reaches the
+//!   gateway's HTTP port over a third link). While both providers generate, one provider's link
+//!   is cut: its requests fail over to the other provider (nothing had reached the clients),
+//!   and every request succeeds. The cut then heals: the provider dials the gateway again and
+//!   serves.
+//! - NAT traversal: a gateway and a provider each behind its own masquerading NAT router, a
+//!   relay (a second gateway) on the "internet" between them. The provider reserves a slot at
+//!   the relay, the gateway finds it through the relay's DHT and reaches it through a circuit,
+//!   hole punching (DCUtR) upgrades that to a direct connection through both NATs, and a
+//!   completion is served over it. `proofmesh-provider doctor` says "relayed" behind the NAT,
+//!   "behind NAT" there without a relay, and "direct" on a public host.
 
 // Test code: a failure is a failed test and should say so loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -83,12 +91,62 @@ fn link(a: Option<&str>, b: &str, net: u8, tag: u32) -> String {
     end_a
 }
 
+/// Makes `ns` a router: it forwards, and `via` (if any) is its default route.
+fn router(ns: &str, via: Option<&str>) {
+    let status = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success(), "cannot enable forwarding in {ns}");
+    if let Some(via) = via {
+        default_route(ns, via);
+    }
+}
+
+fn default_route(ns: &str, via: &str) {
+    ip(&["-n", ns, "route", "add", "default", "via", via]);
+}
+
+/// A masquerading NAT on router `ns` for the hosts of `lan`, as on a home router: mappings
+/// keep the source port where they can, and a connection from outside gets in only as the
+/// reply to one from inside (Linux conntrack); anything else is dropped without an answer.
+fn masquerade(ns: &str, lan: &str) -> bool {
+    let iptables = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "iptables"])
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    iptables(&[
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-s",
+        lan,
+        "-j",
+        "MASQUERADE",
+    ]) && iptables(&["-A", "INPUT", "-p", "tcp", "--syn", "-j", "DROP"])
+}
+
 fn spawn(hosts: &mut Hosts, ns: &str, binary: &Path, args: &[String], log: PathBuf) {
     let child = Command::new("ip")
         .args(["netns", "exec", ns])
         .arg(binary)
         .args(args)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("PROOFMESH_NETNS_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
         .spawn()
@@ -252,6 +310,243 @@ async fn a_cut_link_fails_over_and_the_partition_heals() {
         "netns: 4 requests across the cut all succeeded (answered by {answered_by:?}), the last \
          {failover_took:?} after the cut; the provider rejoined {rejoined:?} after the link \
          came back"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The peer id a node logs with its first listen address.
+async fn logged_peer_id(log: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(at) = text.find(" peer=") {
+            let rest = &text[at + " peer=".len()..];
+            let id: String = rest
+                .chars()
+                .take_while(char::is_ascii_alphanumeric)
+                .collect();
+            if !id.is_empty() {
+                return id;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no peer id in {}:\n{text}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until `log` holds `needle`.
+async fn wait_for_log(log: &Path, needle: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has no {needle:?} after {within:?}:\n{text}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Runs `proofmesh-provider doctor --json` on host `ns`: its exit code and its findings.
+fn doctor(ns: &str, provider_bin: &Path, args: &[String]) -> (i32, Value) {
+    let started = Instant::now();
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(provider_bin)
+        .args(["doctor", "--json", "--wait-secs", "40"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "doctor on {ns}, {:?}:\n{}",
+        started.elapsed(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let findings = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor on {ns} printed no JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), findings)
+}
+
+#[tokio::test]
+async fn a_provider_behind_nat_is_reached_through_a_relay_then_directly() {
+    if !can_make_namespaces() {
+        eprintln!("SKIPPED: cannot create network namespaces here (needs root and iproute2)");
+        return;
+    }
+    let tag = std::process::id() % 10_000 + 1;
+    let dir = std::env::temp_dir().join(format!("proofmesh-nat-{tag}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut hosts = Hosts::default();
+    let [inet, nat_a, nat_b, gw, prov, public] =
+        ["in", "na", "nb", "gw", "pv", "pu"].map(|name| format!("pm-{name}-{tag}"));
+    for ns in [&inet, &nat_a, &nat_b, &gw, &prov, &public] {
+        ip(&["netns", "add", ns]);
+        hosts.namespaces.push(ns.clone());
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+    }
+    // The "internet": the relay's host, joined to each NAT router's WAN side and to a public
+    // host. Behind NAT A the gateway, behind NAT B the provider; the test reaches the
+    // gateway's HTTP port over its own link.
+    link(Some(&inet), &nat_a, 21, tag);
+    link(Some(&inet), &nat_b, 22, tag);
+    link(Some(&inet), &public, 23, tag);
+    link(Some(&nat_a), &gw, 24, tag);
+    link(Some(&nat_b), &prov, 25, tag);
+    link(None, &gw, 26, tag);
+    router(&inet, None);
+    router(&nat_a, Some("10.78.21.1"));
+    router(&nat_b, Some("10.78.22.1"));
+    default_route(&gw, "10.78.24.1");
+    default_route(&prov, "10.78.25.1");
+    default_route(&public, "10.78.23.1");
+    if !masquerade(&nat_a, "10.78.24.0/24") || !masquerade(&nat_b, "10.78.25.0/24") {
+        eprintln!("SKIPPED: iptables cannot masquerade here (install iptables; needs nf_nat)");
+        return;
+    }
+
+    let gateway_bin = PathBuf::from(env!("CARGO_BIN_EXE_proofmesh-gateway"));
+    let provider_bin = gateway_bin.with_file_name("proofmesh-provider");
+    assert!(provider_bin.is_file(), "build proofmesh-provider first");
+    let relay_addr = "/ip4/10.78.21.1/tcp/4001";
+    let relay_log = dir.join("relay.log");
+    spawn(
+        &mut hosts,
+        &inet,
+        &gateway_bin,
+        &[
+            "--http-listen".into(),
+            "127.0.0.1:18080".into(),
+            "--p2p-listen".into(),
+            "/ip4/0.0.0.0/tcp/4001".into(),
+            "--external-addresses".into(),
+            relay_addr.into(),
+            "--ephemeral-key".into(),
+            "--allow-unrefereed".into(),
+            "--state-dir".into(),
+            dir.join("relay-state").display().to_string(),
+        ],
+        relay_log.clone(),
+    );
+    let relay = format!("{relay_addr}/p2p/{}", logged_peer_id(&relay_log).await);
+    let provider_log = dir.join("provider.log");
+    spawn(
+        &mut hosts,
+        &prov,
+        &provider_bin,
+        &[
+            "--model".into(),
+            support::model_path().display().to_string(),
+            "--ephemeral-key".into(),
+            "--threads".into(),
+            "1".into(),
+            "--ctx-size".into(),
+            "512".into(),
+            "--referee-slots".into(),
+            "0".into(),
+            "--p2p-listen".into(),
+            "/ip4/0.0.0.0/tcp/4001".into(),
+            "--bootstrap".into(),
+            relay_addr.into(),
+            "--relays".into(),
+            relay.clone(),
+        ],
+        provider_log.clone(),
+    );
+    let provider_id = logged_peer_id(&provider_log).await;
+    let gateway_log = dir.join("gateway.log");
+    spawn(
+        &mut hosts,
+        &gw,
+        &gateway_bin,
+        &[
+            "--http-listen".into(),
+            format!("10.78.26.2:{HTTP_PORT}"),
+            "--p2p-listen".into(),
+            "/ip4/0.0.0.0/tcp/4001".into(),
+            "--bootstrap".into(),
+            relay_addr.into(),
+            "--relay-service".into(),
+            "false".into(),
+            "--ephemeral-key".into(),
+            "--allow-unrefereed".into(),
+            "--state-dir".into(),
+            dir.join("gateway-state").display().to_string(),
+        ],
+        gateway_log.clone(),
+    );
+
+    // The provider's only way in is the relay: the gateway finds it in the relay's DHT
+    // records (a circuit address) and reaches it through the relay...
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let base = format!("http://10.78.26.2:{HTTP_PORT}");
+    let started = Instant::now();
+    wait_for_providers(&http, &base, 1, Duration::from_secs(120)).await;
+    let found = started.elapsed();
+    // ...and hole punching through both NATs makes it direct.
+    wait_for_log(
+        &gateway_log,
+        "direct connection by hole punching",
+        Duration::from_secs(60),
+    )
+    .await;
+    let punched = started.elapsed();
+    let (status, answered_by, body) =
+        complete(http.clone(), format!("{base}/v1/chat/completions"), 64).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(answered_by, provider_id);
+    assert!(
+        std::fs::read_to_string(&provider_log)
+            .unwrap()
+            .contains("relay reservation accepted"),
+        "the provider held a reservation at the relay"
+    );
+
+    // The doctor, behind NAT B with the relay: relayed; behind it without: behind NAT.
+    let probe = |port: u16| {
+        vec![
+            "--p2p-listen".to_string(),
+            format!("/ip4/0.0.0.0/tcp/{port}"),
+            "--bootstrap".into(),
+            relay_addr.into(),
+        ]
+    };
+    let mut with_relay = probe(4002);
+    with_relay.extend(["--relays".to_string(), relay.clone()]);
+    let doctor_started = Instant::now();
+    let (code, findings) = doctor(&prov, &provider_bin, &with_relay);
+    assert_eq!(findings["verdict"], "relayed", "{findings:#}");
+    assert_eq!(code, 0);
+    assert!(
+        findings["reachability"]["unreachable"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()),
+        "AutoNAT tried the NAT's address and failed: {findings:#}"
+    );
+    let (code, findings) = doctor(&prov, &provider_bin, &probe(4003));
+    assert_eq!(findings["verdict"], "behind_nat", "{findings:#}");
+    assert_eq!(code, 2);
+    // On a public host: direct.
+    let (code, findings) = doctor(&public, &provider_bin, &probe(4001));
+    assert_eq!(findings["verdict"], "direct", "{findings:#}");
+    assert_eq!(code, 0);
+    println!(
+        "nat: the gateway found the provider behind NAT through the relay {found:?} after start, \
+         hole punching made it direct at {punched:?}; doctor: relayed, behind NAT, direct \
+         (three runs, {:?})",
+        doctor_started.elapsed()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

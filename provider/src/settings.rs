@@ -47,6 +47,11 @@ pub struct ProviderSettings {
     /// A private mesh's pre-shared key file (`proofmesh-gateway mesh-key FILE` writes one):
     /// set, only nodes with the same key can connect, over TCP only.
     pub mesh_key_file: Option<PathBuf>,
+    /// Relays (`…/p2p/<relay peer id>`, e.g. a gateway's) to hold a reservation at, so that
+    /// peers reach this provider from behind NAT; hole punching then makes it direct.
+    pub relays: Vec<Multiaddr>,
+    /// Addresses this node is reachable at from outside, announced without a test.
+    pub external_addresses: Vec<Multiaddr>,
     /// Where a `dynamic-backends` build loads llama.cpp's backends (e.g. `libggml-cuda.so`) from.
     pub backends_dir: Option<PathBuf>,
     /// Mesh listen addresses (TCP and QUIC).
@@ -88,6 +93,8 @@ impl Default for ProviderSettings {
             referee_slots_per_gateway: 0,
             serve_gateways: Vec::new(),
             mesh_key_file: None,
+            relays: Vec::new(),
+            external_addresses: Vec::new(),
             backends_dir: None,
             p2p_listen: ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
                 .iter()

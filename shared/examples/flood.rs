@@ -60,6 +60,7 @@ async fn one_identity(
         mdns: false,
         role: Role::Gateway,
         psk: None,
+        traversal: Default::default(),
     })?;
     let task = tokio::spawn(event_loop.run());
     let (mut opened, mut failed) = (0u64, 0u64);

@@ -8,7 +8,8 @@
 //! doors ([`Client::accept`]), so generation never queues behind swarm work. [`conduct`] keeps
 //! the strikes of peers that flood the doors or break the protocol, and bans them for a while.
 //!
-//! Transports: TCP and QUIC, Noise, Yamux. Discovery: explicit bootstrap addresses (re-dialled on
+//! Transports: TCP and QUIC, Noise, Yamux, and circuits through relays ([`reach`]: relay v2,
+//! hole punching by DCUtR, AutoNAT v2). Discovery: explicit bootstrap addresses (re-dialled on
 //! a timer while no peer is connected), mDNS on the LAN when enabled, Kademlia provider records
 //! under a key derived from each model digest and under one well-known key for "all providers".
 
@@ -18,6 +19,7 @@ mod conduct;
 mod event_loop;
 mod inbound;
 pub mod mesh_key;
+mod reach;
 
 use libp2p::identity::Keypair;
 use libp2p::request_response::ResponseChannel;
@@ -27,6 +29,7 @@ pub use client::Client;
 pub use conduct::{BAN, Offence, STRIKES_TO_BAN, WINDOW};
 pub use event_loop::EventLoop;
 pub use inbound::{Inbound, Incoming, Quota, Slot};
+pub use reach::{Reachability, Traversal, Verdict};
 
 use crate::protocol::{Capabilities, OpenLeavesRequest, SignedOpening};
 
@@ -37,6 +40,9 @@ pub enum Role {
     Provider(Capabilities),
     /// Looks for providers: queries the capabilities of every peer it identifies.
     Gateway,
+    /// A short-lived node that only looks at the network (`proofmesh-provider doctor`):
+    /// serves nothing, looks for nobody.
+    Probe,
 }
 
 /// How to start a node's mesh side.
@@ -56,6 +62,8 @@ pub struct NetConfig {
     /// A private mesh's pre-shared key ([`mesh_key`]): set, only nodes with the same key can
     /// connect, and only over TCP.
     pub psk: Option<mesh_key::PreSharedKey>,
+    /// NAT traversal: relays to reserve at, announced addresses, serving others.
+    pub traversal: Traversal,
 }
 
 /// What the event loop tells the application.

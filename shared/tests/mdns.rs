@@ -68,6 +68,7 @@ async fn child(role: &str) {
         mdns: true,
         role,
         psk: None,
+        traversal: Default::default(),
     })
     .unwrap();
     tokio::spawn(event_loop.run());

@@ -35,6 +35,7 @@ async fn private_node(
         mdns: false,
         role,
         psk,
+        traversal: Default::default(),
     })
     .unwrap();
     tokio::spawn(event_loop.run());
@@ -150,6 +151,7 @@ async fn a_private_mesh_admits_only_nodes_with_its_key() {
         mdns: false,
         role: Role::Gateway,
         psk: Some(key),
+        traversal: Default::default(),
     });
     match quic {
         Err(NetError::Listen { message, .. }) => {

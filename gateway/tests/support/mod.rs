@@ -246,6 +246,7 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
         bootstrap,
         mdns: false,
         mesh_key: None,
+        traversal: Default::default(),
         keypair: options
             .keypair
             .clone()
@@ -394,6 +395,7 @@ impl Mesh {
             bootstrap: self.p2p_addrs.clone(),
             mdns: false,
             mesh_key: None,
+            traversal: Default::default(),
             serve_gateways: Vec::new(),
             leaf_store_bytes: 64 << 20,
             http_listen: Some("127.0.0.1:0".parse().expect("addr")),

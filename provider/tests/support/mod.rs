@@ -66,6 +66,7 @@ pub fn config(
         bootstrap: vec![],
         mdns: false,
         mesh_key: None,
+        traversal: Default::default(),
         serve_gateways: Vec::new(),
         leaf_store_bytes: 1 << 20,
         http_listen: None,
@@ -112,6 +113,7 @@ pub fn client_with(keypair: Keypair, bootstrap: Vec<libp2p::Multiaddr>) -> Clien
         mdns: false,
         role: Role::Gateway,
         psk: None,
+        traversal: Default::default(),
     })
     .unwrap();
     tokio::spawn(event_loop.run());

@@ -7,7 +7,10 @@ use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::memory_connection_limits;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::{StreamProtocol, identify, identity::Keypair, kad, mdns, ping, request_response};
+use libp2p::{
+    StreamProtocol, autonat, dcutr, identify, identity::Keypair, kad, mdns, ping, relay,
+    request_response,
+};
 
 use crate::protocol::{
     CAPS_PROTOCOL, CONTROL_TIMEOUT, Capabilities, CapsRequest, LEAVE_PROTOCOL, LeaveAck, Leaving,
@@ -52,10 +55,24 @@ pub(crate) struct Behaviour {
     pub(crate) leave: request_response::cbor::Behaviour<Leaving, LeaveAck>,
     pub(crate) inbound: super::inbound::Behaviour,
     pub(crate) stream: libp2p_stream::Behaviour,
+    /// Reaches peers through relays and holds reservations at the configured ones.
+    pub(crate) relay_client: relay::client::Behaviour,
+    /// Upgrades relayed connections to direct ones by hole punching.
+    pub(crate) dcutr: dcutr::Behaviour,
+    /// Asks AutoNAT servers to dial this node's observed addresses back.
+    pub(crate) autonat: autonat::v2::client::Behaviour,
+    /// Nodes that serve others: relay v2 circuits and AutoNAT v2 dial-backs.
+    pub(crate) relay: Toggle<relay::Behaviour>,
+    pub(crate) autonat_server: Toggle<autonat::v2::server::Behaviour>,
 }
 
 impl Behaviour {
-    pub(crate) fn new(key: &Keypair, mdns: bool) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        key: &Keypair,
+        mdns: bool,
+        relay_client: relay::client::Behaviour,
+        serve: bool,
+    ) -> std::io::Result<Self> {
         let peer_id = key.public().to_peer_id();
         let mdns = if mdns {
             Some(mdns::tokio::Behaviour::new(
@@ -116,6 +133,15 @@ impl Behaviour {
             ),
             inbound: super::inbound::Behaviour::default(),
             stream: libp2p_stream::Behaviour::new(),
+            relay_client,
+            dcutr: dcutr::Behaviour::new(peer_id),
+            autonat: autonat::v2::client::Behaviour::default(),
+            // The relay's own limits stay: circuits carry hole punching, not token streams
+            // (2 minutes and 128 KiB each, 16 at once, reservations rate-limited per peer and IP).
+            relay: serve
+                .then(|| relay::Behaviour::new(peer_id, relay::Config::default()))
+                .into(),
+            autonat_server: serve.then(autonat::v2::server::Behaviour::default).into(),
         })
     }
 }

@@ -31,6 +31,9 @@ pub(crate) enum Command {
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    Reachability {
+        reply: oneshot::Sender<super::Reachability>,
+    },
     Leave {
         reply: oneshot::Sender<usize>,
     },
@@ -166,5 +169,11 @@ impl Client {
     /// Peers with at least one open connection.
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetError> {
         self.ask(|reply| Command::ConnectedPeers { reply }).await
+    }
+
+    /// What this node knows of its own reachability: observed and confirmed addresses, relay
+    /// reservations, direct and relayed peers, hole punches.
+    pub async fn reachability(&self) -> Result<super::Reachability, NetError> {
+        self.ask(|reply| Command::Reachability { reply }).await
     }
 }

@@ -10,17 +10,21 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::core::Transport;
+use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, noise, ping, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, autonat, dcutr, identify, kad, mdns, noise, ping, relay, tcp, yamux,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::client::{Client, Command};
 use super::conduct::{Conduct, Offence};
+use super::reach::{Reach, Traversal, relay_peer};
 use super::{Event, NetConfig, NetError, Role};
 use crate::protocol::{
     CAPS_PROTOCOL, Capabilities, CapsRequest, GenerateRequest, LeaveAck, Leaving, ModelDigest,
@@ -41,8 +45,12 @@ const CAPS_REFRESH: Duration = Duration::from_secs(60);
 /// How often a provider re-publishes its provider records. Kademlia's own republication runs
 /// every 12 hours; records published before a node had any peer reached nobody.
 const REANNOUNCE_INTERVAL: Duration = Duration::from_secs(300);
-/// How long a private-mesh connection may take to finish its handshakes.
-const PRIVATE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a TCP connection may take from the first SYN to the end of its handshakes (Noise,
+/// Yamux, and the pre-shared key in a private mesh). Without it a dial to an address behind a
+/// NAT that drops SYNs silently waits for the kernel's ~2 minutes; AutoNAT v2 servers give a
+/// dial-back 10 s in all, so a dial-back that waits longer never tells the client "unreachable".
+/// QUIC's own handshake timeout is 5 s.
+const TCP_DIAL_TIMEOUT: Duration = Duration::from_secs(8);
 /// Room for commands waiting for the loop.
 const COMMAND_QUEUE: usize = 256;
 /// Room for events waiting for the application; beyond it events are dropped with a warning
@@ -78,6 +86,10 @@ pub struct EventLoop {
     providers: HashMap<PeerId, std::time::Instant>,
     /// Peers that announced they are leaving: capabilities they sent before are stale.
     departed: std::collections::HashSet<PeerId>,
+    /// Relays to hold a reservation at, and the circuit listener at each while it lives.
+    relays: Vec<(Multiaddr, Option<ListenerId>)>,
+    /// What this node knows of its own reachability.
+    reach: Reach,
 }
 
 /// The state of a leave announcement.
@@ -100,8 +112,13 @@ pub(super) fn build(
 ) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), NetError> {
     let mut listen = config.listen.clone();
     let mut bootstrap = config.bootstrap.clone();
+    config
+        .traversal
+        .validate()
+        .map_err(|message| NetError::Setup { message })?;
+    let serve = config.traversal.serve;
     let mut swarm = match config.psk {
-        None => public_swarm(config.keypair.clone(), config.mdns)?,
+        None => public_swarm(config.keypair.clone(), config.mdns, serve)?,
         Some(psk) => {
             // QUIC has its own encryption, which the key cannot wrap: a private mesh is TCP only.
             for (what, addrs) in [("listen", &mut listen), ("bootstrap", &mut bootstrap)] {
@@ -124,9 +141,15 @@ pub(super) fn build(
                 );
             }
             tracing::info!(fingerprint = %psk.fingerprint(), "private mesh: connections need the pre-shared key");
-            private_swarm(config.keypair.clone(), config.mdns, psk)?
+            private_swarm(config.keypair.clone(), config.mdns, serve, psk)?
         }
     };
+    let Traversal {
+        relays, external, ..
+    } = config.traversal;
+    for addr in external {
+        swarm.add_external_address(addr);
+    }
     for addr in &listen {
         swarm
             .listen_on(addr.clone())
@@ -155,6 +178,8 @@ pub(super) fn build(
         conduct: Conduct::default(),
         providers: HashMap::new(),
         departed: std::collections::HashSet::new(),
+        relays: relays.into_iter().map(|relay| (relay, None)).collect(),
+        reach: Reach::default(),
     };
     Ok((client, event_rx, event_loop))
 }
@@ -165,34 +190,53 @@ fn setup(e: &dyn std::fmt::Display) -> NetError {
     }
 }
 
+/// Whether an address is on the loopback interface.
+fn is_loopback(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(libp2p::multiaddr::Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(libp2p::multiaddr::Protocol::Ip6(ip)) => ip.is_loopback(),
+        _ => false,
+    }
+}
+
 fn is_quic(addr: &Multiaddr) -> bool {
     addr.iter()
         .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
 }
 
-/// The open mesh: TCP and QUIC, Noise, Yamux.
-fn public_swarm(keypair: Keypair, mdns: bool) -> Result<Swarm<Behaviour>, NetError> {
+/// The open mesh: TCP and QUIC, Noise, Yamux, and circuits through relays.
+fn public_swarm(keypair: Keypair, mdns: bool, serve: bool) -> Result<Swarm<Behaviour>, NetError> {
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| setup(&e))?
         .with_quic()
+        .with_other_transport(|key| -> Result<_, BoxError> {
+            Ok(
+                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default())
+                    .timeout(TCP_DIAL_TIMEOUT),
+            )
+        })
+        .map_err(|e| setup(&e))?
         .with_dns()
         .map_err(|e| setup(&e))?
-        .with_behaviour(|key| -> Result<Behaviour, BoxError> { Ok(Behaviour::new(key, mdns)?) })
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup(&e))?
+        .with_behaviour(|key, relay| -> Result<Behaviour, BoxError> {
+            Ok(Behaviour::new(key, mdns, relay, serve)?)
+        })
         .map_err(|e| setup(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build())
 }
 
-/// A private mesh: TCP wrapped in the pre-shared key (libp2p `pnet`), then Noise and Yamux.
+/// A private mesh: TCP wrapped in the pre-shared key (libp2p `pnet`), then Noise and Yamux;
+/// circuits run inside a relay connection, itself wrapped in the key.
 fn private_swarm(
     keypair: Keypair,
     mdns: bool,
+    serve: bool,
     psk: PreSharedKey,
 ) -> Result<Swarm<Behaviour>, NetError> {
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -204,13 +248,17 @@ fn private_swarm(
                     .upgrade(libp2p::core::upgrade::Version::V1Lazy)
                     .authenticate(noise::Config::new(key)?)
                     .multiplex(yamux::Config::default())
-                    .timeout(PRIVATE_HANDSHAKE_TIMEOUT),
+                    .timeout(TCP_DIAL_TIMEOUT),
             )
         })
         .map_err(|e| setup(&e))?
         .with_dns()
         .map_err(|e| setup(&e))?
-        .with_behaviour(|key| -> Result<Behaviour, BoxError> { Ok(Behaviour::new(key, mdns)?) })
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup(&e))?
+        .with_behaviour(|key, relay| -> Result<Behaviour, BoxError> {
+            Ok(Behaviour::new(key, mdns, relay, serve)?)
+        })
         .map_err(|e| setup(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build())
@@ -222,6 +270,7 @@ impl EventLoop {
     /// Runs until every [`Client`] is dropped.
     pub async fn run(mut self) {
         self.dial_bootstrap();
+        self.reserve_at_relays();
         let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -275,6 +324,7 @@ impl EventLoop {
             self.swarm.behaviour_mut().blocked.unblock_peer(peer);
         }
         self.redial_bootstrap();
+        self.reserve_at_relays();
         self.refresh_capabilities();
         if self.swarm.connected_peers().next().is_none() {
             return;
@@ -331,6 +381,7 @@ impl EventLoop {
                     .kad
                     .get_providers(all_providers_key());
             }
+            Role::Probe => {}
         }
     }
 
@@ -372,6 +423,10 @@ impl EventLoop {
             }
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Reachability { reply } => {
+                let listen = self.swarm.listeners().cloned().collect();
+                let _ = reply.send(self.reach.snapshot(listen));
             }
             Command::Leave { reply } => self.start_leaving(reply),
             Command::Report { peer, offence } => self.strike(peer, offence),
@@ -440,17 +495,24 @@ impl EventLoop {
                 tracing::info!(%address, peer = %self.swarm.local_peer_id(), "listening");
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                self.reach
+                    .connected(connection_id, peer_id, endpoint.is_relayed());
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 num_established,
                 cause,
+                connection_id,
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, ?cause, "connection closed");
+                self.reach.disconnected(connection_id);
                 if num_established == 0 {
                     self.providers.remove(&peer_id);
                     self.departed.remove(&peer_id);
@@ -460,15 +522,137 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
             }
+            SwarmEvent::NewExternalAddrCandidate { address } => self.reach.observed(address),
+            SwarmEvent::ExternalAddrConfirmed { address } => self.address_confirmed(address),
+            SwarmEvent::ExternalAddrExpired { address } => self.reach.expired(&address),
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => self.relay_listener_closed(listener_id, reason.err()),
             _ => {}
+        }
+    }
+
+    /// An address peers can reach: dialled back by AutoNAT, announced, or a relay circuit.
+    fn address_confirmed(&mut self, address: Multiaddr) {
+        if self.reach.confirmed(address.clone()) {
+            tracing::info!(%address, "reachable at");
+        }
+    }
+
+    /// Listens through each configured relay that has no live reservation (at start, and on
+    /// each tick after a relay went away or refused).
+    fn reserve_at_relays(&mut self) {
+        for (relay, listener) in &mut self.relays {
+            if listener.is_some() {
+                continue;
+            }
+            let Some(peer) = relay_peer(relay) else {
+                continue;
+            };
+            if self
+                .swarm
+                .behaviour()
+                .blocked
+                .blocked_peers()
+                .contains(&peer)
+            {
+                continue;
+            }
+            let circuit = relay.clone().with(libp2p::multiaddr::Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit) {
+                Ok(id) => *listener = Some(id),
+                Err(e) => self.reach.relay_failed(relay.clone(), e.to_string()),
+            }
+        }
+    }
+
+    /// A circuit listener ended: the relay went away or refused the reservation. The next
+    /// tick asks again.
+    fn relay_listener_closed(&mut self, id: ListenerId, error: Option<std::io::Error>) {
+        let Some((relay, listener)) = self.relays.iter_mut().find(|(_, l)| *l == Some(id)) else {
+            return;
+        };
+        *listener = None;
+        let why = error.map_or_else(|| "closed".to_string(), |e| e.to_string());
+        tracing::warn!(%relay, %why, "relay reservation lost; retrying");
+        self.reach.relay_failed(relay.clone(), why);
+    }
+
+    /// Logs and records what the relay, hole punching and AutoNAT behaviours report.
+    fn on_traversal_event(&mut self, event: Traversed) {
+        match event {
+            Traversed::Relay(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal,
+                ..
+            }) => {
+                if let Some((relay, _)) = self
+                    .relays
+                    .iter()
+                    .find(|(addr, _)| relay_peer(addr) == Some(relay_peer_id))
+                {
+                    self.reach.relay_accepted(relay);
+                }
+                if !renewal {
+                    tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+                }
+            }
+            Traversed::Relay(event) => tracing::debug!(?event, "relay client"),
+            Traversed::HolePunch(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => self.hole_punched(remote_peer_id, result),
+            Traversed::AutoNat(autonat::v2::client::Event {
+                tested_addr,
+                server,
+                result: Err(error),
+                ..
+            }) => {
+                if self.reach.unreachable(tested_addr.clone()) {
+                    tracing::info!(address = %tested_addr, %server, %error, "not reachable at (AutoNAT)");
+                }
+            }
+            Traversed::AutoNat(event) => tracing::debug!(?event, "AutoNAT"),
+        }
+    }
+
+    /// A hole punch succeeded or gave up. A direct connection makes the relayed ones useless,
+    /// and worse: streams would keep going through a relay that cuts circuits at 128 KiB.
+    fn hole_punched(
+        &mut self,
+        peer: PeerId,
+        result: Result<libp2p::swarm::ConnectionId, dcutr::Error>,
+    ) {
+        self.reach.hole_punched(result.is_ok());
+        match result {
+            Ok(_) => {
+                tracing::info!(%peer, "direct connection by hole punching");
+                for id in self.reach.relayed_connections(peer) {
+                    self.swarm.close_connection(id);
+                }
+            }
+            Err(error) => tracing::info!(%peer, %error, "hole punching failed; staying relayed"),
         }
     }
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
             BehaviourEvent::Inbound(refused) => self.strike(refused.peer, Offence::Refused),
+            BehaviourEvent::RelayClient(event) => self.on_traversal_event(Traversed::Relay(event)),
+            BehaviourEvent::Dcutr(event) => self.on_traversal_event(Traversed::HolePunch(event)),
+            BehaviourEvent::Autonat(event) => self.on_traversal_event(Traversed::AutoNat(event)),
+            BehaviourEvent::Relay(event) => tracing::debug!(?event, "relay service"),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
-                for addr in &info.listen_addrs {
+                // A peer's loopback addresses lead back to this host, unless this host is the
+                // peer's (its view of us is a loopback address too).
+                let same_host = is_loopback(&info.observed_addr);
+                for addr in info
+                    .listen_addrs
+                    .iter()
+                    .filter(|a| same_host || !is_loopback(a))
+                {
                     self.swarm
                         .behaviour_mut()
                         .kad
@@ -486,7 +670,7 @@ impl EventLoop {
                     request_response::Message::Request { channel, .. } => {
                         let caps = match &self.role {
                             Role::Provider(caps) => caps.clone(),
-                            Role::Gateway => Capabilities {
+                            Role::Gateway | Role::Probe => Capabilities {
                                 version: GenerateRequest::VERSION,
                                 models: vec![],
                             },
@@ -613,4 +797,11 @@ impl EventLoop {
             _ => {}
         }
     }
+}
+
+/// What the NAT traversal behaviours report.
+enum Traversed {
+    Relay(relay::client::Event),
+    HolePunch(dcutr::Event),
+    AutoNat(autonat::v2::client::Event),
 }

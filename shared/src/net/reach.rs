@@ -1,0 +1,346 @@
+//! NAT traversal: how a node behind NAT is reached, and what it knows of its own reachability.
+//!
+//! A node learns the addresses peers see it at from identify ("observed" candidates), and
+//! AutoNAT v2 servers try to dial each candidate back: one that answers is confirmed
+//! reachable, one that does not means a NAT or a firewall. A node behind NAT holds a
+//! reservation at a relay (relay v2) so that peers can reach it through a circuit; DCUtR then
+//! punches a hole and the relayed connection gives way to a direct one. [`Reachability`] is the
+//! event loop's record of all this, which `proofmesh-provider doctor` prints.
+
+use std::collections::{BTreeSet, HashMap};
+
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::ConnectionId;
+use libp2p::{Multiaddr, PeerId};
+
+/// How a node gets reached from behind NAT, and how it helps others.
+#[derive(Debug, Clone, Default)]
+pub struct Traversal {
+    /// Relays to hold a reservation at, each `…/p2p/<relay peer id>`: peers then reach this
+    /// node through them, and hole punching upgrades the connection to a direct one.
+    pub relays: Vec<Multiaddr>,
+    /// Addresses this node is reachable at without a test (a public IP, a forwarded port).
+    pub external: Vec<Multiaddr>,
+    /// Serve other nodes: relay v2 circuits (libp2p's limits: 2 minutes and 128 KiB each,
+    /// enough for hole punching) and AutoNAT v2 dial-backs. A relay needs a confirmed
+    /// external address (`external`, or AutoNAT) before it accepts reservations.
+    pub serve: bool,
+}
+
+impl Traversal {
+    /// Checks that each relay address names its relay (`/p2p/<peer id>` at the end).
+    pub fn validate(&self) -> Result<(), String> {
+        for relay in &self.relays {
+            if relay_peer(relay).is_none() {
+                return Err(format!(
+                    "relay address {relay} must end with /p2p/<the relay's peer id>"
+                ));
+            }
+            if relay.iter().any(|p| p == Protocol::P2pCircuit) {
+                return Err(format!(
+                    "relay address {relay} is already a circuit: give the relay's own address"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The peer id at the end of a relay address.
+pub(crate) fn relay_peer(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
+
+/// Whether an address is one a peer could dial directly: an IP (or DNS) transport, no relay.
+/// Identify also reports what a peer saw over a relayed connection, which is neither.
+fn is_direct(addr: &Multiaddr) -> bool {
+    matches!(
+        addr.iter().next(),
+        Some(
+            Protocol::Ip4(_)
+                | Protocol::Ip6(_)
+                | Protocol::Dns(_)
+                | Protocol::Dns4(_)
+                | Protocol::Dns6(_)
+        )
+    ) && !is_circuit(addr)
+}
+
+/// Whether an address goes through a relay.
+pub(crate) fn is_circuit(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
+/// What a node knows of its own reachability (a snapshot; [`Client::reachability`](super::Client::reachability)).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Reachability {
+    /// Where this node listens.
+    pub listen: Vec<Multiaddr>,
+    /// The addresses peers saw this node's connections come from.
+    pub observed: Vec<Multiaddr>,
+    /// Addresses confirmed reachable: dialled back by an AutoNAT server, or announced.
+    pub reachable: Vec<Multiaddr>,
+    /// Addresses an AutoNAT server tried and could not dial back.
+    pub unreachable: Vec<Multiaddr>,
+    /// Circuit addresses at relays that accepted a reservation.
+    pub relayed: Vec<Multiaddr>,
+    /// Why a relay reservation failed, per relay address.
+    pub relay_errors: Vec<String>,
+    /// Peers connected directly.
+    pub direct_peers: usize,
+    /// Peers connected only through a relay.
+    pub relayed_peers: usize,
+    /// Relayed connections upgraded to direct ones by hole punching.
+    pub hole_punches: u64,
+    /// Hole punching attempts that gave up.
+    pub hole_punch_failures: u64,
+}
+
+/// The short answer: how peers can reach this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Reachable directly at a confirmed address.
+    Direct,
+    /// Behind NAT, reachable through a relay; peers try to upgrade by hole punching.
+    Relayed,
+    /// Behind NAT (AutoNAT could not dial back) and no relay holds a reservation: only peers
+    /// this node dials itself can use it.
+    BehindNat,
+    /// Nothing tested yet: no AutoNAT server answered and no relay accepted.
+    Unknown,
+}
+
+impl Reachability {
+    /// The short answer.
+    pub fn verdict(&self) -> Verdict {
+        if !self.reachable.is_empty() {
+            Verdict::Direct
+        } else if !self.relayed.is_empty() {
+            Verdict::Relayed
+        } else if !self.unreachable.is_empty() {
+            Verdict::BehindNat
+        } else {
+            Verdict::Unknown
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Direct => "reachable directly",
+            Self::Relayed => {
+                "behind NAT, reachable through a relay (peers upgrade to a direct connection by \
+                 hole punching)"
+            }
+            Self::BehindNat => {
+                "behind NAT and not reachable: only peers this node dials can use it; add \
+                 --relay, or forward a port and set --external-address"
+            }
+            Self::Unknown => {
+                "unknown: no AutoNAT server answered and no relay accepted a reservation yet"
+            }
+        })
+    }
+}
+
+/// The event loop's running record behind [`Reachability`].
+#[derive(Debug, Default)]
+pub(crate) struct Reach {
+    observed: BTreeSet<Multiaddr>,
+    reachable: BTreeSet<Multiaddr>,
+    unreachable: BTreeSet<Multiaddr>,
+    relayed: BTreeSet<Multiaddr>,
+    relay_errors: HashMap<Multiaddr, String>,
+    /// Open connections and whether each goes through a relay.
+    connections: HashMap<ConnectionId, (PeerId, bool)>,
+    hole_punches: u64,
+    hole_punch_failures: u64,
+}
+
+/// Bound on each address set: peers choose what they report as observed.
+const MAX_ADDRESSES: usize = 64;
+
+fn insert_bounded(set: &mut BTreeSet<Multiaddr>, addr: Multiaddr) -> bool {
+    if set.len() >= MAX_ADDRESSES && !set.contains(&addr) {
+        return false;
+    }
+    set.insert(addr)
+}
+
+impl Reach {
+    pub(crate) fn observed(&mut self, addr: Multiaddr) {
+        if is_direct(&addr) {
+            insert_bounded(&mut self.observed, addr);
+        }
+    }
+
+    /// An address confirmed external (AutoNAT, an announcement, or a relay reservation);
+    /// returns whether it is new.
+    pub(crate) fn confirmed(&mut self, addr: Multiaddr) -> bool {
+        if is_circuit(&addr) {
+            insert_bounded(&mut self.relayed, addr)
+        } else {
+            self.unreachable.remove(&addr);
+            insert_bounded(&mut self.reachable, addr)
+        }
+    }
+
+    pub(crate) fn expired(&mut self, addr: &Multiaddr) {
+        self.relayed.remove(addr);
+        self.reachable.remove(addr);
+    }
+
+    /// An AutoNAT server could not dial this address back; returns whether that is news.
+    pub(crate) fn unreachable(&mut self, addr: Multiaddr) -> bool {
+        is_direct(&addr)
+            && !self.reachable.contains(&addr)
+            && insert_bounded(&mut self.unreachable, addr)
+    }
+
+    pub(crate) fn relay_failed(&mut self, relay: Multiaddr, why: String) {
+        if self.relay_errors.len() < MAX_ADDRESSES || self.relay_errors.contains_key(&relay) {
+            self.relay_errors.insert(relay, why);
+        }
+    }
+
+    pub(crate) fn relay_accepted(&mut self, relay: &Multiaddr) {
+        self.relay_errors.remove(relay);
+    }
+
+    pub(crate) fn connected(&mut self, id: ConnectionId, peer: PeerId, relayed: bool) {
+        self.connections.insert(id, (peer, relayed));
+    }
+
+    pub(crate) fn disconnected(&mut self, id: ConnectionId) {
+        self.connections.remove(&id);
+    }
+
+    /// The relayed connections to `peer`: once a direct one exists, they only cost the relay.
+    pub(crate) fn relayed_connections(&self, peer: PeerId) -> Vec<ConnectionId> {
+        self.connections
+            .iter()
+            .filter(|(_, (p, relayed))| *p == peer && *relayed)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub(crate) fn hole_punched(&mut self, ok: bool) {
+        if ok {
+            self.hole_punches += 1;
+        } else {
+            self.hole_punch_failures += 1;
+        }
+    }
+
+    pub(crate) fn snapshot(&self, listen: Vec<Multiaddr>) -> Reachability {
+        let mut direct = BTreeSet::new();
+        let mut relayed = BTreeSet::new();
+        for (peer, is_relayed) in self.connections.values() {
+            if *is_relayed {
+                relayed.insert(*peer);
+            } else {
+                direct.insert(*peer);
+            }
+        }
+        Reachability {
+            listen,
+            observed: self.observed.iter().cloned().collect(),
+            reachable: self.reachable.iter().cloned().collect(),
+            unreachable: self.unreachable.iter().cloned().collect(),
+            relayed: self.relayed.iter().cloned().collect(),
+            relay_errors: self
+                .relay_errors
+                .iter()
+                .map(|(relay, why)| format!("{relay}: {why}"))
+                .collect(),
+            direct_peers: direct.len(),
+            relayed_peers: relayed.difference(&direct).count(),
+            hole_punches: self.hole_punches,
+            hole_punch_failures: self.hole_punch_failures,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn addr(s: &str) -> Multiaddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_verdict_prefers_direct_then_relayed_then_behind_nat() {
+        let mut reach = Reach::default();
+        assert_eq!(reach.snapshot(vec![]).verdict(), Verdict::Unknown);
+        assert!(reach.unreachable(addr("/ip4/198.51.100.7/tcp/4001")));
+        assert_eq!(reach.snapshot(vec![]).verdict(), Verdict::BehindNat);
+        let circuit = addr(
+            "/ip4/203.0.113.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit",
+        );
+        assert!(reach.confirmed(circuit.clone()));
+        assert_eq!(reach.snapshot(vec![]).verdict(), Verdict::Relayed);
+        assert!(reach.confirmed(addr("/ip4/198.51.100.7/tcp/4001")));
+        let snapshot = reach.snapshot(vec![]);
+        assert_eq!(snapshot.verdict(), Verdict::Direct);
+        assert!(
+            snapshot.unreachable.is_empty(),
+            "a confirmed address is reachable"
+        );
+        reach.expired(&circuit);
+        assert!(reach.snapshot(vec![]).relayed.is_empty());
+    }
+
+    #[test]
+    fn peers_cannot_grow_the_record_without_bound() {
+        let mut reach = Reach::default();
+        for port in 0..1000u16 {
+            reach.observed(addr(&format!("/ip4/198.51.100.7/tcp/{port}")));
+            reach.unreachable(addr(&format!("/ip4/198.51.100.8/tcp/{port}")));
+        }
+        reach.observed(addr(
+            "/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+        ));
+        let snapshot = reach.snapshot(vec![]);
+        assert_eq!(snapshot.observed.len(), MAX_ADDRESSES);
+        assert_eq!(snapshot.unreachable.len(), MAX_ADDRESSES);
+    }
+
+    #[test]
+    fn a_relay_address_must_name_the_relay() {
+        let bare = Traversal {
+            relays: vec![addr("/ip4/203.0.113.1/tcp/4001")],
+            ..Traversal::default()
+        };
+        assert!(bare.validate().unwrap_err().contains("/p2p/"));
+        let named = Traversal {
+            relays: vec![addr(
+                "/ip4/203.0.113.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+            )],
+            ..Traversal::default()
+        };
+        assert!(named.validate().is_ok());
+    }
+
+    #[test]
+    fn relayed_peers_count_only_those_without_a_direct_connection() {
+        let mut reach = Reach::default();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        reach.connected(ConnectionId::new_unchecked(1), a, true);
+        reach.connected(ConnectionId::new_unchecked(2), a, false);
+        reach.connected(ConnectionId::new_unchecked(3), b, true);
+        let snapshot = reach.snapshot(vec![]);
+        assert_eq!((snapshot.direct_peers, snapshot.relayed_peers), (1, 1));
+        assert_eq!(
+            reach.relayed_connections(a),
+            vec![ConnectionId::new_unchecked(1)]
+        );
+    }
+}
