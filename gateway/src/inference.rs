@@ -7,7 +7,8 @@
 //!
 //! What a provider sends is bounded: no more tokens than `max_tokens` (more is a lie the book
 //! records), no more text than [`MAX_TEXT_PER_TOKEN`] bytes a token on average, no gap between
-//! frames over [`FRAME_GAP_TIMEOUT`], and nothing after the request's deadline.
+//! frames over [`FRAME_GAP_TIMEOUT`] while the request waits and prefills and over
+//! [`TOKEN_GAP_TIMEOUT`] once tokens flow, and nothing after the request's deadline.
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use proofmesh_shared::commit::SignedCommitment;
 use proofmesh_shared::net::Offence;
 use proofmesh_shared::protocol::{
     FRAME_GAP_TIMEOUT, FinishReason, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest,
-    MAX_STREAM_FRAME, RemoteErrorKind, read_frame, write_frame,
+    MAX_STREAM_FRAME, RemoteErrorKind, TOKEN_GAP_TIMEOUT, read_frame, write_frame,
 };
 use proofmesh_shared::verify::AuditFailure;
 
@@ -92,7 +93,11 @@ impl Generation {
     /// The next frame; a silent or broken provider becomes a 504 or 502, the request's
     /// deadline a 504, and a frame beyond what the request allows a 502.
     pub async fn next(&mut self) -> Result<GenerateFrame, ApiError> {
-        let wait = FRAME_GAP_TIMEOUT.min(self.deadline.remaining());
+        let gap = match self.first_token_at {
+            None => FRAME_GAP_TIMEOUT,
+            Some(_) => TOKEN_GAP_TIMEOUT,
+        };
+        let wait = gap.min(self.deadline.remaining());
         let frame = match tokio::time::timeout(wait, read_frame(&mut self.stream, MAX_STREAM_FRAME))
             .await
         {

@@ -450,7 +450,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let telemetry = telemetry::init(&TelemetryConfig {
         service_name: "proofmesh-gateway",
-        default_filter: "info,libp2p=warn",
+        default_filter: "info,libp2p=warn,libp2p_autonat=error",
         log_format: settings.log_format,
         otlp_endpoint: settings.otlp_endpoint.clone(),
         otlp_headers: settings.otlp_headers.clone(),

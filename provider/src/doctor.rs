@@ -22,7 +22,7 @@ pub async fn examine(
     mut progress: impl FnMut(&str),
 ) -> Result<Reachability, NetError> {
     let relays = config.traversal.relays.len();
-    let bootstrap = config.bootstrap.len();
+    let nobody = config.bootstrap.is_empty() && relays == 0 && !config.mdns;
     let (client, _events, event_loop) = net::new(NetConfig {
         role: Role::Probe,
         ..config
@@ -42,8 +42,10 @@ pub async fn examine(
         if settled(&seen, relays) || started.elapsed() >= wait {
             break Ok(seen);
         }
-        if bootstrap == 0 && relays == 0 {
-            progress("no --bootstrap peer or --relay given: nobody can tell how this node is seen");
+        if nobody {
+            progress(
+                "no --bootstrap peer, --relays or --mdns given: nobody can tell how this node is seen",
+            );
             break Ok(seen);
         }
         tokio::time::sleep(POLL).await;
@@ -58,7 +60,7 @@ fn settled(reach: &Reachability, relays: usize) -> bool {
     if reach.verdict() == Verdict::Direct {
         return true;
     }
-    let relays_answered = reach.relayed.len() + reach.relay_errors.len() >= relays;
+    let relays_answered = reach.relays.len() >= relays;
     let tested = !reach.observed.is_empty()
         && reach
             .observed
@@ -95,10 +97,11 @@ fn news(before: &Reachability, now: &Reachability) -> Vec<String> {
     ));
     lines.extend(fresh(&now.relayed, &before.relayed, "relay reservation:"));
     lines.extend(
-        now.relay_errors
+        now.relays
             .iter()
-            .filter(|e| !before.relay_errors.contains(e))
-            .map(|e| format!("relay refused or unreachable: {e}")),
+            .filter(|r| !before.relays.contains(r))
+            .filter_map(|r| r.error.as_ref().map(|e| (&r.relay, e)))
+            .map(|(relay, e)| format!("relay {relay} refused or unreachable: {e}")),
     );
     lines
 }
@@ -126,8 +129,10 @@ pub fn report(reach: &Reachability) -> String {
     ] {
         out.push_str(&format!("  {label:<17} {value}\n"));
     }
-    for error in &reach.relay_errors {
-        out.push_str(&format!("  relay error       {error}\n"));
+    for status in &reach.relays {
+        if let Some(error) = &status.error {
+            out.push_str(&format!("  relay error       {}: {error}\n", status.relay));
+        }
     }
     out.push_str(&format!(
         "  peers             {} direct, {} relayed\n",
@@ -153,7 +158,10 @@ mod tests {
         reach.unreachable.push(seen);
         assert!(settled(&reach, 0));
         assert!(!settled(&reach, 1), "the relay has not answered");
-        reach.relay_errors.push("relay: refused".into());
+        reach.relays.push(proofmesh_shared::net::RelayStatus {
+            relay: "/ip4/203.0.113.1/tcp/4001".parse().unwrap(),
+            error: Some("refused".into()),
+        });
         assert!(settled(&reach, 1));
         assert!(report(&reach).contains("behind NAT"));
     }

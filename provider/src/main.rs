@@ -60,8 +60,8 @@ enum Command {
     /// provider's network settings (same config file, environment and flags; a throw-away key,
     /// no model), lets the bootstrap peers and relays see it, and reports what they saw:
     /// reachable directly, relayed (behind NAT; peers upgrade by hole punching), behind NAT
-    /// and unreachable, or unknown. Exits 0 when peers can reach it, 2 when they cannot, 3
-    /// when nobody answered.
+    /// and unreachable, or unknown. Exits 0 when peers can reach it, 3 when they cannot, 4
+    /// when nobody answered (1 on errors, 2 on bad flags).
     Doctor {
         /// TOML config file.
         #[arg(long, env = CONFIG_ENV)]
@@ -283,7 +283,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let telemetry = telemetry::init(&TelemetryConfig {
         service_name: "proofmesh-provider",
-        default_filter: "info,llama-cpp-2=warn,libp2p=warn",
+        default_filter: "info,llama-cpp-2=warn,libp2p=warn,libp2p_autonat=error",
         log_format: settings.log_format,
         otlp_endpoint: settings.otlp_endpoint.clone(),
         otlp_headers: settings.otlp_headers.clone(),
@@ -419,7 +419,7 @@ async fn doctor(
     use proofmesh_shared::net::Verdict;
     std::process::exit(match verdict {
         Verdict::Direct | Verdict::Relayed => 0,
-        Verdict::BehindNat => 2,
-        Verdict::Unknown => 3,
+        Verdict::BehindNat => 3,
+        Verdict::Unknown => 4,
     })
 }

@@ -17,6 +17,7 @@ mod behaviour;
 mod client;
 mod conduct;
 mod event_loop;
+mod guard;
 mod inbound;
 pub mod mesh_key;
 mod reach;
@@ -29,7 +30,7 @@ pub use client::Client;
 pub use conduct::{BAN, Offence, STRIKES_TO_BAN, WINDOW};
 pub use event_loop::EventLoop;
 pub use inbound::{Inbound, Incoming, Quota, Slot};
-pub use reach::{Reachability, Traversal, Verdict};
+pub use reach::{Reachability, RelayStatus, Traversal, Verdict};
 
 use crate::protocol::{Capabilities, OpenLeavesRequest, SignedOpening};
 

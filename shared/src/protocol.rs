@@ -93,6 +93,12 @@ pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest gap between two frames a gateway accepts while a generation runs. Generous: a
 /// queued request on a busy CPU provider may wait for earlier ones to finish first.
 pub const FRAME_GAP_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest gap between two frames once tokens flow. A sequence that produced its first
+/// token is in the engine's batch and gets one every decode step (its prefill is done), so a
+/// long silence now means a provider that died, hung or lost its link without a reset: the
+/// request fails over (or the stream ends with an error event) after this, not after
+/// [`FRAME_GAP_TIMEOUT`].
+pub const TOKEN_GAP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout for leaf openings and capability queries: both are answered from memory.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Most messages a request may carry.

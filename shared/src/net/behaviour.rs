@@ -12,6 +12,7 @@ use libp2p::{
     request_response,
 };
 
+use super::guard::{Guard, Policy};
 use crate::protocol::{
     CAPS_PROTOCOL, CONTROL_TIMEOUT, Capabilities, CapsRequest, LEAVE_PROTOCOL, LeaveAck, Leaving,
     MAX_CAPS_MESSAGE, MAX_OPEN_REQUEST, MAX_OPEN_RESPONSE, OPEN_PROTOCOL, OpenLeavesRequest,
@@ -40,6 +41,20 @@ pub(crate) const MAX_MEMORY_SHARE: f64 = 0.9;
 /// How long a leaving provider waits for each peer to acknowledge.
 pub(crate) const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A relay's limits. Circuits carry hole punching, not token streams: libp2p's 2 minutes and
+/// 128 KiB each stay. Identities are free, so one peer gets little (one reservation, two
+/// circuits) and the totals are set so that the peers it takes to fill them cost more than a
+/// relay is worth (rate limits per peer and per IP stay libp2p's).
+fn relay_limits() -> relay::Config {
+    relay::Config {
+        max_reservations: 1024,
+        max_reservations_per_peer: 1,
+        max_circuits: 256,
+        max_circuits_per_peer: 2,
+        ..relay::Config::default()
+    }
+}
+
 /// Every protocol a proofmesh node speaks.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -57,13 +72,13 @@ pub(crate) struct Behaviour {
     pub(crate) stream: libp2p_stream::Behaviour,
     /// Reaches peers through relays and holds reservations at the configured ones.
     pub(crate) relay_client: relay::client::Behaviour,
-    /// Upgrades relayed connections to direct ones by hole punching.
-    pub(crate) dcutr: dcutr::Behaviour,
-    /// Asks AutoNAT servers to dial this node's observed addresses back.
-    pub(crate) autonat: autonat::v2::client::Behaviour,
+    /// Upgrades relayed connections to direct ones by hole punching, from approved candidates.
+    pub(crate) dcutr: Guard<dcutr::Behaviour>,
+    /// Asks AutoNAT servers to dial this node's approved candidate addresses back.
+    pub(crate) autonat: Guard<autonat::v2::client::Behaviour>,
     /// Nodes that serve others: relay v2 circuits and AutoNAT v2 dial-backs.
     pub(crate) relay: Toggle<relay::Behaviour>,
-    pub(crate) autonat_server: Toggle<autonat::v2::server::Behaviour>,
+    pub(crate) autonat_server: Toggle<Guard<autonat::v2::server::Behaviour>>,
 }
 
 impl Behaviour {
@@ -109,7 +124,10 @@ impl Behaviour {
             memory: memory_connection_limits::Behaviour::with_max_percentage(MAX_MEMORY_SHARE),
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                    .with_agent_version(format!("proofmesh/{}", env!("CARGO_PKG_VERSION"))),
+                    .with_agent_version(format!("proofmesh/{}", env!("CARGO_PKG_VERSION")))
+                    // Its cache would dial any address a peer lists (a peer's 127.0.0.1 is
+                    // ours); Kademlia holds the addresses the event loop vetted.
+                    .with_cache_size(0),
             ),
             ping: ping::Behaviour::default(),
             mdns: mdns.into(),
@@ -134,14 +152,17 @@ impl Behaviour {
             inbound: super::inbound::Behaviour::default(),
             stream: libp2p_stream::Behaviour::new(),
             relay_client,
-            dcutr: dcutr::Behaviour::new(peer_id),
-            autonat: autonat::v2::client::Behaviour::default(),
-            // The relay's own limits stay: circuits carry hole punching, not token streams
-            // (2 minutes and 128 KiB each, 16 at once, reservations rate-limited per peer and IP).
+            dcutr: Guard::new(dcutr::Behaviour::new(peer_id), Policy::Candidates),
+            autonat: Guard::new(
+                autonat::v2::client::Behaviour::default(),
+                Policy::Candidates,
+            ),
             relay: serve
-                .then(|| relay::Behaviour::new(peer_id, relay::Config::default()))
+                .then(|| relay::Behaviour::new(peer_id, relay_limits()))
                 .into(),
-            autonat_server: serve.then(autonat::v2::server::Behaviour::default).into(),
+            autonat_server: serve
+                .then(|| Guard::new(autonat::v2::server::Behaviour::default(), Policy::DialBacks))
+                .into(),
         })
     }
 }

@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::client::{Client, Command};
 use super::conduct::{Conduct, Offence};
-use super::reach::{Reach, Traversal, relay_peer};
+use super::guard::Guarded;
+use super::reach::{Reach, Traversal, relay_peer, with_listen_port};
 use super::{Event, NetConfig, NetError, Role};
 use crate::protocol::{
     CAPS_PROTOCOL, Capabilities, CapsRequest, GenerateRequest, LeaveAck, Leaving, ModelDigest,
@@ -51,6 +52,8 @@ const REANNOUNCE_INTERVAL: Duration = Duration::from_secs(300);
 /// dial-back 10 s in all, so a dial-back that waits longer never tells the client "unreachable".
 /// QUIC's own handshake timeout is 5 s.
 const TCP_DIAL_TIMEOUT: Duration = Duration::from_secs(8);
+/// Most external addresses AutoNAT confirmations may add (announced ones come on top).
+const MAX_CONFIRMED: usize = 8;
 /// Room for commands waiting for the loop.
 const COMMAND_QUEUE: usize = 256;
 /// Room for events waiting for the application; beyond it events are dropped with a warning
@@ -90,6 +93,9 @@ pub struct EventLoop {
     relays: Vec<(Multiaddr, Option<ListenerId>)>,
     /// What this node knows of its own reachability.
     reach: Reach,
+    /// On gateways: capabilities of providers reached only through a relay so far. They are
+    /// routed to once hole punching gives a direct connection: a relay cuts circuits at 128 KiB.
+    awaiting_direct: HashMap<PeerId, Capabilities>,
 }
 
 /// The state of a leave announcement.
@@ -147,7 +153,9 @@ pub(super) fn build(
     let Traversal {
         relays, external, ..
     } = config.traversal;
+    let mut reach = Reach::default();
     for addr in external {
+        reach.confirmed(addr.clone());
         swarm.add_external_address(addr);
     }
     for addr in &listen {
@@ -179,7 +187,8 @@ pub(super) fn build(
         providers: HashMap::new(),
         departed: std::collections::HashSet::new(),
         relays: relays.into_iter().map(|relay| (relay, None)).collect(),
-        reach: Reach::default(),
+        reach,
+        awaiting_direct: HashMap::new(),
     };
     Ok((client, event_rx, event_loop))
 }
@@ -501,8 +510,10 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
-                self.reach
-                    .connected(connection_id, peer_id, endpoint.is_relayed());
+                self.reach.connected(connection_id, peer_id, &endpoint);
+                if !endpoint.is_relayed() {
+                    self.release_awaiting(peer_id);
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -515,6 +526,7 @@ impl EventLoop {
                 self.reach.disconnected(connection_id);
                 if num_established == 0 {
                     self.providers.remove(&peer_id);
+                    self.awaiting_direct.remove(&peer_id);
                     self.departed.remove(&peer_id);
                     self.emit(Event::PeerGone { peer: peer_id });
                 }
@@ -522,7 +534,6 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
             }
-            SwarmEvent::NewExternalAddrCandidate { address } => self.reach.observed(address),
             SwarmEvent::ExternalAddrConfirmed { address } => self.address_confirmed(address),
             SwarmEvent::ExternalAddrExpired { address } => self.reach.expired(&address),
             SwarmEvent::ListenerClosed {
@@ -593,28 +604,64 @@ impl EventLoop {
                     .iter()
                     .find(|(addr, _)| relay_peer(addr) == Some(relay_peer_id))
                 {
-                    self.reach.relay_accepted(relay);
+                    self.reach.relay_accepted(relay.clone());
                 }
                 if !renewal {
                     tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
                 }
             }
             Traversed::Relay(event) => tracing::debug!(?event, "relay client"),
-            Traversed::HolePunch(dcutr::Event {
+            Traversed::HolePunch(Guarded::Inner(dcutr::Event {
                 remote_peer_id,
                 result,
-            }) => self.hole_punched(remote_peer_id, result),
-            Traversed::AutoNat(autonat::v2::client::Event {
+            })) => self.hole_punched(remote_peer_id, result),
+            Traversed::HolePunch(Guarded::Confirmed(_)) => {}
+            Traversed::AutoNat(Guarded::Confirmed(address)) => self.autonat_confirmed(address),
+            Traversed::AutoNat(Guarded::Inner(autonat::v2::client::Event {
                 tested_addr,
                 server,
                 result: Err(error),
                 ..
-            }) => {
+            })) => {
                 if self.reach.unreachable(tested_addr.clone()) {
                     tracing::info!(address = %tested_addr, %server, %error, "not reachable at (AutoNAT)");
                 }
             }
             Traversed::AutoNat(event) => tracing::debug!(?event, "AutoNAT"),
+        }
+    }
+
+    /// An AutoNAT server dialled `address` back. Only approved candidates are tested, and at
+    /// most [`MAX_CONFIRMED`] are ever announced: a lying server can add little.
+    fn autonat_confirmed(&mut self, address: Multiaddr) {
+        if self.swarm.external_addresses().count() >= MAX_CONFIRMED {
+            tracing::debug!(%address, "AutoNAT confirmation ignored: enough external addresses");
+            return;
+        }
+        self.swarm.add_external_address(address.clone());
+        self.address_confirmed(address);
+    }
+
+    /// A peer this node dialled on purpose: a bootstrap peer or a relay, by peer id or address.
+    fn is_chosen(&self, peer: PeerId, remote: &Multiaddr) -> bool {
+        let bare = |a: &Multiaddr| {
+            a.iter()
+                .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+                .collect::<Multiaddr>()
+        };
+        let remote = bare(remote);
+        self.bootstrap
+            .iter()
+            .chain(self.relays.iter().map(|(relay, _)| relay))
+            .any(|chosen| relay_peer(chosen) == Some(peer) || bare(chosen) == remote)
+    }
+
+    /// Routes to a provider that was reached only through a relay, now that a direct
+    /// connection exists.
+    fn release_awaiting(&mut self, peer: PeerId) {
+        if let Some(capabilities) = self.awaiting_direct.remove(&peer) {
+            tracing::info!(%peer, "provider reachable directly now");
+            self.emit(Event::ProviderUp { peer, capabilities });
         }
     }
 
@@ -632,6 +679,7 @@ impl EventLoop {
                 for id in self.reach.relayed_connections(peer) {
                     self.swarm.close_connection(id);
                 }
+                self.release_awaiting(peer);
             }
             Err(error) => tracing::info!(%peer, %error, "hole punching failed; staying relayed"),
         }
@@ -644,10 +692,28 @@ impl EventLoop {
             BehaviourEvent::Dcutr(event) => self.on_traversal_event(Traversed::HolePunch(event)),
             BehaviourEvent::Autonat(event) => self.on_traversal_event(Traversed::AutoNat(event)),
             BehaviourEvent::Relay(event) => tracing::debug!(?event, "relay service"),
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                connection_id,
+            }) => {
+                // What the peer says it sees this node at is a claim: believed from a peer this
+                // node chose to dial, or from peers in two networks.
+                let remote = self.reach.remote(connection_id).cloned();
+                let trusted = remote
+                    .as_ref()
+                    .is_some_and(|remote| self.is_chosen(peer_id, remote));
+                let listen: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
+                let seen = with_listen_port(&info.observed_addr, &listen);
+                if self.reach.sighted(connection_id, &seen, trusted) {
+                    self.reach.observed(seen.clone());
+                    let behaviour = self.swarm.behaviour_mut();
+                    behaviour.autonat.approve(&seen);
+                    behaviour.dcutr.approve(&seen);
+                }
                 // A peer's loopback addresses lead back to this host, unless this host is the
-                // peer's (its view of us is a loopback address too).
-                let same_host = is_loopback(&info.observed_addr);
+                // peer's (this connection runs over loopback).
+                let same_host = remote.as_ref().is_some_and(is_loopback);
                 for addr in info
                     .listen_addrs
                     .iter()
@@ -685,10 +751,14 @@ impl EventLoop {
                             self.providers
                                 .entry(peer)
                                 .or_insert_with(std::time::Instant::now);
-                            self.emit(Event::ProviderUp {
-                                peer,
-                                capabilities: response,
-                            });
+                            if self.reach.only_relayed(peer) {
+                                self.awaiting_direct.insert(peer, response);
+                            } else {
+                                self.emit(Event::ProviderUp {
+                                    peer,
+                                    capabilities: response,
+                                });
+                            }
                         }
                     }
                 }
@@ -802,6 +872,6 @@ impl EventLoop {
 /// What the NAT traversal behaviours report.
 enum Traversed {
     Relay(relay::client::Event),
-    HolePunch(dcutr::Event),
-    AutoNat(autonat::v2::client::Event),
+    HolePunch(Guarded<dcutr::Event>),
+    AutoNat(Guarded<autonat::v2::client::Event>),
 }

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId};
@@ -69,6 +70,40 @@ fn is_direct(addr: &Multiaddr) -> bool {
     ) && !is_circuit(addr)
 }
 
+/// What a peer saw, with this node's listening port: a connection this node dialled from a
+/// fresh port shows that port, which nobody can dial (as identify does it).
+pub(crate) fn with_listen_port(observed: &Multiaddr, listen: &[Multiaddr]) -> Multiaddr {
+    let shape = |addr: &Multiaddr| {
+        let mut parts = addr.iter().skip(1);
+        match (parts.next(), parts.next()) {
+            (Some(Protocol::Tcp(port)), _) => Some((false, port)),
+            (Some(Protocol::Udp(port)), Some(Protocol::QuicV1)) => Some((true, port)),
+            _ => None,
+        }
+    };
+    let Some((quic, port)) = shape(observed) else {
+        return observed.clone();
+    };
+    let ports: Vec<u16> = listen
+        .iter()
+        .filter(|a| !is_circuit(a))
+        .filter_map(shape)
+        .filter(|(q, _)| *q == quic)
+        .map(|(_, p)| p)
+        .collect();
+    match ports.first() {
+        Some(first) if !ports.contains(&port) => observed
+            .iter()
+            .map(|p| match p {
+                Protocol::Tcp(_) => Protocol::Tcp(*first),
+                Protocol::Udp(_) => Protocol::Udp(*first),
+                other => other,
+            })
+            .collect(),
+        _ => observed.clone(),
+    }
+}
+
 /// Whether an address goes through a relay.
 pub(crate) fn is_circuit(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| p == Protocol::P2pCircuit)
@@ -87,8 +122,8 @@ pub struct Reachability {
     pub unreachable: Vec<Multiaddr>,
     /// Circuit addresses at relays that accepted a reservation.
     pub relayed: Vec<Multiaddr>,
-    /// Why a relay reservation failed, per relay address.
-    pub relay_errors: Vec<String>,
+    /// Each configured relay that answered: reserved, or why not.
+    pub relays: Vec<RelayStatus>,
     /// Peers connected directly.
     pub direct_peers: usize,
     /// Peers connected only through a relay.
@@ -97,6 +132,15 @@ pub struct Reachability {
     pub hole_punches: u64,
     /// Hole punching attempts that gave up.
     pub hole_punch_failures: u64,
+}
+
+/// What one relay answered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RelayStatus {
+    /// The relay's address.
+    pub relay: Multiaddr,
+    /// Why the last reservation failed or ended; `None` while one holds.
+    pub error: Option<String>,
 }
 
 /// The short answer: how peers can reach this node.
@@ -155,11 +199,40 @@ pub(crate) struct Reach {
     reachable: BTreeSet<Multiaddr>,
     unreachable: BTreeSet<Multiaddr>,
     relayed: BTreeSet<Multiaddr>,
-    relay_errors: HashMap<Multiaddr, String>,
-    /// Open connections and whether each goes through a relay.
-    connections: HashMap<ConnectionId, (PeerId, bool)>,
+    /// Each relay's last answer: `None` reserved, or why not.
+    relay_status: HashMap<Multiaddr, Option<String>>,
+    /// Open connections.
+    connections: HashMap<ConnectionId, Link>,
+    /// For each address peers claim to see this node at, the networks of those who claimed it.
+    sightings: HashMap<Multiaddr, BTreeSet<Vec<u8>>>,
     hole_punches: u64,
     hole_punch_failures: u64,
+}
+
+/// One open connection, as this node saw it open.
+#[derive(Debug)]
+struct Link {
+    peer: PeerId,
+    /// Through a relay.
+    relayed: bool,
+    /// This node dialled it.
+    dialed: bool,
+    /// The remote end's address (for a relayed connection, the circuit).
+    remote: Multiaddr,
+}
+
+/// Peers from this many different networks must claim an address before it is believed, unless
+/// one of them is a peer this node chose to dial.
+pub(crate) const SIGHTINGS_TO_BELIEVE: usize = 2;
+
+/// The network an IP address belongs to, for counting independent witnesses: its /24 (IPv4) or
+/// /48 (IPv6). Identities are free; addresses in many networks are not.
+fn network_of(addr: &Multiaddr) -> Option<Vec<u8>> {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => Some(ip.octets()[..3].to_vec()),
+        Some(Protocol::Ip6(ip)) => Some(ip.octets()[..6].to_vec()),
+        _ => None,
+    }
 }
 
 /// Bound on each address set: peers choose what they report as observed.
@@ -202,18 +275,61 @@ impl Reach {
             && insert_bounded(&mut self.unreachable, addr)
     }
 
+    /// Only configured relays are recorded, so the map is as small as the configuration.
     pub(crate) fn relay_failed(&mut self, relay: Multiaddr, why: String) {
-        if self.relay_errors.len() < MAX_ADDRESSES || self.relay_errors.contains_key(&relay) {
-            self.relay_errors.insert(relay, why);
+        self.relay_status.insert(relay, Some(why));
+    }
+
+    pub(crate) fn relay_accepted(&mut self, relay: Multiaddr) {
+        self.relay_status.insert(relay, None);
+    }
+
+    pub(crate) fn connected(&mut self, id: ConnectionId, peer: PeerId, endpoint: &ConnectedPoint) {
+        self.connections.insert(
+            id,
+            Link {
+                peer,
+                relayed: endpoint.is_relayed(),
+                dialed: endpoint.is_dialer(),
+                remote: endpoint.get_remote_address().clone(),
+            },
+        );
+    }
+
+    /// The remote address of a connection, as this node saw it.
+    pub(crate) fn remote(&self, id: ConnectionId) -> Option<&Multiaddr> {
+        self.connections.get(&id).map(|link| &link.remote)
+    }
+
+    /// Whether every open connection to `peer` goes through a relay.
+    pub(crate) fn only_relayed(&self, peer: PeerId) -> bool {
+        let mut links = self.connections.values().filter(|l| l.peer == peer);
+        links.clone().next().is_some() && links.all(|l| l.relayed)
+    }
+
+    /// A peer claims, over connection `id`, to see this node at `addr`. Returns whether that is
+    /// now believable: `trusted` says the connection goes to a peer this node chose (a bootstrap
+    /// peer or relay it dialled), otherwise peers from [`SIGHTINGS_TO_BELIEVE`] networks must
+    /// have said so. Only direct addresses count.
+    pub(crate) fn sighted(&mut self, id: ConnectionId, addr: &Multiaddr, trusted: bool) -> bool {
+        if !is_direct(addr) {
+            return false;
         }
-    }
-
-    pub(crate) fn relay_accepted(&mut self, relay: &Multiaddr) {
-        self.relay_errors.remove(relay);
-    }
-
-    pub(crate) fn connected(&mut self, id: ConnectionId, peer: PeerId, relayed: bool) {
-        self.connections.insert(id, (peer, relayed));
+        let Some(link) = self.connections.get(&id).filter(|l| !l.relayed) else {
+            return false;
+        };
+        if trusted && link.dialed {
+            return true;
+        }
+        let Some(network) = network_of(&link.remote) else {
+            return false;
+        };
+        if self.sightings.len() >= MAX_ADDRESSES && !self.sightings.contains_key(addr) {
+            return false;
+        }
+        let networks = self.sightings.entry(addr.clone()).or_default();
+        networks.insert(network);
+        networks.len() >= SIGHTINGS_TO_BELIEVE
     }
 
     pub(crate) fn disconnected(&mut self, id: ConnectionId) {
@@ -224,7 +340,7 @@ impl Reach {
     pub(crate) fn relayed_connections(&self, peer: PeerId) -> Vec<ConnectionId> {
         self.connections
             .iter()
-            .filter(|(_, (p, relayed))| *p == peer && *relayed)
+            .filter(|(_, link)| link.peer == peer && link.relayed)
             .map(|(id, _)| *id)
             .collect()
     }
@@ -240,11 +356,11 @@ impl Reach {
     pub(crate) fn snapshot(&self, listen: Vec<Multiaddr>) -> Reachability {
         let mut direct = BTreeSet::new();
         let mut relayed = BTreeSet::new();
-        for (peer, is_relayed) in self.connections.values() {
-            if *is_relayed {
-                relayed.insert(*peer);
+        for link in self.connections.values() {
+            if link.relayed {
+                relayed.insert(link.peer);
             } else {
-                direct.insert(*peer);
+                direct.insert(link.peer);
             }
         }
         Reachability {
@@ -253,10 +369,13 @@ impl Reach {
             reachable: self.reachable.iter().cloned().collect(),
             unreachable: self.unreachable.iter().cloned().collect(),
             relayed: self.relayed.iter().cloned().collect(),
-            relay_errors: self
-                .relay_errors
+            relays: self
+                .relay_status
                 .iter()
-                .map(|(relay, why)| format!("{relay}: {why}"))
+                .map(|(relay, error)| RelayStatus {
+                    relay: relay.clone(),
+                    error: error.clone(),
+                })
                 .collect(),
             direct_peers: direct.len(),
             relayed_peers: relayed.difference(&direct).count(),
@@ -329,18 +448,94 @@ mod tests {
         assert!(named.validate().is_ok());
     }
 
+    fn point(remote: &str, dialed: bool) -> ConnectedPoint {
+        if dialed {
+            ConnectedPoint::Dialer {
+                address: addr(remote),
+                role_override: libp2p::core::Endpoint::Dialer,
+                port_use: libp2p::core::transport::PortUse::Reuse,
+            }
+        } else {
+            ConnectedPoint::Listener {
+                local_addr: addr("/ip4/0.0.0.0/tcp/4001"),
+                send_back_addr: addr(remote),
+            }
+        }
+    }
+
+    const CIRCUIT: &str = "/ip4/203.0.113.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit";
+
     #[test]
     fn relayed_peers_count_only_those_without_a_direct_connection() {
         let mut reach = Reach::default();
         let (a, b) = (PeerId::random(), PeerId::random());
-        reach.connected(ConnectionId::new_unchecked(1), a, true);
-        reach.connected(ConnectionId::new_unchecked(2), a, false);
-        reach.connected(ConnectionId::new_unchecked(3), b, true);
+        reach.connected(ConnectionId::new_unchecked(1), a, &point(CIRCUIT, true));
+        reach.connected(ConnectionId::new_unchecked(3), b, &point(CIRCUIT, true));
+        assert!(reach.only_relayed(a));
+        reach.connected(
+            ConnectionId::new_unchecked(2),
+            a,
+            &point("/ip4/198.51.100.7/tcp/4001", true),
+        );
+        assert!(!reach.only_relayed(a));
+        assert!(
+            !reach.only_relayed(PeerId::random()),
+            "not connected at all"
+        );
         let snapshot = reach.snapshot(vec![]);
         assert_eq!((snapshot.direct_peers, snapshot.relayed_peers), (1, 1));
         assert_eq!(
             reach.relayed_connections(a),
             vec![ConnectionId::new_unchecked(1)]
         );
+    }
+
+    #[test]
+    fn an_observed_fresh_port_becomes_the_listening_port() {
+        let listen = [
+            addr("/ip4/10.0.0.2/tcp/4001"),
+            addr("/ip4/10.0.0.2/udp/4002/quic-v1"),
+        ];
+        let seen = with_listen_port(&addr("/ip4/192.0.2.9/tcp/50123"), &listen);
+        assert_eq!(seen, addr("/ip4/192.0.2.9/tcp/4001"));
+        let seen = with_listen_port(&addr("/ip4/192.0.2.9/udp/50123/quic-v1"), &listen);
+        assert_eq!(seen, addr("/ip4/192.0.2.9/udp/4002/quic-v1"));
+        let kept = addr("/ip4/192.0.2.9/tcp/4001");
+        assert_eq!(with_listen_port(&kept, &listen), kept);
+    }
+
+    #[test]
+    fn a_claimed_address_is_believed_from_a_chosen_peer_or_two_networks() {
+        let mut reach = Reach::default();
+        let claimed = addr("/ip4/192.0.2.9/tcp/4001");
+        let peer = PeerId::random();
+        // Many identities from one network: not enough.
+        for (i, remote) in ["/ip4/198.51.100.7/tcp/1", "/ip4/198.51.100.8/tcp/2"]
+            .iter()
+            .enumerate()
+        {
+            let id = ConnectionId::new_unchecked(i);
+            reach.connected(id, PeerId::random(), &point(remote, false));
+            assert!(!reach.sighted(id, &claimed, false));
+        }
+        // A second network: believed.
+        let id = ConnectionId::new_unchecked(10);
+        reach.connected(id, peer, &point("/ip4/203.0.113.5/tcp/3", false));
+        assert!(reach.sighted(id, &claimed, false));
+        // A bootstrap peer this node dialled: at once; the same peer dialling in: no.
+        let other = addr("/ip4/192.0.2.10/tcp/4001");
+        let (dialed, accepted) = (
+            ConnectionId::new_unchecked(20),
+            ConnectionId::new_unchecked(21),
+        );
+        reach.connected(dialed, peer, &point("/ip4/203.0.113.6/tcp/4001", true));
+        reach.connected(accepted, peer, &point("/ip4/203.0.113.6/tcp/5", false));
+        assert!(!reach.sighted(accepted, &other, true));
+        assert!(reach.sighted(dialed, &other, true));
+        // Through a relay, or not an address at all: never.
+        let relayed = ConnectionId::new_unchecked(30);
+        reach.connected(relayed, peer, &point(CIRCUIT, true));
+        assert!(!reach.sighted(relayed, &addr("/ip4/192.0.2.11/tcp/1"), true));
+        assert!(!reach.sighted(dialed, &addr(CIRCUIT), true));
     }
 }
