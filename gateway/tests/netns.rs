@@ -118,7 +118,9 @@ fn default_route(ns: &str, via: &str) {
 /// A masquerading NAT on router `ns` for the hosts of `lan`, as on a home router: mappings
 /// keep the source port where they can, and a connection from outside gets in only as the
 /// reply to one from inside (Linux conntrack); anything else is dropped without an answer.
-fn masquerade(ns: &str, lan: &str) -> bool {
+/// `symmetric`: each connection gets a random port, so no port a peer saw can be reused (hole
+/// punching cannot work).
+fn masquerade(ns: &str, lan: &str, symmetric: bool) -> bool {
     let iptables = |args: &[&str]| {
         Command::new("ip")
             .args(["netns", "exec", ns, "iptables"])
@@ -126,7 +128,7 @@ fn masquerade(ns: &str, lan: &str) -> bool {
             .status()
             .is_ok_and(|s| s.success())
     };
-    iptables(&[
+    let mut nat = vec![
         "-t",
         "nat",
         "-A",
@@ -135,7 +137,11 @@ fn masquerade(ns: &str, lan: &str) -> bool {
         lan,
         "-j",
         "MASQUERADE",
-    ]) && iptables(&["-A", "INPUT", "-p", "tcp", "--syn", "-j", "DROP"])
+    ];
+    if symmetric {
+        nat.push("--random");
+    }
+    iptables(&nat) && iptables(&["-A", "INPUT", "-p", "tcp", "--syn", "-j", "DROP"])
 }
 
 fn spawn(hosts: &mut Hosts, ns: &str, binary: &Path, args: &[String], log: PathBuf) {
@@ -152,6 +158,31 @@ fn spawn(hosts: &mut Hosts, ns: &str, binary: &Path, args: &[String], log: PathB
         .spawn()
         .unwrap();
     hosts.children.push(child);
+}
+
+/// A small provider of the default model on port 4001 of its host, dialling `bootstrap`.
+fn provider_args(bootstrap: &str, extra: &[&str]) -> Vec<String> {
+    let model = support::model_path().display().to_string();
+    let common = [
+        "--model",
+        &model,
+        "--ephemeral-key",
+        "--threads",
+        "1",
+        "--ctx-size",
+        "512",
+        "--referee-slots",
+        "0",
+        "--p2p-listen",
+        "/ip4/0.0.0.0/tcp/4001",
+        "--bootstrap",
+        bootstrap,
+    ];
+    common
+        .iter()
+        .chain(extra)
+        .map(ToString::to_string)
+        .collect()
 }
 
 async fn providers_up(http: &reqwest::Client, base: &str) -> u64 {
@@ -226,7 +257,6 @@ async fn a_cut_link_fails_over_and_the_partition_heals() {
     let gateway_bin = PathBuf::from(env!("CARGO_BIN_EXE_proofmesh-gateway"));
     let provider_bin = gateway_bin.with_file_name("proofmesh-provider");
     assert!(provider_bin.is_file(), "build proofmesh-provider first");
-    let model = support::model_path();
     spawn(
         &mut hosts,
         &gw,
@@ -248,23 +278,10 @@ async fn a_cut_link_fails_over_and_the_partition_heals() {
             &mut hosts,
             ns,
             &provider_bin,
-            &[
-                "--model".into(),
-                model.display().to_string(),
-                "--ephemeral-key".into(),
-                "--threads".into(),
-                "1".into(),
-                "--parallel".into(),
-                "2".into(),
-                "--ctx-size".into(),
-                "512".into(),
-                "--referee-slots".into(),
-                "0".into(),
-                "--p2p-listen".into(),
-                "/ip4/0.0.0.0/tcp/4001".into(),
-                "--bootstrap".into(),
-                format!("/ip4/10.78.{net}.1/tcp/4001"),
-            ],
+            &provider_args(
+                &format!("/ip4/10.78.{net}.1/tcp/4001"),
+                &["--parallel", "2"],
+            ),
             dir.join(format!("{ns}.log")),
         );
     }
@@ -391,29 +408,36 @@ async fn a_provider_behind_nat_is_reached_through_a_relay_then_directly() {
     let dir = std::env::temp_dir().join(format!("proofmesh-nat-{tag}"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut hosts = Hosts::default();
-    let [inet, nat_a, nat_b, gw, prov, public] =
-        ["in", "na", "nb", "gw", "pv", "pu"].map(|name| format!("pm-{name}-{tag}"));
-    for ns in [&inet, &nat_a, &nat_b, &gw, &prov, &public] {
+    let [inet, nat_a, nat_b, nat_c, gw, prov, prov_c, public] =
+        ["in", "na", "nb", "nc", "gw", "pv", "pc", "pu"].map(|name| format!("pm-{name}-{tag}"));
+    for ns in [&inet, &nat_a, &nat_b, &nat_c, &gw, &prov, &prov_c, &public] {
         ip(&["netns", "add", ns]);
         hosts.namespaces.push(ns.clone());
         ip(&["-n", ns, "link", "set", "lo", "up"]);
     }
     // The "internet": the relay's host, joined to each NAT router's WAN side and to a public
-    // host. Behind NAT A the gateway, behind NAT B the provider; the test reaches the
-    // gateway's HTTP port over its own link.
+    // host. Behind NAT A the gateway, behind NAT B the provider, behind the symmetric NAT C a
+    // second provider; the test reaches the gateway's HTTP port over its own link.
     link(Some(&inet), &nat_a, 21, tag);
     link(Some(&inet), &nat_b, 22, tag);
     link(Some(&inet), &public, 23, tag);
     link(Some(&nat_a), &gw, 24, tag);
     link(Some(&nat_b), &prov, 25, tag);
     link(None, &gw, 26, tag);
+    link(Some(&inet), &nat_c, 27, tag);
+    link(Some(&nat_c), &prov_c, 28, tag);
     router(&inet, None);
     router(&nat_a, Some("10.78.21.1"));
     router(&nat_b, Some("10.78.22.1"));
+    router(&nat_c, Some("10.78.27.1"));
     default_route(&gw, "10.78.24.1");
     default_route(&prov, "10.78.25.1");
+    default_route(&prov_c, "10.78.28.1");
     default_route(&public, "10.78.23.1");
-    if !masquerade(&nat_a, "10.78.24.0/24") || !masquerade(&nat_b, "10.78.25.0/24") {
+    if !masquerade(&nat_a, "10.78.24.0/24", false)
+        || !masquerade(&nat_b, "10.78.25.0/24", false)
+        || !masquerade(&nat_c, "10.78.28.0/24", true)
+    {
         eprintln!("SKIPPED: iptables cannot masquerade here (install iptables; needs nf_nat)");
         return;
     }
@@ -447,23 +471,7 @@ async fn a_provider_behind_nat_is_reached_through_a_relay_then_directly() {
         &mut hosts,
         &prov,
         &provider_bin,
-        &[
-            "--model".into(),
-            support::model_path().display().to_string(),
-            "--ephemeral-key".into(),
-            "--threads".into(),
-            "1".into(),
-            "--ctx-size".into(),
-            "512".into(),
-            "--referee-slots".into(),
-            "0".into(),
-            "--p2p-listen".into(),
-            "/ip4/0.0.0.0/tcp/4001".into(),
-            "--bootstrap".into(),
-            relay_addr.into(),
-            "--relays".into(),
-            relay.clone(),
-        ],
+        &provider_args(relay_addr, &["--relays", &relay]),
         provider_log.clone(),
     );
     let provider_id = logged_peer_id(&provider_log).await;
@@ -513,6 +521,29 @@ async fn a_provider_behind_nat_is_reached_through_a_relay_then_directly() {
             .unwrap()
             .contains("relay reservation accepted"),
         "the provider held a reservation at the relay"
+    );
+
+    // Behind the symmetric NAT, hole punching fails: reached only through the relay, which
+    // cuts circuits at 128 KiB, that provider is never routed to.
+    let symmetric_log = dir.join("provider-symmetric.log");
+    spawn(
+        &mut hosts,
+        &prov_c,
+        &provider_bin,
+        &provider_args(relay_addr, &["--relays", &relay]),
+        symmetric_log.clone(),
+    );
+    wait_for_log(
+        &symmetric_log,
+        "hole punching failed",
+        Duration::from_secs(120),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        providers_up(&http, &base).await,
+        1,
+        "a provider reached only through a relay is not routed to"
     );
 
     // The doctor, behind NAT B with the relay: relayed; behind it without: behind NAT.

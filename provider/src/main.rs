@@ -11,7 +11,6 @@ use proofmesh_provider::engine::{self, EngineConfig, GpuLayers, KvCache};
 use proofmesh_provider::settings::ProviderSettings;
 use proofmesh_provider::{ProviderConfig, Tamper, fetch};
 use proofmesh_shared::config::{self, CONFIG_ENV};
-use proofmesh_shared::net::Traversal;
 use proofmesh_shared::telemetry::{self, LogFormat, TelemetryConfig};
 use serde::Serialize;
 
@@ -314,6 +313,7 @@ async fn main() -> anyhow::Result<()> {
     let threads = settings
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() as u32));
+    let (mesh_key, traversal) = (settings.mesh_key()?, settings.traversal());
     let config = ProviderConfig {
         engine: EngineConfig {
             model_path: model,
@@ -331,15 +331,8 @@ async fn main() -> anyhow::Result<()> {
         listen: settings.p2p_listen,
         bootstrap: settings.bootstrap,
         mdns: settings.mdns,
-        mesh_key: match &settings.mesh_key_file {
-            Some(path) => Some(proofmesh_shared::net::mesh_key::load(path)?),
-            None => None,
-        },
-        traversal: Traversal {
-            relays: settings.relays,
-            external: settings.external_addresses,
-            serve: false,
-        },
+        mesh_key,
+        traversal,
         serve_gateways: settings
             .serve_gateways
             .iter()
@@ -383,21 +376,15 @@ async fn doctor(
         otlp_endpoint: None,
         otlp_headers: Vec::new(),
     })?;
+    let (psk, traversal) = (settings.mesh_key()?, settings.traversal());
     let net = proofmesh_shared::net::NetConfig {
         keypair: libp2p::identity::Keypair::generate_secp256k1(),
         listen: settings.p2p_listen,
         bootstrap: settings.bootstrap,
         mdns: settings.mdns,
         role: proofmesh_shared::net::Role::Probe,
-        psk: match &settings.mesh_key_file {
-            Some(path) => Some(proofmesh_shared::net::mesh_key::load(path)?),
-            None => None,
-        },
-        traversal: Traversal {
-            relays: settings.relays,
-            external: settings.external_addresses,
-            serve: false,
-        },
+        psk,
+        traversal,
     };
     eprintln!("probing for up to {} s ...", wait.as_secs());
     let reach = proofmesh_provider::doctor::examine(net, wait, |line| eprintln!("  {line}"))

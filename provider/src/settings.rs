@@ -114,6 +114,28 @@ impl Default for ProviderSettings {
 }
 
 impl ProviderSettings {
+    /// The private mesh's key, read from `mesh_key_file` when one is set.
+    pub fn mesh_key(
+        &self,
+    ) -> Result<
+        Option<proofmesh_shared::net::mesh_key::PreSharedKey>,
+        proofmesh_shared::net::mesh_key::MeshKeyError,
+    > {
+        self.mesh_key_file
+            .as_deref()
+            .map(proofmesh_shared::net::mesh_key::load)
+            .transpose()
+    }
+
+    /// How this provider is reached from behind NAT (a provider relays for nobody).
+    pub fn traversal(&self) -> proofmesh_shared::net::Traversal {
+        proofmesh_shared::net::Traversal {
+            relays: self.relays.clone(),
+            external: self.external_addresses.clone(),
+            serve: false,
+        }
+    }
+
     /// Checks ranges that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(threads) = self.threads {

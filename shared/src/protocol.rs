@@ -665,7 +665,9 @@ pub enum FrameError {
 
 impl FrameError {
     /// Whether only a peer breaking the protocol causes it (an oversized or undecodable
-    /// frame), as opposed to a stream that ended or failed.
+    /// frame), as opposed to a stream that ended or failed. A newer honest peer never causes
+    /// one: unknown fields decode (they are ignored), and a change older nodes cannot decode
+    /// takes a new protocol name (`/proofmesh/generate/2`), which they never negotiate.
     pub fn is_violation(&self) -> bool {
         matches!(self, Self::TooLarge { .. } | Self::Malformed { .. })
     }

@@ -41,20 +41,6 @@ pub(crate) const MAX_MEMORY_SHARE: f64 = 0.9;
 /// How long a leaving provider waits for each peer to acknowledge.
 pub(crate) const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A relay's limits. Circuits carry hole punching, not token streams: libp2p's 2 minutes and
-/// 128 KiB each stay. Identities are free, so one peer gets little (one reservation, two
-/// circuits) and the totals are set so that the peers it takes to fill them cost more than a
-/// relay is worth (rate limits per peer and per IP stay libp2p's).
-fn relay_limits() -> relay::Config {
-    relay::Config {
-        max_reservations: 1024,
-        max_reservations_per_peer: 1,
-        max_circuits: 256,
-        max_circuits_per_peer: 2,
-        ..relay::Config::default()
-    }
-}
-
 /// Every protocol a proofmesh node speaks.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -157,8 +143,11 @@ impl Behaviour {
                 autonat::v2::client::Behaviour::default(),
                 Policy::Candidates,
             ),
+            // libp2p's limits: 128 reservations and 16 circuits of 2 minutes and 128 KiB each
+            // (enough to punch holes, not to carry tokens), rate-limited per peer and per IP.
+            // Identities are free, so per-peer limits mean little; the totals bound the cost.
             relay: serve
-                .then(|| relay::Behaviour::new(peer_id, relay_limits()))
+                .then(|| relay::Behaviour::new(peer_id, relay::Config::default()))
                 .into(),
             autonat_server: serve
                 .then(|| Guard::new(autonat::v2::server::Behaviour::default(), Policy::DialBacks))

@@ -96,6 +96,9 @@ pub struct EventLoop {
     /// On gateways: capabilities of providers reached only through a relay so far. They are
     /// routed to once hole punching gives a direct connection: a relay cuts circuits at 128 KiB.
     awaiting_direct: HashMap<PeerId, Capabilities>,
+    /// Addresses AutoNAT servers dialled back, announced as this node's (at most
+    /// [`MAX_CONFIRMED`]).
+    autonat_confirmed: std::collections::HashSet<Multiaddr>,
 }
 
 /// The state of a leave announcement.
@@ -189,6 +192,7 @@ pub(super) fn build(
         relays: relays.into_iter().map(|relay| (relay, None)).collect(),
         reach,
         awaiting_direct: HashMap::new(),
+        autonat_confirmed: std::collections::HashSet::new(),
     };
     Ok((client, event_rx, event_loop))
 }
@@ -524,6 +528,9 @@ impl EventLoop {
             } => {
                 tracing::debug!(peer = %peer_id, ?cause, "connection closed");
                 self.reach.disconnected(connection_id);
+                if num_established > 0 && self.reach.only_relayed(peer_id) {
+                    self.withdraw_to_relay(peer_id);
+                }
                 if num_established == 0 {
                     self.providers.remove(&peer_id);
                     self.awaiting_direct.remove(&peer_id);
@@ -634,16 +641,19 @@ impl EventLoop {
     /// An AutoNAT server dialled `address` back. Only approved candidates are tested, and at
     /// most [`MAX_CONFIRMED`] are ever announced: a lying server can add little.
     fn autonat_confirmed(&mut self, address: Multiaddr) {
-        if self.swarm.external_addresses().count() >= MAX_CONFIRMED {
+        if self.autonat_confirmed.len() >= MAX_CONFIRMED {
             tracing::debug!(%address, "AutoNAT confirmation ignored: enough external addresses");
             return;
         }
-        self.swarm.add_external_address(address.clone());
-        self.address_confirmed(address);
+        if self.autonat_confirmed.insert(address.clone()) {
+            self.swarm.add_external_address(address.clone());
+            self.address_confirmed(address);
+        }
     }
 
-    /// A peer this node dialled on purpose: a bootstrap peer or a relay, by peer id or address.
-    fn is_chosen(&self, peer: PeerId, remote: &Multiaddr) -> bool {
+    /// A peer this node chose: a bootstrap peer or a relay named by its peer id (Noise proved
+    /// it, whichever side dialled), or one at a bootstrap address this node `dialed` itself.
+    fn is_chosen(&self, peer: PeerId, remote: &Multiaddr, dialed: bool) -> bool {
         let bare = |a: &Multiaddr| {
             a.iter()
                 .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
@@ -653,15 +663,29 @@ impl EventLoop {
         self.bootstrap
             .iter()
             .chain(self.relays.iter().map(|(relay, _)| relay))
-            .any(|chosen| relay_peer(chosen) == Some(peer) || bare(chosen) == remote)
+            .any(|chosen| relay_peer(chosen) == Some(peer) || (dialed && bare(chosen) == remote))
     }
 
     /// Routes to a provider that was reached only through a relay, now that a direct
-    /// connection exists.
+    /// connection exists; its relayed connections close, so that no stream takes them.
     fn release_awaiting(&mut self, peer: PeerId) {
-        if let Some(capabilities) = self.awaiting_direct.remove(&peer) {
+        if let Some(capabilities) = self.awaiting_direct.remove(&peer)
+            && !self.departed.contains(&peer)
+        {
+            for id in self.reach.relayed_connections(peer) {
+                self.swarm.close_connection(id);
+            }
             tracing::info!(%peer, "provider reachable directly now");
             self.emit(Event::ProviderUp { peer, capabilities });
+        }
+    }
+
+    /// A routed provider's direct connection closed and only relayed ones are left: it is not
+    /// routed to until a direct one is back (its next capabilities wait in `awaiting_direct`).
+    fn withdraw_to_relay(&mut self, peer: PeerId) {
+        if self.providers.contains_key(&peer) && !self.awaiting_direct.contains_key(&peer) {
+            tracing::info!(%peer, "provider reachable only through a relay now; not routed to");
+            self.emit(Event::PeerGone { peer });
         }
     }
 
@@ -700,16 +724,16 @@ impl EventLoop {
                 // What the peer says it sees this node at is a claim: believed from a peer this
                 // node chose to dial, or from peers in two networks.
                 let remote = self.reach.remote(connection_id).cloned();
-                let trusted = remote
-                    .as_ref()
-                    .is_some_and(|remote| self.is_chosen(peer_id, remote));
+                let chosen = remote.as_ref().is_some_and(|remote| {
+                    self.is_chosen(peer_id, remote, self.reach.dialed(connection_id))
+                });
                 let listen: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
                 let seen = with_listen_port(&info.observed_addr, &listen);
-                if self.reach.sighted(connection_id, &seen, trusted) {
+                if self.reach.sighted(connection_id, &seen, chosen) {
                     self.reach.observed(seen.clone());
                     let behaviour = self.swarm.behaviour_mut();
-                    behaviour.autonat.approve(&seen);
-                    behaviour.dcutr.approve(&seen);
+                    behaviour.autonat.approve(&seen, chosen);
+                    behaviour.dcutr.approve(&seen, chosen);
                 }
                 // A peer's loopback addresses lead back to this host, unless this host is the
                 // peer's (this connection runs over loopback).
@@ -768,6 +792,7 @@ impl EventLoop {
                     request_response::Message::Request { channel, .. } => {
                         tracing::info!(%peer, "peer announced it is leaving");
                         self.providers.remove(&peer);
+                        self.awaiting_direct.remove(&peer);
                         self.departed.insert(peer);
                         self.emit(Event::ProviderLeaving { peer });
                         let _ = self

@@ -26,7 +26,9 @@ use libp2p::swarm::{
 };
 use libp2p::{Multiaddr, PeerId};
 
-/// Most candidates a guarded behaviour ever hears of.
+/// Most candidates a guarded behaviour ever hears of from each source: peers this node chose,
+/// and the rest (so that lies that got past the witness rule cannot use up the chosen peers'
+/// share).
 pub(crate) const MAX_CANDIDATES: usize = 16;
 
 /// What a guard holds back.
@@ -52,6 +54,8 @@ pub(crate) struct Guard<B> {
     inner: B,
     policy: Policy,
     approved: HashSet<Multiaddr>,
+    /// How many approvals came from chosen peers, and from the rest.
+    approved_from: [usize; 2],
     /// Open connections' remote IP addresses (dial-back policy).
     remotes: HashMap<ConnectionId, (PeerId, IpAddr)>,
     /// Dials the inner behaviour asked for, by the peer they are for (dial-back policy).
@@ -64,6 +68,7 @@ impl<B> Guard<B> {
             inner,
             policy,
             approved: HashSet::new(),
+            approved_from: [0; 2],
             remotes: HashMap::new(),
             dial_backs: HashMap::new(),
         }
@@ -71,12 +76,16 @@ impl<B> Guard<B> {
 }
 
 impl<B: NetworkBehaviour> Guard<B> {
-    /// Lets the inner behaviour hear of `addr` as an external address candidate; returns
-    /// whether it did (not already, and under [`MAX_CANDIDATES`]).
-    pub(crate) fn approve(&mut self, addr: &Multiaddr) -> bool {
-        if self.approved.len() >= MAX_CANDIDATES || !self.approved.insert(addr.clone()) {
+    /// Lets the inner behaviour hear of `addr` as an external address candidate, vouched for
+    /// by a peer this node `chose` or by witnesses; returns whether it did (not already, and
+    /// under [`MAX_CANDIDATES`] from that source).
+    pub(crate) fn approve(&mut self, addr: &Multiaddr, chose: bool) -> bool {
+        let count = &mut self.approved_from[usize::from(chose)];
+        if *count >= MAX_CANDIDATES || self.approved.contains(addr) {
             return false;
         }
+        *count += 1;
+        self.approved.insert(addr.clone());
         self.inner
             .on_swarm_event(FromSwarm::NewExternalAddrCandidate(
                 NewExternalAddrCandidate { addr },
@@ -181,7 +190,12 @@ impl<B: NetworkBehaviour> NetworkBehaviour for Guard<B> {
                 endpoint,
                 ..
             }) if self.policy == Policy::DialBacks => {
-                if let Some(ip) = ip_of(endpoint.get_remote_address()) {
+                // Dial requests come in on connections the client opened, directly: a relayed
+                // one's remote address is the relay's.
+                if endpoint.is_listener()
+                    && !endpoint.is_relayed()
+                    && let Some(ip) = ip_of(endpoint.get_remote_address())
+                {
                     self.remotes.insert(connection_id, (peer_id, ip));
                 }
             }
@@ -235,36 +249,144 @@ struct DialBackRefused;
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::*;
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+
+    use libp2p::core::ConnectedPoint;
+    use libp2p::swarm::dial_opts::DialOpts;
     use libp2p::swarm::dummy;
 
-    #[test]
-    fn at_most_so_many_candidates_are_approved_and_each_once() {
-        let mut guard = Guard::new(dummy::Behaviour, Policy::Candidates);
-        let addr: Multiaddr = "/ip4/198.51.100.7/tcp/4001".parse().unwrap();
-        assert!(guard.approve(&addr));
-        assert!(!guard.approve(&addr), "once");
-        for port in 0..100u16 {
-            guard.approve(&format!("/ip4/198.51.100.8/tcp/{port}").parse().unwrap());
+    use super::*;
+
+    /// An inner behaviour that records the candidates it hears of and says what it is told to.
+    #[derive(Default)]
+    struct Recorder {
+        heard: Vec<Multiaddr>,
+        say: VecDeque<ToSwarm<(), Infallible>>,
+    }
+
+    impl NetworkBehaviour for Recorder {
+        type ConnectionHandler = dummy::ConnectionHandler;
+        type ToSwarm = ();
+
+        fn handle_established_inbound_connection(
+            &mut self,
+            _: ConnectionId,
+            _: PeerId,
+            _: &Multiaddr,
+            _: &Multiaddr,
+        ) -> Result<THandler<Self>, ConnectionDenied> {
+            Ok(dummy::ConnectionHandler)
         }
-        assert_eq!(guard.approved.len(), MAX_CANDIDATES);
+
+        fn handle_established_outbound_connection(
+            &mut self,
+            _: ConnectionId,
+            _: PeerId,
+            _: &Multiaddr,
+            _: Endpoint,
+            _: PortUse,
+        ) -> Result<THandler<Self>, ConnectionDenied> {
+            Ok(dummy::ConnectionHandler)
+        }
+
+        fn on_swarm_event(&mut self, event: FromSwarm) {
+            if let FromSwarm::NewExternalAddrCandidate(candidate) = event {
+                self.heard.push(candidate.addr.clone());
+            }
+        }
+
+        fn on_connection_handler_event(
+            &mut self,
+            _: PeerId,
+            _: ConnectionId,
+            event: THandlerOutEvent<Self>,
+        ) {
+            libp2p::core::util::unreachable(event)
+        }
+
+        fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<(), Infallible>> {
+            self.say.pop_front().map_or(Poll::Pending, Poll::Ready)
+        }
+    }
+
+    fn addr(s: &str) -> Multiaddr {
+        s.parse().unwrap()
+    }
+
+    fn poll(guard: &mut Guard<Recorder>) -> ToSwarm<Guarded<()>, Infallible> {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        match guard.poll(&mut cx) {
+            Poll::Ready(event) => event,
+            Poll::Pending => panic!("the inner behaviour had something to say"),
+        }
     }
 
     #[test]
-    fn a_dial_back_goes_only_to_the_clients_own_ip() {
-        let mut guard = Guard::new(dummy::Behaviour, Policy::DialBacks);
-        let client = PeerId::random();
-        guard.remotes.insert(
-            ConnectionId::new_unchecked(1),
-            (client, "198.51.100.7".parse().unwrap()),
+    fn candidates_reach_the_inner_behaviour_only_when_approved() {
+        let mut guard = Guard::new(Recorder::default(), Policy::Candidates);
+        let claimed = addr("/ip4/198.51.100.7/tcp/4001");
+        guard.on_swarm_event(FromSwarm::NewExternalAddrCandidate(
+            NewExternalAddrCandidate { addr: &claimed },
+        ));
+        assert!(guard.inner.heard.is_empty(), "a bare claim goes nowhere");
+        assert!(guard.approve(&claimed, false));
+        assert!(!guard.approve(&claimed, true), "once");
+        assert_eq!(guard.inner.heard, vec![claimed]);
+        for port in 0..100u16 {
+            guard.approve(&addr(&format!("/ip4/198.51.100.8/tcp/{port}")), false);
+        }
+        assert_eq!(guard.inner.heard.len(), MAX_CANDIDATES);
+        assert!(
+            guard.approve(&addr("/ip4/192.0.2.1/tcp/4001"), true),
+            "lies that got through do not use up the chosen peers' share"
         );
-        let own: Multiaddr = "/ip4/198.51.100.7/tcp/4001".parse().unwrap();
-        let other: Multiaddr = "/ip4/10.0.0.1/tcp/22".parse().unwrap();
-        let name: Multiaddr = "/dns4/internal.example/tcp/80".parse().unwrap();
-        assert!(guard.dial_back_allowed(client, std::slice::from_ref(&own)));
-        assert!(!guard.dial_back_allowed(client, &[other]));
-        assert!(!guard.dial_back_allowed(client, &[name]));
-        assert!(!guard.dial_back_allowed(PeerId::random(), &[own]));
-        assert!(!guard.dial_back_allowed(client, &[]));
+    }
+
+    #[test]
+    fn confirmations_go_to_the_event_loop_not_the_swarm() {
+        let mut guard = Guard::new(Recorder::default(), Policy::Candidates);
+        let confirmed = addr("/ip4/198.51.100.7/tcp/4001");
+        guard
+            .inner
+            .say
+            .push_back(ToSwarm::ExternalAddrConfirmed(confirmed.clone()));
+        assert!(matches!(
+            poll(&mut guard),
+            ToSwarm::GenerateEvent(Guarded::Confirmed(a)) if a == confirmed
+        ));
+    }
+
+    #[test]
+    fn a_dial_back_goes_only_to_the_ip_the_client_connects_from() {
+        let mut guard = Guard::new(Recorder::default(), Policy::DialBacks);
+        let client = PeerId::random();
+        let inbound = ConnectedPoint::Listener {
+            local_addr: addr("/ip4/203.0.113.1/tcp/4001"),
+            send_back_addr: addr("/ip4/198.51.100.7/tcp/50000"),
+        };
+        guard.on_swarm_event(FromSwarm::ConnectionEstablished(ConnectionEstablished {
+            peer_id: client,
+            connection_id: ConnectionId::new_unchecked(1),
+            endpoint: &inbound,
+            failed_addresses: &[],
+            other_established: 0,
+        }));
+        let mut dial_back = |to: &str| {
+            let to = addr(to);
+            let opts = DialOpts::peer_id(client)
+                .addresses(vec![to.clone()])
+                .build();
+            let id = opts.connection_id();
+            guard.inner.say.push_back(ToSwarm::Dial { opts });
+            assert!(matches!(poll(&mut guard), ToSwarm::Dial { .. }));
+            guard.handle_pending_outbound_connection(id, Some(client), &[to], Endpoint::Dialer)
+        };
+        assert!(dial_back("/ip4/198.51.100.7/tcp/4001").is_ok());
+        assert!(
+            dial_back("/ip4/10.0.0.1/tcp/22").is_err(),
+            "no scanning for a client"
+        );
+        assert!(dial_back("/dns4/internal.example/tcp/80").is_err());
     }
 }

@@ -203,8 +203,10 @@ pub(crate) struct Reach {
     relay_status: HashMap<Multiaddr, Option<String>>,
     /// Open connections.
     connections: HashMap<ConnectionId, Link>,
-    /// For each address peers claim to see this node at, the networks of those who claimed it.
-    sightings: HashMap<Multiaddr, BTreeSet<Vec<u8>>>,
+    /// The latest address peers of each network claimed to see this node at, with when (a
+    /// sequence number): at most [`MAX_CLAIMS`] networks, the stalest forgotten first.
+    claims: HashMap<Vec<u8>, (Multiaddr, u64)>,
+    claim_seq: u64,
     hole_punches: u64,
     hole_punch_failures: u64,
 }
@@ -221,16 +223,18 @@ struct Link {
     remote: Multiaddr,
 }
 
-/// Peers from this many different networks must claim an address before it is believed, unless
-/// one of them is a peer this node chose to dial.
+/// Peers from this many different networks must currently claim an address before it is
+/// believed, unless one of them is a peer this node chose.
 pub(crate) const SIGHTINGS_TO_BELIEVE: usize = 2;
+/// Networks whose latest claim is remembered.
+const MAX_CLAIMS: usize = 256;
 
-/// The network an IP address belongs to, for counting independent witnesses: its /24 (IPv4) or
-/// /48 (IPv6). Identities are free; addresses in many networks are not.
+/// The network an IP address belongs to, for counting independent witnesses: its family, then
+/// its /24 (IPv4) or /48 (IPv6). Identities are free; addresses in many networks are not.
 fn network_of(addr: &Multiaddr) -> Option<Vec<u8>> {
     match addr.iter().next() {
-        Some(Protocol::Ip4(ip)) => Some(ip.octets()[..3].to_vec()),
-        Some(Protocol::Ip6(ip)) => Some(ip.octets()[..6].to_vec()),
+        Some(Protocol::Ip4(ip)) => Some([&[4], &ip.octets()[..3]].concat()),
+        Some(Protocol::Ip6(ip)) => Some([&[6], &ip.octets()[..6]].concat()),
         _ => None,
     }
 }
@@ -307,10 +311,16 @@ impl Reach {
         links.clone().next().is_some() && links.all(|l| l.relayed)
     }
 
-    /// A peer claims, over connection `id`, to see this node at `addr`. Returns whether that is
-    /// now believable: `trusted` says the connection goes to a peer this node chose (a bootstrap
-    /// peer or relay it dialled), otherwise peers from [`SIGHTINGS_TO_BELIEVE`] networks must
-    /// have said so. Only direct addresses count.
+    /// Whether this node dialled connection `id`.
+    pub(crate) fn dialed(&self, id: ConnectionId) -> bool {
+        self.connections.get(&id).is_some_and(|link| link.dialed)
+    }
+
+    /// A peer claims, over direct connection `id`, to see this node at `addr`. Returns whether
+    /// that is now believable: at once when `trusted` (the peer is one this node chose), else
+    /// when peers of [`SIGHTINGS_TO_BELIEVE`] networks of the address's own family claim it as
+    /// their latest. Each network's latest claim replaces its earlier ones, so a peer that keeps
+    /// changing its story holds one place, and the stalest networks are forgotten first.
     pub(crate) fn sighted(&mut self, id: ConnectionId, addr: &Multiaddr, trusted: bool) -> bool {
         if !is_direct(addr) {
             return false;
@@ -318,18 +328,27 @@ impl Reach {
         let Some(link) = self.connections.get(&id).filter(|l| !l.relayed) else {
             return false;
         };
-        if trusted && link.dialed {
+        if trusted {
             return true;
         }
-        let Some(network) = network_of(&link.remote) else {
+        let (Some(network), Some(family)) = (network_of(&link.remote), network_of(addr)) else {
             return false;
         };
-        if self.sightings.len() >= MAX_ADDRESSES && !self.sightings.contains_key(addr) {
+        if network[0] != family[0] {
             return false;
         }
-        let networks = self.sightings.entry(addr.clone()).or_default();
-        networks.insert(network);
-        networks.len() >= SIGHTINGS_TO_BELIEVE
+        self.claim_seq += 1;
+        self.claims.insert(network, (addr.clone(), self.claim_seq));
+        if self.claims.len() > MAX_CLAIMS
+            && let Some(stalest) = self
+                .claims
+                .iter()
+                .min_by_key(|(_, (_, seq))| *seq)
+                .map(|(network, _)| network.clone())
+        {
+            self.claims.remove(&stalest);
+        }
+        self.claims.values().filter(|(a, _)| a == addr).count() >= SIGHTINGS_TO_BELIEVE
     }
 
     pub(crate) fn disconnected(&mut self, id: ConnectionId) {
@@ -522,20 +541,59 @@ mod tests {
         let id = ConnectionId::new_unchecked(10);
         reach.connected(id, peer, &point("/ip4/203.0.113.5/tcp/3", false));
         assert!(reach.sighted(id, &claimed, false));
-        // A bootstrap peer this node dialled: at once; the same peer dialling in: no.
+        // A peer this node chose: at once.
         let other = addr("/ip4/192.0.2.10/tcp/4001");
-        let (dialed, accepted) = (
-            ConnectionId::new_unchecked(20),
-            ConnectionId::new_unchecked(21),
-        );
+        let dialed = ConnectionId::new_unchecked(20);
         reach.connected(dialed, peer, &point("/ip4/203.0.113.6/tcp/4001", true));
-        reach.connected(accepted, peer, &point("/ip4/203.0.113.6/tcp/5", false));
-        assert!(!reach.sighted(accepted, &other, true));
+        assert!(reach.dialed(dialed));
         assert!(reach.sighted(dialed, &other, true));
         // Through a relay, or not an address at all: never.
         let relayed = ConnectionId::new_unchecked(30);
         reach.connected(relayed, peer, &point(CIRCUIT, true));
         assert!(!reach.sighted(relayed, &addr("/ip4/192.0.2.11/tcp/1"), true));
         assert!(!reach.sighted(dialed, &addr(CIRCUIT), true));
+    }
+
+    #[test]
+    fn a_peer_that_changes_its_story_holds_one_place_and_cannot_crowd_out_the_truth() {
+        let mut reach = Reach::default();
+        let truth = addr("/ip4/192.0.2.9/tcp/4001");
+        let liar = ConnectionId::new_unchecked(1);
+        reach.connected(
+            liar,
+            PeerId::random(),
+            &point("/ip4/198.51.100.7/tcp/1", false),
+        );
+        for i in 0..10_000u32 {
+            let [_, b, c, d] = i.to_be_bytes();
+            let junk = addr(&format!("/ip4/1.{b}.{c}.{d}/tcp/4001"));
+            assert!(!reach.sighted(liar, &junk, false));
+        }
+        assert_eq!(reach.claims.len(), 1, "one network, one claim");
+        // Many networks claiming junk are forgotten stalest first; two honest ones still agree.
+        for i in 0..1000u16 {
+            let id = ConnectionId::new_unchecked(100 + usize::from(i));
+            let [b, c] = i.to_be_bytes();
+            let remote = format!("/ip4/100.{b}.{c}.1/tcp/1");
+            reach.connected(id, PeerId::random(), &point(&remote, false));
+            reach.sighted(id, &addr(&format!("/ip4/203.0.{b}.{c}/tcp/1")), false);
+        }
+        assert!(reach.claims.len() <= MAX_CLAIMS);
+        let (a, b) = (
+            ConnectionId::new_unchecked(5000),
+            ConnectionId::new_unchecked(5001),
+        );
+        reach.connected(a, PeerId::random(), &point("/ip4/203.0.113.5/tcp/3", false));
+        reach.connected(b, PeerId::random(), &point("/ip4/198.18.0.5/tcp/3", false));
+        assert!(!reach.sighted(a, &truth, false));
+        assert!(reach.sighted(b, &truth, false));
+        // An IPv6 witness does not count for an IPv4 address.
+        let v6 = ConnectionId::new_unchecked(6000);
+        reach.connected(
+            v6,
+            PeerId::random(),
+            &point("/ip6/2001:db8::1/tcp/3", false),
+        );
+        assert!(!reach.sighted(v6, &addr("/ip4/192.0.2.77/tcp/4001"), false));
     }
 }
