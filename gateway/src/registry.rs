@@ -107,7 +107,7 @@ impl Registry {
         }
     }
 
-    /// Forgets a provider (its last connection closed).
+    /// Forgets a provider (its last connection closed, or only relayed ones are left).
     pub fn remove(&self, peer: &PeerId) {
         if self.lock().remove(peer).is_some() {
             tracing::info!(%peer, "provider gone");

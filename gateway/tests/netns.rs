@@ -9,10 +9,12 @@
 //!   serves.
 //! - NAT traversal: a gateway and a provider each behind its own masquerading NAT router, a
 //!   relay (a second gateway) on the "internet" between them. The provider reserves a slot at
-//!   the relay, the gateway finds it through the relay's DHT and reaches it through a circuit,
+//!   the relay, the gateway reaches it through a circuit (given as its bootstrap address),
 //!   hole punching (DCUtR) upgrades that to a direct connection through both NATs, and a
-//!   completion is served over it. `proofmesh-provider doctor` says "relayed" behind the NAT,
-//!   "behind NAT" there without a relay, and "direct" on a public host.
+//!   completion is served over it. A second provider behind a symmetric NAT, found in the
+//!   relay's DHT, cannot be punched through and is never routed to. `proofmesh-provider
+//!   doctor` says "relayed" behind the NAT, "behind NAT" there without a relay, and "direct"
+//!   on a public host.
 
 // Test code: a failure is a failed test and should say so loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -485,8 +487,10 @@ async fn a_provider_behind_nat_is_reached_through_a_relay_then_directly() {
             format!("10.78.26.2:{HTTP_PORT}"),
             "--p2p-listen".into(),
             "/ip4/0.0.0.0/tcp/4001".into(),
+            // The relay, and the NAT-B provider's circuit address, as an operator who knows it
+            // would give it (the symmetric-NAT provider below is found in the relay's DHT).
             "--bootstrap".into(),
-            relay_addr.into(),
+            format!("{relay_addr},{relay}/p2p-circuit/p2p/{provider_id}"),
             "--relay-service".into(),
             "false".into(),
             "--ephemeral-key".into(),
@@ -497,12 +501,11 @@ async fn a_provider_behind_nat_is_reached_through_a_relay_then_directly() {
         gateway_log.clone(),
     );
 
-    // The provider's only way in is the relay: the gateway finds it in the relay's DHT
-    // records (a circuit address) and reaches it through the relay...
+    // The provider's only way in is the relay: the gateway reaches it through a circuit...
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let base = format!("http://10.78.26.2:{HTTP_PORT}");
     let started = Instant::now();
-    wait_for_providers(&http, &base, 1, Duration::from_secs(120)).await;
+    wait_for_providers(&http, &base, 1, Duration::from_secs(240)).await;
     let found = started.elapsed();
     // ...and hole punching through both NATs makes it direct.
     wait_for_log(
@@ -533,9 +536,19 @@ async fn a_provider_behind_nat_is_reached_through_a_relay_then_directly() {
         &provider_args(relay_addr, &["--relays", &relay]),
         symmetric_log.clone(),
     );
+    let symmetric_id = logged_peer_id(&symmetric_log).await;
+    let gateway_id = logged_peer_id(&gateway_log).await;
+    // The gateway did reach it, through the relay...
+    wait_for_log(
+        &gateway_log,
+        &format!("provider reachable only through a relay; not routed to until direct peer={symmetric_id}"),
+        Duration::from_secs(240),
+    )
+    .await;
+    // ...and the punch between the two failed.
     wait_for_log(
         &symmetric_log,
-        "hole punching failed",
+        &format!("hole punching failed; staying relayed peer={gateway_id}"),
         Duration::from_secs(120),
     )
     .await;

@@ -82,7 +82,8 @@ pub enum Event {
         /// The provider.
         peer: PeerId,
     },
-    /// The last connection to a peer closed.
+    /// The last connection to a peer closed, or the only ones left go through a relay: route
+    /// nothing to it.
     PeerGone {
         /// The peer.
         peer: PeerId,

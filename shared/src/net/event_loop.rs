@@ -515,6 +515,11 @@ impl EventLoop {
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
                 self.reach.connected(connection_id, peer_id, &endpoint);
+                // With a direct connection, relayed ones only risk streams the relay cuts at
+                // 128 KiB (libp2p-stream picks a connection at random).
+                if !self.reach.only_relayed(peer_id) {
+                    self.close_relayed(peer_id);
+                }
                 if !endpoint.is_relayed() {
                     self.release_awaiting(peer_id);
                 }
@@ -672,9 +677,7 @@ impl EventLoop {
         if let Some(capabilities) = self.awaiting_direct.remove(&peer)
             && !self.departed.contains(&peer)
         {
-            for id in self.reach.relayed_connections(peer) {
-                self.swarm.close_connection(id);
-            }
+            self.close_relayed(peer);
             tracing::info!(%peer, "provider reachable directly now");
             self.emit(Event::ProviderUp { peer, capabilities });
         }
@@ -682,10 +685,20 @@ impl EventLoop {
 
     /// A routed provider's direct connection closed and only relayed ones are left: it is not
     /// routed to until a direct one is back (its next capabilities wait in `awaiting_direct`).
+    /// Its relayed connections close too: the next tick dials it again through the relay, and
+    /// hole punching gets another try.
     fn withdraw_to_relay(&mut self, peer: PeerId) {
         if self.providers.contains_key(&peer) && !self.awaiting_direct.contains_key(&peer) {
             tracing::info!(%peer, "provider reachable only through a relay now; not routed to");
             self.emit(Event::PeerGone { peer });
+            self.close_relayed(peer);
+        }
+    }
+
+    /// Closes every relayed connection to `peer`.
+    fn close_relayed(&mut self, peer: PeerId) {
+        for id in self.reach.relayed_connections(peer) {
+            self.swarm.close_connection(id);
         }
     }
 
@@ -700,9 +713,7 @@ impl EventLoop {
         match result {
             Ok(_) => {
                 tracing::info!(%peer, "direct connection by hole punching");
-                for id in self.reach.relayed_connections(peer) {
-                    self.swarm.close_connection(id);
-                }
+                self.close_relayed(peer);
                 self.release_awaiting(peer);
             }
             Err(error) => tracing::info!(%peer, %error, "hole punching failed; staying relayed"),
@@ -776,7 +787,9 @@ impl EventLoop {
                                 .entry(peer)
                                 .or_insert_with(std::time::Instant::now);
                             if self.reach.only_relayed(peer) {
-                                self.awaiting_direct.insert(peer, response);
+                                if self.awaiting_direct.insert(peer, response).is_none() {
+                                    tracing::info!(%peer, "provider reachable only through a relay; not routed to until direct");
+                                }
                             } else {
                                 self.emit(Event::ProviderUp {
                                     peer,
