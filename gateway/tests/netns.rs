@@ -11,8 +11,8 @@
 //!   relay (a second gateway) on the "internet" between them. The provider reserves a slot at
 //!   the relay, the gateway reaches it through a circuit (given as its bootstrap address),
 //!   hole punching (DCUtR) upgrades that to a direct connection through both NATs, and a
-//!   completion is served over it. A second provider behind a symmetric NAT, found in the
-//!   relay's DHT, cannot be punched through and is never routed to. `proofmesh-provider
+//!   completion is served over it. A second provider behind a symmetric NAT, also reached
+//!   through the relay, cannot be punched through and is never routed to. `proofmesh-provider
 //!   doctor` says "relayed" behind the NAT, "behind NAT" there without a relay, and "direct"
 //!   on a public host.
 
@@ -468,15 +468,16 @@ async fn a_provider_behind_nat_is_reached_through_a_relay_then_directly() {
         relay_log.clone(),
     );
     let relay = format!("{relay_addr}/p2p/{}", logged_peer_id(&relay_log).await);
-    let provider_log = dir.join("provider.log");
-    spawn(
-        &mut hosts,
-        &prov,
-        &provider_bin,
-        &provider_args(relay_addr, &["--relays", &relay]),
-        provider_log.clone(),
-    );
+    // Two providers holding reservations at the relay: behind NAT B, and behind the
+    // symmetric NAT C.
+    let (provider_log, symmetric_log) =
+        (dir.join("provider.log"), dir.join("provider-symmetric.log"));
+    for (host, log) in [(&prov, &provider_log), (&prov_c, &symmetric_log)] {
+        let args = provider_args(relay_addr, &["--relays", &relay]);
+        spawn(&mut hosts, host, &provider_bin, &args, log.clone());
+    }
     let provider_id = logged_peer_id(&provider_log).await;
+    let symmetric_id = logged_peer_id(&symmetric_log).await;
     let gateway_log = dir.join("gateway.log");
     spawn(
         &mut hosts,
@@ -487,10 +488,14 @@ async fn a_provider_behind_nat_is_reached_through_a_relay_then_directly() {
             format!("10.78.26.2:{HTTP_PORT}"),
             "--p2p-listen".into(),
             "/ip4/0.0.0.0/tcp/4001".into(),
-            // The relay, and the NAT-B provider's circuit address, as an operator who knows it
-            // would give it (the symmetric-NAT provider below is found in the relay's DHT).
+            // The relay, and both providers' circuit addresses, as an operator who knows them
+            // would give them (finding them in the relay's DHT missed the 240 s on fresh CI
+            // clones, twice; see the issue).
             "--bootstrap".into(),
-            format!("{relay_addr},{relay}/p2p-circuit/p2p/{provider_id}"),
+            format!(
+                "{relay_addr},{relay}/p2p-circuit/p2p/{provider_id},\
+                 {relay}/p2p-circuit/p2p/{symmetric_id}"
+            ),
             "--relay-service".into(),
             "false".into(),
             "--ephemeral-key".into(),
@@ -528,15 +533,6 @@ async fn a_provider_behind_nat_is_reached_through_a_relay_then_directly() {
 
     // Behind the symmetric NAT, hole punching fails: reached only through the relay, which
     // cuts circuits at 128 KiB, that provider is never routed to.
-    let symmetric_log = dir.join("provider-symmetric.log");
-    spawn(
-        &mut hosts,
-        &prov_c,
-        &provider_bin,
-        &provider_args(relay_addr, &["--relays", &relay]),
-        symmetric_log.clone(),
-    );
-    let symmetric_id = logged_peer_id(&symmetric_log).await;
     let gateway_id = logged_peer_id(&gateway_log).await;
     // The gateway did reach it, through the relay...
     wait_for_log(
