@@ -470,10 +470,11 @@ async fn main() -> anyhow::Result<()> {
         p2p_listen: settings.p2p_listen,
         bootstrap: settings.bootstrap,
         mdns: settings.mdns,
-        mesh_key: match &settings.mesh_key_file {
-            Some(path) => Some(proofmesh_shared::net::mesh_key::load(path)?),
-            None => None,
-        },
+        mesh_key: settings
+            .mesh_key_file
+            .as_deref()
+            .map(proofmesh_shared::net::mesh_key::load)
+            .transpose()?,
         traversal: Traversal {
             relays: Vec::new(),
             external: settings.external_addresses,

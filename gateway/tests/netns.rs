@@ -19,55 +19,18 @@
 // Test code: a failure is a failed test and should say so loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "../../shared/tests/support/netns.rs"]
+mod netns;
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use netns::{Hosts, can_make_namespaces, ip};
 use serde_json::{Value, json};
 
 const HTTP_PORT: u16 = 18080;
-
-/// Namespaces and processes, removed on drop whatever happens.
-#[derive(Default)]
-struct Hosts {
-    namespaces: Vec<String>,
-    children: Vec<Child>,
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-        }
-    }
-}
-
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("iproute2");
-    assert!(status.success(), "ip {} failed", args.join(" "));
-}
-
-/// Whether this process may create network namespaces.
-fn can_make_namespaces() -> bool {
-    let probe = format!("pm-probe-{}", std::process::id());
-    let made = Command::new("ip")
-        .args(["netns", "add", &probe])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if made {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &probe])
-            .status();
-    }
-    made
-}
 
 /// A veth link between `a` (None: this test's own namespace) and `b`, addresses `.1` and `.2`
 /// of `10.78.<net>.0/24`.

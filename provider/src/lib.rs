@@ -38,7 +38,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
-use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use proofmesh_shared::net::{self, NetConfig, Role};
 use proofmesh_shared::protocol::{Capabilities, GenerateRequest, ModelCard, ModelDigest};
@@ -256,7 +255,7 @@ pub async fn run(
                     .referee_for
                     .iter()
                     .copied()
-                    .chain(config.bootstrap.iter().filter_map(peer_of)),
+                    .chain(config.bootstrap.iter().filter_map(net::peer_of)),
                 per_gateway as usize,
             ),
             metrics: Some(Arc::clone(&metrics)),
@@ -377,12 +376,4 @@ fn model_card(config: &ProviderConfig, engine: &Engine, digest: ModelDigest) -> 
             .unwrap_or_else(|| info.numerics.clone()),
         referee: config.engine.referee_slots > 0,
     }
-}
-
-/// The peer id at the end of a `/p2p/` address, if any.
-fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
-    addr.iter().find_map(|p| match p {
-        Protocol::P2p(peer) => Some(peer),
-        _ => None,
-    })
 }

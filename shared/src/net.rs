@@ -137,6 +137,15 @@ pub enum NetError {
     Stopped,
 }
 
+/// The peer id an address ends with (`…/p2p/<id>`): for a circuit address, the peer behind
+/// the relay.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
+
 /// Builds the swarm and returns the client, the application's event stream and the loop to spawn.
 pub fn new(
     config: NetConfig,

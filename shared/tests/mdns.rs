@@ -7,45 +7,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/netns.rs"]
+mod netns;
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use netns::{Hosts, ip};
 use proofmesh_shared::net::{self, Event, NetConfig, Role};
 use support::caps;
 
 const TEST_NAME: &str = "mdns_discovery_between_network_namespaces";
-
-/// Network namespaces and children, removed on drop whatever happens.
-struct Hosts {
-    namespaces: Vec<String>,
-    children: Vec<Child>,
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-        }
-    }
-}
-
-fn ip(args: &[&str]) {
-    let status = Command::new("ip")
-        .args(args)
-        .status()
-        .expect("iproute2 is installed");
-    assert!(
-        status.success(),
-        "ip {} failed (this test needs root)",
-        args.join(" ")
-    );
-}
 
 /// The child's part: run a node with mDNS on; the gateway exits once it found a provider.
 async fn child(role: &str) {
@@ -102,10 +75,7 @@ async fn mdns_discovery_between_network_namespaces() {
     let tag = std::process::id() % 100_000;
     let (ns_a, ns_b) = (format!("pm-mdns-a-{tag}"), format!("pm-mdns-b-{tag}"));
     let (veth_a, veth_b) = (format!("pmva{tag}"), format!("pmvb{tag}"));
-    let mut hosts = Hosts {
-        namespaces: vec![],
-        children: vec![],
-    };
+    let mut hosts = Hosts::default();
     for ns in [&ns_a, &ns_b] {
         ip(&["netns", "add", ns]);
         hosts.namespaces.push(ns.clone());

@@ -24,9 +24,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::client::{Client, Command};
 use super::conduct::{Conduct, Offence};
-use super::guard::Guarded;
-use super::reach::{Reach, Traversal, relay_peer, with_listen_port};
-use super::{Event, NetConfig, NetError, Role};
+use super::guard::{Guarded, ip_of};
+use super::reach::{Reach, Traversal, with_listen_port};
+use super::{Event, NetConfig, NetError, Role, peer_of};
 use crate::protocol::{
     CAPS_PROTOCOL, Capabilities, CapsRequest, GenerateRequest, LeaveAck, Leaving, ModelDigest,
     SignedOpening,
@@ -205,11 +205,7 @@ fn setup(e: &dyn std::fmt::Display) -> NetError {
 
 /// Whether an address is on the loopback interface.
 fn is_loopback(addr: &Multiaddr) -> bool {
-    match addr.iter().next() {
-        Some(libp2p::multiaddr::Protocol::Ip4(ip)) => ip.is_loopback(),
-        Some(libp2p::multiaddr::Protocol::Ip6(ip)) => ip.is_loopback(),
-        _ => false,
-    }
+    ip_of(addr).is_some_and(|ip| ip.is_loopback())
 }
 
 fn is_quic(addr: &Multiaddr) -> bool {
@@ -312,11 +308,7 @@ impl EventLoop {
     fn redial_bootstrap(&mut self) {
         let alone = self.swarm.connected_peers().next().is_none();
         for addr in self.bootstrap.clone() {
-            let peer = match addr.iter().last() {
-                Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some(peer),
-                _ => None,
-            };
-            let dial = match peer {
+            let dial = match peer_of(&addr) {
                 // Not again while a dial to it is still under way.
                 Some(peer) if !self.swarm.is_connected(&peer) => DialOpts::peer_id(peer)
                     .addresses(vec![addr.clone()])
@@ -571,7 +563,7 @@ impl EventLoop {
             if listener.is_some() {
                 continue;
             }
-            let Some(peer) = relay_peer(relay) else {
+            let Some(peer) = peer_of(relay) else {
                 continue;
             };
             if self
@@ -614,7 +606,7 @@ impl EventLoop {
                 if let Some((relay, _)) = self
                     .relays
                     .iter()
-                    .find(|(addr, _)| relay_peer(addr) == Some(relay_peer_id))
+                    .find(|(addr, _)| peer_of(addr) == Some(relay_peer_id))
                 {
                     self.reach.relay_accepted(relay.clone());
                 }
@@ -668,7 +660,7 @@ impl EventLoop {
         self.bootstrap
             .iter()
             .chain(self.relays.iter().map(|(relay, _)| relay))
-            .any(|chosen| relay_peer(chosen) == Some(peer) || (dialed && bare(chosen) == remote))
+            .any(|chosen| peer_of(chosen) == Some(peer) || (dialed && bare(chosen) == remote))
     }
 
     /// Routes to a provider that was reached only through a relay, now that a direct

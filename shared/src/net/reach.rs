@@ -32,7 +32,7 @@ impl Traversal {
     /// Checks that each relay address names its relay (`/p2p/<peer id>` at the end).
     pub fn validate(&self) -> Result<(), String> {
         for relay in &self.relays {
-            if relay_peer(relay).is_none() {
+            if super::peer_of(relay).is_none() {
                 return Err(format!(
                     "relay address {relay} must end with /p2p/<the relay's peer id>"
                 ));
@@ -44,14 +44,6 @@ impl Traversal {
             }
         }
         Ok(())
-    }
-}
-
-/// The peer id at the end of a relay address.
-pub(crate) fn relay_peer(addr: &Multiaddr) -> Option<PeerId> {
-    match addr.iter().last() {
-        Some(Protocol::P2p(peer)) => Some(peer),
-        _ => None,
     }
 }
 
