@@ -6,8 +6,9 @@ peer floods, then an account of every request: nothing may be lost, hang or come
 
 A gateway and `--providers` providers (release builds, the default model) run on 127.0.0.1.
 `--concurrency` client threads send chat completions for `--minutes`: streamed and not, in every
-verification mode the gateway serves (`none`, `merkle`; merkle answers are exact-checked and,
-with no trusted referee on this small mesh, delivered as `unrefereed` by opt-in). Meanwhile a
+verification mode the gateway serves (`none`, `merkle`, `fraud`; merkle answers are exact-checked
+and, with no trusted referee on this small mesh, delivered as `unrefereed` by opt-in; fraud
+answers are released and the sampled ones later recorded `unrefereed`). Meanwhile a
 chaos thread `kill -9`s a random provider every 20-40 s and restarts it (same key) 3-6 s later,
 and `shared/examples/flood.rs` floods the first provider with silent generate streams from one
 fresh identity after another. Every request ends in exactly one bucket:
@@ -107,7 +108,7 @@ def one_request(url, rng):
         "temperature": rng.choice([0.0, 0.7]),
         "seed": rng.randint(0, 1 << 30),
         "stream": stream,
-        "verification_mode": rng.choice(["none", "merkle"]),
+        "verification_mode": rng.choice(["none", "merkle", "fraud"]),
     }
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     started = time.time()

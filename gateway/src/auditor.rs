@@ -21,6 +21,7 @@
 //! - [`pool`]: the trusted [`RefereePool`] and the referee [`pool::Choice`].
 //! - [`session`]: one referee following one answer; the [`session::LocalReferee`] seam.
 //! - [`canary`]: canary audits of peer referees against the gateway's own engine.
+//! - [`deferred`]: the durable [`AuditLog`] of `fraud` answers, audited after release.
 //! - [`procedure`]: the audit procedure itself, behind the [`procedure::LeafOpener`] and
 //!   [`procedure::Referees`] seams.
 //! - [`vocab`]: model vocabularies read from GGUF files, and the [`vocab::Transcript`] that
@@ -29,6 +30,7 @@
 
 pub mod book;
 pub mod canary;
+pub mod deferred;
 #[cfg(feature = "local-referee")]
 pub mod local;
 pub mod mode;
@@ -45,11 +47,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use libp2p::PeerId;
+use proofmesh_shared::commit::SignedCommitment;
 use proofmesh_shared::net::Client;
 use proofmesh_shared::protocol::{GenerateRequest, ModelDigest, OpenLeavesRequest, SignedOpening};
 use proofmesh_shared::verify::{AuditFailure, AuditVerdict, FraudProof, Statistics, Tier};
+use tokio::sync::Semaphore;
 
 pub use book::{Book, BookError, PeerRecord};
+pub use deferred::{AuditId, AuditLog, AuditRecord, AuditStatus};
 pub use mode::{ModeError, VerificationMode};
 pub use policy::{AuditPolicy, AuditTiers};
 pub use pool::RefereePool;
@@ -97,6 +102,43 @@ struct Inner {
     registry: Registry,
     metrics: Arc<GatewayMetrics>,
     vocabularies: HashMap<ModelDigest, Arc<Vocabulary>>,
+    audits: AuditLog,
+    /// `fraud` answers waiting for (or in) their audit; one more drawn is `skipped`.
+    deferred_backlog: Arc<Semaphore>,
+    /// `fraud` audits running at once.
+    deferred_running: Arc<Semaphore>,
+}
+
+/// `fraud` answers that may wait for their audit at once (each holds its request and tokens).
+pub const DEFERRED_BACKLOG: usize = 128;
+/// `fraud` audits run at once.
+const DEFERRED_RUNNING: usize = 4;
+
+/// An answer released before its audit (`fraud` mode), with what its audit needs.
+#[derive(Debug, Clone)]
+pub struct Released {
+    /// The id its audit is kept under (chosen when the response began: a stream's headers
+    /// carry it).
+    pub id: AuditId,
+    /// Who served it, as routed.
+    pub provider: Candidate,
+    /// The request sent.
+    pub request: GenerateRequest,
+    /// The tokens streamed.
+    pub tokens: Vec<u32>,
+    /// The provider's signed commitment.
+    pub commitment: SignedCommitment,
+    /// The API key name it was asked with, when keys are on.
+    pub caller: Option<String>,
+}
+
+/// What the client of a released answer is told about its audit.
+#[derive(Debug, Clone)]
+pub struct Deferral {
+    /// Where to ask for the verdict: `GET /v1/audits/{id}`.
+    pub id: AuditId,
+    /// When the audit window closes (unix milliseconds).
+    pub window_closes_ms: u64,
 }
 
 /// Why no provider may take a request.
@@ -151,6 +193,13 @@ impl Auditor {
             Some(path) => Book::open(path)?,
             None => Book::in_memory()?,
         };
+        let (audits, interrupted) = AuditLog::open(book.database(), book::now_ms())?;
+        if interrupted > 0 {
+            tracing::warn!(
+                interrupted,
+                "audits of released answers were running when the gateway stopped; recorded as interrupted"
+            );
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 secret: rand::random(),
@@ -162,6 +211,9 @@ impl Auditor {
                 registry,
                 metrics,
                 vocabularies: config.vocabularies.into_iter().collect(),
+                audits,
+                deferred_backlog: Arc::new(Semaphore::new(DEFERRED_BACKLOG)),
+                deferred_running: Arc::new(Semaphore::new(DEFERRED_RUNNING)),
             }),
         })
     }
@@ -223,7 +275,7 @@ impl Auditor {
         if live.is_empty() {
             return Err(Exclusion::AllBenched);
         }
-        if mode.refereed()
+        if mode.audited()
             && live
                 .first()
                 .is_some_and(|c| !inner.vocabularies.contains_key(&c.card.digest))
@@ -236,7 +288,7 @@ impl Auditor {
         let mut keyed: Vec<((Prospect, bool), Candidate)> = live
             .into_iter()
             .map(|c| {
-                let prospect = if mode.refereed() {
+                let prospect = if mode.audited() {
                     inner
                         .pool
                         .prospect(&inner.registry, &inner.book, policy, &c)
@@ -289,6 +341,16 @@ impl Auditor {
         mode: VerificationMode,
         session: Option<RefereeSession>,
     ) -> AuditOutcome {
+        self.audit(answer, mode, session).await.0
+    }
+
+    /// [`Auditor::judge`], also giving the fraud proof of a penalised failure.
+    async fn audit(
+        &self,
+        answer: &Answer<'_>,
+        mode: VerificationMode,
+        session: Option<RefereeSession>,
+    ) -> (AuditOutcome, Option<FraudProof>) {
         let started = Instant::now();
         let inner = &self.inner;
         let on_probation = inner
@@ -315,7 +377,7 @@ impl Auditor {
             let (request, tokens) = (answer.request.clone(), answer.tokens.to_vec());
             tokio::spawn(async move { auditor.canary(&request, &tokens).await });
         }
-        AuditOutcome {
+        let outcome = AuditOutcome {
             verdict: report.verdict.clone(),
             challenged: report.challenged.clone(),
             elapsed,
@@ -323,7 +385,149 @@ impl Auditor {
             tier: report.tier,
             statistics: report.statistics.clone(),
             evidence_bytes: report.evidence_bytes,
+        };
+        (outcome, report.proof.filter(|_| report.penalise))
+    }
+
+    /// Releases a `fraud` answer (its commitment already passed the exact checks): records it
+    /// under a new audit id, and draws whether it is audited, at the provider's rate. A drawn
+    /// answer is audited in the background like a merkle one (a fresh referee fed the whole
+    /// answer, the gateway's own engine first), with the same consequences, before its window
+    /// closes.
+    pub fn defer(&self, released: Released) -> Deferral {
+        let inner = &self.inner;
+        let policy = &inner.policy;
+        let on_probation = inner
+            .book
+            .get(&released.provider.peer)
+            .on_probation(policy.probation_audits);
+        let drawn = rand::random::<f64>() < policy.fraud.rate_for(on_probation);
+        let now = book::now_ms();
+        let window_closes_ms = now.saturating_add(policy.fraud.window.as_millis() as u64);
+        let backlog = if drawn {
+            Some(Arc::clone(&inner.deferred_backlog).try_acquire_owned())
+        } else {
+            None
+        };
+        let (status, reason) = match &backlog {
+            None => (AuditStatus::NotSampled, None),
+            Some(Ok(_)) => (AuditStatus::Pending, None),
+            Some(Err(_)) => (
+                AuditStatus::Skipped,
+                Some(format!(
+                    "{DEFERRED_BACKLOG} released answers were already waiting for their audit"
+                )),
+            ),
+        };
+        let signed = &released.commitment.commitment;
+        let record = AuditRecord {
+            id: released.id,
+            created_ms: now,
+            window_closes_ms,
+            decided_ms: (status != AuditStatus::Pending).then_some(now),
+            provider: released.provider.peer.to_string(),
+            model_digest: released.request.model_digest.to_string(),
+            request_id: released.request.request_id.to_string(),
+            merkle_root: hex::encode(signed.merkle_root),
+            steps: signed.steps,
+            caller: released.caller.clone(),
+            status,
+            reason,
+            challenged: Vec::new(),
+            referee: None,
+            tier: None,
+            proof: None,
+        };
+        let deferral = Deferral {
+            id: record.id,
+            window_closes_ms,
+        };
+        if let Err(e) = inner.audits.insert(&record) {
+            tracing::error!(audit = %record.id, error = %e, "cannot write the audit log");
         }
+        if status != AuditStatus::Pending {
+            self.count_deferred(status, reason_label(&record));
+            if status == AuditStatus::Skipped {
+                tracing::warn!(audit = %record.id, provider = %record.provider, "a released answer drawn for audit was skipped: too many audits waiting");
+            }
+            return deferral;
+        }
+        if let Some(Ok(waiting)) = backlog {
+            let auditor = self.clone();
+            let window = policy.fraud.window;
+            tokio::spawn(async move {
+                let _waiting = waiting;
+                auditor.audit_released(record.id, released, window).await;
+            });
+        }
+        deferral
+    }
+
+    /// Audits a released answer within `window`, and settles its record.
+    async fn audit_released(&self, id: AuditId, released: Released, window: Duration) {
+        let inner = &self.inner;
+        let run = async {
+            let _running = Arc::clone(&inner.deferred_running).acquire_owned().await;
+            let answer = Answer {
+                provider: &released.provider,
+                request: &released.request,
+                tokens: &released.tokens,
+                commitment: &released.commitment,
+                // The gateway checked the text against the tokens as it released them.
+                text_matches: true,
+            };
+            self.audit(&answer, VerificationMode::Merkle, None).await
+        };
+        let ended = tokio::time::timeout(window, run).await;
+        let settled = inner.audits.settle(id, |record| {
+            record.decided_ms = Some(book::now_ms());
+            let Ok((outcome, proof)) = &ended else {
+                record.status = AuditStatus::Expired;
+                record.reason = Some("the audit window closed before the audit ended".into());
+                return;
+            };
+            let (status, reason) = match outcome.verdict() {
+                AuditVerdict::Passed => (AuditStatus::Passed, None),
+                AuditVerdict::Failed(failure) => (AuditStatus::Failed, Some(failure.to_string())),
+                AuditVerdict::Unrefereed => (AuditStatus::Unrefereed, None),
+                AuditVerdict::Inconclusive | AuditVerdict::Unaudited => {
+                    (AuditStatus::Inconclusive, None)
+                }
+            };
+            record.status = status;
+            record.reason = reason;
+            record.challenged.clone_from(&outcome.challenged);
+            record.referee.clone_from(&outcome.referee);
+            record.tier = outcome.tier.map(|t| t.as_str().to_string());
+            record.proof = proof.as_ref().and_then(|p| {
+                let mut bytes = Vec::new();
+                ciborium::into_writer(p, &mut bytes).ok().map(|()| bytes)
+            });
+        });
+        match settled {
+            Ok(Some(record)) => {
+                self.count_deferred(record.status, reason_label(&record));
+                tracing::debug!(audit = %id, status = record.status.as_str(), "released answer audited");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(audit = %id, error = %e, "cannot write the audit log"),
+        }
+    }
+
+    /// The record of a released answer's audit, if kept.
+    pub fn audit_record(&self, id: AuditId) -> Result<Option<AuditRecord>, BookError> {
+        self.inner.audits.get(id)
+    }
+
+    fn count_deferred(&self, status: AuditStatus, reason: String) {
+        self.inner
+            .metrics
+            .deferred_audits
+            .get_or_create(&VerdictLabels {
+                verdict: status.as_str(),
+                reason,
+            })
+            .inc();
     }
 
     /// Puts a trusted peer referee of the gateway's own engine's class to a canary audit built
@@ -505,6 +709,14 @@ impl Auditor {
                 None
             }
         }
+    }
+}
+
+/// A record's failure reason as a metric label (skips carry prose, not a label).
+fn reason_label(record: &AuditRecord) -> String {
+    match record.status {
+        AuditStatus::Failed => record.reason.clone().unwrap_or_default(),
+        _ => String::new(),
     }
 }
 

@@ -112,11 +112,34 @@ impl ApiError {
             "invalid_request_error",
             Some("unsupported_verification_mode"),
             format!(
-                "verification_mode '{mode}' is not available on this gateway yet; use 'none' or 'merkle'"
+                "verification_mode '{mode}' is not available on this gateway yet; use 'none', 'merkle' or 'fraud'"
             ),
         );
         e.param = Some("verification_mode".into());
         e
+    }
+
+    /// 404: no audit record under this id (never issued, pruned, or issued to another API
+    /// key).
+    pub fn audit_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("audit_not_found"),
+            format!(
+                "No audit '{id}': it was never issued to this caller, or it is too old to be kept"
+            ),
+        )
+    }
+
+    /// 500: the gateway's own state could not be read.
+    pub fn state_unreadable() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            None,
+            "The gateway could not read its state; retry later".to_string(),
+        )
     }
 
     /// 404: no provider on the mesh serves this model.

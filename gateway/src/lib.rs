@@ -7,8 +7,8 @@
 //!
 //! # Layout
 //!
-//! - [`routes`]: `POST /v1/chat/completions`, `GET /v1/models`, `/healthz`, `/readyz`,
-//!   `/metrics`.
+//! - [`routes`]: `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/audits/{id}`,
+//!   `/healthz`, `/readyz`, `/metrics`.
 //! - [`openapi`]: the OpenAPI document generated from those routes, and `/docs`.
 //! - [`openai`]: OpenAI's wire types and the JSON extractor.
 //! - [`error`]: [`error::ApiError`], rendered as OpenAI's error object.

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use proofmesh_gateway::GatewayConfig;
 use proofmesh_gateway::access::{Access, KeyFile};
+use proofmesh_gateway::auditor::policy::FraudPolicy;
 use proofmesh_gateway::auditor::{AuditPolicy, AuditTiers, VerificationMode};
 use proofmesh_gateway::failover::RetryPolicy;
 use proofmesh_gateway::http::HttpLimits;
@@ -276,6 +277,21 @@ struct Flags {
     )]
     #[serde(skip_serializing_if = "Option::is_none")]
     allow_unrefereed: Option<bool>,
+    /// Share (0 to 1) of an established provider's `fraud` answers that are audited after
+    /// release [default: 0.1].
+    #[arg(long, env = "PROOFMESH_FRAUD_AUDIT_RATE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fraud_audit_rate: Option<f64>,
+    /// Share (0 to 1) of the `fraud` answers audited of a provider on probation (new, thin or
+    /// stained record); never less than --fraud-audit-rate [default: 0.5].
+    #[arg(long, env = "PROOFMESH_FRAUD_PROBATION_AUDIT_RATE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fraud_probation_audit_rate: Option<f64>,
+    /// Seconds after release within which a `fraud` answer's audit must be done; a sampled
+    /// answer not audited by then is `expired` (10 to 1800) [default: 600].
+    #[arg(long, env = "PROOFMESH_FRAUD_AUDIT_WINDOW_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fraud_audit_window_secs: Option<u64>,
     /// GGUF files whose vocabularies check the text of answers, comma-separated (the referee
     /// model's is used by itself) [default: none].
     #[arg(long, env = "PROOFMESH_VOCABULARIES", value_delimiter = ',')]
@@ -512,6 +528,11 @@ async fn main() -> anyhow::Result<()> {
             bench: Duration::from_secs(settings.failed_audit_cooldown_secs),
             allow_unrefereed: settings.allow_unrefereed,
             referee_earn_audits: settings.referee_earn_audits,
+            fraud: FraudPolicy {
+                rate: settings.fraud_audit_rate,
+                probation_rate: settings.fraud_probation_audit_rate,
+                window: Duration::from_secs(settings.fraud_audit_window_secs),
+            },
             ..AuditPolicy::default()
         },
         #[cfg(feature = "local-referee")]

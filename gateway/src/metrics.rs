@@ -51,6 +51,9 @@ pub struct GatewayMetrics {
     pub referee_strikes: Counter,
     /// Canary audits of peer referees, by outcome (in `verdict`).
     pub canaries: Family<VerdictLabels, Counter>,
+    /// `fraud` answers released, by how their audit ended (in `verdict`: `not_sampled`,
+    /// `skipped`, `passed`, `failed`, `expired`, …).
+    pub deferred_audits: Family<VerdictLabels, Counter>,
     /// Peers with an open connection (set at scrape time).
     pub peers_connected: Gauge,
     /// Providers in the routing table (set at scrape time).
@@ -115,6 +118,12 @@ impl Default for GatewayMetrics {
             "Canary audits of peer referees by outcome (agreed, differed, unjudged)",
             canaries.clone(),
         );
+        let deferred_audits = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "deferred_audits",
+            "Answers released before their audit (fraud mode), by how the audit ended",
+            deferred_audits.clone(),
+        );
         let referee_strikes = Counter::default();
         registry.register(
             "referee_strikes",
@@ -148,6 +157,7 @@ impl Default for GatewayMetrics {
             referee_failures,
             referee_strikes,
             canaries,
+            deferred_audits,
             peers_connected,
             providers,
             uptime_seconds,

@@ -8,7 +8,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::routes::{chat, health, metrics, models};
+use crate::routes::{audits, chat, health, metrics, models};
 use crate::state::AppState;
 
 /// Document metadata; paths and schemas are collected from the routes in [`api_router`].
@@ -26,6 +26,7 @@ Point an OpenAI SDK's `base_url` at `http://<gateway>/v1`. proofmesh adds the op
     tags(
         (name = "chat", description = "OpenAI chat completions"),
         (name = "models", description = "Models the mesh serves"),
+        (name = "audits", description = "Verdicts on answers released before their audit (`verification_mode: fraud`)"),
         (name = "operations", description = "Health, readiness and metrics"),
     ),
     components(schemas(crate::openai::response::ChatCompletionChunk))
@@ -37,6 +38,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(chat::completions))
         .routes(routes!(models::list))
+        .routes(routes!(audits::get))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(metrics::metrics))

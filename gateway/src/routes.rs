@@ -1,5 +1,6 @@
 //! HTTP handlers, one module per resource.
 
+pub mod audits;
 pub mod chat;
 pub mod health;
 pub mod metrics;

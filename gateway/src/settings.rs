@@ -93,6 +93,14 @@ pub struct GatewaySettings {
     /// Deliver merkle answers no trusted referee re-executed (labelled `unrefereed`) instead of
     /// answering 503.
     pub allow_unrefereed: bool,
+    /// Share (0 to 1) of an established provider's `fraud` answers audited after release.
+    pub fraud_audit_rate: f64,
+    /// Share (0 to 1) of the `fraud` answers audited of a provider on probation (never less
+    /// than `fraud_audit_rate`).
+    pub fraud_probation_audit_rate: f64,
+    /// Seconds after release within which a `fraud` answer's audit must be done (providers keep
+    /// leaves openable for 1800).
+    pub fraud_audit_window_secs: u64,
     /// GGUF files whose vocabularies the gateway trusts for checking answers' text (the
     /// referee model's is added by itself).
     pub vocabularies: Vec<PathBuf>,
@@ -145,6 +153,9 @@ impl Default for GatewaySettings {
             trusted_referees: Vec::new(),
             referee_earn_audits: crate::auditor::policy::REFEREE_EARN_AUDITS,
             allow_unrefereed: false,
+            fraud_audit_rate: crate::auditor::policy::FRAUD_AUDIT_RATE,
+            fraud_probation_audit_rate: crate::auditor::policy::FRAUD_PROBATION_AUDIT_RATE,
+            fraud_audit_window_secs: crate::auditor::policy::FRAUD_AUDIT_WINDOW.as_secs(),
             vocabularies: Vec::new(),
             state_dir: None,
             log_format: LogFormat::Text,
@@ -234,6 +245,24 @@ impl GatewaySettings {
             self.failed_audit_cooldown_secs,
             0..=86_400,
             "0 to 86400",
+        )?;
+        check_range(
+            "fraud_audit_rate",
+            self.fraud_audit_rate,
+            0.0..=1.0,
+            "0 to 1",
+        )?;
+        check_range(
+            "fraud_probation_audit_rate",
+            self.fraud_probation_audit_rate,
+            0.0..=1.0,
+            "0 to 1",
+        )?;
+        check_range(
+            "fraud_audit_window_secs",
+            self.fraud_audit_window_secs,
+            10..=crate::auditor::policy::MAX_FRAUD_AUDIT_WINDOW.as_secs(),
+            "10 to 1800 (providers keep leaves openable for 1800 s)",
         )?;
         Ok(())
     }

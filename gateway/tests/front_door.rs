@@ -103,6 +103,7 @@ async fn api_keys_are_required_checked_and_rate_limited() {
     let mut keys = KeyFile::default();
     let alice = keys.create("alice", None, None).expect("key");
     let limited = keys.create("limited", Some(2), None).expect("key");
+    let other = keys.create("other", None, None).expect("key");
     let mesh = Mesh::start_with(
         &[HONEST],
         GatewayOptions {
@@ -142,6 +143,31 @@ async fn api_keys_are_required_checked_and_rate_limited() {
     assert!((1..=30).contains(&wait), "{wait}");
     // Another key is not held back by it; the model list and health stay open by default.
     assert_eq!(chat(Some(&alice)).await.expect("send").status(), 200);
+    // A fraud answer's audit record is its key's: another key cannot tell it exists.
+    let audit_id = {
+        let mut body = body.clone();
+        body["verification_mode"] = json!("fraud");
+        let response = http
+            .post(mesh.url("/v1/chat/completions"))
+            .bearer_auth(&alice)
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 200);
+        response.headers()["x-proofmesh-audit-id"]
+            .to_str()
+            .expect("ascii")
+            .to_string()
+    };
+    let read = |key: &str| {
+        http.get(mesh.url(&format!("/v1/audits/{audit_id}")))
+            .bearer_auth(key)
+            .send()
+    };
+    assert_eq!(read(&alice).await.expect("send").status(), 200);
+    assert_eq!(read(&limited).await.expect("send").status(), 429);
+    assert_eq!(read(&other).await.expect("send").status(), 404);
     for path in ["/v1/models", "/healthz"] {
         let response = http.get(mesh.url(path)).send().await.expect("send");
         assert_eq!(response.status(), 200, "{path}");

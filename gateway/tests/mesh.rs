@@ -321,7 +321,7 @@ async fn bad_input_gets_openai_errors_and_the_gateway_stays_up() {
     assert_eq!(s, 413, "{v}");
     assert_eq!(v["error"]["code"], "request_too_large");
 
-    for mode in ["fraud", "consensus", "zk"] {
+    for mode in ["consensus", "zk"] {
         let (s, _, v) = mesh
             .chat(chat_body("x", json!({"verification_mode": mode})))
             .await;

@@ -133,6 +133,11 @@ impl Book {
         })
     }
 
+    /// The database the book lives in (the audit log keeps its tables there too).
+    pub fn database(&self) -> Arc<Database> {
+        Arc::clone(&self.db)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, PeerRecord>> {
         self.records
             .lock()
@@ -229,7 +234,7 @@ impl Book {
 }
 
 /// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

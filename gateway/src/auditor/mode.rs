@@ -12,6 +12,10 @@ pub enum VerificationMode {
     /// Audited before the answer is released: random steps opened, re-executed by a referee
     /// the gateway chose, judged by the audit rule.
     Merkle,
+    /// Optimistic: the answer is released at once (after the exact checks of its commitment)
+    /// and a sampled share is audited afterwards, within the audit window; the verdict is kept
+    /// under an audit id.
+    Fraud,
 }
 
 /// A mode name the gateway does not serve.
@@ -32,12 +36,25 @@ impl VerificationMode {
         match self {
             Self::None => "none",
             Self::Merkle => "merkle",
+            Self::Fraud => "fraud",
         }
     }
 
-    /// Whether answers in this mode are re-executed by a referee.
+    /// Whether answers in this mode are re-executed by a referee before they are released
+    /// (one follows the answer as it streams).
     pub fn refereed(self) -> bool {
         self == Self::Merkle
+    }
+
+    /// Whether answers in this mode may be audited at all, now or later: such a request goes
+    /// only to providers a trusted referee can audit.
+    pub fn audited(self) -> bool {
+        matches!(self, Self::Merkle | Self::Fraud)
+    }
+
+    /// Whether answers in this mode are released first and audited afterwards.
+    pub fn deferred(self) -> bool {
+        self == Self::Fraud
     }
 }
 
@@ -48,7 +65,8 @@ impl std::str::FromStr for VerificationMode {
         match name {
             "none" => Ok(Self::None),
             "merkle" => Ok(Self::Merkle),
-            "fraud" | "consensus" | "zk" => Err(ModeError::NotYet(name.into())),
+            "fraud" => Ok(Self::Fraud),
+            "consensus" | "zk" => Err(ModeError::NotYet(name.into())),
             other => Err(ModeError::Unknown(other.into())),
         }
     }

@@ -25,6 +25,52 @@ pub const CANARY_RATE: f64 = 0.02;
 /// before the gateway trusts it as a referee too.
 pub const REFEREE_EARN_AUDITS: u32 = 50;
 
+/// Default share of `fraud` answers of an established provider audited after release.
+pub const FRAUD_AUDIT_RATE: f64 = 0.1;
+/// Default share of `fraud` answers of a provider on probation (a new identity, a thin or a
+/// stained record) audited after release: a new identity is free, so it earns its place under
+/// closer watch.
+pub const FRAUD_PROBATION_AUDIT_RATE: f64 = 0.5;
+/// Default time after release within which a `fraud` answer's audit must be done. Providers
+/// keep leaves openable for 30 minutes ([`MAX_FRAUD_AUDIT_WINDOW`]).
+pub const FRAUD_AUDIT_WINDOW: Duration = Duration::from_secs(600);
+/// The longest audit window a gateway may set: how long providers keep their leaves.
+pub const MAX_FRAUD_AUDIT_WINDOW: Duration = Duration::from_secs(30 * 60);
+
+/// How `fraud` (optimistic) answers are sampled for audits after release.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FraudPolicy {
+    /// Share of an established provider's answers audited.
+    pub rate: f64,
+    /// Share of the answers audited of a provider on probation.
+    pub probation_rate: f64,
+    /// Time after release within which the audit must be done; after it, a sampled answer not
+    /// audited yet is `expired` (nobody penalised) and an unsampled one is settled.
+    pub window: Duration,
+}
+
+impl Default for FraudPolicy {
+    fn default() -> Self {
+        Self {
+            rate: FRAUD_AUDIT_RATE,
+            probation_rate: FRAUD_PROBATION_AUDIT_RATE,
+            window: FRAUD_AUDIT_WINDOW,
+        }
+    }
+}
+
+impl FraudPolicy {
+    /// The share of a provider's answers to audit: never less on probation than off it.
+    pub fn rate_for(&self, on_probation: bool) -> f64 {
+        let rate = if on_probation {
+            self.probation_rate.max(self.rate)
+        } else {
+            self.rate
+        };
+        rate.clamp(0.0, 1.0)
+    }
+}
+
 /// Which audit tiers the gateway accepts for merkle answers.
 ///
 /// In the exact tier (provider and referee of one deterministic numerics class) honest logits
@@ -87,6 +133,8 @@ pub struct AuditPolicy {
     /// Audits in a row whose leaves a provider never opened before it is benched (for
     /// `bench`, without a failure: one silence may be the network's, a run of them is not).
     pub unopened_limit: u32,
+    /// How `fraud` answers are sampled and how long their audits may take.
+    pub fraud: FraudPolicy,
 }
 
 impl Default for AuditPolicy {
@@ -101,6 +149,7 @@ impl Default for AuditPolicy {
             referee_earn_audits: REFEREE_EARN_AUDITS,
             canary_rate: CANARY_RATE,
             unopened_limit: UNOPENED_LIMIT,
+            fraud: FraudPolicy::default(),
         }
     }
 }

@@ -66,8 +66,10 @@ pub struct ChatCompletionRequest {
     pub n: Option<u32>,
     /// How the gateway checks the answer (proofmesh extension). `merkle` (the default): the
     /// provider's signed Merkle commitment is audited by challenging random steps and replaying
-    /// the sampler; `none`: only the signature and its binding to the request are checked.
-    /// `fraud`, `consensus` and `zk` are reserved and answered with 400
+    /// the sampler, before the answer is released; `fraud`: the answer is released at once
+    /// (after the exact checks of its commitment) and a sampled share is audited afterwards,
+    /// the verdict at `GET /v1/audits/{id}`; `none`: only the signature and its binding to the
+    /// request are checked. `consensus` and `zk` are reserved and answered with 400
     /// `unsupported_verification_mode`.
     #[serde(default)]
     #[schema(value_type = Option<String>, example = "merkle")]
@@ -377,7 +379,7 @@ mod tests {
 
     #[test]
     fn future_modes_are_a_clear_error() {
-        for mode in ["fraud", "consensus", "zk"] {
+        for mode in ["consensus", "zk"] {
             let err = parse(serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "verification_mode": mode}))
                 .unwrap_err();
             assert_eq!(err.code(), Some("unsupported_verification_mode"));

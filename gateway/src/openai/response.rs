@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 /// Sent as `x-proofmesh-*` headers, as `proofmesh` in the JSON body, and in the last SSE event.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ProofmeshInfo {
-    /// `none` or `merkle`.
+    /// `none`, `merkle` or `fraud`.
     pub verification_mode: &'static str,
     /// The provider's peer id (also its commitment signing key).
     pub provider: String,
@@ -20,9 +20,18 @@ pub struct ProofmeshInfo {
     /// The step indices that were challenged and checked.
     pub challenged: Vec<u32>,
     /// `unaudited`, `passed`, `unrefereed` (exact checks only: no trusted referee could
-    /// re-execute the answer; delivered only when the operator allows it), `inconclusive` or
-    /// `failed:<reason>` (in error events of streams that were withheld).
+    /// re-execute the answer; delivered only when the operator allows it), `inconclusive`,
+    /// `failed:<reason>` (in error events of streams that were withheld), or `deferred`
+    /// (`fraud` mode: released after the exact checks of its commitment, not audited yet; the
+    /// verdict comes later at `GET /v1/audits/{audit_id}`).
     pub verdict: String,
+    /// `fraud` mode: the id under which this answer's audit is kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_id: Option<String>,
+    /// `fraud` mode: when the audit window closes (unix seconds); an answer drawn for audit is
+    /// judged before then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_window_closes_at: Option<u64>,
     /// Who re-executed the answer for the audit: a provider's peer id, or `local` for the
     /// gateway's own engine; absent when no referee took part.
     #[serde(skip_serializing_if = "Option::is_none")]

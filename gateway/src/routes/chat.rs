@@ -16,7 +16,7 @@ use proofmesh_shared::verify::AuditFailure;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::Caller;
-use crate::auditor::{Answer, AuditOutcome, Exclusion, VerificationMode};
+use crate::auditor::{Answer, AuditId, AuditOutcome, Exclusion, Released, VerificationMode};
 use crate::catalog::Resolved;
 use crate::error::ApiError;
 use crate::error::ErrorBody;
@@ -52,13 +52,14 @@ A failure after the stream started arrives as a `data:` line holding an `ErrorBo
                 (String = "text/event-stream"),
             ),
             headers(
-                ("x-proofmesh-mode" = String, description = "`none` or `merkle`"),
+                ("x-proofmesh-mode" = String, description = "`none`, `merkle` or `fraud`"),
                 ("x-proofmesh-provider" = String, description = "Peer id of the provider that answered"),
                 ("x-proofmesh-model-digest" = String, description = "`sha256:<hex>` of the GGUF that served"),
                 ("x-proofmesh-seed" = String, description = "Sampler seed (the client's, or a random one)"),
                 ("x-proofmesh-merkle-root" = String, description = "Hex Merkle root of the step leaves (non-streaming only)"),
                 ("x-proofmesh-challenged" = String, description = "Comma-separated challenged steps (non-streaming only)"),
-                ("x-proofmesh-verdict" = String, description = "`unaudited`, `passed`, or `unrefereed` when the operator allows unrefereed answers (non-streaming only)"),
+                ("x-proofmesh-verdict" = String, description = "`unaudited`, `passed`, `unrefereed` when the operator allows unrefereed answers, or `deferred` (`fraud`: not audited yet) (non-streaming only)"),
+                ("x-proofmesh-audit-id" = String, description = "`fraud` mode: the id whose verdict `GET /v1/audits/{id}` gives (streams too)"),
                 ("x-proofmesh-referee" = String, description = "Who re-executed the answer: a peer id, or `local` (non-streaming only; absent without a referee)"),
                 ("x-proofmesh-audit-tier" = String, description = "`exact` or `tolerant` (non-streaming only; absent without a referee)"),
                 ("x-proofmesh-audit-ms" = String, description = "Audit time in milliseconds (non-streaming only)"),
@@ -226,7 +227,7 @@ async fn plain_response(
         };
         let referee = generation.referee.take();
         let outcome = state.auditor.judge(&answer, chat.mode, referee).await;
-        let info = proofmesh_info(chat, &generation, &done.commitment, &outcome);
+        let mut info = proofmesh_info(chat, &generation, &done.commitment, &outcome);
         if !state.auditor.deliverable(&outcome.verdict()) {
             let failure = if outcome.failed() {
                 Failure::Failed(info.verdict)
@@ -237,6 +238,10 @@ async fn plain_response(
             continue;
         }
         attempts.succeeded(&generation.candidate);
+        if chat.mode.deferred() {
+            let id = AuditId::new(crate::auditor::book::now_ms());
+            release(state, &answer, id, arrival, &mut info);
+        }
         let body = ChatCompletion {
             id: completion_id(&request.request_id),
             object: "chat.completion",
@@ -263,6 +268,28 @@ async fn plain_response(
         set_headers(response.headers_mut(), &info, true);
         return Ok(response);
     }
+}
+
+/// Hands a `fraud` answer that passed the exact checks to the auditor, which draws whether to
+/// audit it later, and tells the client where its verdict will be.
+fn release(
+    state: &AppState,
+    answer: &Answer<'_>,
+    id: AuditId,
+    arrival: &Arrival,
+    info: &mut ProofmeshInfo,
+) {
+    let deferral = state.auditor.defer(Released {
+        id,
+        provider: answer.provider.clone(),
+        request: answer.request.clone(),
+        tokens: answer.tokens.to_vec(),
+        commitment: answer.commitment.clone(),
+        caller: arrival.caller.as_ref().map(|c| c.name().to_string()),
+    });
+    info.verdict = "deferred".into();
+    info.audit_id = Some(deferral.id.to_string());
+    info.audit_window_closes_at = Some(deferral.window_closes_ms / 1000);
 }
 
 /// Request header that pins a request to one provider (by peer id), for debugging a provider or
@@ -325,6 +352,8 @@ fn proofmesh_info(
         steps: signed.commitment.steps,
         challenged: outcome.challenged.clone(),
         verdict: outcome.verdict().label(),
+        audit_id: None,
+        audit_window_closes_at: None,
         referee: outcome.referee.clone(),
         audit: outcome
             .statistics
@@ -347,6 +376,9 @@ fn set_headers(headers: &mut HeaderMap, info: &ProofmeshInfo, complete: bool) {
     header(headers, "x-proofmesh-provider", &info.provider);
     header(headers, "x-proofmesh-model-digest", &info.model_digest);
     header(headers, "x-proofmesh-seed", &info.seed.to_string());
+    if let Some(id) = &info.audit_id {
+        header(headers, "x-proofmesh-audit-id", id);
+    }
     if complete {
         header(headers, "x-proofmesh-merkle-root", &info.merkle_root);
         let challenged: Vec<String> = info.challenged.iter().map(u32::to_string).collect();
@@ -375,6 +407,11 @@ fn stream_response(
     admitted: OwnedSemaphorePermit,
 ) -> Response {
     let mut headers = HeaderMap::new();
+    // A released stream's audit id goes out with the headers, before any token.
+    let audit_id = chat
+        .mode
+        .deferred()
+        .then(|| AuditId::new(crate::auditor::book::now_ms()));
     let early = ProofmeshInfo {
         verification_mode: chat.mode.as_str(),
         provider: generation.candidate.peer.to_string(),
@@ -383,6 +420,8 @@ fn stream_response(
         steps: 0,
         challenged: Vec::new(),
         verdict: String::new(),
+        audit_id: audit_id.map(|id| id.to_string()),
+        audit_window_closes_at: None,
         referee: None,
         audit: None,
         seed: chat.sampler.seed,
@@ -393,7 +432,9 @@ fn stream_response(
     let deadline = generation.deadline();
     let events = detached(
         until_drained(
-            events(state, chat, request, generation, arrival, admitted),
+            events(
+                state, chat, request, generation, arrival, admitted, audit_id,
+            ),
             lifecycle,
         ),
         deadline,
@@ -411,6 +452,7 @@ fn events(
     mut generation: Generation,
     arrival: Arrival,
     admitted: OwnedSemaphorePermit,
+    audit_id: Option<AuditId>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let id = completion_id(&request.request_id);
     let created = unix_now();
@@ -475,7 +517,7 @@ fn events(
                     let answer = Answer { provider: &generation.candidate, request: &request, tokens: &tokens, commitment: &commitment, text_matches: true };
                     let referee = generation.referee.take();
                     let outcome = state.auditor.judge(&answer, chat.mode, referee).await;
-                    let info = proofmesh_info(&chat, &generation, &commitment, &outcome);
+                    let mut info = proofmesh_info(&chat, &generation, &commitment, &outcome);
                     if !state.auditor.deliverable(&outcome.verdict()) {
                         let error = if outcome.failed() {
                             ApiError::verification_failed(&info.verdict)
@@ -488,6 +530,9 @@ fn events(
                         return;
                     }
                     state.registry.succeeded(&generation.candidate.peer);
+                    if let Some(id) = audit_id {
+                        release(&state, &answer, id, &arrival, &mut info);
+                    }
                     // What the provider signed (and the audit checked), not its unsigned claims.
                     let signed = &commitment.commitment;
                     let mut last = chunk(Delta::default(), Some(signed.finish_reason.as_openai()));

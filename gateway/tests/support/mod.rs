@@ -206,6 +206,10 @@ pub struct GatewayOptions {
     pub keypair: Option<libp2p::identity::Keypair>,
     /// Share of passed audits followed by a canary audit of a peer referee (default: none).
     pub canary_rate: f64,
+    /// Audits a provider must pass before it leaves probation (default: 0, none on it).
+    pub probation_audits: Option<u32>,
+    /// How `fraud` answers are sampled (default: the product's).
+    pub fraud: Option<proofmesh_gateway::auditor::policy::FraudPolicy>,
     /// One request's end-to-end deadline (default: the product's).
     pub request_timeout: Option<Duration>,
     /// Chat completions served at once (default: the product's).
@@ -278,13 +282,14 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
             challenge_count: proofmesh_shared::verify::DEFAULT_CHALLENGE_COUNT,
             // Every test provider is new; probation would double the steps challenged
             // everywhere.
-            probation_audits: 0,
+            probation_audits: options.probation_audits.unwrap_or(0),
             tiers: options.audit_tiers,
             bench: options.failed_audit_cooldown,
             allow_unrefereed: options.allow_unrefereed,
             // Referees are the gateway's own engine and the allow-list, unless a test says so.
             referee_earn_audits: 0,
             canary_rate: options.canary_rate,
+            fraud: options.fraud.unwrap_or_default(),
             ..AuditPolicy::default()
         },
         referee: (!options.no_local_referee).then(|| {

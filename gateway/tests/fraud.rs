@@ -1,0 +1,167 @@
+//! `verification_mode: "fraud"` through the real path: a real gateway refereeing with its own
+//! copy of the default model, an honest provider and one that runs a cheaper quantization
+//! while claiming the default model, libp2p on loopback, plain HTTP.
+//!
+//! Answers are released at once and audited afterwards; the verdict (with the fraud proof of a
+//! failure) is read back at `GET /v1/audits/{id}`. The gateway here audits every answer of a
+//! provider on probation (one passed audit ends it) and none of an established one, so that
+//! both paths show in one run.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use proofmesh_gateway::auditor::policy::FraudPolicy;
+use proofmesh_provider::variants::Variant;
+use proofmesh_shared::verify::{AuditFailure, FraudProof};
+use serde_json::{Value, json};
+use support::{GatewayOptions, HONEST, Mesh, ProviderSpec, chat_body, header};
+
+/// A prompt whose answer runs to `max_tokens`.
+const STORY: &str = "Write a long story about a lighthouse keeper who finds a map. \
+                     Describe every place and every person in detail.";
+
+fn fraud(max_tokens: u32) -> Value {
+    json!({"verification_mode": "fraud", "max_tokens": max_tokens})
+}
+
+/// `GET /v1/audits/{id}`: status and body.
+async fn audit(mesh: &Mesh, id: &str) -> (u16, Value) {
+    let response = reqwest::get(mesh.url(&format!("/v1/audits/{id}")))
+        .await
+        .expect("audit");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls the audit until it is no longer pending (at most 120 s).
+async fn verdict(mesh: &Mesh, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, report) = audit(mesh, id).await;
+        assert_eq!(status, 200, "{report}");
+        if report["status"] != "pending" {
+            return report;
+        }
+        assert!(Instant::now() < deadline, "still pending: {report}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fraud_answers_are_released_first_and_audited_after() {
+    let cheat = ProviderSpec::serving("q4_0", support::attack_model(Variant::Q4_0));
+    let options = GatewayOptions {
+        fraud: Some(FraudPolicy {
+            rate: 0.0,
+            probation_rate: 1.0,
+            window: Duration::from_secs(300),
+        }),
+        probation_audits: Some(1),
+        failed_audit_cooldown: Duration::from_secs(600),
+        ..GatewayOptions::default()
+    };
+    let mesh = Mesh::start_with(&[HONEST, cheat], options).await;
+    let (honest, cheat) = (mesh.providers[0].peer_id, mesh.providers[1].peer_id);
+
+    // The honest provider, on probation: released with an audit id, then audited and passed.
+    let (status, headers, answer) = mesh
+        .chat_with(chat_body(STORY, fraud(48)), Some(honest))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(header(&headers, "x-proofmesh-mode"), "fraud");
+    assert_eq!(header(&headers, "x-proofmesh-verdict"), "deferred");
+    let id = header(&headers, "x-proofmesh-audit-id").to_string();
+    assert_eq!(answer["proofmesh"]["audit_id"], json!(id));
+    assert!(
+        answer["proofmesh"]["audit_window_closes_at"]
+            .as_u64()
+            .is_some()
+    );
+    let report = verdict(&mesh, &id).await;
+    assert_eq!(report["status"], "passed", "{report}");
+    assert_eq!(report["provider"], json!(honest.to_string()));
+    assert_eq!(report["referee"], "local");
+    assert_eq!(report["tier"], "exact");
+    assert_eq!(report["merkle_root"], answer["proofmesh"]["merkle_root"]);
+    // Challenged like a merkle answer (more steps on probation).
+    assert!(
+        report["challenged"].as_array().unwrap().len() >= 16,
+        "{report}"
+    );
+    assert!(report.get("proof_cbor_hex").is_none());
+
+    // Off probation now, at rate 0: a streamed answer is released and never drawn. Its audit
+    // id is in the headers, before any token, and on the finish chunk.
+    let mut body = chat_body(STORY, fraud(16));
+    body["stream"] = json!(true);
+    let (status, headers, events) = mesh.chat_stream(body.clone()).await;
+    assert_eq!(status, 200);
+    let id = header(&headers, "x-proofmesh-audit-id").to_string();
+    assert!(id.starts_with("aud_"), "{id}");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let finish: Value = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find(|e| e["proofmesh"].is_object())
+        .expect("a finish chunk with proofmesh");
+    assert_eq!(finish["proofmesh"]["audit_id"], json!(id));
+    assert_eq!(finish["proofmesh"]["verdict"], "deferred");
+    let (status, report) = audit(&mesh, &id).await;
+    assert_eq!(
+        (status, report["status"].as_str()),
+        (200, Some("not_sampled"))
+    );
+
+    // The cheat, new and so on probation: its answer reaches the client at once (that is the
+    // bargain of fraud mode), then its audit fails and proves it.
+    let (status, headers, answer) = mesh
+        .chat_with(chat_body(STORY, fraud(48)), Some(cheat))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        !answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or("")
+            .is_empty()
+    );
+    let id = header(&headers, "x-proofmesh-audit-id").to_string();
+    let report = verdict(&mesh, &id).await;
+    assert_eq!(report["status"], "failed", "{report}");
+    assert_eq!(report["reason"], "logits_diverge");
+    assert_eq!(report["provider"], json!(cheat.to_string()));
+    let bytes = hex::decode(report["proof_cbor_hex"].as_str().expect("a proof")).unwrap();
+    let proof: FraudProof = ciborium::from_reader(bytes.as_slice()).expect("cbor");
+    // It holds for anyone who trusts the gateway's engine, which refereed it.
+    assert_eq!(
+        proof.check_trusting(&[mesh.gateway_peer]),
+        Ok(AuditFailure::LogitsDiverge)
+    );
+    assert_eq!(
+        proof.commitment.commitment.steps,
+        report["steps"].as_u64().unwrap() as u32
+    );
+
+    // The cheat is benched: no provider is left for a request pinned to it.
+    let (status, _, answer) = mesh
+        .chat_with(chat_body(STORY, fraud(8)), Some(cheat))
+        .await;
+    assert_eq!(status, 503, "{answer}");
+    // The honest provider was never penalised and still serves.
+    let (status, _, answer) = mesh
+        .chat_with(chat_body("Hi", fraud(4)), Some(honest))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    // Ids that were never issued, or are not ids.
+    let never = format!("aud_{}", "0".repeat(32));
+    for id in [never.as_str(), "aud_zz", "nonsense"] {
+        let (status, body) = audit(&mesh, id).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("audit_not_found"))
+        );
+    }
+}
