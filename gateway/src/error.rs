@@ -43,6 +43,14 @@ pub struct ErrorObject {
     pub code: Option<&'static str>,
 }
 
+/// Why `zk` is refused: what a zero-knowledge proof of one answer would cost today.
+pub const ZK_UNAVAILABLE: &str = "verification_mode 'zk' is not available: no zero-knowledge \
+prover of LLM inference is fast enough to serve. The fastest published ones take under 25 s to \
+prove one inference pass of GPT-2 (124M parameters, the size of the default model; zkGPT, USENIX \
+Security 2025) and under 15 minutes for a 13B model (zkLLM, CCS 2024), so a 64-token answer of \
+the default model would take in the order of half an hour of proving, against well under a second \
+to generate it. Use 'merkle' (audited before release) or 'fraud' (audited after release)";
+
 impl ApiError {
     fn new(
         status: StatusCode,
@@ -105,15 +113,19 @@ impl ApiError {
         e
     }
 
-    /// 400: a `verification_mode` that is valid but not available yet.
+    /// 400: a `verification_mode` that is valid but not available yet (`zk` says what it would
+    /// cost).
     pub fn unsupported_mode(mode: &str) -> Self {
         let mut e = Self::new(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             Some("unsupported_verification_mode"),
-            format!(
-                "verification_mode '{mode}' is not available on this gateway yet; use 'none', 'merkle' or 'fraud'"
-            ),
+            match mode {
+                "zk" => ZK_UNAVAILABLE.to_string(),
+                _ => format!(
+                    "verification_mode '{mode}' is not available on this gateway yet; use 'none', 'merkle' or 'fraud'"
+                ),
+            },
         );
         e.param = Some("verification_mode".into());
         e

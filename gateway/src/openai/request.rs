@@ -384,5 +384,13 @@ mod tests {
                 .unwrap_err();
             assert_eq!(err.code(), Some("unsupported_verification_mode"));
         }
+        // zk says what a proof would cost, with the figures it rests on.
+        let err = parse(serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "verification_mode": "zk"}))
+            .unwrap_err();
+        let message = err.body().error.message;
+        assert!(
+            message.contains("zkGPT") && message.contains("zkLLM"),
+            "{message}"
+        );
     }
 }
