@@ -271,6 +271,17 @@ impl Caller {
         &self.0.name
     }
 
+    /// A stable id of this very key (not of its name, which a revoked key's successor may
+    /// reuse): records made under it are its own. Derived from the stored hash, so it reveals
+    /// nothing usable.
+    pub fn owner_id(&self) -> String {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(b"proofmesh-record-owner");
+        hasher.update(self.0.hash);
+        hex::encode(&hasher.finalize()[..16])
+    }
+
     /// Charges tokens an answer used against the key's token rate.
     pub fn charge_tokens(&self, tokens: u64) {
         if let Some(bucket) = &self.0.tokens {

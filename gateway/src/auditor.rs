@@ -103,14 +103,19 @@ struct Inner {
     metrics: Arc<GatewayMetrics>,
     vocabularies: HashMap<ModelDigest, Arc<Vocabulary>>,
     audits: AuditLog,
-    /// `fraud` answers waiting for (or in) their audit; one more drawn is `skipped`.
+    /// `fraud` answers waiting for (or in) their audit; one more drawn is audited before
+    /// release.
     deferred_backlog: Arc<Semaphore>,
+    /// Of those, per provider.
+    deferred_waiting: Arc<std::sync::Mutex<HashMap<PeerId, usize>>>,
     /// `fraud` audits running at once.
     deferred_running: Arc<Semaphore>,
 }
 
 /// `fraud` answers that may wait for their audit at once (each holds its request and tokens).
 pub const DEFERRED_BACKLOG: usize = 128;
+/// `fraud` answers of one provider that may wait for their audit at once.
+pub const DEFERRED_PER_PROVIDER: usize = 16;
 /// `fraud` audits run at once.
 const DEFERRED_RUNNING: usize = 4;
 
@@ -139,6 +144,9 @@ pub struct Deferral {
     pub id: AuditId,
     /// When the audit window closes (unix milliseconds).
     pub window_closes_ms: u64,
+    /// The audit's outcome, when it ran before release (the provider's queue of audits was
+    /// full): the answer is then released only if it may be, as in `merkle`.
+    pub audited_now: Option<AuditOutcome>,
 }
 
 /// Why no provider may take a request.
@@ -167,6 +175,8 @@ pub struct AuditOutcome {
     pub statistics: Option<Statistics>,
     /// Bytes of evidence the audit moved.
     pub evidence_bytes: usize,
+    /// Whether the provider never opened the leaves of an answer it had already released.
+    pub withheld: bool,
 }
 
 impl AuditOutcome {
@@ -213,6 +223,7 @@ impl Auditor {
                 vocabularies: config.vocabularies.into_iter().collect(),
                 audits,
                 deferred_backlog: Arc::new(Semaphore::new(DEFERRED_BACKLOG)),
+                deferred_waiting: Arc::default(),
                 deferred_running: Arc::new(Semaphore::new(DEFERRED_RUNNING)),
             }),
         })
@@ -341,15 +352,17 @@ impl Auditor {
         mode: VerificationMode,
         session: Option<RefereeSession>,
     ) -> AuditOutcome {
-        self.audit(answer, mode, session).await.0
+        self.audit(answer, mode, session, false).await.0
     }
 
-    /// [`Auditor::judge`], also giving the fraud proof of a penalised failure.
+    /// [`Auditor::judge`], also giving the fraud proof of a penalised failure. `released`: the
+    /// answer already reached its client (`fraud`), so a provider's silence is held against it.
     async fn audit(
         &self,
         answer: &Answer<'_>,
         mode: VerificationMode,
         session: Option<RefereeSession>,
+        released: bool,
     ) -> (AuditOutcome, Option<FraudProof>) {
         let started = Instant::now();
         let inner = &self.inner;
@@ -365,11 +378,16 @@ impl Auditor {
             on_probation,
             opener: &opener,
             referees: &referees,
+            open_patience: if released {
+                inner.policy.fraud.open_patience
+            } else {
+                Duration::ZERO
+            },
         };
         let session = session.map(|s| Box::new(s) as Box<dyn Witness>);
         let report = procedure.run(answer, mode, session).await;
         let elapsed = started.elapsed();
-        self.record(answer, mode, &report, elapsed);
+        self.record(answer, mode, &report, elapsed, released);
         if report.verdict == Some(AuditVerdict::Passed)
             && rand::random::<f64>() < inner.policy.canary_rate
         {
@@ -385,86 +403,102 @@ impl Auditor {
             tier: report.tier,
             statistics: report.statistics.clone(),
             evidence_bytes: report.evidence_bytes,
+            withheld: released && report.unopened,
         };
         (outcome, report.proof.filter(|_| report.penalise))
     }
 
     /// Releases a `fraud` answer (its commitment already passed the exact checks): records it
-    /// under a new audit id, and draws whether it is audited, at the provider's rate. A drawn
+    /// under its audit id, and draws whether it is audited, at the provider's rate. A drawn
     /// answer is audited in the background like a merkle one (a fresh referee fed the whole
     /// answer, the gateway's own engine first), with the same consequences, before its window
-    /// closes.
-    pub fn defer(&self, released: Released) -> Deferral {
+    /// closes; the provider's silence counts against it like a failure. When the provider's
+    /// share of the audits waiting (or the gateway's) is full, the drawn answer is audited at
+    /// once instead, before it is released: a provider cannot flood its way out of audits.
+    pub async fn defer(&self, released: Released) -> Deferral {
         let inner = &self.inner;
         let policy = &inner.policy;
+        let provider = released.provider.peer;
         let on_probation = inner
             .book
-            .get(&released.provider.peer)
+            .get(&provider)
             .on_probation(policy.probation_audits);
         let drawn = rand::random::<f64>() < policy.fraud.rate_for(on_probation);
         let now = book::now_ms();
         let window_closes_ms = now.saturating_add(policy.fraud.window.as_millis() as u64);
-        let backlog = if drawn {
-            Some(Arc::clone(&inner.deferred_backlog).try_acquire_owned())
-        } else {
-            None
-        };
-        let (status, reason) = match &backlog {
-            None => (AuditStatus::NotSampled, None),
-            Some(Ok(_)) => (AuditStatus::Pending, None),
-            Some(Err(_)) => (
-                AuditStatus::Skipped,
-                Some(format!(
-                    "{DEFERRED_BACKLOG} released answers were already waiting for their audit"
-                )),
-            ),
-        };
         let signed = &released.commitment.commitment;
         let record = AuditRecord {
             id: released.id,
             created_ms: now,
             window_closes_ms,
-            decided_ms: (status != AuditStatus::Pending).then_some(now),
-            provider: released.provider.peer.to_string(),
+            decided_ms: (!drawn).then_some(now),
+            provider: provider.to_string(),
             model_digest: released.request.model_digest.to_string(),
             request_id: released.request.request_id.to_string(),
             merkle_root: hex::encode(signed.merkle_root),
             steps: signed.steps,
             caller: released.caller.clone(),
-            status,
-            reason,
+            status: if drawn {
+                AuditStatus::Pending
+            } else {
+                AuditStatus::NotSampled
+            },
+            reason: None,
             challenged: Vec::new(),
             referee: None,
             tier: None,
             proof: None,
         };
-        let deferral = Deferral {
+        let mut deferral = Deferral {
             id: record.id,
             window_closes_ms,
+            audited_now: None,
         };
-        if let Err(e) = inner.audits.insert(&record) {
-            tracing::error!(audit = %record.id, error = %e, "cannot write the audit log");
-        }
-        if status != AuditStatus::Pending {
-            self.count_deferred(status, reason_label(&record));
-            if status == AuditStatus::Skipped {
-                tracing::warn!(audit = %record.id, provider = %record.provider, "a released answer drawn for audit was skipped: too many audits waiting");
-            }
+        self.log_write(move |log| log.insert(&record)).await;
+        if !drawn {
+            self.count_deferred(AuditStatus::NotSampled, String::new());
             return deferral;
         }
-        if let Some(Ok(waiting)) = backlog {
-            let auditor = self.clone();
-            let window = policy.fraud.window;
-            tokio::spawn(async move {
-                let _waiting = waiting;
-                auditor.audit_released(record.id, released, window).await;
-            });
+        let window = policy.fraud.window;
+        match self.reserve(provider) {
+            Some(reservation) => {
+                let auditor = self.clone();
+                tokio::spawn(async move {
+                    let _reservation = reservation;
+                    auditor.audit_released(released, window).await;
+                });
+            }
+            None => {
+                tracing::info!(%provider, "audits after release of this provider are backed up; auditing its answer before release");
+                deferral.audited_now = self.audit_released(released, window).await;
+            }
         }
         deferral
     }
 
-    /// Audits a released answer within `window`, and settles its record.
-    async fn audit_released(&self, id: AuditId, released: Released, window: Duration) {
+    /// A place in the queue of audits after release: one of the gateway's
+    /// [`DEFERRED_BACKLOG`] and one of the provider's [`DEFERRED_PER_PROVIDER`].
+    fn reserve(&self, provider: PeerId) -> Option<Reservation> {
+        let inner = &self.inner;
+        let permit = Arc::clone(&inner.deferred_backlog)
+            .try_acquire_owned()
+            .ok()?;
+        let mut waiting = lock(&inner.deferred_waiting);
+        let count = waiting.entry(provider).or_default();
+        if *count >= DEFERRED_PER_PROVIDER {
+            return None;
+        }
+        *count += 1;
+        Some(Reservation {
+            _permit: permit,
+            provider,
+            waiting: Arc::clone(&inner.deferred_waiting),
+        })
+    }
+
+    /// Runs a released answer's audit within `window` and settles its record; the outcome,
+    /// unless the window closed first.
+    async fn audit_released(&self, released: Released, window: Duration) -> Option<AuditOutcome> {
         let inner = &self.inner;
         let run = async {
             let _running = Arc::clone(&inner.deferred_running).acquire_owned().await;
@@ -476,41 +510,36 @@ impl Auditor {
                 // The gateway checked the text against the tokens as it released them.
                 text_matches: true,
             };
-            self.audit(&answer, VerificationMode::Merkle, None).await
+            self.audit(&answer, VerificationMode::Merkle, None, true)
+                .await
         };
-        let ended = tokio::time::timeout(window, run).await;
-        let settled = inner.audits.settle(id, |record| {
-            record.decided_ms = Some(book::now_ms());
-            let Ok((outcome, proof)) = &ended else {
-                record.status = AuditStatus::Expired;
-                record.reason = Some("the audit window closed before the audit ended".into());
-                return;
-            };
-            let (status, reason) = match outcome.verdict() {
-                AuditVerdict::Passed => (AuditStatus::Passed, None),
-                AuditVerdict::Failed(failure) => (AuditStatus::Failed, Some(failure.to_string())),
-                AuditVerdict::Unrefereed => (AuditStatus::Unrefereed, None),
-                AuditVerdict::Inconclusive | AuditVerdict::Unaudited => {
-                    (AuditStatus::Inconclusive, None)
-                }
-            };
-            record.status = status;
-            record.reason = reason;
-            record.challenged.clone_from(&outcome.challenged);
-            record.referee.clone_from(&outcome.referee);
-            record.tier = outcome.tier.map(|t| t.as_str().to_string());
-            record.proof = proof.as_ref().and_then(|p| {
-                let mut bytes = Vec::new();
-                ciborium::into_writer(p, &mut bytes).ok().map(|()| bytes)
-            });
-        });
-        match settled {
-            Ok(Some(record)) => {
-                self.count_deferred(record.status, reason_label(&record));
-                tracing::debug!(audit = %id, status = record.status.as_str(), "released answer audited");
-            }
-            Ok(None) => {}
-            Err(e) => tracing::error!(audit = %id, error = %e, "cannot write the audit log"),
+        let ended = tokio::time::timeout(window, run).await.ok();
+        let settled = ended.clone();
+        let id = released.id;
+        self.log_write(move |log| log.settle(id, |record| settle(record, settled)))
+            .await;
+        let status = ended
+            .as_ref()
+            .map_or(AuditStatus::Expired, |(outcome, _)| status_of(outcome));
+        let reason = match ended.as_ref().map(|(o, _)| o.verdict()) {
+            Some(AuditVerdict::Failed(failure)) => failure.to_string(),
+            _ => String::new(),
+        };
+        self.count_deferred(status, reason);
+        tracing::debug!(audit = %id, status = status.as_str(), "released answer audited");
+        ended.map(|(outcome, _)| outcome)
+    }
+
+    /// Runs a write of the audit log off the async workers (it waits for the disk).
+    async fn log_write<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(&AuditLog) -> Result<T, BookError> + Send + 'static,
+    ) {
+        let log = self.inner.audits.clone();
+        match tokio::task::spawn_blocking(move || write(&log)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot write the audit log"),
+            Err(e) => tracing::error!(error = %e, "the audit log writer failed"),
         }
     }
 
@@ -616,6 +645,7 @@ impl Auditor {
         mode: VerificationMode,
         report: &Report,
         elapsed: Duration,
+        released: bool,
     ) {
         let inner = &self.inner;
         let provider = answer.provider.peer;
@@ -627,14 +657,17 @@ impl Auditor {
             AuditVerdict::Passed => ("passed", String::new()),
             AuditVerdict::Failed(failure) => ("failed", failure.to_string()),
         };
-        inner
-            .metrics
-            .audits
-            .get_or_create(&VerdictLabels {
-                verdict: label,
-                reason,
-            })
-            .inc();
+        // A fraud answer's release check is not its audit: that one is counted when it ends.
+        if !(mode.deferred() && verdict == AuditVerdict::Unaudited) {
+            inner
+                .metrics
+                .audits
+                .get_or_create(&VerdictLabels {
+                    verdict: label,
+                    reason,
+                })
+                .inc();
+        }
         if mode.refereed() {
             inner.metrics.audit_seconds.observe(elapsed.as_secs_f64());
         }
@@ -652,6 +685,10 @@ impl Auditor {
         match verdict {
             AuditVerdict::Passed => {
                 inner.book.passed(&provider);
+            }
+            AuditVerdict::Inconclusive if report.unopened && released => {
+                inner.book.withheld(&provider, inner.policy.bench);
+                tracing::warn!(%provider, request = %answer.request.request_id, "a provider never opened the leaves of an answer already released; benched");
             }
             AuditVerdict::Inconclusive if report.unopened => {
                 let policy = &inner.policy;
@@ -697,11 +734,9 @@ impl Auditor {
             crate::openai::response::unix_now(),
             proof.request.request_id
         ));
-        let mut bytes = Vec::new();
-        let written = ciborium::into_writer(proof, &mut bytes)
-            .map_err(|e| e.to_string())
-            .and_then(|()| std::fs::create_dir_all(dir).map_err(|e| e.to_string()))
-            .and_then(|()| std::fs::write(&path, &bytes).map_err(|e| e.to_string()));
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&path, proof.to_cbor()))
+            .map_err(|e| e.to_string());
         match written {
             Ok(()) => Some(path),
             Err(e) => {
@@ -712,12 +747,61 @@ impl Auditor {
     }
 }
 
-/// A record's failure reason as a metric label (skips carry prose, not a label).
-fn reason_label(record: &AuditRecord) -> String {
-    match record.status {
-        AuditStatus::Failed => record.reason.clone().unwrap_or_default(),
-        _ => String::new(),
+/// A place held in the queue of audits after release; given back when dropped.
+struct Reservation {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    provider: PeerId,
+    waiting: Arc<std::sync::Mutex<HashMap<PeerId, usize>>>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut waiting = lock(&self.waiting);
+        if let Some(count) = waiting.get_mut(&self.provider) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                waiting.remove(&self.provider);
+            }
+        }
     }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The record's status for an audit's outcome.
+fn status_of(outcome: &AuditOutcome) -> AuditStatus {
+    if outcome.withheld {
+        return AuditStatus::Withheld;
+    }
+    match outcome.verdict() {
+        AuditVerdict::Passed => AuditStatus::Passed,
+        AuditVerdict::Failed(_) => AuditStatus::Failed,
+        AuditVerdict::Unrefereed => AuditStatus::Unrefereed,
+        AuditVerdict::Inconclusive | AuditVerdict::Unaudited => AuditStatus::Inconclusive,
+    }
+}
+
+/// Writes how an audit after release ended into its record (`None`: the window closed).
+fn settle(record: &mut AuditRecord, ended: Option<(AuditOutcome, Option<FraudProof>)>) {
+    record.decided_ms = Some(book::now_ms());
+    let Some((outcome, proof)) = ended else {
+        record.status = AuditStatus::Expired;
+        record.reason = Some("the audit window closed before the audit ended".into());
+        return;
+    };
+    record.status = status_of(&outcome);
+    record.reason = match outcome.verdict() {
+        AuditVerdict::Failed(failure) => Some(failure.to_string()),
+        _ => None,
+    };
+    record.challenged = outcome.challenged;
+    record.referee = outcome.referee;
+    record.tier = outcome.tier.map(|t| t.as_str().to_string());
+    record.proof = proof.as_ref().map(FraudProof::to_cbor);
 }
 
 /// Leaf openings over the mesh's request-response protocol.

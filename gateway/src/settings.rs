@@ -261,8 +261,8 @@ impl GatewaySettings {
         check_range(
             "fraud_audit_window_secs",
             self.fraud_audit_window_secs,
-            10..=crate::auditor::policy::MAX_FRAUD_AUDIT_WINDOW.as_secs(),
-            "10 to 1800 (providers keep leaves openable for 1800 s)",
+            180..=crate::auditor::policy::MAX_FRAUD_AUDIT_WINDOW.as_secs(),
+            "180 to 1800 (a silent provider is asked for its leaves for 120 s; providers keep them for 1800 s)",
         )?;
         Ok(())
     }

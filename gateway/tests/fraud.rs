@@ -5,7 +5,7 @@
 //! Answers are released at once and audited afterwards; the verdict (with the fraud proof of a
 //! failure) is read back at `GET /v1/audits/{id}`. The gateway here audits every answer of a
 //! provider on probation (one passed audit ends it) and none of an established one, so that
-//! both paths show in one run.
+//! both paths show in one run. A third provider never opens its leaves.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -14,6 +14,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use proofmesh_gateway::auditor::policy::FraudPolicy;
+use proofmesh_provider::Tamper;
 use proofmesh_provider::variants::Variant;
 use proofmesh_shared::verify::{AuditFailure, FraudProof};
 use serde_json::{Value, json};
@@ -50,6 +51,49 @@ async fn verdict(mesh: &Mesh, id: &str) -> Value {
     }
 }
 
+/// Flips each byte of the proof's CBOR in turn, as a forger or a bad disk would: `check-proof`
+/// (which reads the file with [`FraudProof::from_cbor`], then asks [`FraudProof::holds`]) must reject every copy, whatever
+/// field the byte falls in: the commitment, an opening, the evidence, the request, the tokens,
+/// the challenge, the recorded failure.
+fn every_flipped_byte_is_rejected(proof: &FraudProof, trusted: &[libp2p::PeerId]) {
+    assert_eq!(proof.holds(trusted), Ok(proof.failure), "the proof itself");
+    let bytes = proof.to_cbor();
+    let started = Instant::now();
+    let mut undecodable = 0;
+    for at in 0..bytes.len() {
+        let mut flipped = bytes.clone();
+        flipped[at] ^= 0x01;
+        let Ok(forged) = FraudProof::from_cbor(&flipped) else {
+            undecodable += 1;
+            continue;
+        };
+        if let Ok(failure) = forged.holds(trusted) {
+            panic!(
+                "byte {at} of {} flipped ({}), and the proof still holds ({failure})",
+                bytes.len(),
+                changed(proof, &forged)
+            );
+        }
+    }
+    eprintln!(
+        "{} bytes flipped one at a time: every copy rejected ({undecodable} not read as a proof) in {:?}",
+        bytes.len(),
+        started.elapsed()
+    );
+}
+
+/// What differs between two proofs, field by field.
+fn changed(proof: &FraudProof, forged: &FraudProof) -> String {
+    let a = format!("{:#?}", proof);
+    let b = format!("{:#?}", forged);
+    a.lines()
+        .zip(b.lines())
+        .filter(|(x, y)| x != y)
+        .map(|(x, y)| format!("{} -> {}", x.trim(), y.trim()))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fraud_answers_are_released_first_and_audited_after() {
     let cheat = ProviderSpec::serving("q4_0", support::attack_model(Variant::Q4_0));
@@ -58,13 +102,24 @@ async fn fraud_answers_are_released_first_and_audited_after() {
             rate: 0.0,
             probation_rate: 1.0,
             window: Duration::from_secs(300),
+            // Not the product's 120 s: the silent provider below would hold the test up.
+            open_patience: Duration::from_secs(2),
         }),
         probation_audits: Some(1),
         failed_audit_cooldown: Duration::from_secs(600),
         ..GatewayOptions::default()
     };
-    let mesh = Mesh::start_with(&[HONEST, cheat], options).await;
-    let (honest, cheat) = (mesh.providers[0].peer_id, mesh.providers[1].peer_id);
+    let honest = ProviderSpec {
+        name: "honest",
+        ..HONEST
+    };
+    let silent = ProviderSpec::tampering("silent", Tamper::NeverOpens);
+    let mesh = Mesh::start_with(&[honest, cheat, silent], options).await;
+    let (honest, cheat, silent) = (
+        mesh.providers[0].peer_id,
+        mesh.providers[1].peer_id,
+        mesh.providers[2].peer_id,
+    );
 
     // The honest provider, on probation: released with an audit id, then audited and passed.
     let (status, headers, answer) = mesh
@@ -97,6 +152,8 @@ async fn fraud_answers_are_released_first_and_audited_after() {
     // id is in the headers, before any token, and on the finish chunk.
     let mut body = chat_body(STORY, fraud(16));
     body["stream"] = json!(true);
+    // (A spec's name pins the request to its provider.)
+    body["model"] = json!("honest");
     let (status, headers, events) = mesh.chat_stream(body.clone()).await;
     assert_eq!(status, 200);
     let id = header(&headers, "x-proofmesh-audit-id").to_string();
@@ -143,6 +200,7 @@ async fn fraud_answers_are_released_first_and_audited_after() {
         proof.commitment.commitment.steps,
         report["steps"].as_u64().unwrap() as u32
     );
+    every_flipped_byte_is_rejected(&proof, &[mesh.gateway_peer]);
 
     // The cheat is benched: no provider is left for a request pinned to it.
     let (status, _, answer) = mesh
@@ -154,6 +212,25 @@ async fn fraud_answers_are_released_first_and_audited_after() {
         .chat_with(chat_body("Hi", fraud(4)), Some(honest))
         .await;
     assert_eq!(status, 200, "{answer}");
+
+    // A provider that never opens the leaves of an answer it already released (as a cheat
+    // would for just the answers it faked): asked for a while, then held to have withheld
+    // them, and benched like a failure. Streamed this time: the id is in the headers.
+    let mut body = chat_body(STORY, fraud(16));
+    body["stream"] = json!(true);
+    body["model"] = json!("silent");
+    let (status, headers, events) = mesh.chat_stream(body).await;
+    assert_eq!(status, 200);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let id = header(&headers, "x-proofmesh-audit-id").to_string();
+    let report = verdict(&mesh, &id).await;
+    assert_eq!(report["status"], "withheld", "{report}");
+    assert_eq!(report["provider"], json!(silent.to_string()));
+    assert!(report.get("proof_cbor_hex").is_none());
+    let (status, _, answer) = mesh
+        .chat_with(chat_body(STORY, fraud(8)), Some(silent))
+        .await;
+    assert_eq!(status, 503, "{answer}");
 
     // Ids that were never issued, or are not ids.
     let never = format!("aud_{}", "0".repeat(32));

@@ -37,12 +37,17 @@ pub struct PeerRecord {
     /// Audits in a row whose leaves it never opened (reset by a passed audit and by benching).
     #[serde(default)]
     pub unopened: u32,
+    /// Audits of answers already released (`fraud`) whose leaves it never opened, however
+    /// long it was asked: never reset, since a provider that knows which answers it faked
+    /// could otherwise stay silent on just those.
+    #[serde(default)]
+    pub withheld: u32,
 }
 
 impl PeerRecord {
-    /// Whether it is still on probation: fewer than `audits` passed, or any failed.
+    /// Whether it is still on probation: fewer than `audits` passed, or any failed or withheld.
     pub fn on_probation(&self, audits: u32) -> bool {
-        self.passed < audits || self.failed > 0
+        self.passed < audits || self.failed > 0 || self.withheld > 0
     }
 
     /// Benches it for `bench` from now (never shortening a bench it is already serving).
@@ -59,7 +64,11 @@ impl PeerRecord {
     /// Whether it earned the gateway's trust as a referee: `audits` answers passed, none
     /// failed, no strike as a referee.
     pub fn earned_referee(&self, audits: u32) -> bool {
-        audits > 0 && self.passed >= audits && self.failed == 0 && self.referee_strikes == 0
+        audits > 0
+            && self.passed >= audits
+            && self.failed == 0
+            && self.withheld == 0
+            && self.referee_strikes == 0
     }
 }
 
@@ -214,6 +223,16 @@ impl Book {
     pub fn failed(&self, peer: &PeerId, bench: Duration) -> PeerRecord {
         self.update(peer, |r| {
             r.failed = r.failed.saturating_add(1);
+            r.bench_for(bench);
+        })
+    }
+
+    /// Records a released answer of `peer` whose leaves it never opened, and benches it for
+    /// `bench`: after release, silence is the cheat's way out of its audit, so it costs what a
+    /// failure costs (without a proof: nothing signed shows it).
+    pub fn withheld(&self, peer: &PeerId, bench: Duration) -> PeerRecord {
+        self.update(peer, |r| {
+            r.withheld = r.withheld.saturating_add(1);
             r.bench_for(bench);
         })
     }

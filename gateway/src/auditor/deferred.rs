@@ -74,8 +74,9 @@ pub enum AuditStatus {
     Pending,
     /// Not drawn for an audit: the answer stands on the provider's signed commitment.
     NotSampled,
-    /// Drawn, but the gateway had too many audits waiting to take it on (see `reason`).
-    Skipped,
+    /// Audited, and the provider never opened its leaves, however long it was asked: held
+    /// against it like a failure (benched), though nothing signed proves it.
+    Withheld,
     /// Audited and passed.
     Passed,
     /// Audited and failed (see `reason`, and the proof).
@@ -97,7 +98,7 @@ impl AuditStatus {
         match self {
             Self::Pending => "pending",
             Self::NotSampled => "not_sampled",
-            Self::Skipped => "skipped",
+            Self::Withheld => "withheld",
             Self::Passed => "passed",
             Self::Failed => "failed",
             Self::Inconclusive => "inconclusive",
@@ -133,7 +134,7 @@ pub struct AuditRecord {
     pub caller: Option<String>,
     /// Where the audit stands.
     pub status: AuditStatus,
-    /// Why it failed, or was skipped.
+    /// Why it failed, or expired.
     pub reason: Option<String>,
     /// Steps challenged.
     pub challenged: Vec<u32>,

@@ -34,6 +34,9 @@ pub const FRAUD_PROBATION_AUDIT_RATE: f64 = 0.5;
 /// Default time after release within which a `fraud` answer's audit must be done. Providers
 /// keep leaves openable for 30 minutes ([`MAX_FRAUD_AUDIT_WINDOW`]).
 pub const FRAUD_AUDIT_WINDOW: Duration = Duration::from_secs(600);
+/// Default for how long a released answer's leaves are asked for before the provider is held
+/// to have withheld them.
+pub const FRAUD_OPEN_PATIENCE: Duration = Duration::from_secs(120);
 /// The longest audit window a gateway may set: how long providers keep their leaves.
 pub const MAX_FRAUD_AUDIT_WINDOW: Duration = Duration::from_secs(30 * 60);
 
@@ -47,6 +50,9 @@ pub struct FraudPolicy {
     /// Time after release within which the audit must be done; after it, a sampled answer not
     /// audited yet is `expired` (nobody penalised) and an unsampled one is settled.
     pub window: Duration,
+    /// How long a released answer's leaves are asked for before its provider is held to have
+    /// withheld them (long enough that the network is not to blame).
+    pub open_patience: Duration,
 }
 
 impl Default for FraudPolicy {
@@ -55,6 +61,7 @@ impl Default for FraudPolicy {
             rate: FRAUD_AUDIT_RATE,
             probation_rate: FRAUD_PROBATION_AUDIT_RATE,
             window: FRAUD_AUDIT_WINDOW,
+            open_patience: FRAUD_OPEN_PATIENCE,
         }
     }
 }

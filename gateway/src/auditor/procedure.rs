@@ -55,6 +55,8 @@ const REFEREE_BUSY_BACKOFF: Duration = Duration::from_millis(200);
 const OPEN_ATTEMPTS: u32 = 4;
 /// Pause before the first repeat of a leaf opening; doubled each time.
 const OPEN_BACKOFF: Duration = Duration::from_millis(200);
+/// The longest pause between two asks for a leaf opening.
+const OPEN_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// One finished answer to audit.
 #[derive(Debug, Clone, Copy)]
@@ -165,6 +167,10 @@ pub struct Procedure<'a> {
     pub opener: &'a dyn LeafOpener,
     /// The referee side.
     pub referees: &'a dyn Referees,
+    /// How long a leaf opening is asked for before the audit gives up on it (besides the
+    /// attempts every audit makes): longer for an answer already released, whose provider
+    /// must not get away with silence.
+    pub open_patience: Duration,
 }
 
 impl std::fmt::Debug for Procedure<'_> {
@@ -318,11 +324,13 @@ impl Procedure<'_> {
         }
     }
 
-    /// Asks the provider to open `challenge`, again while nothing comes back.
+    /// Asks the provider to open `challenge`, again while nothing comes back: at least
+    /// [`OPEN_ATTEMPTS`] times, and for at least `open_patience`.
     async fn open(&self, answer: &Answer<'_>, challenge: &Challenge) -> Option<SignedOpening> {
         let provider = answer.provider.peer;
+        let started = Instant::now();
         let mut pause = OPEN_BACKOFF;
-        for attempt in 1..=OPEN_ATTEMPTS {
+        for attempt in 1.. {
             let request = OpenLeavesRequest {
                 request_id: answer.request.request_id,
                 indices: challenge.indices.clone(),
@@ -331,12 +339,13 @@ impl Procedure<'_> {
                 Ok(opening) => return Some(opening),
                 Err(e) => {
                     tracing::warn!(%provider, attempt, error = %e, "leaf opening not received");
-                    if attempt < OPEN_ATTEMPTS {
-                        tokio::time::sleep(pause).await;
-                        pause *= 2;
-                    }
                 }
             }
+            if attempt >= OPEN_ATTEMPTS && started.elapsed() >= self.open_patience {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(OPEN_BACKOFF_MAX);
         }
         None
     }
@@ -1078,6 +1087,7 @@ mod tests {
             on_probation: false,
             opener: &opener,
             referees: pool,
+            open_patience: Duration::ZERO,
         };
         let session = first.map(|i| pool.witness(i));
         procedure

@@ -18,11 +18,12 @@ pub struct AuditReport {
     /// Always `audit`.
     pub object: &'static str,
     /// `pending` (drawn, not judged yet), `not_sampled` (not drawn: the answer stands on the
-    /// provider's signed commitment), `skipped` (drawn, but too many audits were waiting),
-    /// `passed`, `failed`, `inconclusive`, `unrefereed` (no trusted referee could re-execute
-    /// it), `expired` (the window closed first) or `interrupted` (the gateway restarted).
+    /// provider's signed commitment), `passed`, `failed`, `withheld` (the provider never
+    /// opened its leaves: benched like a failure, without a proof), `inconclusive`,
+    /// `unrefereed` (no trusted referee could re-execute it), `expired` (the window closed
+    /// first) or `interrupted` (the gateway restarted).
     pub status: &'static str,
-    /// Why it failed (e.g. `logits_diverge`), or was skipped.
+    /// Why it failed (e.g. `logits_diverge`), or expired.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// When the answer was released (unix seconds).
@@ -101,9 +102,10 @@ pub async fn get(
         ApiError::state_unreadable()
     })?;
     let record = record.ok_or_else(not_found)?;
-    // A record made under an API key is that key's: another key cannot tell it exists.
-    let asker = caller.as_ref().map(|Extension(c)| c.name());
-    if record.caller.is_some() && record.caller.as_deref() != asker {
+    // A record made under an API key is that very key's (not its name's): another key cannot
+    // tell it exists. Once keys are on, records made without one are nobody's.
+    let asker = caller.as_ref().map(|Extension(c)| c.owner_id());
+    if asker.is_some() && record.caller != asker {
         return Err(not_found());
     }
     Ok(Json(AuditReport::from(record)))

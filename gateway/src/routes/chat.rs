@@ -229,19 +229,18 @@ async fn plain_response(
         let outcome = state.auditor.judge(&answer, chat.mode, referee).await;
         let mut info = proofmesh_info(chat, &generation, &done.commitment, &outcome);
         if !state.auditor.deliverable(&outcome.verdict()) {
-            let failure = if outcome.failed() {
-                Failure::Failed(info.verdict)
-            } else {
-                Failure::Unverified(info.verdict)
-            };
-            attempts.failed(&generation.candidate, failure);
+            attempts.failed(&generation.candidate, withheld(&outcome, info.verdict));
             continue;
         }
-        attempts.succeeded(&generation.candidate);
         if chat.mode.deferred() {
             let id = AuditId::new(crate::auditor::book::now_ms());
-            release(state, &answer, id, arrival, &mut info);
+            let audited = release(state, &answer, id, arrival, &mut info).await;
+            if let Some(outcome) = audited.filter(|o| !state.auditor.deliverable(&o.verdict())) {
+                attempts.failed(&generation.candidate, withheld(&outcome, info.verdict));
+                continue;
+            }
         }
+        attempts.succeeded(&generation.candidate);
         let body = ChatCompletion {
             id: completion_id(&request.request_id),
             object: "chat.completion",
@@ -271,25 +270,40 @@ async fn plain_response(
 }
 
 /// Hands a `fraud` answer that passed the exact checks to the auditor, which draws whether to
-/// audit it later, and tells the client where its verdict will be.
-fn release(
+/// audit it later, and tells the client where its verdict will be. When the provider's audits
+/// are backed up, the auditor audits it at once instead: then its outcome is returned, and the
+/// answer may be released only if that outcome allows.
+async fn release(
     state: &AppState,
     answer: &Answer<'_>,
     id: AuditId,
     arrival: &Arrival,
     info: &mut ProofmeshInfo,
-) {
-    let deferral = state.auditor.defer(Released {
-        id,
-        provider: answer.provider.clone(),
-        request: answer.request.clone(),
-        tokens: answer.tokens.to_vec(),
-        commitment: answer.commitment.clone(),
-        caller: arrival.caller.as_ref().map(|c| c.name().to_string()),
-    });
+) -> Option<AuditOutcome> {
+    let deferral = state
+        .auditor
+        .defer(Released {
+            id,
+            provider: answer.provider.clone(),
+            request: answer.request.clone(),
+            tokens: answer.tokens.to_vec(),
+            commitment: answer.commitment.clone(),
+            caller: arrival.caller.as_ref().map(Caller::owner_id),
+        })
+        .await;
     info.verdict = "deferred".into();
     info.audit_id = Some(deferral.id.to_string());
     info.audit_window_closes_at = Some(deferral.window_closes_ms / 1000);
+    let outcome = deferral.audited_now?;
+    info.verdict = outcome.verdict().label();
+    info.challenged.clone_from(&outcome.challenged);
+    info.referee.clone_from(&outcome.referee);
+    info.audit = outcome
+        .statistics
+        .as_ref()
+        .map(|s| AuditStatistics::new(s, outcome.evidence_bytes));
+    info.audit_ms = outcome.elapsed.as_millis() as u64;
+    Some(outcome)
 }
 
 /// Request header that pins a request to one provider (by peer id), for debugging a provider or
@@ -519,20 +533,17 @@ fn events(
                     let outcome = state.auditor.judge(&answer, chat.mode, referee).await;
                     let mut info = proofmesh_info(&chat, &generation, &commitment, &outcome);
                     if !state.auditor.deliverable(&outcome.verdict()) {
-                        let error = if outcome.failed() {
-                            ApiError::verification_failed(&info.verdict)
-                        } else {
-                            ApiError::unverified(&info.verdict)
-                        };
-                        let mut body = serde_json::to_value(error.body()).unwrap_or_default();
-                        body["proofmesh"] = serde_json::to_value(&info).unwrap_or_default();
-                        yield Ok(json_event(&body));
+                        yield Ok(withheld_event(&outcome, &info));
                         return;
                     }
-                    state.registry.succeeded(&generation.candidate.peer);
                     if let Some(id) = audit_id {
-                        release(&state, &answer, id, &arrival, &mut info);
+                        let audited = release(&state, &answer, id, &arrival, &mut info).await;
+                        if let Some(outcome) = audited.filter(|o| !state.auditor.deliverable(&o.verdict())) {
+                            yield Ok(withheld_event(&outcome, &info));
+                            return;
+                        }
                     }
+                    state.registry.succeeded(&generation.candidate.peer);
                     // What the provider signed (and the audit checked), not its unsigned claims.
                     let signed = &commitment.commitment;
                     let mut last = chunk(Delta::default(), Some(signed.finish_reason.as_openai()));
@@ -563,6 +574,28 @@ fn events(
             }
         }
     }
+}
+
+/// What the retry policy hears of an answer that may not be released.
+fn withheld(outcome: &AuditOutcome, verdict: String) -> Failure {
+    if outcome.failed() {
+        Failure::Failed(verdict)
+    } else {
+        Failure::Unverified(verdict)
+    }
+}
+
+/// The error event that ends a stream whose answer may not be released, with the audit's
+/// `proofmesh` object.
+fn withheld_event(outcome: &AuditOutcome, info: &ProofmeshInfo) -> Event {
+    let error = if outcome.failed() {
+        ApiError::verification_failed(&info.verdict)
+    } else {
+        ApiError::unverified(&info.verdict)
+    };
+    let mut body = serde_json::to_value(error.body()).unwrap_or_default();
+    body["proofmesh"] = serde_json::to_value(info).unwrap_or_default();
+    json_event(&body)
 }
 
 /// Events a stream may run ahead of a client that reads slowly.

@@ -100,6 +100,18 @@ pub enum ProofError {
     /// Every check holds: the proof shows no fraud.
     #[error("every check holds")]
     NoFailure,
+    /// The bytes are not a proof, or not one as a gateway writes it (canonical CBOR: a file
+    /// that decodes to a proof but is not its encoding was altered).
+    #[error("not a proofmesh fraud proof in canonical CBOR: {0}")]
+    Malformed(String),
+    /// The proof shows a failure, but not the one it records.
+    #[error("the proof shows failed:{shown}, not the recorded failed:{recorded}")]
+    Mislabeled {
+        /// What the checks show.
+        shown: AuditFailure,
+        /// What the proof says.
+        recorded: AuditFailure,
+    },
 }
 
 impl FraudProof {
@@ -110,6 +122,42 @@ impl FraudProof {
     /// provider's own signatures holds.
     pub fn check(&self) -> Result<AuditFailure, ProofError> {
         self.check_trusting(&[])
+    }
+
+    /// The proof as the file `check-proof` reads: canonical CBOR.
+    pub fn to_cbor(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        // Writing into a Vec fails only on a serializer error, which these types never raise.
+        if let Err(e) = ciborium::into_writer(self, &mut bytes) {
+            tracing::error!(error = %e, "cannot encode a fraud proof");
+        }
+        bytes
+    }
+
+    /// Reads a proof file: the bytes must decode to a proof whose encoding they are, so that
+    /// any byte changed is either a changed proof (which its checks reject) or rejected here.
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, ProofError> {
+        let proof: Self =
+            ciborium::from_reader(bytes).map_err(|e| ProofError::Malformed(e.to_string()))?;
+        if proof.to_cbor() != bytes {
+            return Err(ProofError::Malformed(
+                "the bytes decode, but are not the proof's encoding".into(),
+            ));
+        }
+        Ok(proof)
+    }
+
+    /// What `check-proof` accepts: the checks of [`FraudProof::check_trusting`] show exactly
+    /// the failure the proof records.
+    pub fn holds(&self, trusted: &[PeerId]) -> Result<AuditFailure, ProofError> {
+        let shown = self.check_trusting(trusted)?;
+        if shown != self.failure {
+            return Err(ProofError::Mislabeled {
+                shown,
+                recorded: self.failure,
+            });
+        }
+        Ok(shown)
     }
 
     /// Like [`FraudProof::check`], but a model-based failure holds when a referee in `trusted`
