@@ -22,6 +22,7 @@
 //! - [`session`]: one referee following one answer; the [`session::LocalReferee`] seam.
 //! - [`canary`]: canary audits of peer referees against the gateway's own engine.
 //! - [`deferred`]: the durable [`AuditLog`] of `fraud` answers, audited after release.
+//! - [`hearsay`]: fraud proofs other gateways gossip, checked before they are acted on.
 //! - [`procedure`]: the audit procedure itself, behind the [`procedure::LeafOpener`] and
 //!   [`procedure::Referees`] seams.
 //! - [`vocab`]: model vocabularies read from GGUF files, and the [`vocab::Transcript`] that
@@ -31,6 +32,7 @@
 pub mod book;
 pub mod canary;
 pub mod deferred;
+pub mod hearsay;
 #[cfg(feature = "local-referee")]
 pub mod local;
 pub mod mode;
@@ -110,6 +112,8 @@ struct Inner {
     deferred_waiting: Arc<std::sync::Mutex<HashMap<PeerId, usize>>>,
     /// `fraud` audits running at once.
     deferred_running: Arc<Semaphore>,
+    /// Answers penalised on proofs heard from other gateways.
+    heard: std::sync::Mutex<hearsay::Heard>,
 }
 
 /// `fraud` answers that may wait for their audit at once (each holds its request and tokens).
@@ -225,6 +229,7 @@ impl Auditor {
                 deferred_backlog: Arc::new(Semaphore::new(DEFERRED_BACKLOG)),
                 deferred_waiting: Arc::default(),
                 deferred_running: Arc::new(Semaphore::new(DEFERRED_RUNNING)),
+                heard: Default::default(),
             }),
         })
     }
@@ -702,6 +707,11 @@ impl Auditor {
             AuditVerdict::Failed(failure) if report.penalise => {
                 inner.book.failed(&provider, inner.policy.bench);
                 let saved = report.proof.as_ref().and_then(|p| self.save_proof(p));
+                if let Some(proof) = &report.proof {
+                    // Other gateways check it and exclude the provider too.
+                    let (net, bytes) = (inner.dialer.net.clone(), proof.to_cbor());
+                    tokio::spawn(async move { net.publish_proof(bytes).await });
+                }
                 let stats = report.statistics.as_ref();
                 tracing::warn!(
                     %provider,

@@ -220,7 +220,13 @@ pub async fn run(
     })?;
     let net_task = tokio::spawn(event_loop.run());
     let registry = Registry::default();
-    let registry_task = tokio::spawn(track_providers(registry.clone(), events));
+    let hearing = Arc::new(std::sync::OnceLock::new());
+    let registry_task = tokio::spawn(track_mesh(
+        registry.clone(),
+        Arc::clone(&hearing),
+        client.clone(),
+        events,
+    ));
     let local = start_referee(&config).await?;
     let mut catalog = Catalog::new(config.pins.iter().cloned());
     catalog.pin_if_absent(
@@ -262,6 +268,7 @@ pub async fn run(
         Arc::clone(&metrics),
     )?;
     tracing::info!(peers = auditor.book().len(), "peer book open");
+    let _ = hearing.set(auditor.clone());
     let state = AppState {
         registry,
         net: client.clone(),
@@ -383,8 +390,18 @@ async fn load_vocabularies(
     Ok(loaded)
 }
 
-/// Keeps the registry in step with the mesh.
-async fn track_providers(registry: Registry, mut events: mpsc::Receiver<Event>) {
+/// Fraud proofs checked at once; more heard meanwhile are dropped unchecked (nobody blamed).
+const PROOF_CHECKS: usize = 2;
+
+/// Keeps the registry in step with the mesh, and has the auditor (once it exists) check the
+/// fraud proofs other gateways publish.
+async fn track_mesh(
+    registry: Registry,
+    auditor: Arc<std::sync::OnceLock<Auditor>>,
+    client: net::Client,
+    mut events: mpsc::Receiver<Event>,
+) {
+    let checks = Arc::new(tokio::sync::Semaphore::new(PROOF_CHECKS));
     while let Some(event) = events.recv().await {
         match event {
             Event::ProviderUp { peer, capabilities } => {
@@ -393,6 +410,23 @@ async fn track_providers(registry: Registry, mut events: mpsc::Receiver<Event>) 
             Event::ProviderLeaving { peer } | Event::PeerGone { peer } => registry.remove(&peer),
             // Gateways keep no leaves; dropping the channel tells the asker so.
             Event::OpenLeaves { .. } => {}
+            Event::FraudProof { source, id, proof } => {
+                let (Some(auditor), Ok(permit)) = (
+                    auditor.get().cloned(),
+                    Arc::clone(&checks).try_acquire_owned(),
+                ) else {
+                    let _ = client
+                        .judge_proof(id, source, net::gossip::ProofVerdict::Unchecked)
+                        .await;
+                    continue;
+                };
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let verdict = auditor.hear_proof(source, &proof).await;
+                    let _ = client.judge_proof(id, source, verdict).await;
+                });
+            }
         }
     }
 }

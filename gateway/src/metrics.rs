@@ -54,6 +54,9 @@ pub struct GatewayMetrics {
     /// `fraud` answers released, by how their audit ended (in `verdict`: `not_sampled`,
     /// `skipped`, `passed`, `failed`, `expired`, …).
     pub deferred_audits: Family<VerdictLabels, Counter>,
+    /// Fraud proofs heard from other gateways, by what they came to (in `verdict`: `holds`,
+    /// `forged`, `unchecked`).
+    pub proofs_heard: Family<VerdictLabels, Counter>,
     /// Peers with an open connection (set at scrape time).
     pub peers_connected: Gauge,
     /// Providers in the routing table (set at scrape time).
@@ -124,6 +127,12 @@ impl Default for GatewayMetrics {
             "Answers released before their audit (fraud mode), by how the audit ended",
             deferred_audits.clone(),
         );
+        let proofs_heard = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "proofs_heard",
+            "Fraud proofs heard from other gateways, by what they came to (holds, forged, unchecked)",
+            proofs_heard.clone(),
+        );
         let referee_strikes = Counter::default();
         registry.register(
             "referee_strikes",
@@ -158,6 +167,7 @@ impl Default for GatewayMetrics {
             referee_strikes,
             canaries,
             deferred_audits,
+            proofs_heard,
             peers_connected,
             providers,
             uptime_seconds,

@@ -12,11 +12,13 @@
 //! hole punching by DCUtR, AutoNAT v2). Discovery: explicit bootstrap addresses (re-dialled on
 //! a timer while no peer is connected), mDNS on the LAN when enabled, Kademlia provider records
 //! under a key derived from each model digest and under one well-known key for "all providers".
+//! Gateways gossip fraud proofs to each other ([`gossip`]).
 
 mod behaviour;
 mod client;
 mod conduct;
 mod event_loop;
+pub mod gossip;
 mod guard;
 mod inbound;
 pub mod mesh_key;
@@ -87,6 +89,16 @@ pub enum Event {
     PeerGone {
         /// The peer.
         peer: PeerId,
+    },
+    /// Another gateway published a fraud proof (gateways only); say what it is worth with
+    /// [`Client::judge_proof`], which alone decides whether it is passed on.
+    FraudProof {
+        /// The peer it came from (not necessarily its author).
+        source: PeerId,
+        /// Its gossip id.
+        id: libp2p::gossipsub::MessageId,
+        /// The proof's bytes, as published: not checked yet.
+        proof: Vec<u8>,
     },
     /// A gateway challenges this provider to open leaves; answer with
     /// [`Client::respond_open_leaves`].

@@ -94,6 +94,19 @@ impl RefereePool {
         }
     }
 
+    /// The operator's allow-listed referees, less those the book caught (as a provider or as a
+    /// referee).
+    pub fn allowed(&self, book: &Book) -> Vec<PeerId> {
+        self.allow
+            .iter()
+            .filter(|peer| {
+                let record = book.get(peer);
+                record.failed == 0 && record.referee_strikes == 0
+            })
+            .copied()
+            .collect()
+    }
+
     /// The gateway's own engine, if it has one.
     pub fn local(&self) -> Option<&Arc<dyn LocalReferee>> {
         self.local.as_ref()

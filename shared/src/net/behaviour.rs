@@ -8,7 +8,7 @@ use libp2p::memory_connection_limits;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, autonat, dcutr, identify, identity::Keypair, kad, mdns, ping, relay,
+    StreamProtocol, autonat, dcutr, gossipsub, identify, identity::Keypair, kad, mdns, ping, relay,
     request_response,
 };
 
@@ -65,16 +65,38 @@ pub(crate) struct Behaviour {
     /// Nodes that serve others: relay v2 circuits and AutoNAT v2 dial-backs.
     pub(crate) relay: Toggle<relay::Behaviour>,
     pub(crate) autonat_server: Toggle<Guard<autonat::v2::server::Behaviour>>,
+    /// Gateways: fraud proofs gossiped between them.
+    pub(crate) gossip: Toggle<gossipsub::Behaviour>,
+}
+
+/// Which optional parts a node runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Parts {
+    /// mDNS discovery on the LAN.
+    pub(crate) mdns: bool,
+    /// The relay and AutoNAT services for others.
+    pub(crate) serve: bool,
+    /// Gossip of fraud proofs (gateways).
+    pub(crate) gossip: bool,
 }
 
 impl Behaviour {
     pub(crate) fn new(
         key: &Keypair,
-        mdns: bool,
         relay_client: relay::client::Behaviour,
-        serve: bool,
+        parts: Parts,
     ) -> std::io::Result<Self> {
+        let Parts {
+            mdns,
+            serve,
+            gossip,
+        } = parts;
         let peer_id = key.public().to_peer_id();
+        let gossip = if gossip {
+            Some(super::gossip::behaviour(key).map_err(std::io::Error::other)?)
+        } else {
+            None
+        };
         let mdns = if mdns {
             Some(mdns::tokio::Behaviour::new(
                 mdns::Config::default(),
@@ -152,6 +174,7 @@ impl Behaviour {
             autonat_server: serve
                 .then(|| Guard::new(autonat::v2::server::Behaviour::default(), Policy::DialBacks))
                 .into(),
+            gossip: gossip.into(),
         })
     }
 }

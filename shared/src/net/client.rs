@@ -41,6 +41,14 @@ pub(crate) enum Command {
         peer: PeerId,
         offence: Offence,
     },
+    PublishProof {
+        proof: Vec<u8>,
+    },
+    JudgeProof {
+        id: libp2p::gossipsub::MessageId,
+        source: PeerId,
+        verdict: super::gossip::ProofVerdict,
+    },
 }
 
 /// Talks to the event loop. Cheap to clone; the loop stops when every clone is dropped.
@@ -61,6 +69,33 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
+    /// Publishes a fraud proof (canonical CBOR) to the other gateways. Nothing happens on a
+    /// node that is not a gateway, or with no other gateway connected.
+    pub async fn publish_proof(&self, proof: Vec<u8>) -> Result<(), NetError> {
+        self.sender
+            .send(Command::PublishProof { proof })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// Says what became of a proof heard as [`Event::FraudProof`](super::Event::FraudProof):
+    /// passed on, dropped, or dropped with its sender struck.
+    pub async fn judge_proof(
+        &self,
+        id: libp2p::gossipsub::MessageId,
+        source: PeerId,
+        verdict: super::gossip::ProofVerdict,
+    ) -> Result<(), NetError> {
+        self.sender
+            .send(Command::JudgeProof {
+                id,
+                source,
+                verdict,
+            })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
     /// This node's peer id.
     pub fn local_peer_id(&self) -> PeerId {
         self.local_peer_id

@@ -21,7 +21,7 @@ use libp2p::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::behaviour::{Behaviour, BehaviourEvent};
+use super::behaviour::{Behaviour, BehaviourEvent, Parts};
 use super::client::{Client, Command};
 use super::conduct::{Conduct, Offence};
 use super::guard::{Guarded, ip_of};
@@ -125,9 +125,13 @@ pub(super) fn build(
         .traversal
         .validate()
         .map_err(|message| NetError::Setup { message })?;
-    let serve = config.traversal.serve;
+    let parts = Parts {
+        mdns: config.mdns,
+        serve: config.traversal.serve,
+        gossip: matches!(config.role, Role::Gateway),
+    };
     let mut swarm = match config.psk {
-        None => public_swarm(config.keypair.clone(), config.mdns, serve)?,
+        None => public_swarm(config.keypair.clone(), parts)?,
         Some(psk) => {
             // QUIC has its own encryption, which the key cannot wrap: a private mesh is TCP only.
             for (what, addrs) in [("listen", &mut listen), ("bootstrap", &mut bootstrap)] {
@@ -150,7 +154,7 @@ pub(super) fn build(
                 );
             }
             tracing::info!(fingerprint = %psk.fingerprint(), "private mesh: connections need the pre-shared key");
-            private_swarm(config.keypair.clone(), config.mdns, serve, psk)?
+            private_swarm(config.keypair.clone(), parts, psk)?
         }
     };
     let Traversal {
@@ -214,7 +218,7 @@ fn is_quic(addr: &Multiaddr) -> bool {
 }
 
 /// The open mesh: TCP and QUIC, Noise, Yamux, and circuits through relays.
-fn public_swarm(keypair: Keypair, mdns: bool, serve: bool) -> Result<Swarm<Behaviour>, NetError> {
+fn public_swarm(keypair: Keypair, parts: Parts) -> Result<Swarm<Behaviour>, NetError> {
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic()
@@ -233,7 +237,7 @@ fn public_swarm(keypair: Keypair, mdns: bool, serve: bool) -> Result<Swarm<Behav
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| setup(&e))?
         .with_behaviour(|key, relay| -> Result<Behaviour, BoxError> {
-            Ok(Behaviour::new(key, mdns, relay, serve)?)
+            Ok(Behaviour::new(key, relay, parts)?)
         })
         .map_err(|e| setup(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
@@ -244,8 +248,7 @@ fn public_swarm(keypair: Keypair, mdns: bool, serve: bool) -> Result<Swarm<Behav
 /// circuits run inside a relay connection, itself wrapped in the key.
 fn private_swarm(
     keypair: Keypair,
-    mdns: bool,
-    serve: bool,
+    parts: Parts,
     psk: PreSharedKey,
 ) -> Result<Swarm<Behaviour>, NetError> {
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -266,7 +269,7 @@ fn private_swarm(
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| setup(&e))?
         .with_behaviour(|key, relay| -> Result<Behaviour, BoxError> {
-            Ok(Behaviour::new(key, mdns, relay, serve)?)
+            Ok(Behaviour::new(key, relay, parts)?)
         })
         .map_err(|e| setup(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
@@ -435,6 +438,49 @@ impl EventLoop {
             }
             Command::Leave { reply } => self.start_leaving(reply),
             Command::Report { peer, offence } => self.strike(peer, offence),
+            Command::PublishProof { proof } => self.publish_proof(proof),
+            Command::JudgeProof {
+                id,
+                source,
+                verdict,
+            } => self.judge_proof(&id, source, verdict),
+        }
+    }
+
+    /// Publishes a fraud proof to the other gateways (gateways only).
+    fn publish_proof(&mut self, proof: Vec<u8>) {
+        let Some(gossip) = self.swarm.behaviour_mut().gossip.as_mut() else {
+            return;
+        };
+        match gossip.publish(super::gossip::topic(), proof) {
+            Ok(id) => tracing::info!(message = %id, "fraud proof published to the other gateways"),
+            // No other gateway connected: nobody to tell.
+            Err(libp2p::gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                tracing::debug!("fraud proof not published: no other gateway connected");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot publish a fraud proof"),
+        }
+    }
+
+    /// Passes a heard proof on, or drops it (striking its sender when it was forged).
+    fn judge_proof(
+        &mut self,
+        id: &libp2p::gossipsub::MessageId,
+        source: PeerId,
+        verdict: super::gossip::ProofVerdict,
+    ) {
+        use super::gossip::ProofVerdict;
+        use libp2p::gossipsub::MessageAcceptance;
+        let acceptance = match verdict {
+            ProofVerdict::Holds => MessageAcceptance::Accept,
+            ProofVerdict::Forged => MessageAcceptance::Reject,
+            ProofVerdict::Unchecked => MessageAcceptance::Ignore,
+        };
+        if let Some(gossip) = self.swarm.behaviour_mut().gossip.as_mut() {
+            gossip.report_message_validation_result(id, &source, acceptance);
+        }
+        if verdict == ProofVerdict::Forged {
+            self.strike(source, Offence::Violation);
         }
     }
 
@@ -719,6 +765,16 @@ impl EventLoop {
             BehaviourEvent::Dcutr(event) => self.on_traversal_event(Traversed::HolePunch(event)),
             BehaviourEvent::Autonat(event) => self.on_traversal_event(Traversed::AutoNat(event)),
             BehaviourEvent::Relay(event) => tracing::debug!(?event, "relay service"),
+            BehaviourEvent::Gossip(libp2p::gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => self.emit(Event::FraudProof {
+                source: propagation_source,
+                id: message_id,
+                proof: message.data,
+            }),
+            BehaviourEvent::Gossip(event) => tracing::debug!(?event, "gossip"),
             BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
