@@ -707,6 +707,8 @@ impl Auditor {
             AuditVerdict::Failed(failure) if report.penalise => {
                 inner.book.failed(&provider, inner.policy.bench);
                 let saved = report.proof.as_ref().and_then(|p| self.save_proof(p));
+                // An echo of this proof from another gateway costs the provider nothing more.
+                lock(&inner.heard).first((provider.to_bytes(), answer.request.request_id));
                 if let Some(proof) = &report.proof {
                     // Other gateways check it and exclude the provider too.
                     let (net, bytes) = (inner.dialer.net.clone(), proof.to_cbor());

@@ -107,6 +107,11 @@ impl Registry {
         }
     }
 
+    /// Whether `peer` is a provider this gateway routes to now.
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.lock().contains_key(peer)
+    }
+
     /// Forgets a provider (its last connection closed, or only relayed ones are left).
     pub fn remove(&self, peer: &PeerId) {
         if self.lock().remove(peer).is_some() {

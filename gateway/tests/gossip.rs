@@ -47,6 +47,17 @@ async fn proofs_heard(mesh: &Mesh, verdict: &str) -> f64 {
     )
 }
 
+/// The one proof written into `dir`.
+fn only_proof(dir: &std::path::Path) -> FraudProof {
+    let file = std::fs::read_dir(dir)
+        .expect("evidence dir")
+        .filter_map(Result::ok)
+        .find(|e| e.path().extension().is_some_and(|x| x == "cbor"))
+        .expect("a proof")
+        .path();
+    FraudProof::from_cbor(&std::fs::read(file).unwrap()).expect("a proof")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_gateway_excludes_a_cheat_on_a_gossiped_proof_and_strikes_a_forger() {
     let evidence = std::env::temp_dir().join(format!("pm-gossip-{}", rand::random::<u64>()));
@@ -70,9 +81,11 @@ async fn a_second_gateway_excludes_a_cheat_on_a_gossiped_proof_and_strikes_a_for
     for provider in &first.providers {
         bootstrap.extend(provider.addrs.iter().cloned());
     }
+    let heard = evidence.join("second");
     let (second, _) = support::start_gateway_with(GatewayOptions {
         bootstrap,
         failed_audit_cooldown: bench,
+        evidence_dir: Some(heard.clone()),
         ..GatewayOptions::default()
     })
     .await;
@@ -98,18 +111,23 @@ async fn a_second_gateway_excludes_a_cheat_on_a_gossiped_proof_and_strikes_a_for
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(proofs_heard(&second, "holds").await, 1.0);
+    // It believed the accusation on its own engine's word (the first gateway's engine is no
+    // referee it trusts): the proof it wrote down carries its own evidence.
+    let ours = only_proof(&heard);
+    let signers: Vec<PeerId> = ours
+        .rounds
+        .iter()
+        .flat_map(|r| r.evidence.iter())
+        .filter_map(|e| e.verify().ok())
+        .collect();
+    assert!(signers.contains(&second.gateway_peer), "{signers:?}");
+    assert!(signers.contains(&first.gateway_peer), "{signers:?}");
     assert_eq!(status_pinned(&second, honest).await, 200);
 
     // A peer (gateway role, no HTTP) publishes forgeries: the proof turned against the honest
     // provider, then the proof with bytes appended. Each is dropped and its sender struck; the
     // fourth strike bans it.
-    let file = std::fs::read_dir(&evidence)
-        .expect("evidence dir")
-        .filter_map(Result::ok)
-        .next()
-        .expect("a proof written by the first gateway")
-        .path();
-    let proof = FraudProof::from_cbor(&std::fs::read(file).unwrap()).expect("a proof");
+    let proof = only_proof(&evidence);
     let mut framed = proof.clone();
     framed.provider = honest.to_bytes();
     let mut forgeries = vec![framed.to_cbor()];

@@ -6,9 +6,11 @@
 //! margins, prompt, vocabulary, end) holds when a referee this gateway trusts shows it: its own
 //! engine, which re-executes the proof's challenged steps itself, or a peer on its allow-list.
 //! Then the provider takes the same penalty as for a failure found here (the book, the bench,
-//! the proof written down) and the proof is passed on. A proof that does not hold is dropped and
-//! its sender struck; one this gateway cannot check (not its engine's model, no referee it
-//! trusts) is dropped without blame.
+//! the proof written down) and the proof is passed on. A proof whose signatures or bytes do not
+//! hold is dropped and its sender struck (no honest gateway passes such a thing on); one this
+//! gateway cannot check or does not agree with (not its engine's model or class, no referee it
+//! trusts, a refusal to open, a provider it never dealt with, an engine that finds the answer
+//! sound) is dropped without blame.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 use proofmesh_shared::net::gossip::ProofVerdict;
 use proofmesh_shared::protocol::RequestId;
-use proofmesh_shared::verify::{AuditFailure, FraudProof, ProofError};
+use proofmesh_shared::verify::{AuditFailure, EvidenceError, FraudProof, ProofError, Tier};
 
 use super::pool::Choice;
 use super::{Auditor, LocalReferee, RefereeSession};
@@ -25,8 +27,23 @@ use crate::metrics::VerdictLabels;
 
 /// Answers whose proof was acted on, remembered so that one heard again costs nothing twice.
 pub(super) const REMEMBERED: usize = 4096;
-/// Times the gateway's engine is asked for a free context before a proof is left unchecked.
-const ENGINE_TRIES: u32 = 30;
+/// Times (a second apart) the gateway's engine is asked for a free context before a proof is
+/// left unchecked: the check must end while gossip still holds the message to pass on.
+const ENGINE_TRIES: u32 = 10;
+
+/// Whether a proof's failure to hold is one no honest gateway could have passed on: its
+/// signatures or its bytes, which every gateway checks before it acts on a proof. (Disagreeing
+/// referees, another version, a label no referee shows: nobody is blamed.)
+fn blames_publisher(error: &ProofError) -> bool {
+    matches!(
+        error,
+        ProofError::BadPeer
+            | ProofError::UnsignedOpening
+            | ProofError::Unbound(_)
+            | ProofError::Malformed(_)
+            | ProofError::Evidence(EvidenceError::BadSignature)
+    )
+}
 
 /// What a heard proof came to.
 enum Weighed {
@@ -46,8 +63,13 @@ pub(super) struct Heard {
 }
 
 impl Heard {
-    /// Whether the answer is new (and remembers it).
-    fn first(&mut self, key: (Vec<u8>, RequestId)) -> bool {
+    /// Whether the answer was penalised already.
+    fn contains(&self, key: &(Vec<u8>, RequestId)) -> bool {
+        self.set.contains(key)
+    }
+
+    /// Remembers an answer penalised here; whether it is new.
+    pub(super) fn first(&mut self, key: (Vec<u8>, RequestId)) -> bool {
         if !self.set.insert(key.clone()) {
             return false;
         }
@@ -90,20 +112,38 @@ impl Auditor {
     }
 
     async fn weigh(&self, bytes: &[u8]) -> Weighed {
+        let inner = &self.inner;
         let proof = match FraudProof::from_cbor(bytes) {
             Ok(proof) => proof,
             Err(e) => return Weighed::Forged(e.to_string()),
         };
+        let Ok(provider) = PeerId::from_bytes(&proof.provider) else {
+            return Weighed::Forged("malformed peer id".into());
+        };
+        // Keys are free: a proof against an identity made for the purpose costs its maker
+        // nothing and would cost every gateway a record and a file.
+        if !inner.registry.contains(&provider) && inner.book.get(&provider).first_seen == 0 {
+            return Weighed::Unchecked("a provider this gateway never dealt with".into());
+        }
+        if super::lock(&inner.heard).contains(&(proof.provider.clone(), proof.request.request_id)) {
+            return Weighed::Unchecked("acted on already".into());
+        }
         // What the provider's own signatures prove, or what a referee the operator
         // allow-listed shows.
-        let allowed = self.inner.pool.allowed(&self.inner.book);
+        let allowed = inner.pool.allowed(&inner.book);
         match proof.holds(&allowed) {
+            // A signed "I cannot open that" is a failure for the gateway that drew the
+            // challenge, not for a third party: the provider may have lost the leaves honestly
+            // (a restart, a full store), or been asked for steps no gateway drew.
+            Ok(AuditFailure::OpeningRefused) => {
+                return Weighed::Unchecked("a signed refusal to open proves nothing here".into());
+            }
             Ok(failure) => return Weighed::Holds(Box::new(proof), failure),
             Err(ProofError::NoTrustedReferee(_)) => {}
-            Err(e) => return Weighed::Forged(e.to_string()),
+            Err(e) if blames_publisher(&e) => return Weighed::Forged(e.to_string()),
+            Err(e) => return Weighed::Unchecked(e.to_string()),
         }
-        let Some(local) = self
-            .inner
+        let Some(local) = inner
             .pool
             .local()
             .filter(|l| l.digest() == proof.request.model_digest)
@@ -115,15 +155,23 @@ impl Auditor {
                     .into(),
             );
         };
+        // The publisher chose the challenged steps. In the exact tier no choice of steps makes
+        // an honest provider diverge from the engine; in the tolerant tier a chosen handful of
+        // noisy steps might.
+        if Tier::between(&proof.commitment.commitment.numerics, local.numerics()) != Tier::Exact {
+            return Weighed::Unchecked(
+                "this gateway's engine is not of the provider's numerics class: only an exact \
+                 re-execution is trusted for a proof heard"
+                    .into(),
+            );
+        }
         let ours = match self.reexecute(&proof, Arc::clone(&local)).await {
             Ok(ours) => ours,
             Err(why) => return Weighed::Unchecked(why),
         };
         match ours.holds(&[local.peer_id()]) {
             Ok(failure) => Weighed::Holds(Box::new(ours), failure),
-            Err(ProofError::Disputed(_) | ProofError::NoFailure) => {
-                Weighed::Forged("this gateway's own engine finds the answer sound".into())
-            }
+            // The engine disagrees: the publisher may run another build; nobody is blamed.
             Err(e) => Weighed::Unchecked(e.to_string()),
         }
     }

@@ -769,11 +769,23 @@ impl EventLoop {
                 propagation_source,
                 message_id,
                 message,
-            }) => self.emit(Event::FraudProof {
-                source: propagation_source,
-                id: message_id,
-                proof: message.data,
-            }),
+            }) => {
+                // Proofs take at most half the event queue; past that they are dropped
+                // unchecked, so that provider events still get through.
+                if self.events.capacity() < EVENT_QUEUE / 2 {
+                    self.judge_proof(
+                        &message_id,
+                        propagation_source,
+                        super::gossip::ProofVerdict::Unchecked,
+                    );
+                    return;
+                }
+                self.emit(Event::FraudProof {
+                    source: propagation_source,
+                    id: message_id,
+                    proof: message.data,
+                });
+            }
             BehaviourEvent::Gossip(event) => tracing::debug!(?event, "gossip"),
             BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,

@@ -4,9 +4,10 @@
 //! a [`FraudProof`](crate::verify::FraudProof) in canonical CBOR, signed by the gateway that
 //! published it (gossipsub's strict validation). Nothing is forwarded before the application
 //! checked it ([`ProofVerdict`]): a proof that holds is passed on, a forged one is dropped and
-//! its sender struck (gossipsub's own score takes the penalty too), one the gateway could not
-//! check (no model to re-execute it, no referee it trusts) is dropped without blame. A message
-//! id is the hash of the proof, so the same proof republished by others is one message.
+//! its sender struck, one the gateway could not check is dropped without blame. A message id is
+//! the hash of the proof, so the same proof republished by others is one message. While the
+//! application is behind on mesh events, proofs are dropped unchecked at once: a flood of them
+//! must not crowd out what the registry needs.
 
 use std::time::Duration;
 
@@ -19,7 +20,10 @@ use sha2::{Digest, Sha256};
 /// The topic fraud proofs are published on.
 pub const PROOF_TOPIC: &str = "/proofmesh/fraud-proofs/1";
 /// Largest proof message: a proof carries its request (≤ 1 MiB of prompt) and openings.
-pub const MAX_PROOF_MESSAGE: usize = 4 * 1024 * 1024;
+pub const MAX_PROOF_MESSAGE: usize = 2 * 1024 * 1024;
+/// Heartbeats (a second each) a message stays in gossip's cache: its check (a re-execution on
+/// the gateway's engine) must end before then for the proof to be passed on.
+const HISTORY: usize = 60;
 /// How long a message id is remembered, so that a proof heard again is not checked again.
 const SEEN_FOR: Duration = Duration::from_secs(600);
 
@@ -45,6 +49,7 @@ pub(crate) fn behaviour(key: &Keypair) -> Result<gossipsub::Behaviour, String> {
         .validation_mode(ValidationMode::Strict)
         .validate_messages()
         .max_transmit_size(MAX_PROOF_MESSAGE)
+        .history_length(HISTORY)
         .duplicate_cache_time(SEEN_FOR)
         .message_id_fn(|message| MessageId::from(Sha256::digest(&message.data).to_vec()))
         .build()
