@@ -242,3 +242,100 @@ async fn fraud_answers_are_released_first_and_audited_after() {
         );
     }
 }
+
+/// Requests sent at most before the sometimes-cheat must have been caught: at a 20 % audit rate
+/// and one cheat in ten, about one in 50 of its answers is caught; with half the traffic, it
+/// goes uncaught through 1,000 requests with a chance of about 4 in 100,000.
+const MAX_REQUESTS: u32 = 1000;
+
+/// #14's first acceptance point, less the payments: one honest provider and one that cheats on
+/// a tenth of its requests, `fraud` mode at a 20 % audit rate. The cheat is caught (an audit
+/// fails, with a proof that holds) and excluded; no audit of the honest provider failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_cheats_now_and_then_is_caught_by_sampled_audits() {
+    let options = GatewayOptions {
+        fraud: Some(FraudPolicy {
+            rate: 0.2,
+            probation_rate: 0.2,
+            window: Duration::from_secs(300),
+            open_patience: Duration::from_secs(2),
+        }),
+        failed_audit_cooldown: Duration::from_secs(600),
+        ..GatewayOptions::default()
+    };
+    let honest = ProviderSpec {
+        name: "honest",
+        ..HONEST
+    };
+    let cheat = ProviderSpec::tampering("sometimes", Tamper::OffPolicySometimes);
+    let mesh = Mesh::start_with(&[honest, cheat], options).await;
+    let (honest, cheat) = (
+        mesh.providers[0].peer_id.to_string(),
+        mesh.providers[1].peer_id.to_string(),
+    );
+    // (provider, audit id) of every answer released.
+    let mut released: Vec<(String, String)> = Vec::new();
+    let mut caught: Option<Value> = None;
+    let mut sent = 0;
+    while caught.is_none() {
+        sent += 1;
+        assert!(
+            sent <= MAX_REQUESTS,
+            "the cheat was not caught in {MAX_REQUESTS} requests"
+        );
+        let prompt = format!("Tell me one fact about the number {sent}.");
+        let (status, headers, answer) = mesh.chat(chat_body(&prompt, fraud(8))).await;
+        assert_eq!(status, 200, "{answer}");
+        released.push((
+            header(&headers, "x-proofmesh-provider").to_string(),
+            header(&headers, "x-proofmesh-audit-id").to_string(),
+        ));
+        if sent % 10 == 0 {
+            for (_, id) in released.iter().filter(|(p, _)| *p == cheat) {
+                let (_, report) = audit(&mesh, id).await;
+                if report["status"] == "failed" {
+                    caught = Some(report);
+                    break;
+                }
+            }
+        }
+    }
+    let report = caught.unwrap_or_default();
+    let bytes = hex::decode(report["proof_cbor_hex"].as_str().expect("a proof")).unwrap();
+    let proof = FraudProof::from_cbor(&bytes).expect("a proof");
+    assert!(proof.holds(&[mesh.gateway_peer]).is_ok(), "{report}");
+    // It was one of the answers it cheated on.
+    let id: [u8; 16] = hex::decode(report["request_id"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    assert!(proofmesh_provider::tamper::cheated_on(&id));
+    let served = released.iter().filter(|(p, _)| *p == cheat).count();
+    let cheated = {
+        let mut cheated = 0;
+        for (_, audit_id) in released.iter().filter(|(p, _)| *p == cheat) {
+            let (_, r) = audit(&mesh, audit_id).await;
+            let id: [u8; 16] = hex::decode(r["request_id"].as_str().unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap();
+            cheated += usize::from(proofmesh_provider::tamper::cheated_on(&id));
+        }
+        cheated
+    };
+    eprintln!(
+        "caught after {sent} requests: the cheat had served {served} and cheated on {cheated}"
+    );
+    // Excluded from now on.
+    let peer = mesh.providers[1].peer_id;
+    let (status, _, _) = mesh.chat_with(chat_body("Hi", fraud(4)), Some(peer)).await;
+    assert_eq!(status, 503);
+    // The honest provider: every audit of it passed or was not drawn, and it still serves.
+    for (_, id) in released.iter().filter(|(p, _)| *p == honest) {
+        let report = verdict(&mesh, id).await;
+        let status = report["status"].as_str().unwrap_or("");
+        assert!(matches!(status, "passed" | "not_sampled"), "{report}");
+    }
+    let (status, _, _) = mesh.chat(chat_body("Hi", fraud(4))).await;
+    assert_eq!(status, 200);
+}

@@ -43,6 +43,9 @@ pub enum Tamper {
     WrongPath,
     /// Emits and commits, at step 1, a token the sampler would not have picked.
     OffPolicyToken,
+    /// [`Tamper::OffPolicyToken`] on one request in ten (chosen by its request id), honest on
+    /// the rest: a cheat that hopes the audits of `fraud` answers miss it.
+    OffPolicySometimes,
     /// Signs the commitment with a key that is not its node key.
     ForeignKey,
     /// Sends a commitment whose signature bytes are corrupted.
@@ -88,6 +91,12 @@ pub enum Tamper {
     /// Streams its honest tokens, then keeps streaming more, never a `Done`, ignoring
     /// `max_tokens` (up to [`ENDLESS_LIMIT`] frames, or until the gateway hangs up).
     Endless,
+}
+
+/// Whether a [`Tamper::OffPolicySometimes`] provider cheats on the request with this id: one
+/// request in ten, by its (random) id.
+pub fn cheated_on(request_id: &[u8; 16]) -> bool {
+    u64::from_le_bytes(request_id[..8].try_into().unwrap_or([0; 8])) % 10 == 0
 }
 
 /// Frames a [`Tamper::Endless`] provider sends at most (a test's bound, not the gateway's).
@@ -282,6 +291,11 @@ impl Cheat {
         )
     }
 
+    /// Whether this request is one the provider cheats on.
+    fn cheats_on(&self, request: &GenerateRequest) -> bool {
+        self.tamper != Tamper::OffPolicySometimes || cheated_on(request.request_id.as_bytes())
+    }
+
     /// Keeps the first answer for [`Tamper::Replay`].
     fn remember(&self, steps: &[KeptStep]) {
         if self.tamper == Tamper::Replay {
@@ -306,7 +320,9 @@ impl Cheat {
         let mut streamed = Vec::with_capacity(steps.len());
         for (leaf, piece) in steps.iter_mut() {
             match self.tamper {
-                Tamper::OffPolicyToken if leaf.step == 1 => {
+                Tamper::OffPolicyToken | Tamper::OffPolicySometimes
+                    if leaf.step == 1 && self.cheats_on(request) =>
+                {
                     if let Some(runner_up) = leaf.top.iter().find(|c| c.id != leaf.token) {
                         leaf.token = runner_up.id;
                         // Its true text, so that only the sampler replay can tell.
