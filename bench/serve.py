@@ -4,7 +4,8 @@ OpenAI-compatible server, same model, threads and parallel slots, same prompts, 
 
     bench/serve.py [--concurrency 1,4,16] [--tokens 128] [--threads 2] [--rounds 2]
 
-A third row, "engine in-process", runs the provider's engine with no mesh and no HTTP
+Rows for proofmesh in `none`, `merkle` and `fraud` mode (fraud: released at once, a drawn share
+audited afterwards; a last table pairs it with `none` round by round). A row "engine in-process" runs the provider's engine with no mesh and no HTTP
 (provider/examples/engine_load.rs) under the same load, so the cost of the gateway and the libp2p
 hop is shown on its own. At `--stall-concurrency` a ~2,000-token prompt then arrives while streams
 run, and a second table shows the running streams' longest gap between tokens during its prefill.
@@ -208,7 +209,7 @@ def main():
     llama_bin = subprocess.run([os.path.join(ROOT, "bench", "llama_cpp.sh"), "llama-server"], check=True,
                                capture_output=True, text=True).stdout.strip()
     logs = tempfile.mkdtemp(prefix="proofmesh-serve-")
-    rows, stalls = [], []
+    rows, stalls, pairs = [], [], []
     for c in levels:
         parallel = max(4, c)
         procs = []
@@ -236,7 +237,7 @@ def main():
             wait_ready(lambda: json.load(urllib.request.urlopen(pm + "/healthz"))["providers"] == 1, procs, logs,
                        "proofmesh")
             targets = [("llama-server", ls, None), ("engine in-process", None, None), ("proofmesh none", pm, "none"),
-                       ("proofmesh merkle", pm, "merkle")]
+                       ("proofmesh merkle", pm, "merkle"), ("proofmesh fraud", pm, "fraud")]
             for _, url, mode in targets:  # warm-up
                 if url:
                     one_request(url + "/v1/chat/completions", PROMPTS[0], 16, True, mode)
@@ -257,6 +258,12 @@ def main():
                 # The ratio pairs each round's figure with llama-server's in the same round (minutes
                 # apart at most): this machine drifts by 10-20 % within a run, which medians of the
                 # raw figures taken at different times would fold into the comparison.
+                # fraud against none, paired the same way: what releasing first and auditing a
+                # drawn share afterwards costs the answers themselves.
+                fraud_vs_none = [f / n for f, n in zip(agg["proofmesh fraud"]["tps"], agg["proofmesh none"]["tps"])]
+                lat = lambda name: percentile(agg[name]["lat"], 50)  # noqa: E731
+                pairs.append((c, "stream" if stream else "plain", statistics.median(fraud_vs_none), min(fraud_vs_none),
+                              max(fraud_vs_none), lat("proofmesh fraud") / lat("proofmesh none")))
                 base = agg["llama-server"]["tps"]
                 for name, _, _ in targets:
                     a = agg[name]
@@ -299,6 +306,13 @@ def main():
         if engine and mesh:
             print(f"c={c}: gateway + libp2p hop + HTTP add {mesh[0] - engine[0]:+.1f} ms to TTFT p50 and keep "
                   f"{mesh[1] / engine[1]:.2f} of the in-process engine's tokens/s (streaming, none)")
+    if pairs:
+        print("\nfraud against none, same gateway and provider, paired round by round (tokens/s ratio: median, range; "
+              "latency p50 ratio):\n")
+        print("| conc | mode | tok/s fraud / none | range | latency p50 fraud / none |")
+        print("|---|---|---|---|---|")
+        for c, kind, ratio, low, high, lat in pairs:
+            print(f"| {c} | {kind} | {ratio:.2f} | {low:.2f}-{high:.2f} | {lat:.2f} |")
     if stalls:
         print("\nA ~2,000-token prompt arriving while streams run (llama-server prefills with its default "
               "batch of 2048, proofmesh in batches of 512 shared with the running streams' tokens, so "
