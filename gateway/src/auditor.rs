@@ -453,6 +453,8 @@ impl Auditor {
             referee: None,
             tier: None,
             proof: None,
+            audit_ms: None,
+            evidence_bytes: None,
         };
         let mut deferral = Deferral {
             id: record.id,
@@ -814,6 +816,8 @@ fn settle(record: &mut AuditRecord, ended: Option<(AuditOutcome, Option<FraudPro
     record.referee = outcome.referee;
     record.tier = outcome.tier.map(|t| t.as_str().to_string());
     record.proof = proof.as_ref().map(FraudProof::to_cbor);
+    record.audit_ms = Some(outcome.elapsed.as_millis() as u64);
+    record.evidence_bytes = Some(outcome.evidence_bytes as u64);
 }
 
 /// Leaf openings over the mesh's request-response protocol.

@@ -147,6 +147,12 @@ async fn fraud_answers_are_released_first_and_audited_after() {
         "{report}"
     );
     assert!(report.get("proof_cbor_hex").is_none());
+    // The work it deferred is reported with the verdict.
+    assert!(report["audit_ms"].as_u64().is_some(), "{report}");
+    assert!(
+        report["evidence_bytes"].as_u64().unwrap_or(0) > 0,
+        "{report}"
+    );
 
     // Off probation now, at rate 0: a streamed answer is released and never drawn. Its audit
     // id is in the headers, before any token, and on the finish chunk.

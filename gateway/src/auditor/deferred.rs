@@ -144,6 +144,12 @@ pub struct AuditRecord {
     pub tier: Option<String>,
     /// The fraud proof of a failed audit, CBOR (`proofmesh-gateway check-proof` reads it).
     pub proof: Option<Vec<u8>>,
+    /// The work the audit took, once it ran: milliseconds from its start to its verdict.
+    #[serde(default)]
+    pub audit_ms: Option<u64>,
+    /// The work the audit took: bytes of openings and evidence it moved.
+    #[serde(default)]
+    pub evidence_bytes: Option<u64>,
 }
 
 /// The durable log of audits after release. Cheap to clone.
@@ -309,6 +315,8 @@ mod tests {
             referee: None,
             tier: None,
             proof: None,
+            audit_ms: None,
+            evidence_bytes: None,
         }
     }
 

@@ -55,6 +55,13 @@ pub struct AuditReport {
     /// is checked offline with `proofmesh-gateway check-proof FILE`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proof_cbor_hex: Option<String>,
+    /// The work this answer's audit took, once it ran: milliseconds from its start to its
+    /// verdict (re-execution, openings, judging), deferred from the answer's own latency.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_ms: Option<u64>,
+    /// Bytes of leaf openings and referee evidence the audit moved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence_bytes: Option<u64>,
 }
 
 impl From<AuditRecord> for AuditReport {
@@ -76,6 +83,8 @@ impl From<AuditRecord> for AuditReport {
             referee: record.referee,
             tier: record.tier,
             proof_cbor_hex: record.proof.map(hex::encode),
+            audit_ms: record.audit_ms,
+            evidence_bytes: record.evidence_bytes,
         }
     }
 }
