@@ -137,7 +137,8 @@ pub struct Released {
     pub tokens: Vec<u32>,
     /// The provider's signed commitment.
     pub commitment: SignedCommitment,
-    /// The API key name it was asked with, when keys are on.
+    /// The id of the API key it was asked with ([`crate::access::Caller::owner_id`]), when
+    /// keys are on.
     pub caller: Option<String>,
 }
 
@@ -520,21 +521,24 @@ impl Auditor {
             self.audit(&answer, VerificationMode::Merkle, None, true)
                 .await
         };
-        let ended = tokio::time::timeout(window, run).await.ok();
-        let settled = ended.clone();
-        let id = released.id;
-        self.log_write(move |log| log.settle(id, |record| settle(record, settled)))
-            .await;
-        let status = ended
-            .as_ref()
-            .map_or(AuditStatus::Expired, |(outcome, _)| status_of(outcome));
-        let reason = match ended.as_ref().map(|(o, _)| o.verdict()) {
-            Some(AuditVerdict::Failed(failure)) => failure.to_string(),
-            _ => String::new(),
+        let (outcome, proof) = match tokio::time::timeout(window, run).await {
+            Ok((outcome, proof)) => (Some(outcome), proof),
+            Err(_) => (None, None),
         };
-        self.count_deferred(status, reason);
+        let status = outcome.as_ref().map_or(AuditStatus::Expired, status_of);
+        let failure = match outcome.as_ref().map(AuditOutcome::verdict) {
+            Some(AuditVerdict::Failed(failure)) => Some(failure.to_string()),
+            _ => None,
+        };
+        let id = released.id;
+        let (written, reason) = (outcome.clone(), failure.clone());
+        self.log_write(move |log| {
+            log.settle(id, |record| settle(record, status, reason, written, proof))
+        })
+        .await;
+        self.count_deferred(status, failure.unwrap_or_default());
         tracing::debug!(audit = %id, status = status.as_str(), "released answer audited");
-        ended.map(|(outcome, _)| outcome)
+        outcome
     }
 
     /// Runs a write of the audit log off the async workers (it waits for the disk).
@@ -799,19 +803,22 @@ fn status_of(outcome: &AuditOutcome) -> AuditStatus {
     }
 }
 
-/// Writes how an audit after release ended into its record (`None`: the window closed).
-fn settle(record: &mut AuditRecord, ended: Option<(AuditOutcome, Option<FraudProof>)>) {
+/// Writes how an audit after release ended into its record: its `status`, the `failure` it
+/// found, and its outcome and proof (`None`: the window closed first).
+fn settle(
+    record: &mut AuditRecord,
+    status: AuditStatus,
+    failure: Option<String>,
+    outcome: Option<AuditOutcome>,
+    proof: Option<FraudProof>,
+) {
     record.decided_ms = Some(book::now_ms());
-    let Some((outcome, proof)) = ended else {
-        record.status = AuditStatus::Expired;
+    record.status = status;
+    let Some(outcome) = outcome else {
         record.reason = Some("the audit window closed before the audit ended".into());
         return;
     };
-    record.status = status_of(&outcome);
-    record.reason = match outcome.verdict() {
-        AuditVerdict::Failed(failure) => Some(failure.to_string()),
-        _ => None,
-    };
+    record.reason = failure;
     record.challenged = outcome.challenged;
     record.referee = outcome.referee;
     record.tier = outcome.tier.map(|t| t.as_str().to_string());

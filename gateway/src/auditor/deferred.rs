@@ -130,7 +130,8 @@ pub struct AuditRecord {
     pub merkle_root: String,
     /// Steps committed.
     pub steps: u32,
-    /// The API key name the request came with, when keys are on: only it may read the record.
+    /// The id of the API key the request came with (derived from the key's hash, not its
+    /// name), when keys are on: only that key may read the record.
     pub caller: Option<String>,
     /// Where the audit stands.
     pub status: AuditStatus,
