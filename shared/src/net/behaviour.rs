@@ -135,7 +135,11 @@ impl Behaviour {
                     .with_agent_version(format!("proofmesh/{}", env!("CARGO_PKG_VERSION")))
                     // Its cache would dial any address a peer lists (a peer's 127.0.0.1 is
                     // ours); Kademlia holds the addresses the event loop vetted.
-                    .with_cache_size(0),
+                    .with_cache_size(0)
+                    // A provider's relay circuit is a listen address that comes after its first
+                    // identify; without the push, the relay's Kademlia knows only the private
+                    // addresses and hands gateways provider records they cannot dial.
+                    .with_push_listen_addr_updates(true),
             ),
             ping: ping::Behaviour::default(),
             mdns: mdns.into(),

@@ -5,7 +5,7 @@
 //! answered here from the node's [`Role`]; gateways query every peer they identify and report the
 //! providers they find. Nothing here blocks: every reply is a channel send.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -25,7 +25,7 @@ use super::behaviour::{Behaviour, BehaviourEvent, Parts};
 use super::client::{Client, Command};
 use super::conduct::{Conduct, Offence};
 use super::guard::{Guarded, ip_of};
-use super::reach::{Reach, Traversal, with_listen_port};
+use super::reach::{Reach, Traversal, is_circuit, relay_of, with_listen_port};
 use super::{Event, NetConfig, NetError, Role, peer_of};
 use crate::protocol::{
     CAPS_PROTOCOL, Capabilities, CapsRequest, GenerateRequest, LeaveAck, Leaving, ModelDigest,
@@ -88,7 +88,7 @@ pub struct EventLoop {
     /// On gateways: the providers found, and when each was last asked for its capabilities.
     providers: HashMap<PeerId, std::time::Instant>,
     /// Peers that announced they are leaving: capabilities they sent before are stale.
-    departed: std::collections::HashSet<PeerId>,
+    departed: HashSet<PeerId>,
     /// Relays to hold a reservation at, and the circuit listener at each while it lives.
     relays: Vec<(Multiaddr, Option<ListenerId>)>,
     /// What this node knows of its own reachability.
@@ -98,12 +98,12 @@ pub struct EventLoop {
     awaiting_direct: HashMap<PeerId, Capabilities>,
     /// Addresses AutoNAT servers dialled back, announced as this node's (at most
     /// [`MAX_CONFIRMED`]).
-    autonat_confirmed: std::collections::HashSet<Multiaddr>,
+    autonat_confirmed: HashSet<Multiaddr>,
 }
 
 /// The state of a leave announcement.
 struct Leave {
-    pending: std::collections::HashSet<OutboundRequestId>,
+    pending: HashSet<OutboundRequestId>,
     acked: usize,
     reply: oneshot::Sender<usize>,
 }
@@ -283,7 +283,9 @@ impl EventLoop {
     pub async fn run(mut self) {
         self.dial_bootstrap();
         self.reserve_at_relays();
-        let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+        // The first maintenance comes one interval after the bootstrap dials, not on top of them.
+        let start = tokio::time::Instant::now() + MAINTENANCE_INTERVAL;
+        let mut tick = tokio::time::interval_at(start, MAINTENANCE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -297,10 +299,53 @@ impl EventLoop {
         }
     }
 
+    /// Dials the bootstrap addresses: direct ones at once, circuits through their relays.
     fn dial_bootstrap(&mut self) {
         for addr in self.bootstrap.clone() {
+            if is_circuit(&addr) {
+                continue;
+            }
             if let Err(e) = self.swarm.dial(addr.clone()) {
                 tracing::warn!(%addr, error = %e, "bootstrap dial failed");
+            }
+        }
+        self.dial_bootstrap_circuits(None);
+    }
+
+    /// Dials each bootstrap circuit (`<relay>/p2p-circuit/p2p/<peer>`) whose peer is not
+    /// connected, through `via` only when given (a relay just connected), else through any.
+    ///
+    /// A circuit goes out only over a live connection to its relay; without one this dials the
+    /// relay, once per relay, and the circuit follows when it connects. (libp2p's relay client
+    /// dials a missing relay per circuit, and refuses all but the first of several such dials
+    /// to one relay at once, so circuits dialled together before it connects fail.) Unlike
+    /// other re-dials these go out even while a dial to the peer is under way: Kademlia keeps
+    /// dialling the private addresses of a provider it found, which never answer, and the
+    /// circuit is the only way in.
+    fn dial_bootstrap_circuits(&mut self, via: Option<PeerId>) {
+        let mut relays_dialled = HashSet::new();
+        for addr in self.bootstrap.clone() {
+            let (Some((relay_addr, relay)), Some(peer)) = (relay_of(&addr), peer_of(&addr)) else {
+                continue;
+            };
+            if via.is_some_and(|via| via != relay) || self.swarm.is_connected(&peer) {
+                continue;
+            }
+            let dial = if self.swarm.is_connected(&relay) {
+                DialOpts::peer_id(peer)
+                    .addresses(vec![addr.clone()])
+                    .condition(PeerCondition::Disconnected)
+                    .build()
+            } else if relays_dialled.insert(relay) {
+                DialOpts::peer_id(relay)
+                    .addresses(vec![relay_addr])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build()
+            } else {
+                continue;
+            };
+            if let Err(e) = self.swarm.dial(dial) {
+                tracing::debug!(%addr, error = %e, "bootstrap circuit dial failed");
             }
         }
     }
@@ -309,8 +354,12 @@ impl EventLoop {
     /// that came back), even while it is connected to others; an address without a peer id
     /// only when it is connected to nobody.
     fn redial_bootstrap(&mut self) {
+        self.dial_bootstrap_circuits(None);
         let alone = self.swarm.connected_peers().next().is_none();
         for addr in self.bootstrap.clone() {
+            if is_circuit(&addr) {
+                continue;
+            }
             let dial = match peer_of(&addr) {
                 // Not again while a dial to it is still under way.
                 Some(peer) if !self.swarm.is_connected(&peer) => DialOpts::peer_id(peer)
@@ -510,7 +559,7 @@ impl EventLoop {
         let pending = peers
             .iter()
             .map(|peer| self.swarm.behaviour_mut().leave.send_request(peer, Leaving))
-            .collect::<std::collections::HashSet<_>>();
+            .collect::<HashSet<_>>();
         tracing::info!(peers = peers.len(), "announcing shutdown to peers");
         let leave = Leave {
             pending,
@@ -549,9 +598,13 @@ impl EventLoop {
                 peer_id,
                 endpoint,
                 connection_id,
+                num_established,
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                if num_established.get() == 1 && !endpoint.is_relayed() {
+                    self.dial_bootstrap_circuits(Some(peer_id));
+                }
                 self.reach.connected(connection_id, peer_id, &endpoint);
                 // With a direct connection, relayed ones only risk streams the relay cuts at
                 // 128 KiB (libp2p-stream picks a connection at random).

@@ -101,6 +101,22 @@ pub(crate) fn is_circuit(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| p == Protocol::P2pCircuit)
 }
 
+/// The relay a circuit address goes through: its own address (up to `/p2p-circuit`) and its
+/// peer id. `None` for a direct address, or a circuit that does not name its relay.
+pub(crate) fn relay_of(addr: &Multiaddr) -> Option<(Multiaddr, PeerId)> {
+    let mut relay = Multiaddr::empty();
+    for protocol in addr.iter() {
+        if protocol == Protocol::P2pCircuit {
+            return match relay.iter().last() {
+                Some(Protocol::P2p(peer)) => Some((relay, peer)),
+                _ => None,
+            };
+        }
+        relay.push(protocol);
+    }
+    None
+}
+
 /// What a node knows of its own reachability (a snapshot; [`Client::reachability`](super::Client::reachability)).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Reachability {
@@ -404,6 +420,31 @@ mod tests {
 
     fn addr(s: &str) -> Multiaddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_circuit_address_names_its_relay() {
+        let relay = "16Uiu2HAm3mvXcmp8q2tg32s5PNWjtz2SHZ4qY8zpJ3WmoreyvTKk";
+        let target = "16Uiu2HAm7uuwaqYivt4w1ce16CGBsnjcwyBqHzwrmw4UNE83LEuw";
+        let circuit = addr(&format!(
+            "/ip4/10.0.0.1/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{target}"
+        ));
+        let (relay_addr, relay_peer) = relay_of(&circuit).unwrap();
+        assert_eq!(
+            relay_addr,
+            addr(&format!("/ip4/10.0.0.1/tcp/4001/p2p/{relay}"))
+        );
+        assert_eq!(relay_peer.to_string(), relay);
+        assert_eq!(
+            relay_of(&addr(&format!("/ip4/10.0.0.1/tcp/4001/p2p/{target}"))),
+            None
+        );
+        assert_eq!(
+            relay_of(&addr(&format!(
+                "/ip4/10.0.0.1/tcp/4001/p2p-circuit/p2p/{target}"
+            ))),
+            None
+        );
     }
 
     #[test]
