@@ -64,6 +64,7 @@ pub use procedure::Answer;
 pub use session::{Dialer, LocalReferee, RefereeSession};
 pub use vocab::{Transcript, Vocabulary};
 
+use crate::ledger::{self, Hold, Ledger, LedgerConfig};
 use crate::metrics::{GatewayMetrics, VerdictLabels};
 use crate::registry::{Candidate, Registry};
 use pool::Prospect;
@@ -85,6 +86,8 @@ pub struct AuditorConfig {
     /// Vocabularies the gateway trusts (read from model files it was given), by digest: the
     /// text of answers of these models is the gateway's own detokenization.
     pub vocabularies: Vec<(ModelDigest, Arc<Vocabulary>)>,
+    /// Prices, and what a proven fraud costs.
+    pub ledger: LedgerConfig,
 }
 
 /// The verification owner. Cheap to clone.
@@ -105,6 +108,7 @@ struct Inner {
     metrics: Arc<GatewayMetrics>,
     vocabularies: HashMap<ModelDigest, Arc<Vocabulary>>,
     audits: AuditLog,
+    ledger: Ledger,
     /// `fraud` answers waiting for (or in) their audit; one more drawn is audited before
     /// release.
     deferred_backlog: Arc<Semaphore>,
@@ -140,6 +144,8 @@ pub struct Released {
     /// The id of the API key it was asked with ([`crate::access::Caller::owner_id`]), when
     /// keys are on.
     pub caller: Option<String>,
+    /// What it earns its provider (µcr), held until its audit window closes.
+    pub price: u64,
 }
 
 /// What the client of a released answer is told about its audit.
@@ -209,6 +215,7 @@ impl Auditor {
             None => Book::in_memory()?,
         };
         let (audits, interrupted) = AuditLog::open(book.database(), book::now_ms())?;
+        let ledger = Ledger::open(book.database(), config.ledger)?;
         if interrupted > 0 {
             tracing::warn!(
                 interrupted,
@@ -227,6 +234,7 @@ impl Auditor {
                 metrics,
                 vocabularies: config.vocabularies.into_iter().collect(),
                 audits,
+                ledger,
                 deferred_backlog: Arc::new(Semaphore::new(DEFERRED_BACKLOG)),
                 deferred_waiting: Arc::default(),
                 deferred_running: Arc::new(Semaphore::new(DEFERRED_RUNNING)),
@@ -256,7 +264,7 @@ impl Auditor {
                 reason: failure.to_string(),
             })
             .inc();
-        inner.book.failed(provider, inner.policy.bench);
+        self.convicted(provider);
         tracing::warn!(%provider, %failure, "provider caught while streaming; benched");
     }
 
@@ -268,6 +276,25 @@ impl Auditor {
     /// The per-peer book.
     pub fn book(&self) -> &Book {
         &self.inner.book
+    }
+
+    /// The ledger of payments and stakes.
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
+    }
+
+    /// A fraud by `provider` was shown to this gateway (its own audit, its own eyes, or a proof
+    /// it checked): the provider is benched, forfeits every payment it has held, and its stake
+    /// is slashed.
+    fn convicted(&self, provider: &PeerId) {
+        let inner = &self.inner;
+        inner.book.failed(provider, inner.policy.bench);
+        match inner.ledger.forfeit_all(provider) {
+            Ok(f) => {
+                tracing::warn!(%provider, answers = f.answers, forfeited = f.amount, slashed = f.slashed, "held payments forfeited, stake slashed")
+            }
+            Err(e) => tracing::error!(%provider, error = %e, "cannot write the ledger"),
+        }
     }
 
     /// The gateway's own engine referee, if any.
@@ -462,7 +489,17 @@ impl Auditor {
             window_closes_ms,
             audited_now: None,
         };
-        self.log_write(move |log| log.insert(&record)).await;
+        let hold = Hold {
+            provider: provider.to_bytes(),
+            caller: released
+                .caller
+                .clone()
+                .unwrap_or_else(|| ledger::ANONYMOUS.into()),
+            amount: released.price,
+            closes_ms: window_closes_ms,
+        };
+        self.log_write(move |log| log.insert(&record, Some(&hold)))
+            .await;
         if !drawn {
             self.count_deferred(AuditStatus::NotSampled, String::new());
             return deferral;
@@ -531,6 +568,16 @@ impl Auditor {
             _ => None,
         };
         let id = released.id;
+        // A pass pays the answer now; silence forfeits it (a proven fraud already forfeited
+        // everything its provider had held); anything else waits for the window to close.
+        let paid = match status {
+            AuditStatus::Passed => inner.ledger.release(id.0),
+            AuditStatus::Withheld => inner.ledger.forfeit(id.0),
+            _ => Ok(false),
+        };
+        if let Err(e) = paid {
+            tracing::error!(audit = %id, error = %e, "cannot write the ledger");
+        }
         let (written, reason) = (outcome.clone(), failure.clone());
         self.log_write(move |log| {
             log.settle(id, |record| settle(record, status, reason, written, proof))
@@ -711,7 +758,7 @@ impl Auditor {
                 }
             }
             AuditVerdict::Failed(failure) if report.penalise => {
-                inner.book.failed(&provider, inner.policy.bench);
+                self.convicted(&provider);
                 let saved = report.proof.as_ref().and_then(|p| self.save_proof(p));
                 // An echo of this proof from another gateway costs the provider nothing more.
                 lock(&inner.heard).first((provider.to_bytes(), answer.request.request_id));

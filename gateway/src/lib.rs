@@ -19,6 +19,8 @@
 //!   request allows.
 //! - [`failover`]: the one retry policy: which provider next, how many tries, the deadline,
 //!   and the error when every try failed.
+//! - [`ledger`]: what answers earn their providers, held while their audit window is open,
+//!   forfeited and slashed on a proven fraud; providers' declared stakes.
 //! - [`auditor`]: the one owner of verification. Built with the `local-referee` feature, the
 //!   gateway can also re-execute answers with its own engine (and then links llama.cpp);
 //!   without it, it links none.
@@ -34,6 +36,7 @@ pub mod error;
 pub mod failover;
 pub mod http;
 pub mod inference;
+pub mod ledger;
 pub mod lifecycle;
 pub mod metrics;
 pub mod openai;
@@ -62,6 +65,7 @@ use crate::auditor::{
 };
 use crate::catalog::Catalog;
 use crate::error::ApiError;
+use crate::ledger::LedgerConfig;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{GatewayMetrics, RequestLabels};
 use crate::openai::extract::MAX_BODY_BYTES;
@@ -112,6 +116,8 @@ pub struct GatewayConfig {
     pub evidence_dir: Option<std::path::PathBuf>,
     /// GGUF files whose vocabularies check answers' text (the referee model's is added).
     pub vocabularies: Vec<std::path::PathBuf>,
+    /// Prices, and what a proven fraud costs.
+    pub ledger: LedgerConfig,
 }
 
 /// What a running gateway reports once it is up.
@@ -258,6 +264,7 @@ pub async fn run(
             book: config.book.clone(),
             evidence_dir: config.evidence_dir.clone(),
             vocabularies,
+            ledger: config.ledger.clone(),
         },
         Dialer {
             net: client.clone(),
@@ -268,12 +275,15 @@ pub async fn run(
         Arc::clone(&metrics),
     )?;
     tracing::info!(peers = auditor.book().len(), "peer book open");
+    tokio::spawn(auditor.ledger().clone().pay_when_due());
+    let payer = auditor.ledger().spawn_payer();
     let _ = hearing.set(auditor.clone());
     let state = AppState {
         registry,
         net: client.clone(),
         catalog: Arc::new(catalog),
         auditor,
+        payer,
         default_mode: config.default_mode,
         metrics,
         lifecycle: Lifecycle::default(),
@@ -405,6 +415,14 @@ async fn track_mesh(
     while let Some(event) = events.recv().await {
         match event {
             Event::ProviderUp { peer, capabilities } => {
+                if let (Some(stake), Some(auditor)) = (capabilities.stake, auditor.get()) {
+                    let ledger = auditor.ledger().clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = ledger.take_declaration(&peer, &stake) {
+                            tracing::error!(%peer, error = %e, "cannot write the ledger");
+                        }
+                    });
+                }
                 registry.upsert(peer, capabilities.models);
             }
             Event::ProviderLeaving { peer } | Event::PeerGone { peer } => registry.remove(&peer),

@@ -292,6 +292,21 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_FRAUD_AUDIT_WINDOW_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     fraud_audit_window_secs: Option<u64>,
+    /// Credits a provider earns per million tokens, prompt and completion (so micro-credits
+    /// per token), for models without their own --model-prices [default: 1].
+    #[arg(long, env = "PROOFMESH_PRICE_PER_MILLION_TOKENS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    price_per_million_tokens: Option<u64>,
+    /// Prices of named models, NAME=CREDITS per million tokens, comma-separated
+    /// [default: none].
+    #[arg(long, env = "PROOFMESH_MODEL_PRICES", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_prices: Option<Vec<String>>,
+    /// Share (0 to 1) of its declared stake a provider loses to a proven fraud, besides every
+    /// payment it has held [default: 0.5].
+    #[arg(long, env = "PROOFMESH_SLASH_SHARE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slash_share: Option<f64>,
     /// GGUF files whose vocabularies check the text of answers, comma-separated (the referee
     /// model's is used by itself) [default: none].
     #[arg(long, env = "PROOFMESH_VOCABULARIES", value_delimiter = ',')]
@@ -474,6 +489,7 @@ async fn main() -> anyhow::Result<()> {
         proofmesh_shared::identity::load_or_create(&path).context("loading the node key")?
     };
     let state_dir = settings.state_dir.clone().unwrap_or_else(default_state_dir);
+    let ledger = settings.ledger();
     let config = GatewayConfig {
         http_listen: settings.http_listen,
         p2p_listen: settings.p2p_listen,
@@ -551,6 +567,7 @@ async fn main() -> anyhow::Result<()> {
             .filter_map(|p| proofmesh_gateway::catalog::parse_pin(p).ok())
             .collect(),
         book: Some(state_dir.join("peers.redb")),
+        ledger,
         evidence_dir: settings.evidence_dir,
         vocabularies: settings.vocabularies,
     };

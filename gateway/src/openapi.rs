@@ -8,7 +8,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::routes::{audits, chat, health, metrics, models};
+use crate::routes::{audits, chat, health, metrics, models, providers};
 use crate::state::AppState;
 
 /// Document metadata; paths and schemas are collected from the routes in [`api_router`].
@@ -27,6 +27,7 @@ Point an OpenAI SDK's `base_url` at `http://<gateway>/v1`. proofmesh adds the op
         (name = "chat", description = "OpenAI chat completions"),
         (name = "models", description = "Models the mesh serves"),
         (name = "audits", description = "Verdicts on answers released before their audit (`verification_mode: fraud`)"),
+        (name = "providers", description = "The providers this gateway knows: models, stake, payments, reputation, latency and load"),
         (name = "operations", description = "Health, readiness and metrics"),
     ),
     components(schemas(crate::openai::response::ChatCompletionChunk))
@@ -39,6 +40,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(chat::completions))
         .routes(routes!(models::list))
         .routes(routes!(audits::get))
+        .routes(routes!(providers::list))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(metrics::metrics))

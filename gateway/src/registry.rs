@@ -26,6 +26,26 @@ struct Entry {
     /// Failures since its last success: the circuit breaker's count.
     failures_in_row: u32,
     first_seen: u64,
+    /// Time to first token, moving average (ms), measured here.
+    latency_ms: Option<f64>,
+}
+
+/// Weight of the newest measurement in a provider's moving average latency.
+const LATENCY_WEIGHT: f64 = 0.2;
+
+/// What the gateway sees of one connected provider right now.
+#[derive(Debug, Clone)]
+pub struct ProviderView {
+    /// The provider.
+    pub peer: PeerId,
+    /// What it advertises.
+    pub models: Vec<ModelCard>,
+    /// Requests it is serving for this gateway.
+    pub in_flight: usize,
+    /// Its time to first token, moving average (ms), as this gateway measured it.
+    pub latency_ms: Option<u64>,
+    /// Whether it failed recently and is tried last.
+    pub cooling_down: bool,
 }
 
 /// Known providers and their load. Cheap to clone.
@@ -100,6 +120,7 @@ impl Registry {
             cooldown_until: None,
             failures_in_row: 0,
             first_seen: crate::openai::response::unix_now(),
+            latency_ms: None,
         });
         if entry.models != models {
             entry.models = models;
@@ -138,6 +159,32 @@ impl Registry {
             entry.failures_in_row = 0;
             entry.cooldown_until = None;
         }
+    }
+
+    /// Folds one measured time to first token into `peer`'s moving average.
+    pub fn observed_latency(&self, peer: &PeerId, latency: Duration) {
+        if let Some(entry) = self.lock().get_mut(peer) {
+            let ms = latency.as_secs_f64() * 1000.0;
+            entry.latency_ms = Some(match entry.latency_ms {
+                Some(avg) => avg + LATENCY_WEIGHT * (ms - avg),
+                None => ms,
+            });
+        }
+    }
+
+    /// Every connected provider, as the gateway sees it now.
+    pub fn providers(&self) -> Vec<ProviderView> {
+        let now = Instant::now();
+        self.lock()
+            .iter()
+            .map(|(peer, e)| ProviderView {
+                peer: *peer,
+                models: e.models.clone(),
+                in_flight: e.in_flight,
+                latency_ms: e.latency_ms.map(|ms| ms.round() as u64),
+                cooling_down: e.cooldown_until.is_some_and(|t| t > now),
+            })
+            .collect()
     }
 
     /// How long until the first of these providers leaves its cool-down (zero if one is not

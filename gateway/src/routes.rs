@@ -5,3 +5,4 @@ pub mod chat;
 pub mod health;
 pub mod metrics;
 pub mod models;
+pub mod providers;

@@ -104,6 +104,13 @@ pub struct GatewaySettings {
     /// GGUF files whose vocabularies the gateway trusts for checking answers' text (the
     /// referee model's is added by itself).
     pub vocabularies: Vec<PathBuf>,
+    /// Credits a provider earns per million tokens (prompt and completion) of a model without
+    /// its own price; µcr per token.
+    pub price_per_million_tokens: u64,
+    /// Prices of named models, `NAME=CREDITS` per million tokens.
+    pub model_prices: Vec<String>,
+    /// Share (0 to 1) of its stake a provider loses to a proven fraud.
+    pub slash_share: f64,
     /// Directory of the durable peer book (reputation, failures, probation); default in the
     /// user's data directory.
     pub state_dir: Option<PathBuf>,
@@ -157,6 +164,9 @@ impl Default for GatewaySettings {
             fraud_probation_audit_rate: crate::auditor::policy::FRAUD_PROBATION_AUDIT_RATE,
             fraud_audit_window_secs: crate::auditor::policy::FRAUD_AUDIT_WINDOW.as_secs(),
             vocabularies: Vec::new(),
+            price_per_million_tokens: 1,
+            model_prices: Vec::new(),
+            slash_share: 0.5,
             state_dir: None,
             log_format: LogFormat::Text,
             otlp_endpoint: None,
@@ -246,6 +256,16 @@ impl GatewaySettings {
             0..=86_400,
             "0 to 86400",
         )?;
+        for price in &self.model_prices {
+            if parse_model_price(price).is_none() {
+                return Err(ConfigError::OutOfRange {
+                    key: "model_prices",
+                    value: price.clone(),
+                    why: "NAME=CREDITS, credits per million tokens as a whole number",
+                });
+            }
+        }
+        check_range("slash_share", self.slash_share, 0.0..=1.0, "0 to 1")?;
         check_range(
             "fraud_audit_rate",
             self.fraud_audit_rate,
@@ -267,6 +287,21 @@ impl GatewaySettings {
         Ok(())
     }
 
+    /// The ledger's prices and penalty.
+    pub fn ledger(&self) -> crate::ledger::LedgerConfig {
+        crate::ledger::LedgerConfig {
+            pricing: crate::ledger::Pricing {
+                default: self.price_per_million_tokens,
+                models: self
+                    .model_prices
+                    .iter()
+                    .filter_map(|p| parse_model_price(p))
+                    .collect(),
+            },
+            slash_share: self.slash_share,
+        }
+    }
+
     /// A copy safe to print: secrets masked.
     pub fn masked(&self) -> Self {
         Self {
@@ -274,6 +309,14 @@ impl GatewaySettings {
             ..self.clone()
         }
     }
+}
+
+/// `NAME=CREDITS`.
+fn parse_model_price(text: &str) -> Option<(String, u64)> {
+    let (name, credits) = text.split_once('=')?;
+    let name = name.trim();
+    (!name.is_empty()).then_some(())?;
+    Some((name.to_string(), credits.trim().parse().ok()?))
 }
 
 /// The pin error's kind, as a static reason for [`ConfigError::OutOfRange`].

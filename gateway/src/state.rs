@@ -8,6 +8,7 @@ use crate::access::Access;
 use crate::auditor::{Auditor, VerificationMode};
 use crate::catalog::Catalog;
 use crate::failover::RetryPolicy;
+use crate::ledger::Payer;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::GatewayMetrics;
 use crate::registry::Registry;
@@ -24,6 +25,8 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     /// Verification: admission, referees, judging, the peer book.
     pub auditor: Auditor,
+    /// Pays providers for answers released after their checks.
+    pub payer: Payer,
     /// Mode for requests that name none.
     pub default_mode: VerificationMode,
     /// Prometheus metrics.

@@ -238,6 +238,52 @@ async fn fraud_answers_are_released_first_and_audited_after() {
         .await;
     assert_eq!(status, 503, "{answer}");
 
+    // The ledger (GET /v1/providers). The honest provider was paid for the answer whose audit
+    // passed, holds the two undrawn ones until their window closes, and is paid at once for a
+    // merkle answer (checked before release); the cheat and the silent one forfeited theirs.
+    let merkle = json!({"verification_mode": "merkle", "max_tokens": 4});
+    let (status, _, answer) = mesh.chat_with(chat_body("Hi", merkle), Some(honest)).await;
+    assert_eq!(status, 200, "{answer}");
+    let merkle_price = answer["usage"]["total_tokens"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let providers = loop {
+        let providers = providers(&mesh).await;
+        let paid = &providers[&honest.to_string()]["ledger"]["answers_paid"];
+        if *paid == 2 || Instant::now() > deadline {
+            break providers;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let ledger = &providers[&honest.to_string()]["ledger"];
+    assert_eq!(ledger["answers_paid"], 2, "{ledger}");
+    assert!(
+        ledger["balance"].as_u64().unwrap() > merkle_price,
+        "{ledger}"
+    );
+    assert!(ledger["held"].as_u64().unwrap() > 0, "{ledger}");
+    assert_eq!(ledger["forfeited"], 0, "{ledger}");
+    for peer in [cheat, silent] {
+        let report = &providers[&peer.to_string()];
+        let ledger = &report["ledger"];
+        assert_eq!(
+            (
+                &ledger["answers_paid"],
+                &ledger["answers_forfeited"],
+                &ledger["held"]
+            ),
+            (&json!(0), &json!(1), &json!(0)),
+            "{report}"
+        );
+    }
+    assert_eq!(
+        providers[&cheat.to_string()]["reputation"]["audits_failed"],
+        1
+    );
+    assert_eq!(
+        providers[&silent.to_string()]["reputation"]["audits_withheld"],
+        1
+    );
+
     // Ids that were never issued, or are not ids.
     let never = format!("aud_{}", "0".repeat(32));
     for id in [never.as_str(), "aud_zz", "nonsense"] {
@@ -254,16 +300,22 @@ async fn fraud_answers_are_released_first_and_audited_after() {
 /// goes uncaught through 1,000 requests with a chance of about 4 in 100,000.
 const MAX_REQUESTS: u32 = 1000;
 
-/// #14's first acceptance point, less the payments: one honest provider and one that cheats on
-/// a tenth of its requests, `fraud` mode at a 20 % audit rate. The cheat is caught (an audit
-/// fails, with a proof that holds) and excluded; no audit of the honest provider failed.
+/// Stake each provider declares in this test, µcr.
+const STAKE: u64 = 10_000_000;
+
+/// #14's first acceptance point: one honest provider and one that cheats on a tenth of its
+/// requests, `fraud` mode at a 20 % audit rate. The cheat is caught (an audit fails, with a
+/// proof that holds), excluded, forfeits every payment it had held and half its stake, and is
+/// paid only for answers an audit showed honest; the honest provider is paid for each passed
+/// audit and never penalised.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_cheats_now_and_then_is_caught_by_sampled_audits() {
     let options = GatewayOptions {
         fraud: Some(FraudPolicy {
             rate: 0.2,
             probation_rate: 0.2,
-            window: Duration::from_secs(300),
+            // Longer than the test: no payment comes due by its window closing.
+            window: Duration::from_secs(1800),
             open_patience: Duration::from_secs(2),
         }),
         failed_audit_cooldown: Duration::from_secs(600),
@@ -271,9 +323,13 @@ async fn a_provider_that_cheats_now_and_then_is_caught_by_sampled_audits() {
     };
     let honest = ProviderSpec {
         name: "honest",
+        stake: STAKE,
         ..HONEST
     };
-    let cheat = ProviderSpec::tampering("sometimes", Tamper::OffPolicySometimes);
+    let cheat = ProviderSpec {
+        stake: STAKE,
+        ..ProviderSpec::tampering("sometimes", Tamper::OffPolicySometimes)
+    };
     let mesh = Mesh::start_with(&[honest, cheat], options).await;
     let (honest, cheat) = (
         mesh.providers[0].peer_id.to_string(),
@@ -317,18 +373,16 @@ async fn a_provider_that_cheats_now_and_then_is_caught_by_sampled_audits() {
         .unwrap();
     assert!(proofmesh_provider::tamper::cheated_on(&id));
     let served = released.iter().filter(|(p, _)| *p == cheat).count();
-    let cheated = {
-        let mut cheated = 0;
-        for (_, audit_id) in released.iter().filter(|(p, _)| *p == cheat) {
-            let (_, r) = audit(&mesh, audit_id).await;
-            let id: [u8; 16] = hex::decode(r["request_id"].as_str().unwrap())
-                .unwrap()
-                .try_into()
-                .unwrap();
-            cheated += usize::from(proofmesh_provider::tamper::cheated_on(&id));
-        }
-        cheated
-    };
+    let (mut cheated, mut cheat_passed) = (0, 0);
+    for (_, audit_id) in released.iter().filter(|(p, _)| *p == cheat) {
+        let r = verdict(&mesh, audit_id).await;
+        let id: [u8; 16] = hex::decode(r["request_id"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        cheated += usize::from(proofmesh_provider::tamper::cheated_on(&id));
+        cheat_passed += usize::from(r["status"] == "passed");
+    }
     eprintln!(
         "caught after {sent} requests: the cheat had served {served} and cheated on {cheated}"
     );
@@ -337,11 +391,71 @@ async fn a_provider_that_cheats_now_and_then_is_caught_by_sampled_audits() {
     let (status, _, _) = mesh.chat_with(chat_body("Hi", fraud(4)), Some(peer)).await;
     assert_eq!(status, 503);
     // The honest provider: every audit of it passed or was not drawn, and it still serves.
+    let mut honest_passed = 0;
     for (_, id) in released.iter().filter(|(p, _)| *p == honest) {
         let report = verdict(&mesh, id).await;
         let status = report["status"].as_str().unwrap_or("");
         assert!(matches!(status, "passed" | "not_sampled"), "{report}");
+        honest_passed += usize::from(status == "passed");
     }
+
+    // The ledger, as GET /v1/providers shows it. The cheat forfeited every payment it still
+    // had held (all but those of answers an audit passed first) and half its stake.
+    let providers = providers(&mesh).await;
+    let cheat_report = &providers[cheat.as_str()];
+    let ledger = &cheat_report["ledger"];
+    eprintln!("the cheat: {cheat_report}");
+    assert_eq!(ledger["held"], 0, "{cheat_report}");
+    assert!(
+        ledger["answers_forfeited"].as_u64().unwrap() >= 1,
+        "{cheat_report}"
+    );
+    let paid = ledger["answers_paid"].as_u64().unwrap();
+    assert!(
+        paid <= cheat_passed as u64,
+        "paid for an unaudited answer: {cheat_report}"
+    );
+    assert_eq!(
+        paid + ledger["answers_forfeited"].as_u64().unwrap(),
+        served as u64,
+        "{cheat_report}"
+    );
+    assert_eq!(ledger["stake_declared"], STAKE);
+    assert_eq!(ledger["stake_slashed"], STAKE / 2);
+    assert_eq!(cheat_report["reputation"]["audits_failed"], 1);
+    assert!(cheat_report["reputation"]["benched_until"].is_u64());
+    // The honest one was paid for each passed audit, and lost nothing.
+    let honest_report = &providers[honest.as_str()];
+    eprintln!("the honest provider: {honest_report}");
+    let ledger = &honest_report["ledger"];
+    assert_eq!(
+        ledger["answers_paid"], honest_passed as u64,
+        "{honest_report}"
+    );
+    assert_eq!(ledger["answers_forfeited"], 0);
+    assert_eq!(
+        (ledger["stake"].as_u64(), ledger["stake_slashed"].as_u64()),
+        (Some(STAKE), Some(0))
+    );
+    assert_eq!(honest_report["reputation"]["audits_failed"], 0);
+    assert!(honest_passed == 0 || ledger["balance"].as_u64().unwrap() > 0);
+
     let (status, _, _) = mesh.chat(chat_body("Hi", fraud(4))).await;
     assert_eq!(status, 200);
+}
+
+/// `GET /v1/providers`, by provider id.
+async fn providers(mesh: &Mesh) -> serde_json::Map<String, Value> {
+    let list: Value = reqwest::get(mesh.url("/v1/providers"))
+        .await
+        .expect("providers")
+        .json()
+        .await
+        .expect("a provider list");
+    list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|p| (p["id"].as_str().unwrap().to_string(), p.clone()))
+        .collect()
 }

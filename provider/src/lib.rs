@@ -40,7 +40,9 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use proofmesh_shared::net::{self, NetConfig, Role};
-use proofmesh_shared::protocol::{Capabilities, GenerateRequest, ModelCard, ModelDigest};
+use proofmesh_shared::protocol::{
+    Capabilities, GenerateRequest, ModelCard, ModelDigest, SignedStake, StakeDeclaration,
+};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -89,6 +91,8 @@ pub struct ProviderConfig {
     /// Test-only: the claimed model's file, for [`Tamper::CopiedLogits`].
     #[doc(hidden)]
     pub tamper_model: Option<PathBuf>,
+    /// Micro-credits declared at stake (signed at start); 0 declares none.
+    pub stake: u64,
     /// Test-only: advertise and commit this digest instead of the model file's own (a provider
     /// that lies about its model). Never set by the command line.
     #[doc(hidden)]
@@ -130,6 +134,9 @@ pub enum ProviderError {
     /// The mesh failed to start.
     #[error(transparent)]
     Net(#[from] net::NetError),
+    /// The stake declaration could not be signed (the node key is not secp256k1).
+    #[error("cannot sign the stake declaration: {0}")]
+    Stake(proofmesh_shared::signing::SignatureError),
     /// The operations HTTP server could not listen.
     #[error("cannot serve metrics on {addr}: {source}")]
     Http {
@@ -138,6 +145,22 @@ pub enum ProviderError {
         /// The cause.
         source: std::io::Error,
     },
+}
+
+/// The provider's signed declaration of `stake` micro-credits, dated now; none for 0.
+fn declare_stake(key: &Keypair, stake: u64) -> Result<Option<SignedStake>, ProviderError> {
+    if stake == 0 {
+        return Ok(None);
+    }
+    let declared_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let declaration = StakeDeclaration {
+        provider: key.public().to_peer_id().to_bytes(),
+        stake,
+        declared_ms,
+    };
+    Ok(Some(declaration.sign(key).map_err(ProviderError::Stake)?))
 }
 
 /// Starts the provider and serves until `shutdown` resolves. `started` (if given) receives the
@@ -199,6 +222,7 @@ pub async fn run(
         role: Role::Provider(Capabilities {
             version: GenerateRequest::VERSION,
             models: vec![card.clone()],
+            stake: declare_stake(&config.keypair, config.stake)?,
         }),
         psk: config.mesh_key,
         traversal: config.traversal.clone(),

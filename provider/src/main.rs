@@ -141,6 +141,12 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_REFEREE_FOR", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     referee_for: Option<Vec<String>>,
+    /// Credits this provider declares at stake, signed with its key: a gateway that proves a
+    /// fraud of this provider slashes a share of it in its ledger (and keeps every payment the
+    /// provider had held). A declaration, not a deposit: no chain backs it [default: 0, none].
+    #[arg(long, env = "PROOFMESH_STAKE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stake: Option<u64>,
     /// Re-execution jobs one gateway may hold here at once, 0-64; 0 lets one gateway use every
     /// referee context [default: 0].
     #[arg(long, env = "PROOFMESH_REFEREE_SLOTS_PER_GATEWAY")]
@@ -348,6 +354,7 @@ async fn main() -> anyhow::Result<()> {
             .filter_map(|p| p.parse().ok())
             .collect(),
         referee_slots_per_gateway: settings.referee_slots_per_gateway,
+        stake: settings.stake.saturating_mul(1_000_000),
         tamper: Tamper::None,
         tamper_model: None,
         claim_digest: None,

@@ -44,6 +44,9 @@ pub struct ProviderSettings {
     pub referee_slots_per_gateway: u32,
     /// Peer ids of the only gateways whose requests this provider serves; empty: every gateway.
     pub serve_gateways: Vec<String>,
+    /// Credits this provider declares at stake (signed with its key; gateways slash it in their
+    /// ledgers on a proven fraud); 0 declares none.
+    pub stake: u64,
     /// A private mesh's pre-shared key file (`proofmesh-gateway mesh-key FILE` writes one):
     /// set, only nodes with the same key can connect, over TCP only.
     pub mesh_key_file: Option<PathBuf>,
@@ -92,6 +95,7 @@ impl Default for ProviderSettings {
             referee_for: Vec::new(),
             referee_slots_per_gateway: 0,
             serve_gateways: Vec::new(),
+            stake: 0,
             mesh_key_file: None,
             relays: Vec::new(),
             external_addresses: Vec::new(),

@@ -581,6 +581,89 @@ pub struct Capabilities {
     pub version: u16,
     /// Models served.
     pub models: Vec<ModelCard>,
+    /// The stake the provider declares, signed; none declared when absent.
+    #[serde(default)]
+    pub stake: Option<SignedStake>,
+}
+
+/// A provider's declared stake: what it says it puts at risk, in micro-credits. A claim a
+/// gateway records and slashes in its own ledger; nothing here proves the provider holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StakeDeclaration {
+    /// The declaring provider (peer id bytes): a declaration is not transferable.
+    pub provider: Vec<u8>,
+    /// Micro-credits.
+    pub stake: u64,
+    /// When it was declared (unix milliseconds); a newer declaration replaces an older one.
+    pub declared_ms: u64,
+}
+
+/// A [`StakeDeclaration`] signed by the provider's node key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedStake {
+    /// What was signed.
+    pub declaration: StakeDeclaration,
+    /// The provider's secp256k1 public key, compressed SEC1.
+    pub public_key: Vec<u8>,
+    /// ECDSA signature `r ‖ s`.
+    pub signature: Vec<u8>,
+}
+
+/// Domain tag of stake signatures.
+const STAKE_DOMAIN: &[u8] = b"proofmesh/stake/v1";
+
+/// Why a stake declaration is not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StakeError {
+    /// The signature does not verify.
+    #[error(transparent)]
+    Signature(#[from] crate::signing::SignatureError),
+    /// Signed by, or declared for, another peer than the one that sent it.
+    #[error("the stake declaration is not this peer's")]
+    NotTheSender,
+    /// Dated more than [`STAKE_CLOCK_SKEW`] ahead of the receiver's clock.
+    #[error("the stake declaration is dated in the future")]
+    FromTheFuture,
+}
+
+/// How far ahead of a receiver's clock a stake declaration may be dated.
+pub const STAKE_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+impl StakeDeclaration {
+    /// Signs with the provider's node key.
+    pub fn sign(
+        self,
+        key: &libp2p::identity::Keypair,
+    ) -> Result<SignedStake, crate::signing::SignatureError> {
+        let parts = crate::signing::sign(key, STAKE_DOMAIN, &self)?;
+        Ok(SignedStake {
+            declaration: self,
+            public_key: parts.public_key,
+            signature: parts.signature,
+        })
+    }
+}
+
+impl SignedStake {
+    /// Checks that `sender` (the peer the Noise handshake named) declared and signed it, and
+    /// that it is not dated past `now_ms` plus [`STAKE_CLOCK_SKEW`].
+    pub fn verify(&self, sender: &libp2p::PeerId, now_ms: u64) -> Result<(), StakeError> {
+        let signer = crate::signing::verify(
+            &self.public_key,
+            &self.signature,
+            STAKE_DOMAIN,
+            &self.declaration,
+        )?;
+        if signer != *sender || self.declaration.provider != sender.to_bytes() {
+            return Err(StakeError::NotTheSender);
+        }
+        let latest = now_ms.saturating_add(STAKE_CLOCK_SKEW.as_millis() as u64);
+        if self.declaration.declared_ms > latest {
+            return Err(StakeError::FromTheFuture);
+        }
+        Ok(())
+    }
 }
 
 /// One frame from a gateway to a referee.
@@ -733,6 +816,38 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stake_declaration_counts_only_for_its_own_sender() {
+        let key = libp2p::identity::Keypair::generate_secp256k1();
+        let other = libp2p::identity::Keypair::generate_secp256k1();
+        let me = key.public().to_peer_id();
+        let declaration = |provider: &libp2p::PeerId, declared_ms| StakeDeclaration {
+            provider: provider.to_bytes(),
+            stake: 5_000_000,
+            declared_ms,
+        };
+        let now = 1_000_000;
+        let signed = declaration(&me, now).sign(&key).unwrap();
+        assert_eq!(signed.verify(&me, now), Ok(()));
+        // Relayed by another peer, it is not that peer's.
+        let them = other.public().to_peer_id();
+        assert_eq!(signed.verify(&them, now), Err(StakeError::NotTheSender));
+        // Signed by one key for another peer.
+        let forged = declaration(&them, now).sign(&key).unwrap();
+        assert_eq!(forged.verify(&them, now), Err(StakeError::NotTheSender));
+        assert_eq!(forged.verify(&me, now), Err(StakeError::NotTheSender));
+        // A changed figure breaks the signature.
+        let mut inflated = signed.clone();
+        inflated.declaration.stake *= 10;
+        assert!(matches!(
+            inflated.verify(&me, now),
+            Err(StakeError::Signature(_))
+        ));
+        // Dated too far ahead.
+        let ahead = declaration(&me, now + 301_000).sign(&key).unwrap();
+        assert_eq!(ahead.verify(&me, now), Err(StakeError::FromTheFuture));
+    }
 
     fn request() -> GenerateRequest {
         GenerateRequest {

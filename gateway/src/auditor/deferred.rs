@@ -20,6 +20,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 
 use super::BookError;
+use crate::ledger::{Hold, Ledger};
 
 /// Audit id bytes → CBOR of [`AuditRecord`].
 const AUDITS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("audits");
@@ -209,10 +210,14 @@ impl AuditLog {
     }
 
     /// Adds a record (pending or not), dropping the oldest past [`MAX_RECORDS`] (an oldest one
-    /// still pending goes too: its audit then ends unrecorded).
-    pub fn insert(&self, record: &AuditRecord) -> Result<(), BookError> {
+    /// still pending goes too: its audit then ends unrecorded), and holds the answer's payment
+    /// in the same transaction: the two stand or fall together.
+    pub fn insert(&self, record: &AuditRecord, hold: Option<&Hold>) -> Result<(), BookError> {
         let bytes = encode(record)?;
         let write = self.db.begin_write().map_err(redb::Error::from)?;
+        if let Some(hold) = hold {
+            Ledger::hold_in(&write, &record.id.0, hold)?;
+        }
         {
             let mut audits = write.open_table(AUDITS).map_err(redb::Error::from)?;
             let mut pending = write.open_table(PENDING).map_err(redb::Error::from)?;
@@ -338,7 +343,7 @@ mod tests {
         let book = Book::in_memory().unwrap();
         let (log, _) = AuditLog::open(book.database(), 0).unwrap();
         let pending = record(1, AuditStatus::Pending);
-        log.insert(&pending).unwrap();
+        log.insert(&pending, None).unwrap();
         assert_eq!(log.get(pending.id).unwrap(), Some(pending.clone()));
         let settled = log
             .settle(pending.id, |r| r.status = AuditStatus::Passed)
@@ -361,7 +366,7 @@ mod tests {
         );
         // An unsampled record is never pending.
         let unsampled = record(2, AuditStatus::NotSampled);
-        log.insert(&unsampled).unwrap();
+        log.insert(&unsampled, None).unwrap();
         assert!(log.settle(unsampled.id, |_| {}).unwrap().is_none());
         assert!(log.get(AuditId::new(3)).unwrap().is_none());
     }
@@ -373,7 +378,7 @@ mod tests {
         log.limit = 3;
         let records: Vec<AuditRecord> = (1..=5).map(|t| record(t, AuditStatus::Pending)).collect();
         for r in &records {
-            log.insert(r).unwrap();
+            log.insert(r, None).unwrap();
         }
         let kept: Vec<bool> = records
             .iter()
@@ -395,8 +400,8 @@ mod tests {
         {
             let book = Book::open(&path).unwrap();
             let (log, _) = AuditLog::open(book.database(), 0).unwrap();
-            log.insert(&running).unwrap();
-            log.insert(&done).unwrap();
+            log.insert(&running, None).unwrap();
+            log.insert(&done, None).unwrap();
             log.settle(done.id, |r| r.status = AuditStatus::Passed)
                 .unwrap();
         }

@@ -217,7 +217,7 @@ impl Auditor {
         if !first {
             return;
         }
-        inner.book.failed(&provider, inner.policy.bench);
+        self.convicted(&provider);
         let saved = self.save_proof(proof);
         tracing::warn!(
             %provider,

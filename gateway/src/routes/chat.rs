@@ -232,13 +232,19 @@ async fn plain_response(
             attempts.failed(&generation.candidate, withheld(&outcome, info.verdict));
             continue;
         }
+        let price = price(state, chat, &done.commitment, done.tokens.len());
         if chat.mode.deferred() {
             let id = AuditId::new(crate::auditor::book::now_ms());
-            let audited = release(state, &answer, id, arrival, &mut info).await;
+            let audited = release(state, &answer, id, arrival, &mut info, price).await;
             if let Some(outcome) = audited.filter(|o| !state.auditor.deliverable(&o.verdict())) {
                 attempts.failed(&generation.candidate, withheld(&outcome, info.verdict));
                 continue;
             }
+        } else {
+            state
+                .payer
+                .pay(generation.candidate.peer, caller_id(arrival), price)
+                .await;
         }
         attempts.succeeded(&generation.candidate);
         let body = ChatCompletion {
@@ -279,6 +285,7 @@ async fn release(
     id: AuditId,
     arrival: &Arrival,
     info: &mut ProofmeshInfo,
+    price: u64,
 ) -> Option<AuditOutcome> {
     let deferral = state
         .auditor
@@ -288,7 +295,8 @@ async fn release(
             request: answer.request.clone(),
             tokens: answer.tokens.to_vec(),
             commitment: answer.commitment.clone(),
-            caller: arrival.caller.as_ref().map(Caller::owner_id),
+            caller: caller_id(arrival),
+            price,
         })
         .await;
     info.verdict = "deferred".into();
@@ -304,6 +312,18 @@ async fn release(
         .map(|s| AuditStatistics::new(s, outcome.evidence_bytes));
     info.audit_ms = outcome.elapsed.as_millis() as u64;
     Some(outcome)
+}
+
+/// What an answer earns its provider (µcr): its tokens, prompt and completion, at the
+/// price of the model the client asked for.
+fn price(state: &AppState, chat: &ValidatedChat, signed: &SignedCommitment, tokens: usize) -> u64 {
+    let tokens = u64::from(signed.commitment.prompt_tokens).saturating_add(tokens as u64);
+    state.auditor.ledger().pricing().price(&chat.model, tokens)
+}
+
+/// Who pays for a request: its API key's id, when keys are on.
+fn caller_id(arrival: &Arrival) -> Option<String> {
+    arrival.caller.as_ref().map(Caller::owner_id)
 }
 
 /// Request header that pins a request to one provider (by peer id), for debugging a provider or
@@ -342,9 +362,11 @@ fn record_usage(state: &AppState, generation: &Generation, tokens: usize, arriva
         .prompt_tokens
         .inc_by(u64::from(generation.prompt_tokens));
     if let Some(first) = generation.first_token_at {
-        metrics
-            .time_to_first_token
-            .observe(first.saturating_duration_since(arrival.at).as_secs_f64());
+        let latency = first.saturating_duration_since(arrival.at);
+        metrics.time_to_first_token.observe(latency.as_secs_f64());
+        state
+            .registry
+            .observed_latency(&generation.candidate.peer, latency);
     }
 }
 
@@ -536,12 +558,15 @@ fn events(
                         yield Ok(withheld_event(&outcome, &info));
                         return;
                     }
+                    let price = price(&state, &chat, &commitment, tokens.len());
                     if let Some(id) = audit_id {
-                        let audited = release(&state, &answer, id, &arrival, &mut info).await;
+                        let audited = release(&state, &answer, id, &arrival, &mut info, price).await;
                         if let Some(outcome) = audited.filter(|o| !state.auditor.deliverable(&o.verdict())) {
                             yield Ok(withheld_event(&outcome, &info));
                             return;
                         }
+                    } else {
+                        state.payer.pay(generation.candidate.peer, caller_id(&arrival), price).await;
                     }
                     state.registry.succeeded(&generation.candidate.peer);
                     // What the provider signed (and the audit checked), not its unsigned claims.

@@ -142,6 +142,8 @@ pub struct ProviderSpec {
     pub claim_numerics: Option<&'static str>,
     /// Advertise the served file's own digest (not the default model's) for `serves`.
     pub own_digest: bool,
+    /// Micro-credits it declares at stake.
+    pub stake: u64,
 }
 
 pub const HONEST: ProviderSpec = ProviderSpec {
@@ -152,6 +154,7 @@ pub const HONEST: ProviderSpec = ProviderSpec {
     kv_cache: KvCache::Q8_0,
     claim_numerics: None,
     own_digest: false,
+    stake: 0,
 };
 
 impl ProviderSpec {
@@ -308,6 +311,7 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
         pins: Vec::new(),
         book: options.state_dir.as_ref().map(|d| d.join("peers.redb")),
         evidence_dir: options.evidence_dir.clone(),
+        ledger: Default::default(),
         // The gateway trusts the vocabulary of the model file it was given, referee or not.
         vocabularies: if options.no_local_referee && !options.no_vocabulary {
             vec![model_path()]
@@ -418,6 +422,7 @@ impl Mesh {
                 .filter(|_| !spec.own_digest)
                 .map(|_| default_digest()),
             claim_numerics: spec.claim_numerics.map(String::from),
+            stake: spec.stake,
         };
         let task = tokio::spawn(async move {
             let shutdown = async move {

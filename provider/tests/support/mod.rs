@@ -78,6 +78,7 @@ pub fn config(
         tamper_model: None,
         claim_digest: None,
         claim_numerics: None,
+        stake: 0,
     }
 }
 

@@ -887,6 +887,7 @@ impl EventLoop {
                             Role::Gateway | Role::Probe => Capabilities {
                                 version: GenerateRequest::VERSION,
                                 models: vec![],
+                                stake: None,
                             },
                         };
                         let _ = self.swarm.behaviour_mut().caps.send_response(channel, caps);

@@ -17,5 +17,6 @@ pub(crate) fn caps() -> Capabilities {
             numerics: "det/test".into(),
             referee: true,
         }],
+        stake: None,
     }
 }
