@@ -41,8 +41,8 @@ const HOLDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ledger_holds"
 /// Payment id → CBOR of [`Settlement`]: payments made or forfeited (the newest
 /// [`MAX_SETTLED`]).
 const SETTLED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ledger_settled");
-/// Caller id → CBOR of [`CallerAccount`].
-const CALLERS: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_callers");
+/// Caller id (UTF-8) → CBOR of [`CallerAccount`].
+const CALLERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ledger_callers");
 
 /// Settlements kept at most; the oldest go first (ids begin with their time).
 pub const MAX_SETTLED: u64 = 100_000;
@@ -547,7 +547,7 @@ impl Ledger {
     pub fn caller(&self, caller: &str) -> Result<CallerAccount> {
         let read = self.db.begin_read().map_err(db_err)?;
         let callers = read.open_table(CALLERS).map_err(db_err)?;
-        let value = callers.get(caller).map_err(db_err)?;
+        let value = callers.get(caller.as_bytes()).map_err(db_err)?;
         Ok(value
             .map(|v| decode(v.value()))
             .transpose()?
@@ -669,18 +669,7 @@ fn charge(write: &WriteTransaction, caller: &str, amount: u64) -> Result<()> {
 }
 
 fn account(write: &WriteTransaction, key: &[u8], change: impl FnOnce(&mut Account)) -> Result<()> {
-    let mut table = write.open_table(ACCOUNTS).map_err(db_err)?;
-    let mut account: Account = table
-        .get(key)
-        .map_err(db_err)?
-        .map(|v| decode(v.value()))
-        .transpose()?
-        .unwrap_or_default();
-    change(&mut account);
-    table
-        .insert(key, encode(&account)?.as_slice())
-        .map_err(db_err)?;
-    Ok(())
+    update(write, ACCOUNTS, key, change)
 }
 
 fn caller_account(
@@ -688,16 +677,26 @@ fn caller_account(
     caller: &str,
     change: impl FnOnce(&mut CallerAccount),
 ) -> Result<()> {
-    let mut table = write.open_table(CALLERS).map_err(db_err)?;
-    let mut account: CallerAccount = table
-        .get(caller)
+    update(write, CALLERS, caller.as_bytes(), change)
+}
+
+/// Applies `change` to the record under `key` in `table` (a default one if none).
+fn update<T: Default + Serialize + serde::de::DeserializeOwned>(
+    write: &WriteTransaction,
+    table: TableDefinition<&[u8], &[u8]>,
+    key: &[u8],
+    change: impl FnOnce(&mut T),
+) -> Result<()> {
+    let mut table = write.open_table(table).map_err(db_err)?;
+    let mut record: T = table
+        .get(key)
         .map_err(db_err)?
         .map(|v| decode(v.value()))
         .transpose()?
         .unwrap_or_default();
-    change(&mut account);
+    change(&mut record);
     table
-        .insert(caller, encode(&account)?.as_slice())
+        .insert(key, encode(&record)?.as_slice())
         .map_err(db_err)?;
     Ok(())
 }
