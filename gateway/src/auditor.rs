@@ -124,6 +124,9 @@ struct Inner {
 pub const DEFERRED_BACKLOG: usize = 128;
 /// `fraud` answers of one provider that may wait for their audit at once.
 pub const DEFERRED_PER_PROVIDER: usize = 16;
+/// An audit after release must end this long (at most a tenth of the window) before its
+/// window closes and its payment comes due.
+const DEFERRED_MARGIN: Duration = Duration::from_secs(30);
 /// `fraud` audits run at once.
 const DEFERRED_RUNNING: usize = 4;
 
@@ -286,10 +289,18 @@ impl Auditor {
     /// A fraud by `provider` was shown to this gateway (its own audit, its own eyes, or a proof
     /// it checked): the provider is benched, forfeits every payment it has held, and its stake
     /// is slashed.
+    ///
+    /// The ledger goes first: a `kill -9` between the two writes leaves a provider that
+    /// forfeited and is not benched yet, never one benched and still to be paid.
     fn convicted(&self, provider: &PeerId) {
         let inner = &self.inner;
+        self.forfeit_all(provider);
         inner.book.failed(provider, inner.policy.bench);
-        match inner.ledger.forfeit_all(provider) {
+    }
+
+    /// Forfeits everything `provider` has held and slashes its stake.
+    fn forfeit_all(&self, provider: &PeerId) {
+        match self.inner.ledger.forfeit_all(provider) {
             Ok(f) => {
                 tracing::warn!(%provider, answers = f.answers, forfeited = f.amount, slashed = f.slashed, "held payments forfeited, stake slashed")
             }
@@ -504,18 +515,30 @@ impl Auditor {
             self.count_deferred(AuditStatus::NotSampled, String::new());
             return deferral;
         }
-        let window = policy.fraud.window;
+        // The audit must end before the window closes and the payment comes due: a verdict
+        // after that would come too late to forfeit it.
+        let margin = (policy.fraud.window / 10).min(DEFERRED_MARGIN);
+        let deadline = tokio::time::Instant::now() + policy.fraud.window.saturating_sub(margin);
         match self.reserve(provider) {
             Some(reservation) => {
                 let auditor = self.clone();
                 tokio::spawn(async move {
                     let _reservation = reservation;
-                    auditor.audit_released(released, window).await;
+                    auditor.audit_released(released, deadline).await;
                 });
             }
             None => {
                 tracing::info!(%provider, "audits after release of this provider are backed up; auditing its answer before release");
-                deferral.audited_now = self.audit_released(released, window).await;
+                let id = released.id;
+                let outcome = self.audit_released(released, deadline).await;
+                // Withheld from the client: nobody pays for it.
+                if outcome
+                    .as_ref()
+                    .is_some_and(|o| !self.deliverable(&o.verdict()))
+                {
+                    self.ledger_write(move |ledger| ledger.void(id.0)).await;
+                }
+                deferral.audited_now = outcome;
             }
         }
         deferral
@@ -543,7 +566,11 @@ impl Auditor {
 
     /// Runs a released answer's audit within `window` and settles its record; the outcome,
     /// unless the window closed first.
-    async fn audit_released(&self, released: Released, window: Duration) -> Option<AuditOutcome> {
+    async fn audit_released(
+        &self,
+        released: Released,
+        deadline: tokio::time::Instant,
+    ) -> Option<AuditOutcome> {
         let inner = &self.inner;
         let run = async {
             let _running = Arc::clone(&inner.deferred_running).acquire_owned().await;
@@ -558,7 +585,7 @@ impl Auditor {
             self.audit(&answer, VerificationMode::Merkle, None, true)
                 .await
         };
-        let (outcome, proof) = match tokio::time::timeout(window, run).await {
+        let (outcome, proof) = match tokio::time::timeout_at(deadline, run).await {
             Ok((outcome, proof)) => (Some(outcome), proof),
             Err(_) => (None, None),
         };
@@ -568,15 +595,10 @@ impl Auditor {
             _ => None,
         };
         let id = released.id;
-        // A pass pays the answer now; silence forfeits it (a proven fraud already forfeited
+        // A pass pays the answer now (a proven fraud, or silence, already forfeited
         // everything its provider had held); anything else waits for the window to close.
-        let paid = match status {
-            AuditStatus::Passed => inner.ledger.release(id.0),
-            AuditStatus::Withheld => inner.ledger.forfeit(id.0),
-            _ => Ok(false),
-        };
-        if let Err(e) = paid {
-            tracing::error!(audit = %id, error = %e, "cannot write the ledger");
+        if status == AuditStatus::Passed {
+            self.ledger_write(move |ledger| ledger.release(id.0)).await;
         }
         let (written, reason) = (outcome.clone(), failure.clone());
         self.log_write(move |log| {
@@ -586,6 +608,19 @@ impl Auditor {
         self.count_deferred(status, failure.unwrap_or_default());
         tracing::debug!(audit = %id, status = status.as_str(), "released answer audited");
         outcome
+    }
+
+    /// Runs a write of the ledger off the async workers (it waits for the disk).
+    async fn ledger_write<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(&Ledger) -> Result<T, BookError> + Send + 'static,
+    ) {
+        let ledger = self.inner.ledger.clone();
+        match tokio::task::spawn_blocking(move || write(&ledger)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot write the ledger"),
+            Err(e) => tracing::error!(error = %e, "the ledger writer failed"),
+        }
     }
 
     /// Runs a write of the audit log off the async workers (it waits for the disk).
@@ -745,6 +780,9 @@ impl Auditor {
                 inner.book.passed(&provider);
             }
             AuditVerdict::Inconclusive if report.unopened && released => {
+                // Silence must cost what being caught costs, or a cheat would never open the
+                // answers it faked: everything held is forfeited and the stake slashed.
+                self.forfeit_all(&provider);
                 inner.book.withheld(&provider, inner.policy.bench);
                 tracing::warn!(%provider, request = %answer.request.request_id, "a provider never opened the leaves of an answer already released; benched");
             }

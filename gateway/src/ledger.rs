@@ -44,6 +44,9 @@ const SETTLED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ledger_sett
 /// Caller id (UTF-8) → CBOR of [`CallerAccount`].
 const CALLERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ledger_callers");
 
+/// Accounts a stake declaration alone may open, at most (payments open them regardless: they
+/// take real work).
+pub const MAX_ACCOUNTS: u64 = 100_000;
 /// Settlements kept at most; the oldest go first (ids begin with their time).
 pub const MAX_SETTLED: u64 = 100_000;
 /// Held payments paid in one transaction at most.
@@ -113,6 +116,9 @@ pub struct Account {
     pub stake_declared_ms: u64,
     /// Stake slashed for proven fraud, in all.
     pub slashed: u64,
+    /// The most its stake may stand at after its last slash, whatever it declares next.
+    #[serde(default)]
+    pub stake_cap: Option<u64>,
     /// Paid to it, in all: its balance.
     pub paid: u64,
     /// Held for answers still in their audit window.
@@ -126,9 +132,11 @@ pub struct Account {
 }
 
 impl Account {
-    /// The stake that stands: declared, less what was slashed.
+    /// The stake that stands: what it declared, but never more than what stood after its
+    /// last slash (a larger declaration does not undo one).
     pub fn stake(&self) -> u64 {
-        self.stake_declared.saturating_sub(self.slashed)
+        self.stake_cap
+            .map_or(self.stake_declared, |cap| self.stake_declared.min(cap))
     }
 }
 
@@ -162,6 +170,9 @@ pub enum Outcome {
     Paid,
     /// Forfeited by the provider, refunded to the caller.
     Forfeited,
+    /// Never owed: the answer was withheld from the client after all (its audit, run before
+    /// release, did not allow it); refunded to the caller, held against nobody.
+    Voided,
 }
 
 /// A settled payment.
@@ -317,10 +328,10 @@ impl Ledger {
     /// Starts the task that writes payments of answers released after their checks, in
     /// batches: one transaction per batch, not per answer. Its queue is bounded
     /// ([`PAY_QUEUE`]): when the disk falls behind, [`Payer::pay`] waits.
-    pub fn spawn_payer(&self) -> Payer {
+    pub fn spawn_payer(&self) -> (Payer, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Payment>(PAY_QUEUE);
         let ledger = self.clone();
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             let mut batch = Vec::with_capacity(PAY_BATCH);
             while rx.recv_many(&mut batch, PAY_BATCH).await > 0 {
                 let (writer, payments) = (ledger.clone(), std::mem::take(&mut batch));
@@ -331,7 +342,7 @@ impl Ledger {
                 }
             }
         });
-        Payer { tx }
+        (Payer { tx }, writer)
     }
 
     /// Holds a payment within `write` (the transaction that records the answer's audit, so
@@ -429,6 +440,11 @@ impl Ledger {
         self.end(id, Outcome::Forfeited)
     }
 
+    /// Voids one held payment: its answer never reached the client. Whether it was still held.
+    pub fn void(&self, id: PaymentId) -> Result<bool> {
+        self.end(id, Outcome::Voided)
+    }
+
     fn end(&self, id: PaymentId, outcome: Outcome) -> Result<bool> {
         self.transaction(|write| {
             let hold = {
@@ -473,8 +489,10 @@ impl Ledger {
             }
             let share = self.config.slash_share.clamp(0.0, 1.0);
             account(write, &key, |a| {
-                let cut = (a.stake() as f64 * share).round() as u64;
+                let standing = a.stake();
+                let cut = (standing as f64 * share).round() as u64;
                 a.slashed = a.slashed.saturating_add(cut);
+                a.stake_cap = Some(standing - cut.min(standing));
                 forfeiture.slashed = cut;
             })?;
             Ok(forfeiture)
@@ -490,7 +508,13 @@ impl Ledger {
             return Ok(false);
         }
         let declaration = &signed.declaration;
-        if declaration.declared_ms <= self.account(sender)?.stake_declared_ms {
+        let known = self.account(sender)?;
+        if declaration.declared_ms <= known.stake_declared_ms {
+            return Ok(false);
+        }
+        // Identities are free: a declaration alone opens no account past the cap.
+        if known == Account::default() && self.account_count()? >= MAX_ACCOUNTS {
+            tracing::warn!(peer = %sender, "stake declaration not recorded: the ledger holds as many accounts as it may");
             return Ok(false);
         }
         let recorded = self.declare_stake(sender, declaration.stake, declaration.declared_ms)?;
@@ -527,6 +551,13 @@ impl Ledger {
             .map(|v| decode(v.value()))
             .transpose()?
             .unwrap_or_default())
+    }
+
+    /// Number of provider accounts.
+    pub fn account_count(&self) -> Result<u64> {
+        let read = self.db.begin_read().map_err(db_err)?;
+        let accounts = read.open_table(ACCOUNTS).map_err(db_err)?;
+        accounts.len().map_err(db_err)
     }
 
     /// Every provider account.
@@ -598,7 +629,7 @@ impl Ledger {
             settled_ms: now_ms,
         };
         settle(write, id, &settlement, self.settled_limit)?;
-        if outcome == Outcome::Forfeited {
+        if outcome != Outcome::Paid {
             caller_account(write, &hold.caller, |c| {
                 c.refunded = c.refunded.saturating_add(hold.amount);
             })?;
@@ -614,6 +645,7 @@ impl Ledger {
                     a.forfeited = a.forfeited.saturating_add(hold.amount);
                     a.answers_forfeited += 1;
                 }
+                Outcome::Voided => {}
             }
         })
     }
@@ -807,9 +839,13 @@ mod tests {
         assert_eq!(ledger.account(&honest).unwrap().paid, 30);
         assert_eq!(ledger.caller(ANONYMOUS).unwrap().refunded, 30);
         // A new, larger declaration does not undo the slash.
-        ledger.declare_stake(&cheat, 1_000, 20).unwrap();
+        ledger.declare_stake(&cheat, 1_500, 20).unwrap();
         assert_eq!(ledger.account(&cheat).unwrap().stake(), 500);
         assert_eq!(ledger.forfeit_all(&cheat).unwrap().slashed, 250);
+        assert_eq!(ledger.account(&cheat).unwrap().stake(), 250);
+        // A smaller one lowers it.
+        ledger.declare_stake(&cheat, 100, 30).unwrap();
+        assert_eq!(ledger.account(&cheat).unwrap().stake(), 100);
     }
 
     #[test]
@@ -819,15 +855,21 @@ mod tests {
         ledger.hold(id(1), &hold(&provider, 10, 1_000)).unwrap();
         ledger.hold(id(2), &hold(&provider, 20, 1_000)).unwrap();
         ledger.hold(id(3), &hold(&provider, 40, 1_000)).unwrap();
+        ledger.hold(id(4), &hold(&provider, 80, 1_000)).unwrap();
         assert!(ledger.forfeit(id(1)).unwrap());
         assert!(!ledger.forfeit(id(1)).unwrap());
+        // An answer withheld from the client after all is owed by nobody.
+        assert!(ledger.void(id(4)).unwrap());
+        assert!(!ledger.release(id(4)).unwrap());
         // A passed audit pays at once, once.
         assert!(ledger.release(id(3)).unwrap());
         assert!(!ledger.release(id(3)).unwrap());
         assert!(!ledger.release(id(1)).unwrap());
         ledger.release_due(1_000).unwrap();
         let account = ledger.account(&provider).unwrap();
-        assert_eq!((account.paid, account.forfeited), (60, 10));
+        assert_eq!((account.paid, account.forfeited, account.held), (60, 10, 0));
+        assert_eq!(account.answers_forfeited, 1);
+        assert_eq!(ledger.caller(ANONYMOUS).unwrap().refunded, 90);
     }
 
     #[test]

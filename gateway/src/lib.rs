@@ -72,6 +72,9 @@ use crate::openai::extract::MAX_BODY_BYTES;
 use crate::registry::Registry;
 use crate::state::AppState;
 
+/// How long a stopping gateway waits for queued payments to be written.
+const PAYMENTS_FLUSH: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Everything a gateway needs to start.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -276,7 +279,7 @@ pub async fn run(
     )?;
     tracing::info!(peers = auditor.book().len(), "peer book open");
     tokio::spawn(auditor.ledger().clone().pay_when_due());
-    let payer = auditor.ledger().spawn_payer();
+    let (payer, payments) = auditor.ledger().spawn_payer();
     let _ = hearing.set(auditor.clone());
     let state = AppState {
         registry,
@@ -328,6 +331,14 @@ pub async fn run(
     }
     registry_task.abort();
     net_task.abort();
+    // The server and its state are gone: the payer's queue closes, and what it holds is
+    // written before the gateway stops.
+    if tokio::time::timeout(PAYMENTS_FLUSH, payments)
+        .await
+        .is_err()
+    {
+        tracing::warn!("payments still queued at shutdown were not all written");
+    }
     tracing::info!("gateway stopped");
     Ok(())
 }
@@ -412,10 +423,17 @@ async fn track_mesh(
     mut events: mpsc::Receiver<Event>,
 ) {
     let checks = Arc::new(tokio::sync::Semaphore::new(PROOF_CHECKS));
+    // The last stake declaration seen of each connected provider: an unchanged one (each
+    // capabilities refresh repeats it) is not checked again.
+    let mut declared: std::collections::HashMap<PeerId, u64> = Default::default();
     while let Some(event) = events.recv().await {
         match event {
             Event::ProviderUp { peer, capabilities } => {
-                if let (Some(stake), Some(auditor)) = (capabilities.stake, auditor.get()) {
+                let stake = capabilities.stake.filter(|s| {
+                    declared.insert(peer, s.declaration.declared_ms)
+                        != Some(s.declaration.declared_ms)
+                });
+                if let (Some(stake), Some(auditor)) = (stake, auditor.get()) {
                     let ledger = auditor.ledger().clone();
                     tokio::task::spawn_blocking(move || {
                         if let Err(e) = ledger.take_declaration(&peer, &stake) {
@@ -425,7 +443,10 @@ async fn track_mesh(
                 }
                 registry.upsert(peer, capabilities.models);
             }
-            Event::ProviderLeaving { peer } | Event::PeerGone { peer } => registry.remove(&peer),
+            Event::ProviderLeaving { peer } | Event::PeerGone { peer } => {
+                declared.remove(&peer);
+                registry.remove(&peer);
+            }
             // Gateways keep no leaves; dropping the channel tells the asker so.
             Event::OpenLeaves { .. } => {}
             Event::FraudProof { source, id, proof } => {

@@ -101,7 +101,8 @@ async fn fraud_answers_are_released_first_and_audited_after() {
         fraud: Some(FraudPolicy {
             rate: 0.0,
             probation_rate: 1.0,
-            window: Duration::from_secs(300),
+            // Short, so that payments come due within the test (audits must end 4 s before).
+            window: Duration::from_secs(40),
             // Not the product's 120 s: the silent provider below would hold the test up.
             open_patience: Duration::from_secs(2),
         }),
@@ -283,6 +284,18 @@ async fn fraud_answers_are_released_first_and_audited_after() {
         providers[&silent.to_string()]["reputation"]["audits_withheld"],
         1
     );
+    // Once their window closes with nothing proven, the undrawn answers are paid too.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = self::providers(&mesh).await;
+        let ledger = &now[&honest.to_string()]["ledger"];
+        if ledger["held"] == 0 {
+            assert_eq!(ledger["answers_paid"], 4, "{ledger}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still held: {ledger}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // Ids that were never issued, or are not ids.
     let never = format!("aud_{}", "0".repeat(32));

@@ -315,10 +315,26 @@ async fn release(
 }
 
 /// What an answer earns its provider (µcr): its tokens, prompt and completion, at the
-/// price of the model the client asked for.
+/// price of the model the client asked for. The prompt's length is the provider's word (only an
+/// audit checks it), so it is billed at most at a bound the gateway computes itself.
 fn price(state: &AppState, chat: &ValidatedChat, signed: &SignedCommitment, tokens: usize) -> u64 {
-    let tokens = u64::from(signed.commitment.prompt_tokens).saturating_add(tokens as u64);
+    let prompt = u64::from(signed.commitment.prompt_tokens).min(prompt_token_bound(chat));
+    let tokens = prompt.saturating_add(tokens as u64);
     state.auditor.ledger().pricing().price(&chat.model, tokens)
+}
+
+/// The most tokens a chat template can make of these messages: one per byte of their text
+/// (no tokenizer makes more of UTF-8 text, byte fallback included), plus room for each
+/// message's role and markers and the template's own text.
+fn prompt_token_bound(chat: &ValidatedChat) -> u64 {
+    const PER_MESSAGE: u64 = 16;
+    const TEMPLATE: u64 = 256;
+    chat.messages.iter().fold(TEMPLATE, |bound, m| {
+        bound
+            .saturating_add(m.content.len() as u64)
+            .saturating_add(m.role.len() as u64)
+            .saturating_add(PER_MESSAGE)
+    })
 }
 
 /// Who pays for a request: its API key's id, when keys are on.

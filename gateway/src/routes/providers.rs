@@ -119,15 +119,16 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<ProviderList>, A
     let mut accounts: BTreeMap<PeerId, Account> = accounts.into_iter().collect();
     let mut connected = state.registry.providers();
     connected.sort_by_key(|p| p.peer);
+    connected.truncate(MAX_LISTED);
     let mut data = Vec::new();
     for view in connected {
         let account = accounts.remove(&view.peer).unwrap_or_default();
         data.push(report(&state, view.peer, Some(&view), &account));
     }
-    for (peer, account) in accounts {
+    let room = MAX_LISTED.saturating_sub(data.len());
+    for (peer, account) in accounts.into_iter().take(room) {
         data.push(report(&state, peer, None, &account));
     }
-    data.truncate(MAX_LISTED);
     Ok(Json(ProviderList {
         object: "list",
         data,
