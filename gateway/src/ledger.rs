@@ -412,12 +412,17 @@ impl Ledger {
         })
     }
 
-    /// Pays what comes due, every [`PAYOUT_INTERVAL`], for as long as the gateway runs.
-    pub async fn pay_when_due(self) {
+    /// Pays what comes due, every [`PAYOUT_INTERVAL`], until `stop` resolves (or its sender
+    /// is dropped): then it lets go of the database, which a gateway restarted in the same
+    /// process opens again.
+    pub async fn pay_when_due(self, mut stop: tokio::sync::oneshot::Receiver<()>) {
         let mut tick = tokio::time::interval(PAYOUT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = &mut stop => return,
+            }
             let ledger = self.clone();
             let now = crate::auditor::book::now_ms();
             match tokio::task::spawn_blocking(move || ledger.release_due(now)).await {

@@ -278,7 +278,8 @@ pub async fn run(
         Arc::clone(&metrics),
     )?;
     tracing::info!(peers = auditor.book().len(), "peer book open");
-    tokio::spawn(auditor.ledger().clone().pay_when_due());
+    let (stop_payouts, payouts_stop) = oneshot::channel();
+    let payouts = tokio::spawn(auditor.ledger().clone().pay_when_due(payouts_stop));
     let (payer, payments) = auditor.ledger().spawn_payer();
     let _ = hearing.set(auditor.clone());
     let state = AppState {
@@ -332,11 +333,13 @@ pub async fn run(
     registry_task.abort();
     net_task.abort();
     // The server and its state are gone: the payer's queue closes, and what it holds is
-    // written before the gateway stops.
-    if tokio::time::timeout(PAYMENTS_FLUSH, payments)
-        .await
-        .is_err()
-    {
+    // written before the gateway stops; the payouts stop, and the database is let go.
+    let _ = stop_payouts.send(());
+    let flushed = async {
+        let _ = payouts.await;
+        let _ = payments.await;
+    };
+    if tokio::time::timeout(PAYMENTS_FLUSH, flushed).await.is_err() {
         tracing::warn!("payments still queued at shutdown were not all written");
     }
     tracing::info!("gateway stopped");
