@@ -321,23 +321,29 @@ async fn try_start(
     }
     let wait = FRAME_GAP_TIMEOUT.min(deadline.remaining());
     match tokio::time::timeout(wait, read_frame(&mut stream, MAX_STREAM_FRAME)).await {
-        Ok(Ok(GenerateFrame::Accepted { prompt_tokens })) => Ok(Generation {
-            candidate: candidate.clone(),
+        Ok(Ok(GenerateFrame::Accepted {
             prompt_tokens,
-            first_token_at: None,
-            referee: None,
-            transcript: state
-                .auditor
-                .transcript(&candidate.card.digest, &request.stop),
-            max_tokens: request.max_tokens,
-            tokens_seen: 0,
-            text_bytes: 0,
-            deadline,
-            payer: None,
-            auditor: state.auditor.clone(),
-            stream,
-            _load: load,
-        }),
+            queue_depth,
+        })) => {
+            state.registry.reported_queue(&candidate.peer, queue_depth);
+            Ok(Generation {
+                candidate: candidate.clone(),
+                prompt_tokens,
+                first_token_at: None,
+                referee: None,
+                transcript: state
+                    .auditor
+                    .transcript(&candidate.card.digest, &request.stop),
+                max_tokens: request.max_tokens,
+                tokens_seen: 0,
+                text_bytes: 0,
+                deadline,
+                payer: None,
+                auditor: state.auditor.clone(),
+                stream,
+                _load: load,
+            })
+        }
         Ok(Ok(GenerateFrame::Error { kind, message })) => Err(refusal(kind, &message)),
         Ok(Ok(_)) => {
             report(state, candidate, Offence::Violation).await;

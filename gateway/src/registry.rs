@@ -28,7 +28,12 @@ struct Entry {
     first_seen: u64,
     /// Time to first token, moving average (ms), measured here.
     latency_ms: Option<f64>,
+    /// The queue depth it last reported (a claim: only ever makes it look busier).
+    reported_queue: u32,
 }
+
+/// The most queued jobs a provider's report counts for (a provider engine queues at most 64).
+pub const MAX_REPORTED_QUEUE: u32 = 64;
 
 /// Weight of the newest measurement in a provider's moving average latency.
 const LATENCY_WEIGHT: f64 = 0.2;
@@ -46,6 +51,21 @@ pub struct ProviderView {
     pub latency_ms: Option<u64>,
     /// Whether it failed recently and is tried last.
     pub cooling_down: bool,
+    /// The queue depth it last reported (a claim).
+    pub reported_queue: u32,
+}
+
+impl Entry {
+    /// How long a new request would wait for its first token here, as this gateway can tell
+    /// (ms): the requests ahead of it (this gateway's own in flight, or the queue the provider
+    /// reports if longer: a provider can only make itself look busier) times its measured
+    /// time to first token. A provider not measured yet counts as instant, so that every new
+    /// provider is tried, and measured, early.
+    fn expected_wait(&self) -> u64 {
+        let ahead = (self.in_flight as u64).max(u64::from(self.reported_queue));
+        let latency = self.latency_ms.unwrap_or(0.0).max(1.0) as u64;
+        ahead.saturating_add(1).saturating_mul(latency)
+    }
 }
 
 /// Known providers and their load. Cheap to clone.
@@ -121,6 +141,7 @@ impl Registry {
             failures_in_row: 0,
             first_seen: crate::openai::response::unix_now(),
             latency_ms: None,
+            reported_queue: 0,
         });
         if entry.models != models {
             entry.models = models;
@@ -172,6 +193,14 @@ impl Registry {
         }
     }
 
+    /// Records the queue depth `peer` reported as it accepted a request (at most the engine's
+    /// own queue bound, [`MAX_REPORTED_QUEUE`]).
+    pub fn reported_queue(&self, peer: &PeerId, depth: u32) {
+        if let Some(entry) = self.lock().get_mut(peer) {
+            entry.reported_queue = depth.min(MAX_REPORTED_QUEUE);
+        }
+    }
+
     /// Every connected provider, as the gateway sees it now.
     pub fn providers(&self) -> Vec<ProviderView> {
         let now = Instant::now();
@@ -183,6 +212,7 @@ impl Registry {
                 in_flight: e.in_flight,
                 latency_ms: e.latency_ms.map(|ms| ms.round() as u64),
                 cooling_down: e.cooldown_until.is_some_and(|t| t > now),
+                reported_queue: e.reported_queue,
             })
             .collect()
     }
@@ -247,19 +277,19 @@ impl Registry {
     }
 
     /// Providers of the model `digest`, whatever name they advertise it under: healthy before
-    /// cooling down, then least loaded, ties at random.
+    /// cooling down, then soonest to answer ([`Entry::expected_wait`]), ties at random.
     pub fn lookup(&self, digest: &ModelDigest) -> Lookup {
         let map = self.lock();
         if map.is_empty() {
             return Lookup::NoProviders;
         }
         let now = Instant::now();
-        let mut keyed: Vec<((bool, usize, u64), Candidate)> = Vec::new();
+        let mut keyed: Vec<((bool, u64, u64), Candidate)> = Vec::new();
         for (peer, entry) in map.iter() {
             if let Some(card) = entry.models.iter().find(|card| &card.digest == digest) {
                 let cooling = entry.cooldown_until.is_some_and(|t| t > now);
                 keyed.push((
-                    (cooling, entry.in_flight, rand::random::<u64>()),
+                    (cooling, entry.expected_wait(), rand::random::<u64>()),
                     Candidate {
                         peer: *peer,
                         card: card.clone(),
@@ -376,6 +406,40 @@ mod tests {
 
     fn card(name: &str, digest: u8) -> ModelCard {
         test_card(name, digest)
+    }
+
+    fn order(r: &Registry, digest: &ModelDigest) -> Vec<PeerId> {
+        let Lookup::Found(found) = r.lookup(digest) else {
+            panic!("expected providers")
+        };
+        found.iter().map(|c| c.peer).collect()
+    }
+
+    #[test]
+    fn the_provider_soonest_to_answer_comes_first() {
+        let r = Registry::default();
+        let one = ModelDigest([1; 32]);
+        let (fast, slow, new) = (PeerId::random(), PeerId::random(), PeerId::random());
+        for peer in [fast, slow] {
+            r.upsert(peer, vec![card("m", 1)]);
+        }
+        r.observed_latency(&fast, Duration::from_millis(100));
+        r.observed_latency(&slow, Duration::from_millis(1_000));
+        // One request ahead at the fast one (200 ms) still beats an idle slow one (1 s).
+        let _busy = r.try_track(fast);
+        assert_eq!(order(&r, &one), vec![fast, slow]);
+        // A queue it reports counts when longer than what this gateway sees (1.1 s)...
+        r.reported_queue(&fast, 10);
+        assert_eq!(order(&r, &one), vec![slow, fast]);
+        // ...never shorter: "0 waiting" does not hide this gateway's own request.
+        r.reported_queue(&fast, 0);
+        assert_eq!(order(&r, &one), vec![fast, slow]);
+        // A provider never measured is tried first, so that it gets measured.
+        r.upsert(new, vec![card("m", 1)]);
+        assert_eq!(order(&r, &one)[0], new);
+        // Reports are bounded.
+        r.reported_queue(&slow, u32::MAX);
+        assert!(r.lock()[&slow].reported_queue == MAX_REPORTED_QUEUE);
     }
 
     #[test]

@@ -211,6 +211,16 @@ impl Service {
         Kept::Yes
     }
 
+    /// Jobs waiting in the engine's queue now.
+    pub(crate) fn queue_depth(&self) -> u32 {
+        let waiting = self
+            .engine
+            .load()
+            .waiting
+            .load(std::sync::atomic::Ordering::Relaxed);
+        u32::try_from(waiting).unwrap_or(u32::MAX)
+    }
+
     /// Runs one request. `Err(Some)` is a refusal to send; `Err(None)` means the stream is gone.
     async fn generate(
         &self,
@@ -232,7 +242,15 @@ impl Service {
                 .serve(self, peer, request, &prompt, steps, stream)
                 .await;
         }
-        send(stream, &GenerateFrame::Accepted { prompt_tokens }).await?;
+        let queue_depth = self.queue_depth();
+        send(
+            stream,
+            &GenerateFrame::Accepted {
+                prompt_tokens,
+                queue_depth,
+            },
+        )
+        .await?;
         let mut text = TextStream::new(&request.stop);
         let mut leaves: Vec<StepLeaf> = Vec::new();
         let mut steps = steps;

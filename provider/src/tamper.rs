@@ -174,7 +174,11 @@ impl Cheat {
         if self.tamper == Tamper::FalseUsage {
             prompt_tokens += FALSE_USAGE_EXTRA;
         }
-        send(stream, &GenerateFrame::Accepted { prompt_tokens }).await?;
+        let accepted = GenerateFrame::Accepted {
+            prompt_tokens,
+            queue_depth: service.queue_depth(),
+        };
+        send(stream, &accepted).await?;
         if self.tamper == Tamper::Stall {
             tokio::time::sleep(STALL).await;
             return Err(None);

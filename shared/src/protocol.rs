@@ -369,6 +369,10 @@ pub enum GenerateFrame {
     Accepted {
         /// Prompt length after the chat template.
         prompt_tokens: u32,
+        /// Jobs waiting in the provider's queue (for every gateway) when it took this one: a
+        /// claim, which gateways use only to route less to a provider that says it is busy.
+        #[serde(default)]
+        queue_depth: u32,
     },
     /// One generated step.
     Token {

@@ -46,6 +46,9 @@ pub struct ProviderReport {
     pub latency_ms: Option<u64>,
     /// Requests it is serving for this gateway now.
     pub load: usize,
+    /// The queue depth it reported when it last accepted a request (its claim; used only to
+    /// route less to it).
+    pub queue_reported: u32,
 }
 
 /// A model a provider advertises.
@@ -180,5 +183,6 @@ fn report(
         },
         latency_ms: view.and_then(|v| v.latency_ms),
         load: view.map_or(0, |v| v.in_flight),
+        queue_reported: view.map_or(0, |v| v.reported_queue),
     }
 }
