@@ -502,10 +502,7 @@ impl Auditor {
         };
         let hold = Hold {
             provider: provider.to_bytes(),
-            caller: released
-                .caller
-                .clone()
-                .unwrap_or_else(|| ledger::ANONYMOUS.into()),
+            caller: ledger::payer_of(released.caller.clone()),
             amount: released.price,
             closes_ms: window_closes_ms,
         };
@@ -615,12 +612,7 @@ impl Auditor {
         &self,
         write: impl FnOnce(&Ledger) -> Result<T, BookError> + Send + 'static,
     ) {
-        let ledger = self.inner.ledger.clone();
-        match tokio::task::spawn_blocking(move || write(&ledger)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot write the ledger"),
-            Err(e) => tracing::error!(error = %e, "the ledger writer failed"),
-        }
+        write_off_workers("ledger", self.inner.ledger.clone(), write).await;
     }
 
     /// Runs a write of the audit log off the async workers (it waits for the disk).
@@ -628,12 +620,7 @@ impl Auditor {
         &self,
         write: impl FnOnce(&AuditLog) -> Result<T, BookError> + Send + 'static,
     ) {
-        let log = self.inner.audits.clone();
-        match tokio::task::spawn_blocking(move || write(&log)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot write the audit log"),
-            Err(e) => tracing::error!(error = %e, "the audit log writer failed"),
-        }
+        write_off_workers("audit log", self.inner.audits.clone(), write).await;
     }
 
     /// The record of a released answer's audit, if kept.
@@ -947,5 +934,19 @@ impl Referees for Fresh<'_> {
         let session = RefereeSession::start(&inner.dialer, choice, answer.request);
         session.push_all(answer.tokens);
         Some(Box::new(session))
+    }
+}
+
+/// Runs `write` on `store` on a blocking thread and logs its failure: a write that fails is
+/// logged and the gateway goes on serving.
+async fn write_off_workers<S: Send + 'static, T: Send + 'static>(
+    what: &'static str,
+    store: S,
+    write: impl FnOnce(&S) -> Result<T, BookError> + Send + 'static,
+) {
+    match tokio::task::spawn_blocking(move || write(&store)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot write the {what}"),
+        Err(e) => tracing::error!(error = %e, "the {what} writer failed"),
     }
 }

@@ -93,13 +93,18 @@ impl Payer {
         let payment = Payment {
             id: new_id(),
             provider,
-            caller: caller.unwrap_or_else(|| ANONYMOUS.into()),
+            caller: payer_of(caller),
             amount,
         };
         if self.tx.send(payment).await.is_err() {
             tracing::error!(%provider, "the ledger's writer is gone; payment not recorded");
         }
     }
+}
+
+/// Who pays for a request asked with `caller` (an API key's id): it, or [`ANONYMOUS`].
+pub fn payer_of(caller: Option<String>) -> String {
+    caller.unwrap_or_else(|| ANONYMOUS.into())
 }
 
 /// A new payment id, created now.
@@ -547,15 +552,7 @@ impl Ledger {
 
     /// `provider`'s account (empty if it has none).
     pub fn account(&self, provider: &PeerId) -> Result<Account> {
-        let read = self.db.begin_read().map_err(db_err)?;
-        let accounts = read.open_table(ACCOUNTS).map_err(db_err)?;
-        let value = accounts
-            .get(provider.to_bytes().as_slice())
-            .map_err(db_err)?;
-        Ok(value
-            .map(|v| decode(v.value()))
-            .transpose()?
-            .unwrap_or_default())
+        self.read_one(ACCOUNTS, &provider.to_bytes())
     }
 
     /// Number of provider accounts.
@@ -581,9 +578,18 @@ impl Ledger {
 
     /// A caller's account (empty if it has none).
     pub fn caller(&self, caller: &str) -> Result<CallerAccount> {
+        self.read_one(CALLERS, caller.as_bytes())
+    }
+
+    /// The record under `key` in `table` (a default one if none).
+    fn read_one<T: Default + serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&[u8], &[u8]>,
+        key: &[u8],
+    ) -> Result<T> {
         let read = self.db.begin_read().map_err(db_err)?;
-        let callers = read.open_table(CALLERS).map_err(db_err)?;
-        let value = callers.get(caller.as_bytes()).map_err(db_err)?;
+        let table = read.open_table(table).map_err(db_err)?;
+        let value = table.get(key).map_err(db_err)?;
         Ok(value
             .map(|v| decode(v.value()))
             .transpose()?
