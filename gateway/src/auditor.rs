@@ -149,6 +149,8 @@ pub struct Released {
     pub caller: Option<String>,
     /// What it earns its provider (µcr), held until its audit window closes.
     pub price: u64,
+    /// When it was asked for (unix milliseconds).
+    pub asked_ms: u64,
 }
 
 /// What the client of a released answer is told about its audit.
@@ -505,6 +507,7 @@ impl Auditor {
             caller: ledger::payer_of(released.caller.clone()),
             amount: released.price,
             closes_ms: window_closes_ms,
+            asked_ms: released.asked_ms,
         };
         self.log_write(move |log| log.insert(&record, Some(&hold)))
             .await;

@@ -134,6 +134,10 @@ pub struct Account {
     pub answers_paid: u64,
     /// Answers whose payment it forfeited.
     pub answers_forfeited: u64,
+    /// When its last fraud was proven (unix milliseconds): an answer asked for before then and
+    /// held after it (it was in flight) is forfeited as those held then were.
+    #[serde(default)]
+    pub convicted_ms: Option<u64>,
 }
 
 impl Account {
@@ -165,6 +169,9 @@ pub struct Hold {
     pub amount: u64,
     /// When the window closes and it is paid (unix milliseconds).
     pub closes_ms: u64,
+    /// When the answer was asked for (unix milliseconds).
+    #[serde(default)]
+    pub asked_ms: u64,
 }
 
 /// How a payment ended.
@@ -352,11 +359,25 @@ impl Ledger {
 
     /// Holds a payment within `write` (the transaction that records the answer's audit, so
     /// that the two stand or fall together). Holding an id twice holds it once.
+    ///
+    /// An answer asked for before its provider's last proven fraud was in flight when the
+    /// fraud's forfeiture took what was held: it is forfeited at once, as those were.
     pub fn hold_in(write: &WriteTransaction, id: &PaymentId, hold: &Hold) -> Result<()> {
         if settled(write, id)? || held(write, id)? {
             return Ok(());
         }
         charge(write, &hold.caller, hold.amount)?;
+        let convicted = read_account(write, &hold.provider)?.convicted_ms;
+        if convicted.is_some_and(|at| hold.asked_ms <= at) {
+            return end_hold(
+                write,
+                id,
+                hold,
+                Outcome::Forfeited,
+                crate::auditor::book::now_ms(),
+                MAX_SETTLED,
+            );
+        }
         let mut holds = write.open_table(HOLDS).map_err(db_err)?;
         holds
             .insert(id.as_slice(), encode(hold)?.as_slice())
@@ -409,7 +430,7 @@ impl Ledger {
                     value.map(|v| decode::<Hold>(v.value())).transpose()?
                 };
                 if let Some(hold) = hold {
-                    self.end_hold(write, id, &hold, Outcome::Paid, now_ms)?;
+                    end_hold(write, id, &hold, Outcome::Paid, now_ms, self.settled_limit)?;
                     paid += 1;
                 }
             }
@@ -466,7 +487,7 @@ impl Ledger {
                 return Ok(false);
             };
             let now = crate::auditor::book::now_ms();
-            self.end_hold(write, &id, &hold, outcome, now)?;
+            end_hold(write, &id, &hold, outcome, now, self.settled_limit)?;
             Ok(true)
         })
     }
@@ -493,7 +514,7 @@ impl Ledger {
             let now = crate::auditor::book::now_ms();
             let mut forfeiture = Forfeiture::default();
             for (id, hold) in &mine {
-                self.end_hold(write, id, hold, Outcome::Forfeited, now)?;
+                end_hold(write, id, hold, Outcome::Forfeited, now, self.settled_limit)?;
                 forfeiture.answers += 1;
                 forfeiture.amount = forfeiture.amount.saturating_add(hold.amount);
             }
@@ -503,6 +524,7 @@ impl Ledger {
                 let cut = (standing as f64 * share).round() as u64;
                 a.slashed = a.slashed.saturating_add(cut);
                 a.stake_cap = Some(standing - cut.min(standing));
+                a.convicted_ms = Some(now);
                 forfeiture.slashed = cut;
             })?;
             Ok(forfeiture)
@@ -618,49 +640,6 @@ impl Ledger {
         Ok((held, done))
     }
 
-    /// Ends a hold: the provider is paid, or forfeits it to the caller.
-    fn end_hold(
-        &self,
-        write: &WriteTransaction,
-        id: &PaymentId,
-        hold: &Hold,
-        outcome: Outcome,
-        now_ms: u64,
-    ) -> Result<()> {
-        write
-            .open_table(HOLDS)
-            .map_err(db_err)?
-            .remove(id.as_slice())
-            .map_err(db_err)?;
-        let settlement = Settlement {
-            provider: hold.provider.clone(),
-            caller: hold.caller.clone(),
-            amount: hold.amount,
-            outcome,
-            settled_ms: now_ms,
-        };
-        settle(write, id, &settlement, self.settled_limit)?;
-        if outcome != Outcome::Paid {
-            caller_account(write, &hold.caller, |c| {
-                c.refunded = c.refunded.saturating_add(hold.amount);
-            })?;
-        }
-        account(write, &hold.provider, |a| {
-            a.held = a.held.saturating_sub(hold.amount);
-            match outcome {
-                Outcome::Paid => {
-                    a.paid = a.paid.saturating_add(hold.amount);
-                    a.answers_paid += 1;
-                }
-                Outcome::Forfeited => {
-                    a.forfeited = a.forfeited.saturating_add(hold.amount);
-                    a.answers_forfeited += 1;
-                }
-                Outcome::Voided => {}
-            }
-        })
-    }
-
     /// Runs `change` in one write transaction and commits it.
     fn transaction<T>(&self, change: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {
         let write = self.db.begin_write().map_err(db_err)?;
@@ -674,6 +653,50 @@ impl Ledger {
         self.settled_limit = limit;
         self
     }
+}
+
+/// Ends a hold: the provider is paid, or forfeits it to the caller (settlements past `limit`
+/// drop the oldest).
+fn end_hold(
+    write: &WriteTransaction,
+    id: &PaymentId,
+    hold: &Hold,
+    outcome: Outcome,
+    now_ms: u64,
+    limit: u64,
+) -> Result<()> {
+    write
+        .open_table(HOLDS)
+        .map_err(db_err)?
+        .remove(id.as_slice())
+        .map_err(db_err)?;
+    let settlement = Settlement {
+        provider: hold.provider.clone(),
+        caller: hold.caller.clone(),
+        amount: hold.amount,
+        outcome,
+        settled_ms: now_ms,
+    };
+    settle(write, id, &settlement, limit)?;
+    if outcome != Outcome::Paid {
+        caller_account(write, &hold.caller, |c| {
+            c.refunded = c.refunded.saturating_add(hold.amount);
+        })?;
+    }
+    account(write, &hold.provider, |a| {
+        a.held = a.held.saturating_sub(hold.amount);
+        match outcome {
+            Outcome::Paid => {
+                a.paid = a.paid.saturating_add(hold.amount);
+                a.answers_paid += 1;
+            }
+            Outcome::Forfeited => {
+                a.forfeited = a.forfeited.saturating_add(hold.amount);
+                a.answers_forfeited += 1;
+            }
+            Outcome::Voided => {}
+        }
+    })
 }
 
 fn settled(write: &WriteTransaction, id: &PaymentId) -> Result<bool> {
@@ -721,6 +744,16 @@ fn caller_account(
     change: impl FnOnce(&mut CallerAccount),
 ) -> Result<()> {
     update(write, CALLERS, caller.as_bytes(), change)
+}
+
+/// A provider's account as `write` sees it (empty if it has none).
+fn read_account(write: &WriteTransaction, key: &[u8]) -> Result<Account> {
+    let table = write.open_table(ACCOUNTS).map_err(db_err)?;
+    let value = table.get(key).map_err(db_err)?;
+    Ok(value
+        .map(|v| decode(v.value()))
+        .transpose()?
+        .unwrap_or_default())
 }
 
 /// Applies `change` to the record under `key` in `table` (a default one if none).
@@ -776,6 +809,7 @@ mod tests {
             caller: ANONYMOUS.into(),
             amount,
             closes_ms,
+            asked_ms: crate::auditor::book::now_ms(),
         }
     }
 
@@ -857,6 +891,35 @@ mod tests {
         // A smaller one lowers it.
         ledger.declare_stake(&cheat, 100, 30).unwrap();
         assert_eq!(ledger.account(&cheat).unwrap().stake(), 100);
+    }
+
+    #[test]
+    fn an_answer_in_flight_when_fraud_is_proven_is_forfeited_when_held() {
+        let ledger = ledger();
+        let cheat = PeerId::random();
+        let asked = crate::auditor::book::now_ms() - 1;
+        ledger.forfeit_all(&cheat).unwrap();
+        let convicted = ledger.account(&cheat).unwrap().convicted_ms.unwrap();
+        // Asked for before the conviction, finished after it: the forfeiture takes it too.
+        let in_flight = Hold {
+            asked_ms: asked,
+            ..hold(&cheat, 10, 1_000)
+        };
+        ledger.hold(id(1), &in_flight).unwrap();
+        // Asked for after it (the bench over, say): held as any other.
+        let later = Hold {
+            asked_ms: convicted + 1,
+            ..hold(&cheat, 20, 1_000)
+        };
+        ledger.hold(id(2), &later).unwrap();
+        let account = ledger.account(&cheat).unwrap();
+        assert_eq!(
+            (account.held, account.forfeited, account.answers_forfeited),
+            (20, 10, 1)
+        );
+        assert_eq!(ledger.caller(ANONYMOUS).unwrap().refunded, 10);
+        assert_eq!(ledger.release_due(u64::MAX).unwrap(), 1);
+        assert_eq!(ledger.account(&cheat).unwrap().paid, 20);
     }
 
     #[test]

@@ -297,6 +297,7 @@ async fn release(
             commitment: answer.commitment.clone(),
             caller: caller_id(arrival),
             price,
+            asked_ms: arrival.unix_ms(),
         })
         .await;
     info.verdict = "deferred".into();
@@ -367,6 +368,14 @@ fn resolve(state: &AppState, model: &str) -> Result<Vec<Candidate>, ApiError> {
 struct Arrival {
     at: Instant,
     caller: Option<Caller>,
+}
+
+impl Arrival {
+    /// When the request arrived, in unix milliseconds.
+    fn unix_ms(&self) -> u64 {
+        let elapsed = u64::try_from(self.at.elapsed().as_millis()).unwrap_or(u64::MAX);
+        crate::auditor::book::now_ms().saturating_sub(elapsed)
+    }
 }
 
 /// Counts a finished generation's tokens (and its time to first token, when not yet counted).
