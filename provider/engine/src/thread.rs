@@ -218,12 +218,22 @@ fn generate_step(
             finished.push(slot_index);
         }
     }
-    for slot_index in finished.into_iter().rev() {
-        let slot = slots.swap_remove(slot_index);
+    for slot in take_indices(slots, finished) {
         free.put(slot.seq, slot.cached);
     }
     timing.sample += sampling.elapsed();
     timing.tick(batch.n_tokens());
+}
+
+/// Removes the items at `indices` (in any order, each once) and returns them. Logits are
+/// wanted from decoding slots first and from slots ending their prefill after, so the slots
+/// that finish in one step do not come in index order: removing them by `swap_remove` from the
+/// highest index down keeps every index still to remove valid.
+fn take_indices<T>(items: &mut Vec<T>, mut indices: Vec<usize>) -> Vec<T> {
+    indices.sort_unstable_by(|a, b| b.cmp(a));
+    indices.dedup();
+    indices.retain(|&i| i < items.len());
+    indices.into_iter().map(|i| items.swap_remove(i)).collect()
 }
 
 /// Where the engine thread's time goes, logged at debug level every 256 decodes.
@@ -381,5 +391,28 @@ fn step(
     } else {
         slot.next = Some(token);
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::take_indices;
+
+    #[test]
+    fn slots_finishing_together_are_removed_in_any_order() {
+        // A decoding slot (1) and one ending its prefill (0) finish in the same step: their
+        // indices come as [1, 0]. Removing them in that order reversed panicked the engine
+        // thread (`swap_remove index (is 1) should be < len (is 1)`).
+        let mut slots = vec!["a", "b", "c"];
+        let mut taken = take_indices(&mut slots, vec![1, 0]);
+        taken.sort_unstable();
+        assert_eq!(taken, vec!["a", "b"]);
+        assert_eq!(slots, vec!["c"]);
+        let mut slots: Vec<u32> = (0..8).collect();
+        let mut taken = take_indices(&mut slots, vec![3, 7, 0, 5, 3, 42]);
+        taken.sort_unstable();
+        assert_eq!(taken, vec![0, 3, 5, 7]);
+        slots.sort_unstable();
+        assert_eq!(slots, vec![1, 2, 4, 6]);
     }
 }
