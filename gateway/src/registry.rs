@@ -32,6 +32,18 @@ struct Entry {
     reported_queue: u32,
 }
 
+impl Entry {
+    /// How long a request sent now would wait for its first token, up to a constant: the
+    /// measured time to first token (`unmeasured` when there is none yet), times the square of
+    /// the requests ahead of it plus one (this gateway's own in flight, and the queue the
+    /// provider reported, which only ever makes it look busier). Squared, so that requests
+    /// spread over idle providers before they pile onto a quick one.
+    fn expected_wait(&self, unmeasured: f64) -> f64 {
+        let ahead = self.in_flight as f64 + f64::from(self.reported_queue) + 1.0;
+        self.latency_ms.unwrap_or(unmeasured).max(1.0) * ahead * ahead
+    }
+}
+
 /// The most queued jobs a provider's report counts for (a provider engine queues at most 64).
 pub const MAX_REPORTED_QUEUE: u32 = 64;
 
@@ -263,34 +275,54 @@ impl Registry {
         })
     }
 
-    /// Providers of the model `digest`, whatever name they advertise it under: healthy before
-    /// cooling down, then least loaded by this gateway's own count, ties at random. (Measured
-    /// latency and reported queues are recorded, not used here yet: ordering by them greedily
-    /// would give every request to the fastest provider and starve, and never re-measure,
-    /// the rest; that needs a weighted draw.)
+    /// Providers of the model `digest`, whatever name they advertise it under, in the order to
+    /// try them: healthy before cooling down, then a draw weighted by how soon each would
+    /// answer (its expected wait, below): a provider twice as quick to answer is drawn first
+    /// twice as often, and none is starved (the slower ones keep some traffic, and so keep
+    /// being measured).
     pub fn lookup(&self, digest: &ModelDigest) -> Lookup {
         let map = self.lock();
         if map.is_empty() {
             return Lookup::NoProviders;
         }
         let now = Instant::now();
-        let mut keyed: Vec<((bool, usize, u64), Candidate)> = Vec::new();
-        for (peer, entry) in map.iter() {
-            if let Some(card) = entry.models.iter().find(|card| &card.digest == digest) {
+        let serving: Vec<(&PeerId, &Entry, &ModelCard)> = map
+            .iter()
+            .filter_map(|(peer, entry)| {
+                let card = entry.models.iter().find(|card| &card.digest == digest)?;
+                Some((peer, entry, card))
+            })
+            .collect();
+        if serving.is_empty() {
+            return Lookup::UnknownModel;
+        }
+        // Not measured yet: as quick as the quickest measured, so that it is tried and measured.
+        let quickest = serving
+            .iter()
+            .filter_map(|(_, entry, _)| entry.latency_ms)
+            .fold(None, |min: Option<f64>, ms| {
+                Some(min.map_or(ms, |m| m.min(ms)))
+            })
+            .unwrap_or(1.0);
+        let mut keyed: Vec<((bool, f64), Candidate)> = serving
+            .into_iter()
+            .map(|(peer, entry, card)| {
                 let cooling = entry.cooldown_until.is_some_and(|t| t > now);
-                keyed.push((
-                    (cooling, entry.in_flight, rand::random::<u64>()),
+                let wait = entry.expected_wait(quickest);
+                // The exponential race (Efraimidis-Spirakis): ordering by -ln(u)/w draws each
+                // place in proportion to weight w = 1/wait among those not yet placed.
+                let u: f64 = rand::random::<f64>().max(f64::MIN_POSITIVE);
+                let race = -u.ln() * wait;
+                (
+                    (cooling, race),
                     Candidate {
                         peer: *peer,
                         card: card.clone(),
                     },
-                ));
-            }
-        }
-        if keyed.is_empty() {
-            return Lookup::UnknownModel;
-        }
-        keyed.sort_by_key(|(key, _)| *key);
+                )
+            })
+            .collect();
+        keyed.sort_by(|(a, _), (b, _)| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
         Lookup::Found(keyed.into_iter().map(|(_, c)| c).collect())
     }
 
@@ -411,6 +443,57 @@ mod tests {
         assert_eq!(view.reported_queue, MAX_REPORTED_QUEUE);
     }
 
+    /// Who `lookup` puts first.
+    fn first_of(r: &Registry, digest: &ModelDigest) -> PeerId {
+        let Lookup::Found(found) = r.lookup(digest) else {
+            panic!("expected providers")
+        };
+        found[0].peer
+    }
+
+    /// How often each of `peers` comes first in `draws` lookups.
+    fn shares(r: &Registry, digest: &ModelDigest, peers: &[PeerId], draws: usize) -> Vec<f64> {
+        let mut firsts = vec![0usize; peers.len()];
+        for _ in 0..draws {
+            let first = first_of(r, digest);
+            if let Some(i) = peers.iter().position(|p| *p == first) {
+                firsts[i] += 1;
+            }
+        }
+        firsts.iter().map(|&n| n as f64 / draws as f64).collect()
+    }
+
+    #[test]
+    fn quicker_and_idler_providers_are_drawn_first_more_often_and_none_is_starved() {
+        let r = Registry::default();
+        let digest = ModelDigest([1; 32]);
+        let (quick, slow, new) = (PeerId::random(), PeerId::random(), PeerId::random());
+        for peer in [quick, slow] {
+            r.upsert(peer, vec![card("m", 1)]);
+        }
+        r.observed_latency(&quick, Duration::from_millis(100));
+        r.observed_latency(&slow, Duration::from_millis(300));
+        // Weights 1/100 and 1/300: first three times in four, and once in four.
+        let s = shares(&r, &digest, &[quick, slow], 4_000);
+        assert!((0.70..0.80).contains(&s[0]), "{s:?}");
+        assert!((0.20..0.30).contains(&s[1]), "{s:?}");
+        // One request in flight at the quick one: (1+1)² = 4 times the wait, 400 against 300.
+        let busy = r.try_track(quick).expect("room");
+        let s = shares(&r, &digest, &[quick, slow], 4_000);
+        assert!((0.38..0.48).contains(&s[0]), "{s:?}");
+        drop(busy);
+        // A reported queue only ever makes its reporter look busier.
+        r.reported_queue(&quick, 1);
+        let s = shares(&r, &digest, &[quick, slow], 4_000);
+        assert!(s[0] < 0.48, "{s:?}");
+        r.reported_queue(&quick, 0);
+        // Not measured yet: drawn as if as quick as the quickest, so that it gets measured.
+        r.upsert(new, vec![card("m", 1)]);
+        let s = shares(&r, &digest, &[quick, slow, new], 6_000);
+        assert!((0.37..0.49).contains(&s[2]), "{s:?}");
+        assert!(s[1] > 0.08, "the slow one keeps some traffic: {s:?}");
+    }
+
     #[test]
     fn lookup_goes_by_digest_never_by_name() {
         let r = Registry::default();
@@ -428,23 +511,26 @@ mod tests {
             r.lookup(&ModelDigest([3; 32])),
             Lookup::UnknownModel
         ));
-        let _busy = r.try_track(a);
         let Lookup::Found(found) = r.lookup(&one) else {
             panic!("expected providers")
         };
-        assert_eq!(found.iter().map(|c| c.peer).collect::<Vec<_>>(), vec![b, a]);
+        let mut peers: Vec<PeerId> = found.iter().map(|c| c.peer).collect();
+        peers.sort_unstable();
+        let mut both = vec![a, b];
+        both.sort_unstable();
+        assert_eq!(peers, both);
         // A provider whose circuit is open is tried after the healthy ones...
         r.failed(&b);
         let Lookup::Found(found) = r.lookup(&one) else {
             panic!("expected providers")
         };
         assert_eq!(found.iter().map(|c| c.peer).collect::<Vec<_>>(), vec![a, b]);
-        // ...and again in its place once it answered.
+        // ...and drawn with the others again once it answered.
         r.succeeded(&b);
-        let Lookup::Found(found) = r.lookup(&one) else {
-            panic!("expected providers")
-        };
-        assert_eq!(found.iter().map(|c| c.peer).collect::<Vec<_>>(), vec![b, a]);
+        assert!(
+            (0..200).any(|_| first_of(&r, &one) == b),
+            "b is drawn again"
+        );
         r.remove(&a);
         r.remove(&b);
         assert_eq!(r.models().len(), 1);
