@@ -21,6 +21,7 @@
 //! - [`pool`]: the trusted [`RefereePool`] and the referee [`pool::Choice`].
 //! - [`session`]: one referee following one answer; the [`session::LocalReferee`] seam.
 //! - [`canary`]: canary audits of peer referees against the gateway's own engine.
+//! - [`consensus`]: `consensus` mode's comparison of several providers' answers.
 //! - [`deferred`]: the durable [`AuditLog`] of `fraud` answers, audited after release.
 //! - [`hearsay`]: fraud proofs other gateways gossip, checked before they are acted on.
 //! - [`procedure`]: the audit procedure itself, behind the [`procedure::LeafOpener`] and
@@ -31,6 +32,7 @@
 
 pub mod book;
 pub mod canary;
+pub mod consensus;
 pub mod deferred;
 pub mod hearsay;
 #[cfg(feature = "local-referee")]
@@ -398,18 +400,18 @@ impl Auditor {
         mode: VerificationMode,
         session: Option<RefereeSession>,
     ) -> AuditOutcome {
-        self.audit(answer, mode, session, false).await.0
+        self.audit(answer, mode, session, Scope::default()).await.0
     }
 
-    /// [`Auditor::judge`], also giving the fraud proof of a penalised failure. `released`: the
-    /// answer already reached its client (`fraud`), so a provider's silence is held against it.
+    /// [`Auditor::judge`], also giving the fraud proof of a penalised failure.
     async fn audit(
         &self,
         answer: &Answer<'_>,
         mode: VerificationMode,
         session: Option<RefereeSession>,
-        released: bool,
+        scope: Scope<'_>,
     ) -> (AuditOutcome, Option<FraudProof>) {
+        let released = scope.released;
         let started = Instant::now();
         let inner = &self.inner;
         let on_probation = inner
@@ -417,7 +419,10 @@ impl Auditor {
             .get(&answer.provider.peer)
             .on_probation(inner.policy.probation_audits);
         let opener = NetOpener(inner.dialer.net.clone());
-        let referees = Fresh { inner };
+        let referees = Fresh {
+            inner,
+            exclude: scope.not_referees,
+        };
         let procedure = Procedure {
             secret: &inner.secret,
             policy: &inner.policy,
@@ -429,6 +434,7 @@ impl Auditor {
             } else {
                 Duration::ZERO
             },
+            also_open: scope.also_open,
         };
         let session = session.map(|s| Box::new(s) as Box<dyn Witness>);
         let report = procedure.run(answer, mode, session).await;
@@ -582,7 +588,11 @@ impl Auditor {
                 // The gateway checked the text against the tokens as it released them.
                 text_matches: true,
             };
-            self.audit(&answer, VerificationMode::Merkle, None, true)
+            let scope = Scope {
+                released: true,
+                ..Scope::default()
+            };
+            self.audit(&answer, VerificationMode::Merkle, None, scope)
                 .await
         };
         let (outcome, proof) = match tokio::time::timeout_at(deadline, run).await {
@@ -822,8 +832,11 @@ impl Auditor {
     /// Writes the proof as CBOR into the evidence directory; returns its path.
     fn save_proof(&self, proof: &FraudProof) -> Option<PathBuf> {
         let dir = self.inner.evidence_dir.as_ref()?;
+        // The provider too: the answers of a consensus share their request id.
+        let provider = libp2p::PeerId::from_bytes(&proof.provider)
+            .map_or_else(|_| "unknown".to_string(), |p| p.to_string());
         let path = dir.join(format!(
-            "{}-{}.cbor",
+            "{}-{}-{provider}.cbor",
             crate::openai::response::unix_now(),
             proof.request.request_id
         ));
@@ -919,20 +932,34 @@ impl LeafOpener for NetOpener {
     }
 }
 
-/// Fresh referees from the trusted pool, each fed the whole answer at once.
+/// What sets one audit apart from a plain one before release.
+#[derive(Debug, Default, Clone, Copy)]
+struct Scope<'a> {
+    /// The answer already reached its client (`fraud`): a provider's silence is held against
+    /// it.
+    released: bool,
+    /// Peers that may not referee it (the other providers of a consensus).
+    not_referees: &'a [PeerId],
+    /// A step that must be among those challenged (where consensus answers first differ).
+    also_open: Option<u32>,
+}
+
+/// Fresh referees from the trusted pool, each fed the whole answer at once, none of `exclude`.
 struct Fresh<'a> {
     inner: &'a Inner,
+    exclude: &'a [PeerId],
 }
 
 impl Referees for Fresh<'_> {
     fn fresh(&self, answer: &Answer<'_>, exclude: &[PeerId]) -> Option<Box<dyn Witness>> {
         let inner = self.inner;
+        let exclude: Vec<PeerId> = exclude.iter().chain(self.exclude).copied().collect();
         let choice = inner.pool.choose(
             &inner.registry,
             &inner.book,
             &inner.policy,
             answer.provider,
-            exclude,
+            &exclude,
         )?;
         let session = RefereeSession::start(&inner.dialer, choice, answer.request);
         session.push_all(answer.tokens);

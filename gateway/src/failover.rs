@@ -35,6 +35,17 @@ impl Default for RetryPolicy {
     }
 }
 
+impl RetryPolicy {
+    /// The policy for a request that `answers` providers answer at once (`consensus`): one
+    /// first attempt each, and the failovers one request would have.
+    pub fn for_answers(self, answers: usize) -> Self {
+        Self {
+            max_attempts: self.max_attempts.saturating_add(answers.saturating_sub(1)),
+            ..self
+        }
+    }
+}
+
 /// When a request must be over.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline {
@@ -173,6 +184,12 @@ impl<'a> Attempts<'a> {
     /// When the request must be over.
     pub fn deadline(&self) -> Deadline {
         self.deadline
+    }
+
+    /// How many providers may still be tried.
+    pub fn left(&self) -> usize {
+        let budget = self.policy.max_attempts.saturating_sub(self.next);
+        budget.min(self.candidates.len().saturating_sub(self.next))
     }
 
     /// Records that `candidate` failed ([`record`]) and keeps the failure for [`Attempts::error`].

@@ -292,6 +292,11 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_FRAUD_AUDIT_WINDOW_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     fraud_audit_window_secs: Option<u64>,
+    /// Providers (distinct peers) a `consensus` request goes to, each generating the whole
+    /// answer (2 to 5) [default: 2].
+    #[arg(long, env = "PROOFMESH_CONSENSUS_PROVIDERS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    consensus_providers: Option<usize>,
     /// Credits a provider earns per million tokens, prompt and completion (so micro-credits
     /// per token), for models without their own --model-prices [default: 1].
     #[arg(long, env = "PROOFMESH_PRICE_PER_MILLION_TOKENS")]
@@ -543,6 +548,7 @@ async fn main() -> anyhow::Result<()> {
                 window: Duration::from_secs(settings.fraud_audit_window_secs),
                 ..FraudPolicy::default()
             },
+            consensus_providers: settings.consensus_providers,
             ..AuditPolicy::default()
         },
         #[cfg(feature = "local-referee")]

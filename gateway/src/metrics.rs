@@ -57,6 +57,9 @@ pub struct GatewayMetrics {
     /// Fraud proofs heard from other gateways, by what they came to (in `verdict`: `holds`,
     /// `forged`, `unchecked`).
     pub proofs_heard: Family<VerdictLabels, Counter>,
+    /// `consensus` requests, by how their answers compared (in `verdict`: `agreed`,
+    /// `differed`).
+    pub consensus: Family<VerdictLabels, Counter>,
     /// Peers with an open connection (set at scrape time).
     pub peers_connected: Gauge,
     /// Providers in the routing table (set at scrape time).
@@ -133,6 +136,12 @@ impl Default for GatewayMetrics {
             "Fraud proofs heard from other gateways, by what they came to (holds, forged, unchecked)",
             proofs_heard.clone(),
         );
+        let consensus = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "consensus",
+            "Consensus requests by how their answers compared (agreed, differed)",
+            consensus.clone(),
+        );
         let referee_strikes = Counter::default();
         registry.register(
             "referee_strikes",
@@ -168,6 +177,7 @@ impl Default for GatewayMetrics {
             canaries,
             deferred_audits,
             proofs_heard,
+            consensus,
             peers_connected,
             providers,
             uptime_seconds,

@@ -101,6 +101,8 @@ pub struct GatewaySettings {
     /// Seconds after release within which a `fraud` answer's audit must be done (providers keep
     /// leaves openable for 1800).
     pub fraud_audit_window_secs: u64,
+    /// Providers (distinct peers, 2 to 5) a `consensus` request goes to.
+    pub consensus_providers: usize,
     /// GGUF files whose vocabularies the gateway trusts for checking answers' text (the
     /// referee model's is added by itself).
     pub vocabularies: Vec<PathBuf>,
@@ -163,6 +165,7 @@ impl Default for GatewaySettings {
             fraud_audit_rate: crate::auditor::policy::FRAUD_AUDIT_RATE,
             fraud_probation_audit_rate: crate::auditor::policy::FRAUD_PROBATION_AUDIT_RATE,
             fraud_audit_window_secs: crate::auditor::policy::FRAUD_AUDIT_WINDOW.as_secs(),
+            consensus_providers: crate::auditor::policy::CONSENSUS_PROVIDERS,
             vocabularies: Vec::new(),
             price_per_million_tokens: 1,
             model_prices: Vec::new(),
@@ -283,6 +286,12 @@ impl GatewaySettings {
             self.fraud_audit_window_secs,
             180..=crate::auditor::policy::MAX_FRAUD_AUDIT_WINDOW.as_secs(),
             "180 to 1800 (a silent provider is asked for its leaves for 120 s; providers keep them for 1800 s)",
+        )?;
+        check_range(
+            "consensus_providers",
+            self.consensus_providers,
+            2..=crate::auditor::policy::MAX_CONSENSUS_PROVIDERS,
+            "2 to 5",
         )?;
         Ok(())
     }

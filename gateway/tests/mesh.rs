@@ -321,15 +321,13 @@ async fn bad_input_gets_openai_errors_and_the_gateway_stays_up() {
     assert_eq!(s, 413, "{v}");
     assert_eq!(v["error"]["code"], "request_too_large");
 
-    for mode in ["consensus", "zk"] {
-        let (s, _, v) = mesh
-            .chat(chat_body("x", json!({"verification_mode": mode})))
-            .await;
-        assert_eq!(
-            (s, error_of(&v).2),
-            (400, json!("unsupported_verification_mode"))
-        );
-    }
+    let (s, _, v) = mesh
+        .chat(chat_body("x", json!({"verification_mode": "zk"})))
+        .await;
+    assert_eq!(
+        (s, error_of(&v).2),
+        (400, json!("unsupported_verification_mode"))
+    );
 
     let (s, _, v) = mesh.chat(chat_body("x", json!({"max_tokens": 5000}))).await;
     assert_eq!(

@@ -16,6 +16,10 @@ pub enum VerificationMode {
     /// and a sampled share is audited afterwards, within the audit window; the verdict is kept
     /// under an audit id.
     Fraud,
+    /// The same request (same seed, same request id) goes to several providers; identical
+    /// answers agree by construction, and any difference has each audited by a referee at the
+    /// step where they first differ.
+    Consensus,
 }
 
 /// A mode name the gateway does not serve.
@@ -37,6 +41,7 @@ impl VerificationMode {
             Self::None => "none",
             Self::Merkle => "merkle",
             Self::Fraud => "fraud",
+            Self::Consensus => "consensus",
         }
     }
 
@@ -49,7 +54,7 @@ impl VerificationMode {
     /// Whether answers in this mode may be audited at all, now or later: such a request goes
     /// only to providers a trusted referee can audit.
     pub fn audited(self) -> bool {
-        matches!(self, Self::Merkle | Self::Fraud)
+        matches!(self, Self::Merkle | Self::Fraud | Self::Consensus)
     }
 
     /// Whether answers in this mode are released first and audited afterwards.
@@ -66,7 +71,8 @@ impl std::str::FromStr for VerificationMode {
             "none" => Ok(Self::None),
             "merkle" => Ok(Self::Merkle),
             "fraud" => Ok(Self::Fraud),
-            "consensus" | "zk" => Err(ModeError::NotYet(name.into())),
+            "consensus" => Ok(Self::Consensus),
+            "zk" => Err(ModeError::NotYet(name.into())),
             other => Err(ModeError::Unknown(other.into())),
         }
     }

@@ -40,6 +40,11 @@ pub const FRAUD_OPEN_PATIENCE: Duration = Duration::from_secs(120);
 /// The longest audit window a gateway may set: how long providers keep their leaves.
 pub const MAX_FRAUD_AUDIT_WINDOW: Duration = Duration::from_secs(30 * 60);
 
+/// Default number of providers a `consensus` request goes to.
+pub const CONSENSUS_PROVIDERS: usize = 2;
+/// The most providers a `consensus` request may go to (each generates the whole answer).
+pub const MAX_CONSENSUS_PROVIDERS: usize = 5;
+
 /// How `fraud` (optimistic) answers are sampled for audits after release.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FraudPolicy {
@@ -142,6 +147,8 @@ pub struct AuditPolicy {
     pub unopened_limit: u32,
     /// How `fraud` answers are sampled and how long their audits may take.
     pub fraud: FraudPolicy,
+    /// Providers (distinct peers) a `consensus` request goes to.
+    pub consensus_providers: usize,
 }
 
 impl Default for AuditPolicy {
@@ -157,6 +164,7 @@ impl Default for AuditPolicy {
             canary_rate: CANARY_RATE,
             unopened_limit: UNOPENED_LIMIT,
             fraud: FraudPolicy::default(),
+            consensus_providers: CONSENSUS_PROVIDERS,
         }
     }
 }

@@ -171,6 +171,8 @@ pub struct Procedure<'a> {
     /// attempts every audit makes): longer for an answer already released, whose provider
     /// must not get away with silence.
     pub open_patience: Duration,
+    /// A step challenged besides those drawn (where the answers of a consensus first differ).
+    pub also_open: Option<u32>,
 }
 
 impl std::fmt::Debug for Procedure<'_> {
@@ -241,7 +243,14 @@ impl Procedure<'_> {
             return report;
         }
         let count = self.policy.challenges(self.on_probation);
-        let challenge = Challenge::derive(self.secret, answer.commitment, count);
+        let mut challenge = Challenge::derive(self.secret, answer.commitment, count);
+        if let Some(step) = self
+            .also_open
+            .filter(|s| *s < answer.commitment.commitment.steps)
+            && let Err(at) = challenge.indices.binary_search(&step)
+        {
+            challenge.indices.insert(at, step);
+        }
         report.challenged.clone_from(&challenge.indices);
         let session = session.or_else(|| self.referees.fresh(answer, &[]));
         let (opening, first) = tokio::join!(self.open(answer, &challenge), async {
@@ -769,6 +778,11 @@ mod tests {
 
     /// A provider's answer over `model`'s logits, built as a provider builds one.
     fn run(model: Model, steps: u32) -> Arc<Run> {
+        run_bent(model, steps, |_| {})
+    }
+
+    /// [`run`], each leaf passed through `bend` before it is committed (a cheat's doing).
+    fn run_bent(model: Model, steps: u32, bend: impl Fn(&mut StepLeaf)) -> Arc<Run> {
         let key = Keypair::generate_secp256k1();
         let request = GenerateRequest {
             version: GenerateRequest::VERSION,
@@ -793,13 +807,15 @@ mod tests {
                 let top = sampling::top_candidates(&l);
                 let draw = sampling::draw(9, step);
                 let token = sampling::sample(&top, &request.sampler, draw).unwrap();
-                StepLeaf {
+                let mut leaf = StepLeaf {
                     step,
                     token,
                     draw,
                     logsumexp: sampling::logsumexp(&l),
                     top,
-                }
+                };
+                bend(&mut leaf);
+                leaf
             })
             .collect();
         let tokens: Vec<u32> = leaves.iter().map(|l| l.token).collect();
@@ -1088,11 +1104,81 @@ mod tests {
             opener: &opener,
             referees: pool,
             open_patience: Duration::ZERO,
+            also_open: None,
         };
         let session = first.map(|i| pool.witness(i));
         procedure
             .run(&answer(run), VerificationMode::Merkle, session)
             .await
+    }
+
+    /// The runner-up at step `at`, every other step the model's: a cheat that only a
+    /// challenge of that very step can catch (the fake model's logits do not depend on the
+    /// tokens before them).
+    fn off_policy_at(at: u32) -> Arc<Run> {
+        run_bent(logits, 200, move |leaf| {
+            if leaf.step == at
+                && let Some(other) = leaf.top.iter().find(|c| c.id != leaf.token)
+            {
+                leaf.token = other.id;
+            }
+        })
+    }
+
+    /// An audit of `run` challenging `count` drawn steps, and `also_open` besides.
+    async fn audit_also(run: &Arc<Run>, count: usize, also_open: Option<u32>) -> Report {
+        let pool = Pool::new(run, &[logits]);
+        let policy = AuditPolicy {
+            challenge_count: count,
+            ..AuditPolicy::default()
+        };
+        let opener = Opener {
+            run: Arc::clone(run),
+            lost: AtomicU32::new(0),
+            opens: AtomicU32::new(u32::MAX),
+        };
+        let procedure = Procedure {
+            secret: &[3; 32],
+            policy: &policy,
+            on_probation: false,
+            opener: &opener,
+            referees: &pool,
+            open_patience: Duration::ZERO,
+            also_open,
+        };
+        procedure
+            .run(&answer(run), VerificationMode::Merkle, None)
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_step_asked_to_be_opened_is_challenged_besides_the_drawn_ones() {
+        // A step the draw of 4 in 200 leaves out.
+        let honest = run(logits, 200);
+        let drawn = audit_also(&honest, 4, None).await.challenged;
+        let at = (0..200).find(|s| !drawn.contains(s)).unwrap();
+        let cheat = off_policy_at(at);
+        // The drawn steps alone miss it: only the peer referee's margins over every step show
+        // it, an accusation one referee cannot make alone (nobody penalised, nothing proven)...
+        let missed = audit_also(&cheat, 4, None).await;
+        assert!(!missed.challenged.contains(&at), "{:?}", missed.challenged);
+        assert_eq!(missed.verdict(), AuditVerdict::Inconclusive);
+        assert!(!missed.penalise && missed.proof.is_none());
+        // ...but where consensus answers first differ, it is opened and the cheat fails...
+        let caught = audit_also(&cheat, 4, Some(at)).await;
+        assert!(caught.challenged.contains(&at));
+        assert_eq!(caught.challenged.len(), missed.challenged.len() + 1);
+        assert_eq!(
+            caught.verdict(),
+            AuditVerdict::Failed(AuditFailure::SamplerMismatch)
+        );
+        // ...proven by the provider's own signed opening, which anyone can check.
+        assert!(caught.penalise);
+        let proof = caught.proof.expect("a proof");
+        assert_eq!(proof.holds(&[]), Ok(AuditFailure::SamplerMismatch));
+        // A step past the answer's end is ignored.
+        let past = audit_also(&honest, 4, Some(10_000)).await;
+        assert_eq!(past.challenged, drawn);
     }
 
     #[tokio::test]

@@ -69,7 +69,9 @@ pub struct ChatCompletionRequest {
     /// the sampler, before the answer is released; `fraud`: the answer is released at once
     /// (after the exact checks of its commitment) and a sampled share is audited afterwards,
     /// the verdict at `GET /v1/audits/{id}`; `none`: only the signature and its binding to the
-    /// request are checked. `consensus` and `zk` are reserved and answered with 400
+    /// request are checked; `consensus`: the same request goes to several providers (2 by
+    /// default) and any difference between their answers has each audited, the answer that
+    /// passes is the one returned. `zk` is reserved and answered with 400
     /// `unsupported_verification_mode`.
     #[serde(default)]
     #[schema(value_type = Option<String>, example = "merkle")]
@@ -378,15 +380,11 @@ mod tests {
     }
 
     #[test]
-    fn future_modes_are_a_clear_error() {
-        for mode in ["consensus", "zk"] {
-            let err = parse(serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "verification_mode": mode}))
-                .unwrap_err();
-            assert_eq!(err.code(), Some("unsupported_verification_mode"));
-        }
-        // zk says what a proof would cost, with the figures it rests on.
+    fn a_future_mode_is_a_clear_error() {
         let err = parse(serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "verification_mode": "zk"}))
             .unwrap_err();
+        assert_eq!(err.code(), Some("unsupported_verification_mode"));
+        // zk says what a proof would cost, with the figures it rests on.
         let message = err.body().error.message;
         assert!(
             message.contains("zkGPT") && message.contains("zkLLM"),

@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 /// Sent as `x-proofmesh-*` headers, as `proofmesh` in the JSON body, and in the last SSE event.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ProofmeshInfo {
-    /// `none`, `merkle` or `fraud`.
+    /// `none`, `merkle`, `fraud` or `consensus`.
     pub verification_mode: &'static str,
     /// The provider's peer id (also its commitment signing key).
     pub provider: String,
@@ -23,7 +23,8 @@ pub struct ProofmeshInfo {
     /// re-execute the answer; delivered only when the operator allows it), `inconclusive`,
     /// `failed:<reason>` (in error events of streams that were withheld), or `deferred`
     /// (`fraud` mode: released after the exact checks of its commitment, not audited yet; the
-    /// verdict comes later at `GET /v1/audits/{audit_id}`).
+    /// verdict comes later at `GET /v1/audits/{audit_id}`), or `agreed` (`consensus` mode:
+    /// every provider gave the same answer, so none was audited further).
     pub verdict: String,
     /// `fraud` mode: the id under which this answer's audit is kept.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -43,6 +44,32 @@ pub struct ProofmeshInfo {
     pub seed: u64,
     /// Time spent on the audit after the last token, in milliseconds.
     pub audit_ms: u64,
+    /// `consensus` mode: who else answered, and how the answers compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consensus: Option<ConsensusInfo>,
+}
+
+/// How the answers of a `consensus` request compared.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ConsensusInfo {
+    /// Each provider asked, the one whose answer was returned first among them.
+    pub providers: Vec<ConsensusMember>,
+    /// Whether every answer was the same (then none was audited further).
+    pub agreed: bool,
+    /// The first step where the answers differed (challenged in every audit that followed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub divergence: Option<u32>,
+}
+
+/// One provider of a `consensus` request.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ConsensusMember {
+    /// Its peer id.
+    pub provider: String,
+    /// Its answer's verdict: `agreed`, `passed`, `failed:<reason>`, `inconclusive`, ….
+    pub verdict: String,
+    /// Hex Merkle root of its answer.
+    pub merkle_root: String,
 }
 
 /// The statistical audit of one answer: provider logits against the referee's.

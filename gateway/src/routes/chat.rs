@@ -1,4 +1,9 @@
 //! `POST /v1/chat/completions`: validate, route, generate, audit, answer.
+//!
+//! One provider answers, audited as its mode says; `consensus` requests, answered by several,
+//! are in [`consensus`].
+
+mod consensus;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -52,13 +57,13 @@ A failure after the stream started arrives as a `data:` line holding an `ErrorBo
                 (String = "text/event-stream"),
             ),
             headers(
-                ("x-proofmesh-mode" = String, description = "`none`, `merkle` or `fraud`"),
+                ("x-proofmesh-mode" = String, description = "`none`, `merkle`, `fraud` or `consensus`"),
                 ("x-proofmesh-provider" = String, description = "Peer id of the provider that answered"),
                 ("x-proofmesh-model-digest" = String, description = "`sha256:<hex>` of the GGUF that served"),
                 ("x-proofmesh-seed" = String, description = "Sampler seed (the client's, or a random one)"),
                 ("x-proofmesh-merkle-root" = String, description = "Hex Merkle root of the step leaves (non-streaming only)"),
                 ("x-proofmesh-challenged" = String, description = "Comma-separated challenged steps (non-streaming only)"),
-                ("x-proofmesh-verdict" = String, description = "`unaudited`, `passed`, `unrefereed` when the operator allows unrefereed answers, or `deferred` (`fraud`: not audited yet) (non-streaming only)"),
+                ("x-proofmesh-verdict" = String, description = "`unaudited`, `passed`, `unrefereed` when the operator allows unrefereed answers, `deferred` (`fraud`: not audited yet) or `agreed` (`consensus`: every provider gave the same answer) (non-streaming only, and `consensus` streams)"),
                 ("x-proofmesh-audit-id" = String, description = "`fraud` mode: the id whose verdict `GET /v1/audits/{id}` gives (streams too)"),
                 ("x-proofmesh-referee" = String, description = "Who re-executed the answer: a peer id, or `local` (non-streaming only; absent without a referee)"),
                 ("x-proofmesh-audit-tier" = String, description = "`exact` or `tolerant` (non-streaming only; absent without a referee)"),
@@ -148,8 +153,16 @@ async fn answer(
         .record("request_id", tracing::field::display(&request.request_id))
         .record("model", chat.model.as_str())
         .record("verification_mode", chat.mode.as_str());
-    let mut attempts = Attempts::new(state.retry, state.registry.clone(), &candidates, arrival.at);
-    if chat.stream {
+    let retry = match chat.mode {
+        VerificationMode::Consensus => state
+            .retry
+            .for_answers(state.auditor.policy().consensus_providers),
+        _ => state.retry,
+    };
+    let mut attempts = Attempts::new(retry, state.registry.clone(), &candidates, arrival.at);
+    if chat.mode == VerificationMode::Consensus {
+        consensus::respond(&state, &chat, &request, &mut attempts, &arrival).await
+    } else if chat.stream {
         // Failover happens only before the first byte: once a provider accepted, the stream is
         // its, and a failure ends it with an error event.
         let mut generation = inference::start(&state, &mut attempts, &request, chat.mode).await?;
@@ -422,6 +435,7 @@ fn proofmesh_info(
             .map(|s| AuditStatistics::new(s, outcome.evidence_bytes)),
         seed: chat.sampler.seed,
         audit_ms: outcome.elapsed.as_millis() as u64,
+        consensus: None,
     }
 }
 
@@ -487,6 +501,7 @@ fn stream_response(
         audit: None,
         seed: chat.sampler.seed,
         audit_ms: 0,
+        consensus: None,
     };
     set_headers(&mut headers, &early, false);
     let lifecycle = state.lifecycle.clone();
