@@ -373,6 +373,35 @@ impl Mesh {
         mesh
     }
 
+    /// Providers alone, with no gateway in this process: a test runs the gateway binary, which
+    /// dials them ([`Mesh::provider_addrs`]); `base` is empty until the test sets it.
+    pub async fn providers_only(specs: &[ProviderSpec]) -> Mesh {
+        let mut mesh = Mesh {
+            base: String::new(),
+            gateway_peer: PeerId::random(),
+            p2p_addrs: Vec::new(),
+            providers: Vec::new(),
+            gateway_shutdown: None,
+            gateway_task: None,
+        };
+        for spec in specs {
+            mesh.add_provider(spec.clone()).await;
+        }
+        mesh
+    }
+
+    /// Each provider's first listen address, with its `/p2p/<peer id>`: what a gateway dials.
+    pub fn provider_addrs(&self) -> Vec<libp2p::Multiaddr> {
+        self.providers
+            .iter()
+            .map(|p| {
+                p.addrs[0]
+                    .clone()
+                    .with(libp2p::multiaddr::Protocol::P2p(p.peer_id))
+            })
+            .collect()
+    }
+
     pub async fn add_provider(&mut self, spec: ProviderSpec) {
         self.add_provider_with_key(spec, libp2p::identity::Keypair::generate_secp256k1())
             .await;
