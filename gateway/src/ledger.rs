@@ -367,17 +367,6 @@ impl Ledger {
             return Ok(());
         }
         charge(write, &hold.caller, hold.amount)?;
-        let convicted = read_account(write, &hold.provider)?.convicted_ms;
-        if convicted.is_some_and(|at| hold.asked_ms <= at) {
-            return end_hold(
-                write,
-                id,
-                hold,
-                Outcome::Forfeited,
-                crate::auditor::book::now_ms(),
-                MAX_SETTLED,
-            );
-        }
         let mut holds = write.open_table(HOLDS).map_err(db_err)?;
         holds
             .insert(id.as_slice(), encode(hold)?.as_slice())
@@ -385,7 +374,13 @@ impl Ledger {
         drop(holds);
         account(write, &hold.provider, |a| {
             a.held = a.held.saturating_add(hold.amount);
-        })
+        })?;
+        let convicted = read_account(write, &hold.provider)?.convicted_ms;
+        if convicted.is_some_and(|at| hold.asked_ms <= at) {
+            let now = crate::auditor::book::now_ms();
+            end_hold(write, id, hold, Outcome::Forfeited, now, MAX_SETTLED)?;
+        }
+        Ok(())
     }
 
     /// Holds a payment, in a transaction of its own.
@@ -900,18 +895,19 @@ mod tests {
         let asked = crate::auditor::book::now_ms() - 1;
         ledger.forfeit_all(&cheat).unwrap();
         let convicted = ledger.account(&cheat).unwrap().convicted_ms.unwrap();
-        // Asked for before the conviction, finished after it: the forfeiture takes it too.
-        let in_flight = Hold {
-            asked_ms: asked,
-            ..hold(&cheat, 10, 1_000)
-        };
-        ledger.hold(id(1), &in_flight).unwrap();
         // Asked for after it (the bench over, say): held as any other.
         let later = Hold {
             asked_ms: convicted + 1,
             ..hold(&cheat, 20, 1_000)
         };
         ledger.hold(id(2), &later).unwrap();
+        // Asked for before the conviction, finished after it: the forfeiture takes it too,
+        // and what else is held stays held.
+        let in_flight = Hold {
+            asked_ms: asked,
+            ..hold(&cheat, 10, 1_000)
+        };
+        ledger.hold(id(1), &in_flight).unwrap();
         let account = ledger.account(&cheat).unwrap();
         assert_eq!(
             (account.held, account.forfeited, account.answers_forfeited),
