@@ -49,6 +49,7 @@ pub mod state;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -57,6 +58,7 @@ use axum::response::Response;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use proofmesh_shared::net::{self, Event, NetConfig, Role};
+use proofmesh_shared::protocol::SignedStake;
 use tokio::sync::{mpsc, oneshot};
 use tower_http::trace::TraceLayer;
 
@@ -414,6 +416,16 @@ async fn load_vocabularies(
     Ok(loaded)
 }
 
+/// Has the ledger check and record `peer`'s stake declaration, off the async workers.
+fn take_declaration(auditor: &Auditor, peer: PeerId, stake: SignedStake) {
+    let ledger = auditor.ledger().clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = ledger.take_declaration(&peer, &stake) {
+            tracing::error!(%peer, error = %e, "cannot write the ledger");
+        }
+    });
+}
+
 /// Fraud proofs checked at once; more heard meanwhile are dropped unchecked (nobody blamed).
 const PROOF_CHECKS: usize = 2;
 
@@ -429,25 +441,45 @@ async fn track_mesh(
     // The last stake declaration seen of each connected provider: an unchanged one (each
     // capabilities refresh repeats it) is not checked again.
     let mut declared: std::collections::HashMap<PeerId, u64> = Default::default();
-    while let Some(event) = events.recv().await {
+    // Declarations of providers met while the gateway still starts (its bootstrap peers dialled
+    // before the auditor exists), taken once it does.
+    let mut early: std::collections::HashMap<PeerId, SignedStake> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => return,
+            },
+            _ = tick.tick(), if !early.is_empty() => {
+                if let Some(auditor) = auditor.get() {
+                    for (peer, stake) in early.drain() {
+                        declared.insert(peer, stake.declaration.declared_ms);
+                        take_declaration(auditor, peer, stake);
+                    }
+                }
+                continue;
+            }
+        };
         match event {
             Event::ProviderUp { peer, capabilities } => {
-                let stake = capabilities.stake.filter(|s| {
-                    declared.insert(peer, s.declaration.declared_ms)
-                        != Some(s.declaration.declared_ms)
-                });
-                if let (Some(stake), Some(auditor)) = (stake, auditor.get()) {
-                    let ledger = auditor.ledger().clone();
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(e) = ledger.take_declaration(&peer, &stake) {
-                            tracing::error!(%peer, error = %e, "cannot write the ledger");
+                match (capabilities.stake, auditor.get()) {
+                    (Some(stake), None) => {
+                        early.insert(peer, stake);
+                    }
+                    (Some(stake), Some(auditor)) => {
+                        let at = stake.declaration.declared_ms;
+                        if declared.insert(peer, at) != Some(at) {
+                            take_declaration(auditor, peer, stake);
                         }
-                    });
+                    }
+                    (None, _) => {}
                 }
                 registry.upsert(peer, capabilities.models);
             }
             Event::ProviderLeaving { peer } | Event::PeerGone { peer } => {
                 declared.remove(&peer);
+                early.remove(&peer);
                 registry.remove(&peer);
             }
             // Gateways keep no leaves; dropping the channel tells the asker so.

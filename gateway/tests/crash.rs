@@ -6,8 +6,10 @@
 //! exactly the sum of its entries: nothing lost, nothing paid twice, also after the held
 //! payments come due.
 //!
-//! Two real providers run in this process; the gateway is its own process, so that the kill
-//! is a real SIGKILL: no destructor, no flush, no clean close of the database.
+//! Three real providers run in this process, one of them a cheat (an off-policy token in every
+//! answer), so that forfeitures and a slash are in the burst too when an audit of it ends
+//! before the kill; the gateway is its own process, so that the kill is a real SIGKILL: no
+//! destructor, no flush, no clean close of the database.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -21,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use proofmesh_gateway::auditor::{AuditId, AuditLog, Book};
 use proofmesh_gateway::ledger::{ANONYMOUS, Ledger, LedgerConfig, Outcome, PaymentId};
+use proofmesh_provider::Tamper;
 use serde_json::{Value, json};
 use support::{HONEST, Mesh, ProviderSpec};
 
@@ -145,7 +148,12 @@ async fn a_gateway_killed_mid_burst_loses_no_record_and_pays_none_twice() {
         name: "second",
         ..HONEST
     };
-    let mesh = Mesh::providers_only(&[HONEST, second]).await;
+    let cheat = ProviderSpec {
+        referee_slots: 0,
+        stake: 1_000_000,
+        ..ProviderSpec::tampering("cheat", Tamper::OffPolicyToken)
+    };
+    let mesh = Mesh::providers_only(&[HONEST, second, cheat]).await;
     let dir: PathBuf =
         std::env::temp_dir().join(format!("proofmesh-crash-{}", rand::random::<u64>()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -186,7 +194,7 @@ async fn a_gateway_killed_mid_burst_loses_no_record_and_pays_none_twice() {
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
 
     let mut first = gateway(&args, &dir.join("gateway-1.log"));
-    ready(&http, &base, 2).await;
+    ready(&http, &base, 3).await;
     let ids = Arc::new(Mutex::new(Vec::new()));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|n| tokio::spawn(client(http.clone(), base.clone(), n, Arc::clone(&ids))))
@@ -240,6 +248,16 @@ async fn a_gateway_killed_mid_burst_loses_no_record_and_pays_none_twice() {
         assert!(known.contains(&id.0), "the payment of {id} lost");
     }
     let before = check(&ledger);
+    // Its stake was recorded though the gateway met it while starting (its bootstrap peer),
+    // and halved by a conviction if one came before the kill.
+    let cheat = ledger.account(&mesh.providers[2].peer_id).unwrap();
+    assert_eq!(cheat.stake_declared, 1_000_000, "{cheat:?}");
+    let slash = if cheat.convicted_ms.is_some() {
+        500_000
+    } else {
+        0
+    };
+    assert_eq!(cheat.slashed, slash, "{cheat:?}");
     // Every held payment comes due: each is paid once, however often the payout runs.
     let released = ledger.release_due(u64::MAX).unwrap();
     assert_eq!(ledger.release_due(u64::MAX).unwrap(), 0);
@@ -248,10 +266,12 @@ async fn a_gateway_killed_mid_burst_loses_no_record_and_pays_none_twice() {
     println!(
         "gateway kill -9: {} answers released before the kill, all found after the restart \
          ({statuses:?}); ledger: {} held, {} settled, {released} paid when due, accounts equal \
-         their entries before and after",
+         their entries before and after; the cheat: {} answers forfeited, {} slashed",
         ids.len(),
         before.0,
-        before.1
+        before.1,
+        cheat.answers_forfeited,
+        cheat.slashed
     );
     drop(ledger);
     drop(log);
