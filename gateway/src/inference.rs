@@ -42,6 +42,8 @@ pub struct Generation {
     pub candidate: Candidate,
     /// Prompt length the provider reported.
     pub prompt_tokens: u32,
+    /// When the gateway began opening it on this provider.
+    pub started_at: Instant,
     /// When the first token frame arrived (for time-to-first-token).
     pub first_token_at: Option<Instant>,
     /// The referee following this answer, when it is audited.
@@ -301,6 +303,7 @@ async fn try_start(
     request: &GenerateRequest,
     deadline: Deadline,
 ) -> Result<Generation, Failure> {
+    let started_at = Instant::now();
     let Some(load) = state.registry.try_track(candidate.peer) else {
         return Err(Failure::Full);
     };
@@ -329,6 +332,7 @@ async fn try_start(
             Ok(Generation {
                 candidate: candidate.clone(),
                 prompt_tokens,
+                started_at,
                 first_token_at: None,
                 referee: None,
                 transcript: state

@@ -38,9 +38,11 @@ impl Entry {
     /// the requests ahead of it plus one (this gateway's own in flight, and the queue the
     /// provider reported, which only ever makes it look busier). Squared, so that requests
     /// spread over idle providers before they pile onto a quick one.
-    fn expected_wait(&self, unmeasured: f64) -> f64 {
+    /// No latency counts for less than `floor`.
+    fn expected_wait(&self, unmeasured: f64, floor: f64) -> f64 {
         let ahead = self.in_flight as f64 + f64::from(self.reported_queue) + 1.0;
-        self.latency_ms.unwrap_or(unmeasured).max(1.0) * ahead * ahead
+        let latency = self.latency_ms.unwrap_or(unmeasured).max(floor).max(1.0);
+        latency * ahead * ahead
     }
 }
 
@@ -296,19 +298,21 @@ impl Registry {
         if serving.is_empty() {
             return Lookup::UnknownModel;
         }
-        // Not measured yet: as quick as the quickest measured, so that it is tried and measured.
-        let quickest = serving
+        // No provider counts as more than ten times quicker than the median one (a time to
+        // first token is partly the provider's doing); one not measured yet counts as quick as
+        // the quickest, so that it is tried and measured.
+        let mut measured: Vec<f64> = serving
             .iter()
             .filter_map(|(_, entry, _)| entry.latency_ms)
-            .fold(None, |min: Option<f64>, ms| {
-                Some(min.map_or(ms, |m| m.min(ms)))
-            })
-            .unwrap_or(1.0);
+            .collect();
+        measured.sort_by(f64::total_cmp);
+        let floor = measured.get(measured.len() / 2).map_or(1.0, |m| m / 10.0);
+        let quickest = measured.first().map_or(floor, |q| q.max(floor));
         let mut keyed: Vec<((bool, f64), Candidate)> = serving
             .into_iter()
             .map(|(peer, entry, card)| {
                 let cooling = entry.cooldown_until.is_some_and(|t| t > now);
-                let wait = entry.expected_wait(quickest);
+                let wait = entry.expected_wait(quickest, floor);
                 // The exponential race (Efraimidis-Spirakis): ordering by -ln(u)/w draws each
                 // place in proportion to weight w = 1/wait among those not yet placed.
                 let u: f64 = rand::random::<f64>().max(f64::MIN_POSITIVE);
@@ -492,6 +496,15 @@ mod tests {
         let s = shares(&r, &digest, &[quick, slow, new], 6_000);
         assert!((0.37..0.49).contains(&s[2]), "{s:?}");
         assert!(s[1] > 0.08, "the slow one keeps some traffic: {s:?}");
+        // A time to first token far below the others' counts as a tenth of the median one.
+        let sprinter = PeerId::random();
+        r.upsert(sprinter, vec![card("m", 1)]);
+        r.observed_latency(&sprinter, Duration::from_millis(1));
+        r.observed_latency(&new, Duration::from_millis(300));
+        // Latencies 1, 100, 300, 300: the median 300, so 30 against 100, 300, 300; weights
+        // 1/30, 1/100, 1/300, 1/300: first two times in three, not the 98 % that 1 ms buys.
+        let s = shares(&r, &digest, &[sprinter], 4_000);
+        assert!((0.61..0.73).contains(&s[0]), "{s:?}");
     }
 
     #[test]
