@@ -750,8 +750,10 @@ impl Auditor {
             AuditVerdict::Passed => ("passed", String::new()),
             AuditVerdict::Failed(failure) => ("failed", failure.to_string()),
         };
-        // A fraud answer's release check is not its audit: that one is counted when it ends.
-        if !(mode.deferred() && verdict == AuditVerdict::Unaudited) {
+        // A fraud answer's release check is not its audit: that one is counted when it ends;
+        // nor is a consensus answer's (its comparison is counted by itself).
+        let release_check = matches!(mode, VerificationMode::Fraud | VerificationMode::Consensus);
+        if !(release_check && verdict == AuditVerdict::Unaudited) {
             inner
                 .metrics
                 .audits

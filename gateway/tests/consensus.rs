@@ -4,7 +4,8 @@
 //! Two honest providers give the same answer to the same request and seed, so they agree
 //! without a referee; an honest provider and one that emits an off-policy token differ, the
 //! step where they first differ is challenged in the audit of each, and the cheat fails its
-//! audit in every request while the honest answer is the one returned.
+//! audit in every request while the honest answer is the one returned; two cheats that agree
+//! on the same forgery are caught by the audit of a drawn share of agreements.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,6 +13,7 @@ mod support;
 
 use std::time::Duration;
 
+use proofmesh_gateway::auditor::policy::FraudPolicy;
 use proofmesh_provider::Tamper;
 use serde_json::{Value, json};
 use support::{GatewayOptions, HONEST, Mesh, ProviderSpec, chat_body, header};
@@ -66,7 +68,16 @@ async fn two_honest_providers_agree() {
         name: "second",
         ..HONEST
     };
-    let mesh = Mesh::start(&[HONEST, second]).await;
+    // No agreement drawn for an audit: this test is about agreement itself.
+    let options = GatewayOptions {
+        fraud: Some(FraudPolicy {
+            rate: 0.0,
+            probation_rate: 0.0,
+            ..FraudPolicy::default()
+        }),
+        ..GatewayOptions::default()
+    };
+    let mesh = Mesh::start_with(&[HONEST, second], options).await;
     let ids: Vec<String> = mesh
         .providers
         .iter()
@@ -219,4 +230,54 @@ async fn a_consensus_needs_as_many_providers_as_it_asks_for() {
     assert_eq!(body["error"]["code"], "no_provider_available", "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("needs 2 providers"), "{message}");
+    // Several providers chosen by the gateway cannot be pinned to one.
+    let peer = mesh.providers[0].peer_id;
+    let (status, _, body) = mesh
+        .chat_with(
+            chat_body("Hi", consensus(json!({"max_tokens": 4}))),
+            Some(peer),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "x-proofmesh-provider", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cheats_that_agree_on_a_forgery_are_caught_when_drawn() {
+    // Identities are free: two of one operator's, forging the same way, agree with each other.
+    let cheats = [
+        ProviderSpec {
+            referee_slots: 0,
+            ..ProviderSpec::tampering("one", Tamper::OffPolicyToken)
+        },
+        ProviderSpec {
+            referee_slots: 0,
+            ..ProviderSpec::tampering("two", Tamper::OffPolicyToken)
+        },
+    ];
+    // Every agreement drawn, so that one request shows it.
+    let options = GatewayOptions {
+        fraud: Some(FraudPolicy {
+            rate: 1.0,
+            probation_rate: 1.0,
+            ..FraudPolicy::default()
+        }),
+        ..GatewayOptions::default()
+    };
+    let mesh = Mesh::start_with(&cheats, options).await;
+    let (status, _, body) = mesh
+        .chat(chat_body(
+            "Name a colour.",
+            consensus(json!({"max_tokens": 8})),
+        ))
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "verification_failed", "{body}");
+    assert_eq!(counted(&mesh, "agreed_audited").await, 1.0);
+    let providers = providers(&mesh).await;
+    for cheat in &mesh.providers {
+        let report = &providers[cheat.peer_id.to_string().as_str()];
+        assert_eq!(report["reputation"]["audits_failed"], 1, "{report}");
+        assert_eq!(report["ledger"]["answers_paid"], 0, "{report}");
+    }
 }

@@ -2,7 +2,9 @@
 //! same seed), so an honest engine of one numerics class gives every one of them the same
 //! tokens. Identical answers agree; the first step where they differ is where at least one of
 //! them left the model, and each answer is audited by a referee with that step among those
-//! challenged. The providers of the consensus never referee one another.
+//! challenged. Identities are free, so agreement may be collusion: a drawn share of agreed
+//! answers (at the `fraud` mode's rates) is audited too. The providers of the consensus never
+//! referee one another.
 
 use libp2p::PeerId;
 use proofmesh_shared::protocol::FinishReason;
@@ -15,12 +17,33 @@ use crate::metrics::VerdictLabels;
 /// How the answers to one `consensus` request were judged.
 #[derive(Debug, Clone)]
 pub struct Reconciliation {
-    /// Every answer passed the exact checks and all are the same: none was audited further.
+    /// Every answer passed the exact checks and all are the same.
     pub agreed: bool,
+    /// Whether the answers were audited by a referee: after any difference, and for a drawn
+    /// share of agreements.
+    pub audited: bool,
     /// The first step where the answers differ (with `agreed`, `None`).
     pub divergence: Option<u32>,
     /// Each answer's outcome, in the order given.
     pub outcomes: Vec<AuditOutcome>,
+}
+
+impl Reconciliation {
+    /// Whether answer `i` may be released: one whose audit passed; one of an agreement that was
+    /// not drawn for audit; or, where the operator allows unrefereed answers
+    /// (`allow_unrefereed`), one of an agreement that no referee could audit. After a
+    /// difference nothing less than a pass will do: one of the answers left the model.
+    pub fn releasable(&self, i: usize, allow_unrefereed: bool) -> bool {
+        let Some(outcome) = self.outcomes.get(i) else {
+            return false;
+        };
+        match outcome.verdict() {
+            AuditVerdict::Passed => true,
+            AuditVerdict::Unaudited => self.agreed && !self.audited,
+            AuditVerdict::Unrefereed => self.agreed && allow_unrefereed,
+            AuditVerdict::Inconclusive | AuditVerdict::Failed(_) => false,
+        }
+    }
 }
 
 /// The first step at which `answers` (tokens and how each ended) differ: a token that is not
@@ -42,10 +65,12 @@ pub fn divergence(answers: &[(&[u32], FinishReason)]) -> Option<u32> {
 impl Auditor {
     /// Judges the answers several providers gave to one request. Each first passes the exact
     /// checks of its commitment (as any answer does; a failure is penalised there). When all
-    /// pass and are the same, they agree. Otherwise every answer that passed them is audited by
-    /// a fresh referee that is none of these providers, with the step where the answers first
-    /// differ challenged besides the drawn ones: the one that left the model fails its audit
-    /// there, with the same consequences as any failed audit.
+    /// pass and are the same, they agree, and are audited only when drawn, at the highest
+    /// `fraud` rate among their providers (colluding identities agree on a forgery). Otherwise
+    /// every answer that passed them is audited by a fresh referee that is none of these
+    /// providers, with the step where the answers first differ challenged besides the drawn
+    /// ones: the one that left the model fails its audit there, with the same consequences as
+    /// any failed audit.
     pub async fn reconcile(&self, answers: &[Answer<'_>]) -> Reconciliation {
         let mut outcomes = Vec::with_capacity(answers.len());
         for answer in answers {
@@ -66,18 +91,25 @@ impl Auditor {
             .collect();
         let divergence = divergence(&compared);
         let agreed = sound.len() == answers.len() && divergence.is_none();
+        let audited = !agreed || rand::random::<f64>() < self.agreement_audit_rate(answers);
+        let verdict = match (agreed, audited) {
+            (true, false) => "agreed",
+            (true, true) => "agreed_audited",
+            (false, _) => "differed",
+        };
         self.inner
             .metrics
             .consensus
             .get_or_create(&VerdictLabels {
-                verdict: if agreed { "agreed" } else { "differed" },
+                verdict,
                 reason: String::new(),
             })
             .inc();
-        if agreed {
+        if !audited {
             return Reconciliation {
-                agreed: true,
-                divergence: None,
+                agreed,
+                audited,
+                divergence,
                 outcomes,
             };
         }
@@ -97,10 +129,26 @@ impl Auditor {
             outcomes[i] = outcome;
         }
         Reconciliation {
-            agreed: false,
+            agreed,
+            audited,
             divergence,
             outcomes,
         }
+    }
+
+    /// The share of agreements of these providers audited: the highest `fraud` rate among
+    /// them (a provider on probation is watched more closely).
+    fn agreement_audit_rate(&self, answers: &[Answer<'_>]) -> f64 {
+        let policy = &self.inner.policy;
+        answers
+            .iter()
+            .map(|a| {
+                let record = self.inner.book.get(&a.provider.peer);
+                policy
+                    .fraud
+                    .rate_for(record.on_probation(policy.probation_audits))
+            })
+            .fold(0.0, f64::max)
     }
 }
 
@@ -110,6 +158,44 @@ mod tests {
 
     const STOP: FinishReason = FinishReason::Stop;
     const LENGTH: FinishReason = FinishReason::Length;
+
+    fn judged(agreed: bool, audited: bool, verdict: AuditVerdict) -> Reconciliation {
+        Reconciliation {
+            agreed,
+            audited,
+            divergence: (!agreed).then_some(1),
+            outcomes: vec![AuditOutcome {
+                verdict: Some(verdict),
+                ..AuditOutcome::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn after_a_difference_only_a_pass_is_released() {
+        use AuditVerdict::{Inconclusive, Passed, Unaudited, Unrefereed};
+        let failed = AuditVerdict::Failed(proofmesh_shared::verify::AuditFailure::SamplerMismatch);
+        for allow in [false, true] {
+            // Differed: a pass, nothing else, even where unrefereed answers are allowed.
+            assert!(judged(false, true, Passed).releasable(0, allow));
+            for verdict in [Unaudited, Unrefereed, Inconclusive, failed.clone()] {
+                assert!(!judged(false, true, verdict).releasable(0, allow));
+            }
+            // Agreed and not drawn: released on the exact checks.
+            assert!(judged(true, false, Unaudited).releasable(0, allow));
+            // Agreed and drawn: the audit decides.
+            assert!(judged(true, true, Passed).releasable(0, allow));
+            assert!(!judged(true, true, failed.clone()).releasable(0, allow));
+            assert!(!judged(true, true, Inconclusive).releasable(0, allow));
+        }
+        // Agreed, drawn, and no referee: only where the operator allows unrefereed answers.
+        assert!(!judged(true, true, Unrefereed).releasable(0, false));
+        assert!(judged(true, true, Unrefereed).releasable(0, true));
+        assert!(
+            !judged(true, true, Passed).releasable(1, true),
+            "no such answer"
+        );
+    }
 
     #[test]
     fn identical_answers_do_not_diverge() {

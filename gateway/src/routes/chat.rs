@@ -133,6 +133,13 @@ async fn answer(
     *mode = Some(chat.mode);
     let mut candidates = resolve(&state, &chat.model)?;
     if let Some(pinned) = headers.get(PIN_HEADER) {
+        if chat.mode == VerificationMode::Consensus {
+            return Err(ApiError::invalid(
+                PIN_HEADER,
+                "verification_mode \"consensus\" asks several providers chosen by the gateway; \
+                 it cannot be pinned to one",
+            ));
+        }
         pin(&mut candidates, pinned, &chat.model)?;
     }
     let candidates = state
@@ -400,11 +407,13 @@ fn record_usage(state: &AppState, generation: &Generation, tokens: usize, arriva
         .prompt_tokens
         .inc_by(u64::from(generation.prompt_tokens));
     if let Some(first) = generation.first_token_at {
+        // The client's wait, failovers included; the provider's own, from when it was asked.
         let latency = first.saturating_duration_since(arrival.at);
         metrics.time_to_first_token.observe(latency.as_secs_f64());
-        state
-            .registry
-            .observed_latency(&generation.candidate.peer, latency);
+        state.registry.observed_latency(
+            &generation.candidate.peer,
+            first.saturating_duration_since(generation.started_at),
+        );
     }
 }
 

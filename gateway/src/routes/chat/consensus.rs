@@ -53,7 +53,15 @@ pub(super) async fn respond(
     let mut payments = Vec::new();
     for (i, ((generation, done), outcome)) in finished.iter().zip(&judged.outcomes).enumerate() {
         let verdict = consensus.providers[i].verdict.clone();
-        if !state.auditor.deliverable(&outcome.verdict()) {
+        // Benched meanwhile (a fraud of its proven elsewhere while it generated): its answer
+        // is not taken on its word.
+        let benched = state
+            .auditor
+            .book()
+            .get(&generation.candidate.peer)
+            .benched();
+        let allow_unrefereed = state.auditor.policy().allow_unrefereed;
+        if benched || !judged.releasable(i, allow_unrefereed) {
             attempts.failed(&generation.candidate, withheld(outcome, verdict));
             continue;
         }
@@ -63,9 +71,13 @@ pub(super) async fn respond(
         attempts.succeeded(&generation.candidate);
         chosen.get_or_insert(i);
     }
-    for (provider, price) in payments {
-        state.payer.pay(provider, caller_id(arrival), price).await;
-    }
+    // In a task of its own: a client that hangs up now does not leave the payments half made.
+    let (payer, caller) = (state.payer.clone(), caller_id(arrival));
+    tokio::spawn(async move {
+        for (provider, price) in payments {
+            payer.pay(provider, caller.clone(), price).await;
+        }
+    });
     let Some(chosen) = chosen else {
         return Err(attempts.error());
     };
@@ -103,7 +115,13 @@ async fn gather(
                     generation.bill_to(arrival.caller.clone());
                     running.push(generation);
                 }
-                Err(e) if running.is_empty() && finished.is_empty() => return Err(e),
+                // The request itself was refused (too long a context, …): that says more.
+                Err(e)
+                    if running.is_empty()
+                        && (finished.is_empty() || e.status().is_client_error()) =>
+                {
+                    return Err(e);
+                }
                 Err(_) if running.is_empty() => {
                     return Err(too_few(wanted, finished.len(), "answered"));
                 }
@@ -140,7 +158,7 @@ fn summary(finished: &[(Generation, Completed)], judged: &Reconciliation) -> Con
         .zip(&judged.outcomes)
         .map(|((generation, done), outcome)| ConsensusMember {
             provider: generation.candidate.peer.to_string(),
-            verdict: if judged.agreed {
+            verdict: if judged.agreed && !judged.audited {
                 "agreed".into()
             } else {
                 outcome.verdict().label()
