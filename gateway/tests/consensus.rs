@@ -30,36 +30,10 @@ fn consensus(extra: Value) -> Value {
     body
 }
 
-/// The gateway's `consensus` counter for `verdict` (`agreed`, `differed`).
+/// The gateway's `consensus` counter for `verdict` (`agreed`, `agreed_audited`, `differed`).
 async fn counted(mesh: &Mesh, verdict: &str) -> f64 {
-    let text = reqwest::get(mesh.url("/metrics"))
+    mesh.metric("proofmesh_gateway_consensus_total", &[("verdict", verdict)])
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let scrape = support::parse_metrics(&text);
-    support::metric_sum(
-        &scrape,
-        "proofmesh_gateway_consensus_total",
-        &[("verdict", verdict)],
-    )
-}
-
-/// `GET /v1/providers`, by provider id.
-async fn providers(mesh: &Mesh) -> serde_json::Map<String, Value> {
-    let list: Value = reqwest::get(mesh.url("/v1/providers"))
-        .await
-        .expect("providers")
-        .json()
-        .await
-        .expect("a provider list");
-    list["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .map(|p| (p["id"].as_str().unwrap_or("").to_string(), p.clone()))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +111,7 @@ async fn two_honest_providers_agree() {
     assert_eq!(counted(&mesh, "agreed").await, 3.0);
     assert_eq!(counted(&mesh, "differed").await, 0.0);
     // Both providers were paid for each answer (each did the work), neither penalised.
-    let providers = providers(&mesh).await;
+    let providers = mesh.providers_by_id().await;
     for id in &ids {
         let report = &providers[id.as_str()];
         assert_eq!(report["ledger"]["answers_paid"], 3, "{report}");
@@ -198,7 +172,7 @@ async fn a_cheat_that_differs_fails_its_audit_every_time() {
         );
     }
     assert_eq!(counted(&mesh, "differed").await, REQUESTS as f64);
-    let providers = providers(&mesh).await;
+    let providers = mesh.providers_by_id().await;
     let cheat_report = &providers[cheat.as_str()];
     assert_eq!(
         cheat_report["reputation"]["audits_failed"], REQUESTS,
@@ -274,7 +248,7 @@ async fn two_cheats_that_agree_on_a_forgery_are_caught_when_drawn() {
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["error"]["code"], "verification_failed", "{body}");
     assert_eq!(counted(&mesh, "agreed_audited").await, 1.0);
-    let providers = providers(&mesh).await;
+    let providers = mesh.providers_by_id().await;
     for cheat in &mesh.providers {
         let report = &providers[cheat.peer_id.to_string().as_str()];
         assert_eq!(report["reputation"]["audits_failed"], 1, "{report}");

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proofmesh_gateway::auditor::{AuditId, AuditLog, Book};
-use proofmesh_gateway::ledger::{ANONYMOUS, Ledger, LedgerConfig, Outcome, PaymentId};
+use proofmesh_gateway::ledger::{Ledger, LedgerConfig, PaymentId};
 use proofmesh_provider::Tamper;
 use serde_json::{Value, json};
 use support::{HONEST, Mesh, ProviderSpec};
@@ -31,14 +31,6 @@ use support::{HONEST, Mesh, ProviderSpec};
 const CLIENTS: usize = 4;
 /// Answers released before the kill, at least.
 const BEFORE_KILL: usize = 12;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Starts the gateway binary; its log goes to `log`.
 fn gateway(args: &[String], log: &Path) -> Child {
@@ -100,48 +92,6 @@ async fn client(http: reqwest::Client, base: String, n: usize, ids: Arc<Mutex<Ve
     }
 }
 
-/// Every account of the ledger is exactly the sum of its entries, and every caller was charged
-/// exactly what the entries hold; no payment is both held and settled.
-fn check(ledger: &Ledger) -> (usize, usize) {
-    let (held, settled) = ledger.entries().unwrap();
-    let held_ids: HashSet<PaymentId> = held.iter().map(|(i, _)| *i).collect();
-    let settled_ids: HashSet<PaymentId> = settled.iter().map(|(i, _)| *i).collect();
-    assert!(
-        held_ids.is_disjoint(&settled_ids),
-        "a payment held and settled"
-    );
-    for (provider, account) in ledger.accounts().unwrap() {
-        let key = provider.to_bytes();
-        let sum = |outcome| -> u64 {
-            settled
-                .iter()
-                .filter(|(_, s)| s.provider == key && s.outcome == outcome)
-                .map(|(_, s)| s.amount)
-                .sum()
-        };
-        assert_eq!(account.paid, sum(Outcome::Paid), "{provider}: paid");
-        assert_eq!(
-            account.forfeited,
-            sum(Outcome::Forfeited),
-            "{provider}: forfeited"
-        );
-        let holding: u64 = held
-            .iter()
-            .filter(|(_, h)| h.provider == key)
-            .map(|(_, h)| h.amount)
-            .sum();
-        assert_eq!(account.held, holding, "{provider}: held");
-    }
-    let entries: u64 = held.iter().map(|(_, h)| h.amount).sum::<u64>()
-        + settled.iter().map(|(_, s)| s.amount).sum::<u64>();
-    assert_eq!(
-        ledger.caller(ANONYMOUS).unwrap().charged,
-        entries,
-        "charged"
-    );
-    (held.len(), settled.len())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_mid_burst_loses_no_record_and_pays_none_twice() {
     let second = ProviderSpec {
@@ -157,7 +107,7 @@ async fn a_gateway_killed_mid_burst_loses_no_record_and_pays_none_twice() {
     let dir: PathBuf =
         std::env::temp_dir().join(format!("proofmesh-crash-{}", rand::random::<u64>()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
+    let port = support::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let bootstrap: Vec<String> = mesh
         .provider_addrs()
@@ -247,7 +197,7 @@ async fn a_gateway_killed_mid_burst_loses_no_record_and_pays_none_twice() {
         assert!(log.get(id).unwrap().is_some(), "record {id} lost");
         assert!(known.contains(&id.0), "the payment of {id} lost");
     }
-    let before = check(&ledger);
+    let before = ledger.check_totals().unwrap();
     // Its stake was recorded though the gateway met it while starting (its bootstrap peer),
     // and halved by a conviction if one came before the kill.
     let cheat = ledger.account(&mesh.providers[2].peer_id).unwrap();
@@ -261,7 +211,7 @@ async fn a_gateway_killed_mid_burst_loses_no_record_and_pays_none_twice() {
     // Every held payment comes due: each is paid once, however often the payout runs.
     let released = ledger.release_due(u64::MAX).unwrap();
     assert_eq!(ledger.release_due(u64::MAX).unwrap(), 0);
-    let after = check(&ledger);
+    let after = ledger.check_totals().unwrap();
     assert_eq!(after, (0, before.0 + before.1));
     println!(
         "gateway kill -9: {} answers released before the kill, all found after the restart \

@@ -18,7 +18,7 @@ use proofmesh_provider::variants::Variant;
 use proofmesh_shared::net::{self, NetConfig, Role, Traversal};
 use proofmesh_shared::verify::FraudProof;
 use serde_json::json;
-use support::{GatewayOptions, HONEST, Mesh, ProviderSpec, chat_body, metric_sum, parse_metrics};
+use support::{GatewayOptions, HONEST, Mesh, ProviderSpec, chat_body};
 
 /// A prompt whose answer runs to `max_tokens`.
 const STORY: &str = "Write a long story about a lighthouse keeper who finds a map. \
@@ -34,17 +34,11 @@ async fn status_pinned(mesh: &Mesh, provider: PeerId) -> u16 {
 }
 
 async fn proofs_heard(mesh: &Mesh, verdict: &str) -> f64 {
-    let text = reqwest::get(mesh.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    metric_sum(
-        &parse_metrics(&text),
+    mesh.metric(
         "proofmesh_gateway_proofs_heard_total",
         &[("verdict", verdict)],
     )
+    .await
 }
 
 /// The one proof written into `dir`.

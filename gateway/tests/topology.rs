@@ -70,14 +70,6 @@ fn compose_env(role: &str) -> HashMap<String, String> {
     env
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn provider_binary() -> PathBuf {
     let path =
         Path::new(env!("CARGO_BIN_EXE_proofmesh-gateway")).with_file_name("proofmesh-provider");
@@ -173,8 +165,8 @@ async fn compose_topology_as_processes() {
     let http = reqwest::Client::new();
 
     // The gateway: compose env + deploy/gateway.toml, with this host's addresses.
-    let http_port = free_port();
-    let p2p_port = free_port();
+    let http_port = support::free_port();
+    let p2p_port = support::free_port();
     let mut env = compose_env("gateway");
     env.extend([
         (
@@ -217,7 +209,7 @@ async fn compose_topology_as_processes() {
     let mut providers = Vec::new();
     let mut provider_metrics = Vec::new();
     for i in 1..=3 {
-        let ops_port = free_port();
+        let ops_port = support::free_port();
         let mut env = compose_env("provider");
         env.extend([
             ("PROOFMESH_MODEL".into(), model.display().to_string()),

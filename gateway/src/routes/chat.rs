@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use proofmesh_shared::commit::SignedCommitment;
+use proofmesh_shared::commit::{Commitment, SignedCommitment};
 use proofmesh_shared::protocol::{GenerateFrame, GenerateRequest, RequestId};
 use proofmesh_shared::verify::AuditFailure;
 use tokio::sync::OwnedSemaphorePermit;
@@ -26,7 +26,7 @@ use crate::catalog::Resolved;
 use crate::error::ApiError;
 use crate::error::ErrorBody;
 use crate::failover::{self, Attempts, Deadline, Failure};
-use crate::inference::{self, Generation};
+use crate::inference::{self, Completed, Generation};
 use crate::lifecycle::Lifecycle;
 use crate::openai::extract::OpenAiJson;
 use crate::openai::request::{ChatCompletionRequest, ValidatedChat};
@@ -267,31 +267,39 @@ async fn plain_response(
                 .await;
         }
         attempts.succeeded(&generation.candidate);
-        let body = ChatCompletion {
-            id: completion_id(&request.request_id),
-            object: "chat.completion",
-            created: unix_now(),
-            model: chat.model.clone(),
-            choices: vec![Choice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: done.text,
-                },
-                // What the provider signed (and the audit checked), not its unsigned claims.
-                finish_reason: done.commitment.commitment.finish_reason.as_openai(),
-                logprobs: None,
-            }],
-            usage: Usage::new(
-                done.commitment.commitment.prompt_tokens,
-                done.tokens.len() as u32,
-            ),
-            system_fingerprint: None,
-            proofmesh: info.clone(),
-        };
+        let body = completion(chat, request, &done, &info);
         let mut response = axum::Json(body).into_response();
         set_headers(response.headers_mut(), &info, true);
         return Ok(response);
+    }
+}
+
+/// A finished answer as one chat completion, with what it is bound to and how it was checked.
+/// (What the provider signed, and the audit checked, not its unsigned claims.)
+fn completion(
+    chat: &ValidatedChat,
+    request: &GenerateRequest,
+    done: &Completed,
+    info: &ProofmeshInfo,
+) -> ChatCompletion {
+    let signed = &done.commitment.commitment;
+    ChatCompletion {
+        id: completion_id(&request.request_id),
+        object: "chat.completion",
+        created: unix_now(),
+        model: chat.model.clone(),
+        choices: vec![Choice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant",
+                content: done.text.clone(),
+            },
+            finish_reason: signed.finish_reason.as_openai(),
+            logprobs: None,
+        }],
+        usage: Usage::new(signed.prompt_tokens, done.tokens.len() as u32),
+        system_fingerprint: None,
+        proofmesh: info.clone(),
     }
 }
 
@@ -539,27 +547,13 @@ fn events(
     admitted: OwnedSemaphorePermit,
     audit_id: Option<AuditId>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    let id = completion_id(&request.request_id);
-    let created = unix_now();
-    let model = chat.model.clone();
-    let chunk = move |delta: Delta, finish_reason: Option<&'static str>| ChatCompletionChunk {
-        id: id.clone(),
-        object: "chat.completion.chunk",
-        created,
-        model: model.clone(),
-        choices: vec![ChunkChoice {
-            index: 0,
-            delta,
-            finish_reason,
-            logprobs: None,
-        }],
-        usage: None,
-        proofmesh: None,
-    };
+    let chunks = Chunks::new(&chat, &request);
+    let chunks_opening = chunks.opening();
+    let chunk = move |delta, finish_reason| chunks.chunk(delta, finish_reason);
     async_stream::stream! {
         // The request counts against the gateway's limit until its stream ends.
         let _admitted = admitted;
-        yield Ok(json_event(&chunk(Delta { role: Some("assistant"), content: Some(String::new()) }, None)));
+        yield Ok(chunks_opening);
         let mut tokens: Vec<u32> = Vec::new();
         loop {
             let frame = match generation.next().await {
@@ -619,18 +613,10 @@ fn events(
                     }
                     state.registry.succeeded(&generation.candidate.peer);
                     // What the provider signed (and the audit checked), not its unsigned claims.
-                    let signed = &commitment.commitment;
-                    let mut last = chunk(Delta::default(), Some(signed.finish_reason.as_openai()));
-                    last.proofmesh = Some(info.clone());
-                    yield Ok(json_event(&last));
-                    if chat.include_usage {
-                        let mut usage = chunk(Delta::default(), None);
-                        usage.choices.clear();
-                        usage.usage = Some(Usage::new(signed.prompt_tokens, tokens.len() as u32));
-                        usage.proofmesh = Some(info);
-                        yield Ok(json_event(&usage));
+                    let closing = Chunks::new(&chat, &request).closing(&commitment.commitment, tokens.len(), &info, chat.include_usage);
+                    for event in closing {
+                        yield Ok(event);
                     }
-                    yield Ok(Event::default().data("[DONE]"));
                     return;
                 }
                 GenerateFrame::Error { message, .. } => {
@@ -647,6 +633,76 @@ fn events(
                 }
             }
         }
+    }
+}
+
+/// The chunks of one streamed answer.
+#[derive(Debug, Clone)]
+struct Chunks {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Chunks {
+    fn new(chat: &ValidatedChat, request: &GenerateRequest) -> Self {
+        Self {
+            id: completion_id(&request.request_id),
+            created: unix_now(),
+            model: chat.model.clone(),
+        }
+    }
+
+    /// One chunk carrying `delta`.
+    fn chunk(&self, delta: Delta, finish_reason: Option<&'static str>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason,
+                logprobs: None,
+            }],
+            usage: None,
+            proofmesh: None,
+        }
+    }
+
+    /// The first chunk: the role.
+    fn opening(&self) -> Event {
+        json_event(&self.chunk(
+            Delta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+            },
+            None,
+        ))
+    }
+
+    /// The last events: the finish chunk carrying `proofmesh` (what the provider signed, and
+    /// the audit checked, not its unsigned claims), the usage chunk when asked for, `[DONE]`.
+    fn closing(
+        &self,
+        signed: &Commitment,
+        completion_tokens: usize,
+        info: &ProofmeshInfo,
+        include_usage: bool,
+    ) -> Vec<Event> {
+        let mut last = self.chunk(Delta::default(), Some(signed.finish_reason.as_openai()));
+        last.proofmesh = Some(info.clone());
+        let mut events = vec![json_event(&last)];
+        if include_usage {
+            let mut usage = self.chunk(Delta::default(), None);
+            usage.choices.clear();
+            usage.usage = Some(Usage::new(signed.prompt_tokens, completion_tokens as u32));
+            usage.proofmesh = Some(info.clone());
+            events.push(json_event(&usage));
+        }
+        events.push(Event::default().data("[DONE]"));
+        events
     }
 }
 

@@ -521,6 +521,33 @@ impl Mesh {
         }
     }
 
+    /// Sum of the gateway's `/metrics` samples of `name` whose labels include `labels`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        metric_sum(&parse_metrics(&text), name, labels)
+    }
+
+    /// `GET /v1/providers`, by provider id.
+    pub async fn providers_by_id(&self) -> serde_json::Map<String, Value> {
+        let list: Value = reqwest::get(self.url("/v1/providers"))
+            .await
+            .expect("providers")
+            .json()
+            .await
+            .expect("a provider list");
+        list["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|p| (p["id"].as_str().unwrap_or("").to_string(), p.clone()))
+            .collect()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -600,6 +627,15 @@ impl Drop for Mesh {
             let _ = tx.send(());
         }
     }
+}
+
+/// A loopback TCP port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A short chat request body.

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use proofmesh_shared::protocol::GenerateRequest;
 
 use super::{
-    Arrival, caller_id, completion_id, json_event, price, proofmesh_info, record_usage,
+    Arrival, Chunks, caller_id, completion, json_event, price, proofmesh_info, record_usage,
     set_headers, withheld,
 };
 use crate::auditor::consensus::Reconciliation;
@@ -17,10 +17,7 @@ use crate::error::ApiError;
 use crate::failover::{Attempts, Failure};
 use crate::inference::{self, Completed, Generation};
 use crate::openai::request::ValidatedChat;
-use crate::openai::response::{
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, ConsensusInfo,
-    ConsensusMember, Delta, ProofmeshInfo, Usage, unix_now,
-};
+use crate::openai::response::{ConsensusInfo, ConsensusMember, Delta, ProofmeshInfo};
 use crate::state::AppState;
 
 /// Answers a `consensus` request: gathers the answers, has them judged, pays each provider whose
@@ -173,34 +170,6 @@ fn summary(finished: &[(Generation, Completed)], judged: &Reconciliation) -> Con
     }
 }
 
-/// The chosen answer as one chat completion.
-fn completion(
-    chat: &ValidatedChat,
-    request: &GenerateRequest,
-    done: &Completed,
-    info: &ProofmeshInfo,
-) -> ChatCompletion {
-    let signed = &done.commitment.commitment;
-    ChatCompletion {
-        id: completion_id(&request.request_id),
-        object: "chat.completion",
-        created: unix_now(),
-        model: chat.model.clone(),
-        choices: vec![Choice {
-            index: 0,
-            message: AssistantMessage {
-                role: "assistant",
-                content: done.text.clone(),
-            },
-            finish_reason: signed.finish_reason.as_openai(),
-            logprobs: None,
-        }],
-        usage: Usage::new(signed.prompt_tokens, done.tokens.len() as u32),
-        system_fingerprint: None,
-        proofmesh: info.clone(),
-    }
-}
-
 /// The chosen answer as server-sent events: the role, the text, the finish chunk carrying
 /// `proofmesh`, the usage chunk when asked for, and `[DONE]`.
 fn stream(
@@ -209,49 +178,21 @@ fn stream(
     done: &Completed,
     info: &ProofmeshInfo,
 ) -> Response {
-    let signed = &done.commitment.commitment;
-    let (id, created) = (completion_id(&request.request_id), unix_now());
-    let chunk = |delta: Delta, finish_reason: Option<&'static str>| ChatCompletionChunk {
-        id: id.clone(),
-        object: "chat.completion.chunk",
-        created,
-        model: chat.model.clone(),
-        choices: vec![ChunkChoice {
-            index: 0,
-            delta,
-            finish_reason,
-            logprobs: None,
-        }],
-        usage: None,
-        proofmesh: None,
-    };
-    let mut events = vec![
-        json_event(&chunk(
-            Delta {
-                role: Some("assistant"),
-                content: Some(String::new()),
-            },
-            None,
-        )),
-        json_event(&chunk(
-            Delta {
-                content: Some(done.text.clone()),
-                ..Delta::default()
-            },
-            None,
-        )),
-    ];
-    let mut last = chunk(Delta::default(), Some(signed.finish_reason.as_openai()));
-    last.proofmesh = Some(info.clone());
-    events.push(json_event(&last));
-    if chat.include_usage {
-        let mut usage = chunk(Delta::default(), None);
-        usage.choices.clear();
-        usage.usage = Some(Usage::new(signed.prompt_tokens, done.tokens.len() as u32));
-        usage.proofmesh = Some(info.clone());
-        events.push(json_event(&usage));
-    }
-    events.push(Event::default().data("[DONE]"));
+    let chunks = Chunks::new(chat, request);
+    let text = chunks.chunk(
+        Delta {
+            content: Some(done.text.clone()),
+            ..Delta::default()
+        },
+        None,
+    );
+    let mut events = vec![chunks.opening(), json_event(&text)];
+    events.extend(chunks.closing(
+        &done.commitment.commitment,
+        done.tokens.len(),
+        info,
+        chat.include_usage,
+    ));
     let events = events
         .into_iter()
         .map(Ok::<Event, std::convert::Infallible>);
