@@ -5,7 +5,8 @@ OpenAI-compatible server, same model, threads and parallel slots, same prompts, 
     bench/serve.py [--concurrency 1,4,16] [--tokens 128] [--threads 2] [--rounds 2]
 
 Rows for proofmesh in `none`, `merkle` and `fraud` mode (fraud: released at once, a drawn share
-audited afterwards; a last table pairs it with `none` round by round). A row "engine in-process" runs the provider's engine with no mesh and no HTTP
+audited afterwards; a table pairs it with `none` round by round, and another reports the audit work
+each plain fraud answer deferred, read back from `GET /v1/audits/{id}`). A row "engine in-process" runs the provider's engine with no mesh and no HTTP
 (provider/examples/engine_load.rs) under the same load, so the cost of the gateway and the libp2p
 hop is shown on its own. At `--stall-concurrency` a ~2,000-token prompt then arrives while streams
 run, and a second table shows the running streams' longest gap between tokens during its prefill.
@@ -50,6 +51,11 @@ LONG_PROMPT = "The quick brown fox jumps over the lazy dog near the river bank. 
 PREFILL_CHUNK = 512
 
 
+# Audit ids of the plain `fraud` answers of the current level (the header `x-proofmesh-audit-id`).
+FRAUD_IDS = []
+FRAUD_IDS_LOCK = threading.Lock()
+
+
 def percentile(xs, p):
     xs = sorted(xs)
     if not xs:
@@ -71,7 +77,11 @@ def one_request(url, prompt, tokens, stream, mode):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=600) as resp:
+        audit_id = resp.headers.get("x-proofmesh-audit-id")
         generated = json.load(resp)["usage"]["completion_tokens"]
+    if audit_id:
+        with FRAUD_IDS_LOCK:
+            FRAUD_IDS.append(audit_id)
     latency = time.perf_counter() - start
     return latency, latency, generated
 
@@ -109,6 +119,33 @@ def load(url, concurrency, tokens, stream, mode, requests):
         "ttft": [r[0] * 1000 for r in results],
         "lat": [r[1] * 1000 for r in results],
         "failures": failures,
+    }
+
+
+def deferred_work(base, ids, within=120):
+    """Reads back the audit records of `ids` (waiting up to `within` s in all for pending ones) and
+    summarizes the work they deferred: how many were drawn, how they ended, and per audited answer its
+    audit time and evidence bytes."""
+    deadline = time.monotonic() + within
+    records = []
+    for audit_id in ids:
+        while True:
+            with urllib.request.urlopen(f"{base}/v1/audits/{audit_id}", timeout=30) as resp:
+                record = json.load(resp)
+            if record.get("status") != "pending" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        records.append(record)
+    statuses = {}
+    for r in records:
+        statuses[r.get("status")] = statuses.get(r.get("status"), 0) + 1
+    audited = [r for r in records if r.get("audit_ms") is not None]
+    return {
+        "answers": len(records),
+        "drawn": sum(1 for r in records if r.get("status") != "not_sampled"),
+        "statuses": statuses,
+        "audit_ms": [r["audit_ms"] for r in audited],
+        "evidence_bytes": [r.get("evidence_bytes") or 0 for r in audited],
     }
 
 
@@ -209,7 +246,7 @@ def main():
     llama_bin = subprocess.run([os.path.join(ROOT, "bench", "llama_cpp.sh"), "llama-server"], check=True,
                                capture_output=True, text=True).stdout.strip()
     logs = tempfile.mkdtemp(prefix="proofmesh-serve-")
-    rows, stalls, pairs = [], [], []
+    rows, stalls, pairs, deferred = [], [], [], []
     for c in levels:
         parallel = max(4, c)
         procs = []
@@ -274,6 +311,10 @@ def main():
                                  min(ratios), max(ratios)))
                     for f in a["failures"][:3]:
                         print(f"  {name} c={c}: {f}", file=sys.stderr)
+            with FRAUD_IDS_LOCK:
+                ids = FRAUD_IDS[:]
+                FRAUD_IDS.clear()
+            deferred.append((c, deferred_work(pm, ids)))
             if c == args.stall_concurrency:
                 for name, url, mode in targets:
                     if url:
@@ -313,6 +354,15 @@ def main():
         print("|---|---|---|---|---|")
         for c, kind, ratio, low, high, lat in pairs:
             print(f"| {c} | {kind} | {ratio:.2f} | {low:.2f}-{high:.2f} | {lat:.2f} |")
+    if deferred:
+        print("\nThe audit work each plain fraud answer deferred (its record at GET /v1/audits/{id}; this gateway has no "
+              "referee, so a drawn audit opens the provider's leaves, checks them exactly and ends `unrefereed`):\n")
+        print("| conc | answers | drawn | how they ended | audit time p50 | audit time p99 | evidence p50 |")
+        print("|---|---|---|---|---|---|---|")
+        for c, d in deferred:
+            ended = ", ".join(f"{k} {v}" for k, v in sorted(d["statuses"].items()))
+            print(f"| {c} | {d['answers']} | {d['drawn']} | {ended} | {percentile(d['audit_ms'], 50):.0f} ms | "
+                  f"{percentile(d['audit_ms'], 99):.0f} ms | {percentile(d['evidence_bytes'], 50):.0f} B |")
     if stalls:
         print("\nA ~2,000-token prompt arriving while streams run (llama-server prefills with its default "
               "batch of 2048, proofmesh in batches of 512 shared with the running streams' tokens, so "
