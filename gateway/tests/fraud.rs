@@ -452,8 +452,17 @@ async fn a_provider_that_cheats_now_and_then_is_caught_by_sampled_audits() {
         "{cheat_report}"
     );
     assert_eq!(ledger["stake_declared"], STAKE);
-    assert_eq!(ledger["stake_slashed"], STAKE / 2);
-    assert_eq!(cheat_report["reputation"]["audits_failed"], 1);
+    // Each proven fraud slashes half of what stands: once, or more often when audits of other
+    // answers it faked were running as the first failed.
+    let failed = cheat_report["reputation"]["audits_failed"]
+        .as_u64()
+        .unwrap();
+    assert!(failed >= 1, "{cheat_report}");
+    assert_eq!(
+        ledger["stake_slashed"].as_u64(),
+        Some(STAKE - (STAKE >> failed)),
+        "{cheat_report}"
+    );
     assert!(cheat_report["reputation"]["benched_until"].is_u64());
     // The honest one was paid for each passed audit, and lost nothing.
     let honest_report = &providers[honest.as_str()];
