@@ -372,10 +372,11 @@ impl Ledger {
             .insert(id.as_slice(), encode(hold)?.as_slice())
             .map_err(db_err)?;
         drop(holds);
+        let mut convicted = None;
         account(write, &hold.provider, |a| {
             a.held = a.held.saturating_add(hold.amount);
+            convicted = a.convicted_ms;
         })?;
-        let convicted = read_account(write, &hold.provider)?.convicted_ms;
         if convicted.is_some_and(|at| hold.asked_ms <= at) {
             let now = crate::auditor::book::now_ms();
             end_hold(write, id, hold, Outcome::Forfeited, now, MAX_SETTLED)?;
@@ -794,16 +795,6 @@ fn caller_account(
     change: impl FnOnce(&mut CallerAccount),
 ) -> Result<()> {
     update(write, CALLERS, caller.as_bytes(), change)
-}
-
-/// A provider's account as `write` sees it (empty if it has none).
-fn read_account(write: &WriteTransaction, key: &[u8]) -> Result<Account> {
-    let table = write.open_table(ACCOUNTS).map_err(db_err)?;
-    let value = table.get(key).map_err(db_err)?;
-    Ok(value
-        .map(|v| decode(v.value()))
-        .transpose()?
-        .unwrap_or_default())
 }
 
 /// Applies `change` to the record under `key` in `table` (a default one if none).

@@ -238,14 +238,8 @@ async fn plain_response(
             }
         };
         record_usage(state, &generation, done.tokens.len(), arrival);
-        let answer = Answer {
-            provider: &generation.candidate,
-            request,
-            tokens: &done.tokens,
-            commitment: &done.commitment,
-            text_matches: done.text_matches,
-        };
         let referee = generation.referee.take();
+        let answer = answer_of(&generation, request, &done);
         let outcome = state.auditor.judge(&answer, chat.mode, referee).await;
         let mut info = proofmesh_info(chat, &generation, &done.commitment, &outcome);
         if !state.auditor.deliverable(&outcome.verdict()) {
@@ -300,6 +294,21 @@ fn completion(
         usage: Usage::new(signed.prompt_tokens, done.tokens.len() as u32),
         system_fingerprint: None,
         proofmesh: info.clone(),
+    }
+}
+
+/// A finished generation as the auditor judges it.
+fn answer_of<'a>(
+    generation: &'a Generation,
+    request: &'a GenerateRequest,
+    done: &'a Completed,
+) -> Answer<'a> {
+    Answer {
+        provider: &generation.candidate,
+        request,
+        tokens: &done.tokens,
+        commitment: &done.commitment,
+        text_matches: done.text_matches,
     }
 }
 

@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use proofmesh_shared::protocol::GenerateRequest;
 
 use super::{
-    Arrival, Chunks, caller_id, completion, json_event, price, proofmesh_info, record_usage,
-    set_headers, withheld,
+    Arrival, Chunks, answer_of, caller_id, completion, json_event, price, proofmesh_info,
+    record_usage, set_headers, withheld,
 };
 use crate::auditor::consensus::Reconciliation;
 use crate::auditor::{Answer, VerificationMode};
@@ -36,16 +36,11 @@ pub(super) async fn respond(
     let finished = gather(state, request, attempts, arrival, wanted).await?;
     let answers: Vec<Answer<'_>> = finished
         .iter()
-        .map(|(generation, done)| Answer {
-            provider: &generation.candidate,
-            request,
-            tokens: &done.tokens,
-            commitment: &done.commitment,
-            text_matches: done.text_matches,
-        })
+        .map(|(generation, done)| answer_of(generation, request, done))
         .collect();
     let judged = state.auditor.reconcile(&answers).await;
     let consensus = summary(&finished, &judged);
+    let allow_unrefereed = state.auditor.policy().allow_unrefereed;
     let mut chosen = None;
     let mut payments = Vec::new();
     for (i, ((generation, done), outcome)) in finished.iter().zip(&judged.outcomes).enumerate() {
@@ -57,7 +52,6 @@ pub(super) async fn respond(
             .book()
             .get(&generation.candidate.peer)
             .benched();
-        let allow_unrefereed = state.auditor.policy().allow_unrefereed;
         if benched || !judged.releasable(i, allow_unrefereed) {
             attempts.failed(&generation.candidate, withheld(outcome, verdict));
             continue;
