@@ -61,6 +61,7 @@ fn answer() -> &'static Answer {
             max_tokens: STEPS,
             stop: vec![],
             trace: None,
+            stream_leaves: false,
         };
         let leaves: Vec<StepLeaf> = (0..STEPS)
             .map(|step| StepLeaf {

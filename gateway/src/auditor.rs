@@ -250,6 +250,11 @@ impl Auditor {
         })
     }
 
+    /// The model's vocabulary, when the gateway has it.
+    pub fn vocabulary(&self, digest: &ModelDigest) -> Option<Arc<Vocabulary>> {
+        self.inner.vocabularies.get(digest).cloned()
+    }
+
     /// The gateway's own assembly of an answer's text, when it has the model's vocabulary.
     pub fn transcript(&self, digest: &ModelDigest, stops: &[String]) -> Option<Transcript> {
         self.inner
@@ -585,8 +590,10 @@ impl Auditor {
                 request: &released.request,
                 tokens: &released.tokens,
                 commitment: &released.commitment,
-                // The gateway checked the text against the tokens as it released them.
+                // The gateway checked the text against the tokens as it released them, and any
+                // streamed leaves against the commitment before it released the answer.
                 text_matches: true,
+                leaves: None,
             };
             let scope = Scope {
                 released: true,

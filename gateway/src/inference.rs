@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use proofmesh_shared::commit::SignedCommitment;
+use proofmesh_shared::commit::{SignedCommitment, StepLeaf};
 use proofmesh_shared::net::Offence;
 use proofmesh_shared::protocol::{
     FRAME_GAP_TIMEOUT, FinishReason, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest,
@@ -50,6 +50,8 @@ pub struct Generation {
     pub referee: Option<RefereeSession>,
     /// The gateway's own assembly of the text, when it has the model's vocabulary.
     transcript: Option<Transcript>,
+    /// The leaves the provider streamed, when the request asked for them.
+    leaves: Option<Vec<StepLeaf>>,
     /// Tokens the request allows.
     max_tokens: u32,
     /// Tokens and text bytes received so far.
@@ -85,6 +87,9 @@ pub struct Completed {
     pub commitment: SignedCommitment,
     /// Whether the provider's text was the detokenization of its tokens throughout.
     pub text_matches: bool,
+    /// The step leaves streamed with the tokens, when the request asked for them (not checked
+    /// yet: the audit checks them against the commitment).
+    pub leaves: Option<Vec<StepLeaf>>,
 }
 
 /// The provider's text was not its tokens' text.
@@ -100,8 +105,11 @@ impl Generation {
             Some(_) => TOKEN_GAP_TIMEOUT,
         };
         let wait = gap.min(self.deadline.remaining());
-        let frame = match tokio::time::timeout(wait, read_frame(&mut self.stream, MAX_STREAM_FRAME))
-            .await
+        let mut frame = match tokio::time::timeout(
+            wait,
+            read_frame(&mut self.stream, MAX_STREAM_FRAME),
+        )
+        .await
         {
             Ok(Ok(frame)) => frame,
             Ok(Err(e)) => {
@@ -114,6 +122,7 @@ impl Generation {
             Err(_) => return Err(ApiError::provider_timeout()),
         };
         self.bound(&frame)?;
+        self.keep_leaf(&mut frame)?;
         if let GenerateFrame::Token { token, .. } = &frame {
             if self.first_token_at.is_none() {
                 self.first_token_at = Some(Instant::now());
@@ -166,6 +175,35 @@ impl Generation {
         Ok(())
     }
 
+    /// Takes a token frame's leaf into [`Generation::leaves`] when the request asked for leaves
+    /// (a token without one is a provider failing the request); drops it otherwise.
+    fn keep_leaf(&mut self, frame: &mut GenerateFrame) -> Result<(), ApiError> {
+        let GenerateFrame::Token { leaf, .. } = frame else {
+            return Ok(());
+        };
+        let leaf = leaf.take();
+        match (&mut self.leaves, leaf) {
+            (Some(leaves), Some(leaf)) => leaves.push(*leaf),
+            (Some(_), None) => {
+                return Err(ApiError::provider_failed(
+                    "The provider did not send the step leaves the request asked for",
+                ));
+            }
+            (None, _) => {}
+        }
+        Ok(())
+    }
+
+    /// The leaf of the last token read, when the request asked for leaves.
+    pub fn last_leaf(&self) -> Option<&StepLeaf> {
+        self.leaves.as_ref()?.last()
+    }
+
+    /// The leaves streamed so far, when the request asked for them.
+    pub fn leaves(&self) -> Option<&[StepLeaf]> {
+        self.leaves.as_deref()
+    }
+
     /// The text the client gets for the step that produced `token`: the gateway's own
     /// detokenization when it has the model's vocabulary (the provider's `claimed` text must
     /// then be exactly that), else the provider's.
@@ -204,6 +242,7 @@ impl Generation {
                     step,
                     token,
                     text: piece,
+                    ..
                 } => {
                     if step as usize != tokens.len() {
                         return Err(ApiError::provider_failed(
@@ -231,6 +270,7 @@ impl Generation {
                         finish_reason,
                         commitment: *commitment,
                         text_matches,
+                        leaves: self.leaves.take(),
                     });
                 }
                 GenerateFrame::Error { kind, message } => return Err(remote_error(kind, &message)),
@@ -338,6 +378,7 @@ async fn try_start(
                 transcript: state
                     .auditor
                     .transcript(&candidate.card.digest, &request.stop),
+                leaves: request.stream_leaves.then(Vec::new),
                 max_tokens: request.max_tokens,
                 tokens_seen: 0,
                 text_bytes: 0,

@@ -4,8 +4,10 @@
 //! - [`request`]: `POST /v1/chat/completions` body, its validation and conversion into a
 //!   [`proofmesh_shared::protocol::GenerateRequest`].
 //! - [`response`]: the non-streaming response, the SSE chunks and `/v1/models`.
+//! - [`logprobs`]: OpenAI's `logprobs` object, read off the committed step leaves.
 //! - [`extract`]: the JSON extractor whose rejections are [`crate::error::ApiError`]s.
 
 pub mod extract;
+pub mod logprobs;
 pub mod request;
 pub mod response;

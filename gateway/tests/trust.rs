@@ -463,6 +463,7 @@ async fn idle_referee_jobs_of_strangers_hold_no_context() {
             max_tokens: 64,
             stop: vec![],
             trace: None,
+            stream_leaves: false,
         };
         let ticket = RefereeTicket {
             referee: referee.to_bytes(),

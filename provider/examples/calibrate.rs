@@ -492,6 +492,7 @@ async fn exact_forgeries(
             max_tokens,
             stop: vec![],
             trace: None,
+            stream_leaves: false,
         };
         let commit =
             |request: &GenerateRequest, leaves: &[StepLeaf], prompt: &[u32], finish, signer| {

@@ -323,6 +323,7 @@ mod tests {
             max_tokens: 8,
             stop: vec![],
             trace: None,
+            stream_leaves: false,
         }
     }
 

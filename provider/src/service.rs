@@ -271,6 +271,7 @@ impl Service {
                         step: leaf.step,
                         token: leaf.token,
                         text: visible,
+                        leaf: request.stream_leaves.then(|| Box::new(leaf.clone())),
                     };
                     leaves.push(leaf);
                     send(stream, &frame).await?;

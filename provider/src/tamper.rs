@@ -88,6 +88,10 @@ pub enum Tamper {
     Busy,
     /// Accepts, then never sends a token (a provider that hangs).
     Stall,
+    /// Generates and commits honestly, but streams leaves (asked for by `logprobs`) whose
+    /// logsumexp is [`FAKE_LOGPROB_SHIFT`] lower than committed: every log-probability it
+    /// reports looks that much more confident, while its tokens and sampler replay still hold.
+    FakeLogprobs,
     /// Streams its honest tokens, then keeps streaming more, never a `Done`, ignoring
     /// `max_tokens` (up to [`ENDLESS_LIMIT`] frames, or until the gateway hangs up).
     Endless,
@@ -107,6 +111,9 @@ pub const STALL: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The prompt tokens a [`Tamper::FalseUsage`] provider adds to its claim.
 pub const FALSE_USAGE_EXTRA: u32 = 1000;
+
+/// How much a [`Tamper::FakeLogprobs`] provider lowers the logsumexp of the leaves it streams.
+pub const FAKE_LOGPROB_SHIFT: f32 = 1.0;
 
 /// The text a [`Tamper::ForgedText`] provider streams in place of its first token's.
 pub const FORGED_TEXT: &str = "FORGED BY THE PROVIDER";
@@ -229,6 +236,7 @@ impl Cheat {
                 step: step as u32,
                 token: *token,
                 text: visible,
+                leaf: self.streamed_leaf(request, leaves.get(step)),
             };
             send(stream, &frame).await?;
             if self.tamper == Tamper::HangUp && step >= 2 {
@@ -514,6 +522,22 @@ pub fn patched(
     top
 }
 
+impl Cheat {
+    /// The leaf streamed with a token when the request asks for leaves: the committed one, or
+    /// for [`Tamper::FakeLogprobs`] one reporting higher log-probabilities.
+    fn streamed_leaf(
+        &self,
+        request: &GenerateRequest,
+        leaf: Option<&StepLeaf>,
+    ) -> Option<Box<StepLeaf>> {
+        let mut leaf = leaf.filter(|_| request.stream_leaves)?.clone();
+        if self.tamper == Tamper::FakeLogprobs {
+            leaf.logsumexp -= FAKE_LOGPROB_SHIFT;
+        }
+        Some(Box::new(leaf))
+    }
+}
+
 /// [`Tamper::Endless`]: more tokens after the last real one, until the gateway hangs up.
 async fn endless(
     stream: &mut libp2p::Stream,
@@ -525,6 +549,7 @@ async fn endless(
             step,
             token: token.unwrap_or(0),
             text: " more".into(),
+            leaf: None,
         };
         send(stream, &frame).await?;
     }

@@ -57,6 +57,7 @@ fn run(steps: u32) -> Run {
         max_tokens: steps,
         stop: vec![],
         trace: None,
+        stream_leaves: false,
     };
     let leaves: Vec<StepLeaf> = (0..steps)
         .map(|step| {

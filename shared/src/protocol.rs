@@ -197,6 +197,11 @@ pub struct GenerateRequest {
     /// covered by [`GenerateRequest::hash`]: it says nothing about what is generated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceContext>,
+    /// Send each step's [`StepLeaf`] with its token (`GenerateFrame::Token::leaf`), so the
+    /// gateway can report log-probabilities it checked against the commitment's Merkle root.
+    /// Not covered by [`GenerateRequest::hash`]: it changes what is sent, not what is generated.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream_leaves: bool,
 }
 
 impl GenerateRequest {
@@ -383,6 +388,10 @@ pub enum GenerateFrame {
         /// Visible text released at this step (may be empty while a possible stop sequence is
         /// held back, or for control tokens).
         text: String,
+        /// The step's committed leaf, when the request asked for them
+        /// ([`GenerateRequest::stream_leaves`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        leaf: Option<Box<StepLeaf>>,
     },
     /// Generation finished; the signed commitment covers every step sent.
     Done {
@@ -866,6 +875,7 @@ mod tests {
             max_tokens: 16,
             stop: vec![],
             trace: None,
+            stream_leaves: false,
         }
     }
 

@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 pub use challenge::{Challenge, DEFAULT_CHALLENGE_COUNT, PROBATION_CHALLENGE_COUNT};
 pub use evidence::{RefereeEvidence, RefereeStep, SignedEvidence};
 pub use exact::{
-    EvidenceError, check_commitment, check_evidence, check_openings, opening_is_signed,
+    EvidenceError, check_commitment, check_evidence, check_openings, check_streamed_leaves,
+    opening_is_signed,
 };
 pub use proof::{AuditRound, FraudProof, ProofError};
 pub use rule::{Judgement, Statistics, Tier, judge, judge_distances};
@@ -112,6 +113,11 @@ pub enum AuditFailure {
     /// DiFR margins above the tier's limits).
     #[error("tokens_implausible")]
     TokensImplausible,
+    /// The step leaves the provider streamed alongside its tokens (for logprobs) are not the
+    /// leaves its commitment's Merkle root covers, or one of them fails the per-leaf checks
+    /// (step, token, draw, sampler replay).
+    #[error("leaves_mismatch")]
+    LeavesMismatch,
 }
 
 impl AuditFailure {

@@ -34,7 +34,7 @@ use proofmesh_shared::protocol::{GenerateRequest, OpenLeavesRequest, SignedOpeni
 use proofmesh_shared::verify::{
     AuditFailure, AuditRound, AuditVerdict, Challenge, DEFAULT_CHALLENGE_COUNT, EvidenceError,
     FraudProof, Judgement, RefereeStep, SignedEvidence, Statistics, Tier, check_commitment,
-    check_evidence, check_openings, judge, opening_is_signed,
+    check_evidence, check_openings, check_streamed_leaves, judge, opening_is_signed,
 };
 
 use super::VerificationMode;
@@ -72,6 +72,9 @@ pub struct Answer<'a> {
     /// Whether every piece of text the provider streamed was the detokenization of its
     /// tokens, as the gateway computed it with a vocabulary it trusts.
     pub text_matches: bool,
+    /// The step leaves the provider streamed with its tokens, when the request asked for them
+    /// (their log-probabilities go to the client, so they must be the committed ones).
+    pub leaves: Option<&'a [StepLeaf]>,
 }
 
 /// Asks a provider to open committed leaves.
@@ -237,6 +240,12 @@ impl Procedure<'_> {
         }
         if !answer.text_matches {
             return fail(report, AuditFailure::TextMismatch, None, answer, None);
+        }
+        if let Some(leaves) = answer.leaves
+            && let Err(failure) =
+                check_streamed_leaves(answer.commitment, answer.request, answer.tokens, leaves)
+        {
+            return fail(report, failure, None, answer, None);
         }
         if !mode.refereed() {
             report.verdict = Some(AuditVerdict::Unaudited);
@@ -800,6 +809,7 @@ mod tests {
             max_tokens: steps,
             stop: vec![],
             trace: None,
+            stream_leaves: false,
         };
         let leaves: Vec<StepLeaf> = (0..steps)
             .map(|step| {
@@ -867,6 +877,7 @@ mod tests {
             tokens: &run.tokens,
             commitment: &run.signed,
             text_matches: true,
+            leaves: None,
         }
     }
 

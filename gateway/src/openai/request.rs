@@ -7,6 +7,7 @@ use utoipa::ToSchema;
 
 use crate::auditor::{ModeError, VerificationMode};
 use crate::error::ApiError;
+use crate::openai::logprobs::{LogprobsWanted, MAX_TOP_LOGPROBS};
 
 /// Completion length when the client names none. Small models ramble; clients that want more say
 /// so with `max_tokens`.
@@ -60,6 +61,15 @@ pub struct ChatCompletionRequest {
     /// Stop sequences.
     #[serde(default)]
     pub stop: Option<Stop>,
+    /// Return the log-probability of each generated token (`choices[].logprobs`), read off the
+    /// step leaves the provider committed and checked against its Merkle root: the model's
+    /// full distribution, before temperature and truncation, as OpenAI reports it.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// With `logprobs`: this many most likely alternatives per token (0 to 20).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 20)]
+    pub top_logprobs: Option<u32>,
     /// Number of choices; only 1 is supported.
     #[serde(default)]
     #[schema(minimum = 1, maximum = 1)]
@@ -162,6 +172,8 @@ pub struct ValidatedChat {
     pub include_usage: bool,
     /// How to verify.
     pub mode: VerificationMode,
+    /// Log-probabilities to report, when asked for.
+    pub logprobs: Option<LogprobsWanted>,
 }
 
 impl ChatCompletionRequest {
@@ -247,6 +259,7 @@ impl ChatCompletionRequest {
             None => default_mode,
             Some(name) => parse_mode(name)?,
         };
+        let logprobs = logprobs_wanted(self.logprobs, self.top_logprobs)?;
         let seed = self.seed.map_or_else(rand::random::<u64>, |s| s as u64);
         Ok(ValidatedChat {
             model: self.model,
@@ -263,7 +276,31 @@ impl ChatCompletionRequest {
             stream: self.stream.unwrap_or(false),
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
             mode,
+            logprobs,
         })
+    }
+}
+
+/// `logprobs` and `top_logprobs`, checked as OpenAI checks them.
+fn logprobs_wanted(
+    logprobs: Option<bool>,
+    top: Option<u32>,
+) -> Result<Option<LogprobsWanted>, ApiError> {
+    if top.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            format!("'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}"),
+        ));
+    }
+    match (logprobs.unwrap_or(false), top) {
+        (true, top) => Ok(Some(LogprobsWanted {
+            top: top.unwrap_or(0),
+        })),
+        (false, Some(_)) => Err(ApiError::invalid(
+            "top_logprobs",
+            "'logprobs' must be true when 'top_logprobs' is given",
+        )),
+        (false, None) => Ok(None),
     }
 }
 
@@ -370,6 +407,14 @@ mod tests {
             (
                 serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}),
                 "stop",
+            ),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+            ),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+                "top_logprobs",
             ),
         ];
         for (json, param) in cases {

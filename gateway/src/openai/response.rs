@@ -3,6 +3,8 @@
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::logprobs::ChoiceLogprobs;
+
 /// What proofmesh adds to every answer: who served it, what it was bound to, how it was checked.
 /// Sent as `x-proofmesh-*` headers, as `proofmesh` in the JSON body, and in the last SSE event.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -160,8 +162,8 @@ pub struct Choice {
     pub message: AssistantMessage,
     /// `stop` or `length`.
     pub finish_reason: &'static str,
-    /// Always null.
-    pub logprobs: Option<()>,
+    /// With `logprobs: true`: each token's log-probability, read off the committed leaves.
+    pub logprobs: Option<ChoiceLogprobs>,
 }
 
 /// The assistant's message.
@@ -203,8 +205,8 @@ pub struct ChunkChoice {
     pub delta: Delta,
     /// Set on the last content chunk.
     pub finish_reason: Option<&'static str>,
-    /// Always null.
-    pub logprobs: Option<()>,
+    /// With `logprobs: true`: the log-probabilities of this chunk's tokens.
+    pub logprobs: Option<ChoiceLogprobs>,
 }
 
 /// A streamed message delta.

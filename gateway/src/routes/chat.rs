@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use proofmesh_shared::commit::{Commitment, SignedCommitment};
+use proofmesh_shared::commit::{Commitment, SignedCommitment, StepLeaf};
 use proofmesh_shared::protocol::{GenerateFrame, GenerateRequest, RequestId};
 use proofmesh_shared::verify::AuditFailure;
 use tokio::sync::OwnedSemaphorePermit;
@@ -29,6 +29,7 @@ use crate::failover::{self, Attempts, Deadline, Failure};
 use crate::inference::{self, Completed, Generation};
 use crate::lifecycle::Lifecycle;
 use crate::openai::extract::OpenAiJson;
+use crate::openai::logprobs::ChoiceLogprobs;
 use crate::openai::request::{ChatCompletionRequest, ValidatedChat};
 use crate::openai::response::{
     AssistantMessage, AuditStatistics, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice,
@@ -146,6 +147,9 @@ async fn answer(
         .auditor
         .admit(candidates, chat.mode)
         .map_err(|e| excluded(e, &chat.model))?;
+    if chat.logprobs.is_some() {
+        check_logprobs(&state, &chat, &candidates[0])?;
+    }
     let request = GenerateRequest {
         version: GenerateRequest::VERSION,
         request_id: RequestId::random(),
@@ -155,6 +159,7 @@ async fn answer(
         max_tokens: chat.max_tokens,
         stop: chat.stop.clone(),
         trace: proofmesh_shared::telemetry::current_context(),
+        stream_leaves: chat.logprobs.is_some(),
     };
     tracing::Span::current()
         .record("request_id", tracing::field::display(&request.request_id))
@@ -180,6 +185,45 @@ async fn answer(
     } else {
         plain_response(&state, &chat, &request, &mut attempts, &arrival).await
     }
+}
+
+/// Whether this gateway can report log-probabilities for the request: it names tokens with the
+/// model's vocabulary, its own (a provider's token texts are claims), and `consensus` compares
+/// answers without their leaves.
+fn check_logprobs(
+    state: &AppState,
+    chat: &ValidatedChat,
+    candidate: &Candidate,
+) -> Result<(), ApiError> {
+    if chat.mode == VerificationMode::Consensus {
+        return Err(ApiError::invalid(
+            "logprobs",
+            "'logprobs' is not available with verification_mode \"consensus\" yet; use \
+             merkle, fraud or none",
+        ));
+    }
+    if state.auditor.vocabulary(&candidate.card.digest).is_none() {
+        return Err(ApiError::invalid(
+            "logprobs",
+            format!(
+                "This gateway has no vocabulary for '{}', so it cannot name the tokens of \
+                 log-probabilities itself (its operator adds the model file with --vocabularies)",
+                chat.model
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The `logprobs` object of a whole answer, read off its streamed (and audited) leaves.
+fn logprobs_of(
+    state: &AppState,
+    chat: &ValidatedChat,
+    request: &GenerateRequest,
+    leaves: Option<&[StepLeaf]>,
+) -> Option<ChoiceLogprobs> {
+    let vocabulary = state.auditor.vocabulary(&request.model_digest)?;
+    Some(chat.logprobs?.of(leaves?, &vocabulary))
 }
 
 /// Keeps only the provider named in the pin header.
@@ -261,7 +305,8 @@ async fn plain_response(
                 .await;
         }
         attempts.succeeded(&generation.candidate);
-        let body = completion(chat, request, &done, &info);
+        let logprobs = logprobs_of(state, chat, request, done.leaves.as_deref());
+        let body = completion(chat, request, &done, &info, logprobs);
         let mut response = axum::Json(body).into_response();
         set_headers(response.headers_mut(), &info, true);
         return Ok(response);
@@ -275,6 +320,7 @@ fn completion(
     request: &GenerateRequest,
     done: &Completed,
     info: &ProofmeshInfo,
+    logprobs: Option<ChoiceLogprobs>,
 ) -> ChatCompletion {
     let signed = &done.commitment.commitment;
     ChatCompletion {
@@ -289,7 +335,7 @@ fn completion(
                 content: done.text.clone(),
             },
             finish_reason: signed.finish_reason.as_openai(),
-            logprobs: None,
+            logprobs,
         }],
         usage: Usage::new(signed.prompt_tokens, done.tokens.len() as u32),
         system_fingerprint: None,
@@ -309,6 +355,7 @@ fn answer_of<'a>(
         tokens: &done.tokens,
         commitment: &done.commitment,
         text_matches: done.text_matches,
+        leaves: done.leaves.as_deref(),
     }
 }
 
@@ -559,6 +606,8 @@ fn events(
     let chunks = Chunks::new(&chat, &request);
     let chunks_opening = chunks.opening();
     let chunk = move |delta, finish_reason| chunks.chunk(delta, finish_reason);
+    let vocabulary = state.auditor.vocabulary(&request.model_digest);
+    let wanted = chat.logprobs.zip(vocabulary);
     async_stream::stream! {
         // The request counts against the gateway's limit until its stream ends.
         let _admitted = admitted;
@@ -575,7 +624,7 @@ fn events(
                 }
             };
             match frame {
-                GenerateFrame::Token { step, token, text } => {
+                GenerateFrame::Token { step, token, text, .. } => {
                     if step as usize != tokens.len() {
                         yield Ok(json_event(&ApiError::provider_failed("The provider sent steps out of order").body()));
                         return;
@@ -588,8 +637,13 @@ fn events(
                         yield Ok(json_event(&ApiError::verification_failed("failed:text_mismatch").body()));
                         return;
                     };
-                    if !text.is_empty() {
-                        yield Ok(json_event(&chunk(Delta { content: Some(text), ..Delta::default() }, None)));
+                    let logprobs = wanted.as_ref().map(|(wanted, vocabulary)| ChoiceLogprobs {
+                        content: generation.last_leaf().and_then(|leaf| wanted.entry(leaf, vocabulary)).into_iter().collect(),
+                    });
+                    if !text.is_empty() || logprobs.as_ref().is_some_and(|l| !l.content.is_empty()) {
+                        let mut event = chunk(Delta { content: Some(text), ..Delta::default() }, None);
+                        event.choices[0].logprobs = logprobs;
+                        yield Ok(json_event(&event));
                     }
                 }
                 GenerateFrame::Done { text, commitment, .. } => {
@@ -602,8 +656,8 @@ fn events(
                     if !text.is_empty() {
                         yield Ok(json_event(&chunk(Delta { content: Some(text), ..Delta::default() }, None)));
                     }
-                    let answer = Answer { provider: &generation.candidate, request: &request, tokens: &tokens, commitment: &commitment, text_matches: true };
                     let referee = generation.referee.take();
+                    let answer = Answer { provider: &generation.candidate, request: &request, tokens: &tokens, commitment: &commitment, text_matches: true, leaves: generation.leaves() };
                     let outcome = state.auditor.judge(&answer, chat.mode, referee).await;
                     let mut info = proofmesh_info(&chat, &generation, &commitment, &outcome);
                     if !state.auditor.deliverable(&outcome.verdict()) {

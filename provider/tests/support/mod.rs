@@ -160,6 +160,7 @@ pub fn greedy_request(digest: ModelDigest, max_tokens: u32) -> GenerateRequest {
         max_tokens,
         stop: vec![],
         trace: None,
+        stream_leaves: false,
     }
 }
 

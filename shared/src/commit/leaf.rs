@@ -44,6 +44,16 @@ impl StepLeaf {
         crate::sha256(&[&[0x00], &self.canonical_bytes()])
     }
 
+    /// The log-probability the committed logits give `token` under the model's full
+    /// distribution (temperature 1, no truncation): its logit minus [`StepLeaf::logsumexp`].
+    /// `None` for a token outside the committed candidates.
+    pub fn logprob(&self, token: u32) -> Option<f32> {
+        self.top
+            .iter()
+            .find(|c| c.id == token)
+            .map(|c| c.logit - self.logsumexp)
+    }
+
     /// Bytes this leaf occupies in memory, for the leaf store's bound.
     pub fn size_bytes(&self) -> usize {
         std::mem::size_of::<Self>() + self.top.len() * std::mem::size_of::<TopLogit>()

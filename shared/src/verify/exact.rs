@@ -3,7 +3,7 @@
 use libp2p::PeerId;
 
 use super::{AuditFailure, Challenge, SignedEvidence};
-use crate::commit::{SignedCommitment, StepLeaf, output_hash, verify_openings};
+use crate::commit::{LeafTree, SignedCommitment, StepLeaf, output_hash, verify_openings};
 use crate::protocol::{FinishReason, GenerateRequest, OpenLeavesResponse, SignedOpening};
 use crate::sampling::{self, CANDIDATES};
 
@@ -78,6 +78,30 @@ pub fn check_openings<'a>(
         check_leaf(leaf, index, request, tokens)?;
     }
     Ok(leaves)
+}
+
+/// Checks the leaves a provider streamed with its tokens (for a request that asked for them,
+/// [`GenerateRequest::stream_leaves`]): one per token, each passing the per-leaf checks of an
+/// opened leaf, and together hashing to the commitment's Merkle root. Then every value read off
+/// them (a log-probability, a candidate) is the provider's commitment, as an audit checks it.
+/// Any failure is [`AuditFailure::LeavesMismatch`]; leaves are not signed one by one, so only
+/// the gateway that received them over the provider's connection may act on it.
+pub fn check_streamed_leaves(
+    signed: &SignedCommitment,
+    request: &GenerateRequest,
+    tokens: &[u32],
+    leaves: &[StepLeaf],
+) -> Result<(), AuditFailure> {
+    if leaves.len() != tokens.len()
+        || leaves
+            .iter()
+            .enumerate()
+            .any(|(i, leaf)| check_leaf(leaf, i, request, tokens).is_err())
+        || LeafTree::build(leaves).root() != signed.commitment.merkle_root
+    {
+        return Err(AuditFailure::LeavesMismatch);
+    }
+    Ok(())
 }
 
 /// The per-leaf exact checks.
@@ -199,7 +223,7 @@ pub fn check_evidence(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::commit::{Commitment, LeafTree, prompt_hash};
+    use crate::commit::{Commitment, prompt_hash};
     use crate::protocol::{ChatMessage, ModelDigest, RequestId};
     use crate::sampling::{SamplerParams, TopLogit, top_candidates};
     use crate::verify::{Challenge, DEFAULT_CHALLENGE_COUNT};
@@ -232,6 +256,7 @@ mod tests {
             max_tokens: steps,
             stop: vec![],
             trace: None,
+            stream_leaves: false,
         };
         let mut leaves = Vec::new();
         for step in 0..steps {
@@ -373,6 +398,29 @@ mod tests {
             audit(&run, &refused, &challenge),
             Err(AuditFailure::OpeningRefused)
         );
+    }
+
+    #[test]
+    fn streamed_leaves_must_be_the_committed_ones() {
+        for temperature in [0.0, 0.8] {
+            let run = honest(temperature, 12);
+            let check = |leaves: &[StepLeaf]| {
+                check_streamed_leaves(&run.signed, &run.request, &run.tokens, leaves)
+            };
+            assert_eq!(check(&run.leaves), Ok(()));
+            // A log-probability reported other than committed: a logit or the logsumexp moved.
+            let mut lied = run.leaves.clone();
+            lied[5].logsumexp += 0.25;
+            assert_eq!(check(&lied), Err(AuditFailure::LeavesMismatch));
+            let mut lied = run.leaves.clone();
+            lied[7].top[3].logit -= 0.001;
+            assert_eq!(check(&lied), Err(AuditFailure::LeavesMismatch));
+            // One missing, or one for another step.
+            assert_eq!(check(&run.leaves[1..]), Err(AuditFailure::LeavesMismatch));
+            let mut swapped = run.leaves.clone();
+            swapped.swap(2, 3);
+            assert_eq!(check(&swapped), Err(AuditFailure::LeavesMismatch));
+        }
     }
 
     #[test]

@@ -81,7 +81,7 @@ pub(super) async fn respond(
     let mut response = if chat.stream {
         stream(chat, request, done, &info)
     } else {
-        axum::Json(completion(chat, request, done, &info)).into_response()
+        axum::Json(completion(chat, request, done, &info, None)).into_response()
     };
     set_headers(response.headers_mut(), &info, true);
     Ok(response)
