@@ -62,6 +62,7 @@ fn answer() -> &'static Answer {
             stop: vec![],
             trace: None,
             stream_leaves: false,
+            constraint: None,
         };
         let leaves: Vec<StepLeaf> = (0..STEPS)
             .map(|step| StepLeaf {

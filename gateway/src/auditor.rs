@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use libp2p::PeerId;
 use proofmesh_shared::commit::SignedCommitment;
+use proofmesh_shared::constraint::{Constraint, ConstraintError, Guide};
 use proofmesh_shared::net::Client;
 use proofmesh_shared::protocol::{GenerateRequest, ModelDigest, OpenLeavesRequest, SignedOpening};
 use proofmesh_shared::verify::{AuditFailure, AuditVerdict, FraudProof, Statistics, Tier};
@@ -248,6 +249,19 @@ impl Auditor {
                 heard: Default::default(),
             }),
         })
+    }
+
+    /// A fresh walk through `constraint` over the vocabulary of the model `digest`, the
+    /// gateway's own: what it checks a constrained answer's tokens with.
+    pub fn guide(
+        &self,
+        digest: &ModelDigest,
+        constraint: &Constraint,
+    ) -> Result<Guide, ConstraintError> {
+        let vocabulary = self.inner.vocabularies.get(digest).ok_or_else(|| {
+            ConstraintError::Vocabulary("this gateway has no vocabulary for the model".into())
+        })?;
+        vocabulary.token_space()?.guide(constraint)
     }
 
     /// The model's vocabulary, when the gateway has it.
@@ -593,6 +607,7 @@ impl Auditor {
                 // The gateway checked the text against the tokens as it released them, and any
                 // streamed leaves against the commitment before it released the answer.
                 text_matches: true,
+                constraint_holds: true,
                 leaves: None,
             };
             let scope = Scope {

@@ -13,6 +13,7 @@
 use std::time::{Duration, Instant};
 
 use proofmesh_shared::commit::{SignedCommitment, StepLeaf};
+use proofmesh_shared::constraint::Guide;
 use proofmesh_shared::net::Offence;
 use proofmesh_shared::protocol::{
     FRAME_GAP_TIMEOUT, FinishReason, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest,
@@ -52,6 +53,9 @@ pub struct Generation {
     transcript: Option<Transcript>,
     /// The leaves the provider streamed, when the request asked for them.
     leaves: Option<Vec<StepLeaf>>,
+    /// The request's constraint, walked along the tokens as they arrive (the gateway's own,
+    /// over its vocabulary); `Err` when a constrained request could not get one.
+    guide: Result<Option<Guide>, ()>,
     /// Tokens the request allows.
     max_tokens: u32,
     /// Tokens and text bytes received so far.
@@ -90,6 +94,8 @@ pub struct Completed {
     /// The step leaves streamed with the tokens, when the request asked for them (not checked
     /// yet: the audit checks them against the commitment).
     pub leaves: Option<Vec<StepLeaf>>,
+    /// Whether every token was one the request's constraint allowed at its step.
+    pub constraint_holds: bool,
 }
 
 /// The provider's text was not its tokens' text.
@@ -194,6 +200,17 @@ impl Generation {
         Ok(())
     }
 
+    /// Whether the request's constraint allows `token` next (always, without a constraint).
+    /// Call once per token, in order: a token it does not allow ends the walk, and every later
+    /// one is refused too.
+    pub fn allows(&mut self, token: u32) -> bool {
+        match &mut self.guide {
+            Ok(None) => true,
+            Ok(Some(guide)) => guide.advance(token),
+            Err(()) => false,
+        }
+    }
+
     /// The leaf of the last token read, when the request asked for leaves.
     pub fn last_leaf(&self) -> Option<&StepLeaf> {
         self.leaves.as_ref()?.last()
@@ -236,6 +253,7 @@ impl Generation {
         let mut tokens = Vec::new();
         let mut text = String::new();
         let mut text_matches = true;
+        let mut constraint_holds = true;
         loop {
             match self.next().await? {
                 GenerateFrame::Token {
@@ -250,6 +268,7 @@ impl Generation {
                         ));
                     }
                     tokens.push(token);
+                    constraint_holds &= self.allows(token);
                     match self.text_of(token, piece) {
                         Ok(piece) => text.push_str(&piece),
                         Err(TextMismatch) => text_matches = false,
@@ -271,6 +290,7 @@ impl Generation {
                         commitment: *commitment,
                         text_matches,
                         leaves: self.leaves.take(),
+                        constraint_holds,
                     });
                 }
                 GenerateFrame::Error { kind, message } => return Err(remote_error(kind, &message)),
@@ -379,6 +399,14 @@ async fn try_start(
                     .auditor
                     .transcript(&candidate.card.digest, &request.stop),
                 leaves: request.stream_leaves.then(Vec::new),
+                guide: match &request.constraint {
+                    None => Ok(None),
+                    Some(c) => state
+                        .auditor
+                        .guide(&candidate.card.digest, c)
+                        .map(Some)
+                        .map_err(|_| ()),
+                },
                 max_tokens: request.max_tokens,
                 tokens_seen: 0,
                 text_bytes: 0,

@@ -82,6 +82,7 @@ async fn referee_view() -> (Vec<Vec<u8>>, Vec<proofmesh_shared::verify::RefereeS
             sampler,
             max_tokens: MAX_TOKENS,
             events,
+            guide: None,
         })
         .unwrap();
     let mut tokens = Vec::new();

@@ -37,6 +37,10 @@ fn compare(model: &std::path::Path) {
         &differing[..differing.len().min(5)]
     );
     assert!(vocabulary.piece(n).is_none());
+    // The same end-of-generation tokens: constraints allow them exactly where complete, so
+    // the gateway's check of a constrained answer's last token needs the engine's set.
+    let eog: Vec<u32> = (0..n).filter(|&t| engine.is_eog(t)).collect();
+    assert_eq!(vocabulary.eog(), eog.as_slice(), "{}", model.display());
 }
 
 #[test]

@@ -343,6 +343,7 @@ async fn generate(engine: &Engine, requests: &[Request], parallel: usize) -> Vec
                     sampler: request.sampler,
                     max_tokens: request.max_tokens,
                     events,
+                    guide: None,
                 })
                 .expect("submit");
             let mut leaves = Vec::new();
@@ -493,6 +494,7 @@ async fn exact_forgeries(
             stop: vec![],
             trace: None,
             stream_leaves: false,
+            constraint: None,
         };
         let commit =
             |request: &GenerateRequest, leaves: &[StepLeaf], prompt: &[u32], finish, signer| {

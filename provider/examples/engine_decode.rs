@@ -59,6 +59,7 @@ async fn main() {
                 sampler,
                 max_tokens: tokens,
                 events,
+                guide: None,
             })
             .expect("submit");
         let (mut first, mut n) = (None, 0u32);

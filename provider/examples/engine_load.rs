@@ -97,6 +97,7 @@ async fn main() {
                     },
                     max_tokens: tokens,
                     events,
+                    guide: None,
                 })
                 .expect("submit");
             let (mut first, mut n) = (None, 0u32);

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::engine::{Engine, EngineError, Job, StepEvent};
+use crate::engine::{Engine, EngineError, Guide, Job, StepEvent};
 use crate::leaf_store::LeafStore;
 use crate::metrics::ProviderMetrics;
 use crate::tamper::Cheat;
@@ -231,8 +231,9 @@ impl Service {
     ) -> Result<(), Option<Refusal>> {
         request.validate(&self.digest)?;
         let prompt = self.prompt(request).await?;
+        let guide = self.guide(request).await?;
         let prompt_tokens = prompt.len() as u32;
-        let steps = self.submit(request, prompt.clone())?;
+        let steps = self.submit(request, prompt.clone(), guide)?;
         self.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
         tracing::Span::current().record("prompt_tokens", prompt_tokens);
         // The one seam for test-only misbehaviour: a cheating provider takes the honest
@@ -339,10 +340,28 @@ impl Service {
     }
 
     /// Queues the generation on the engine; its steps arrive on the returned channel.
-    fn submit(
+    /// The request's constraint compiled over this model's vocabulary (off the async workers:
+    /// a large schema takes milliseconds, the first one builds the token trie).
+    async fn guide(&self, request: &GenerateRequest) -> Result<Option<Guide>, Refusal> {
+        let Some(constraint) = request.constraint.clone() else {
+            return Ok(None);
+        };
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || engine.guide(&constraint))
+            .await
+            .map_err(|_| {
+                Refusal::new(RemoteErrorKind::Internal, "compiling the constraint failed")
+            })?
+            .map(Some)
+            .map_err(|e| Refusal::new(RemoteErrorKind::InvalidRequest, format!("constraint: {e}")))
+    }
+
+    /// Queues `prompt` on the engine, decoding under `guide` when the request is constrained.
+    pub(crate) fn submit(
         &self,
         request: &GenerateRequest,
         prompt: Vec<u32>,
+        guide: Option<Guide>,
     ) -> Result<mpsc::UnboundedReceiver<StepEvent>, Refusal> {
         let (events, steps) = mpsc::unbounded_channel();
         self.engine
@@ -352,6 +371,7 @@ impl Service {
                 sampler: request.sampler,
                 max_tokens: request.max_tokens,
                 events,
+                guide,
             })
             .map_err(|e| match e {
                 EngineError::Overloaded => {

@@ -18,6 +18,7 @@ use std::time::Instant;
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use proofmesh_shared::commit::StepLeaf;
+use proofmesh_shared::constraint::Constraint;
 use proofmesh_shared::protocol::{
     FinishReason, GenerateFrame, GenerateRequest, OpenLeavesResponse, Opening, Refusal,
     RemoteErrorKind, SignedOpening,
@@ -92,6 +93,12 @@ pub enum Tamper {
     /// logsumexp is [`FAKE_LOGPROB_SHIFT`] lower than committed: every log-probability it
     /// reports looks that much more confident, while its tokens and sampler replay still hold.
     FakeLogprobs,
+    /// Decodes a constrained request as if it had no constraint (the engine's plain choice at
+    /// every step), and commits that honestly: a provider that ignores `response_format`.
+    IgnoresConstraint,
+    /// Decodes a constrained request under [`OTHER_SCHEMA`] instead of the request's own
+    /// constraint, and commits that honestly: a provider that applies another schema.
+    OtherSchema,
     /// Streams its honest tokens, then keeps streaming more, never a `Done`, ignoring
     /// `max_tokens` (up to [`ENDLESS_LIMIT`] frames, or until the gateway hangs up).
     Endless,
@@ -114,6 +121,9 @@ pub const FALSE_USAGE_EXTRA: u32 = 1000;
 
 /// How much a [`Tamper::FakeLogprobs`] provider lowers the logsumexp of the leaves it streams.
 pub const FAKE_LOGPROB_SHIFT: f32 = 1.0;
+
+/// The schema a [`Tamper::OtherSchema`] provider decodes constrained requests under.
+pub const OTHER_SCHEMA: &str = r#"{"type":"object","properties":{"other":{"type":"integer"}},"required":["other"],"additionalProperties":false}"#;
 
 /// The text a [`Tamper::ForgedText`] provider streams in place of its first token's.
 pub const FORGED_TEXT: &str = "FORGED BY THE PROVIDER";
@@ -176,6 +186,15 @@ impl Cheat {
                 )));
             }
             _ => {}
+        }
+        if let Some(constraint) = self.decoded_under(request) {
+            // Decode again, under the constraint this cheat prefers.
+            drop(steps);
+            let guide = constraint
+                .map(|c| service.engine.guide(&c))
+                .transpose()
+                .map_err(|e| Refusal::new(RemoteErrorKind::Internal, e.to_string()))?;
+            steps = service.submit(request, prompt.to_vec(), guide)?;
         }
         let mut prompt_tokens = prompt.len() as u32;
         if self.tamper == Tamper::FalseUsage {
@@ -523,6 +542,17 @@ pub fn patched(
 }
 
 impl Cheat {
+    /// The constraint a cheat decodes a constrained request under instead of its own: none at
+    /// all, or another schema. `None` when it decodes as asked.
+    fn decoded_under(&self, request: &GenerateRequest) -> Option<Option<Constraint>> {
+        request.constraint.as_ref()?;
+        match self.tamper {
+            Tamper::IgnoresConstraint => Some(None),
+            Tamper::OtherSchema => Some(Some(Constraint::JsonSchema(OTHER_SCHEMA.into()))),
+            _ => None,
+        }
+    }
+
     /// The leaf streamed with a token when the request asks for leaves: the committed one, or
     /// for [`Tamper::FakeLogprobs`] one reporting higher log-probabilities.
     fn streamed_leaf(

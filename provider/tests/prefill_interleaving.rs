@@ -39,6 +39,7 @@ fn job(prompt: Vec<u32>, max_tokens: u32) -> (Job, mpsc::UnboundedReceiver<StepE
         },
         max_tokens,
         events,
+        guide: None,
     };
     (job, rx)
 }

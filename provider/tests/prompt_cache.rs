@@ -57,6 +57,7 @@ async fn leaves(engine: &Engine, prompt: Vec<u32>) -> Vec<StepLeaf> {
             },
             max_tokens: 24,
             events,
+            guide: None,
         })
         .unwrap();
     let mut leaves = Vec::new();

@@ -58,6 +58,7 @@ fn run(steps: u32) -> Run {
         stop: vec![],
         trace: None,
         stream_leaves: false,
+        constraint: None,
     };
     let leaves: Vec<StepLeaf> = (0..steps)
         .map(|step| {

@@ -18,6 +18,9 @@
 //!   commitment, its opened leaves and a referee's [`verify::SignedEvidence`], and the calibrated
 //!   statistical checks of committed logits against the referee's, which together turn into an
 //!   [`verify::AuditVerdict`].
+//! - [`constraint`]: constrained decoding (JSON object, JSON schema) as a mask per step that
+//!   provider, referee and gateway compute alike, and the gateway's replay of an answer
+//!   through it.
 //! - [`signing`]: signatures by node keys (commitments, openings, tickets, referee evidence).
 //! - [`text`]: turning token bytes into the visible text, with stop sequences: the provider
 //!   streams by it and the gateway checks the stream by it, so both cut text the same way.
@@ -34,6 +37,7 @@
 
 pub mod commit;
 pub mod config;
+pub mod constraint;
 pub mod identity;
 pub mod metrics;
 pub mod model_file;

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::Digest32;
 use crate::commit::{SignedCommitment, StepLeaf};
+use crate::constraint::Constraint;
 use crate::sampling::SamplerParams;
 use crate::verify::SignedEvidence;
 
@@ -193,6 +194,10 @@ pub struct GenerateRequest {
     pub max_tokens: u32,
     /// Stop sequences; generation ends when the visible text contains one.
     pub stop: Vec<String>,
+    /// What the answer is constrained to (a JSON object, a JSON schema); every token must be
+    /// one the constraint allows at its step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<Constraint>,
     /// The gateway's trace context, so the provider's spans join the request's trace. Not
     /// covered by [`GenerateRequest::hash`]: it says nothing about what is generated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -220,6 +225,10 @@ impl GenerateRequest {
             sampler: &'a SamplerParams,
             max_tokens: u32,
             stop: &'a [String],
+            // Absent from the hashed bytes when there is none, so unconstrained requests
+            // hash as they always did.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            constraint: Option<&'a Constraint>,
         }
         let bound = Bound {
             version: self.version,
@@ -229,6 +238,7 @@ impl GenerateRequest {
             sampler: &self.sampler,
             max_tokens: self.max_tokens,
             stop: &self.stop,
+            constraint: self.constraint.as_ref(),
         };
         let mut bytes = Vec::new();
         // Writing CBOR into a Vec cannot fail for these plain types.
@@ -876,6 +886,7 @@ mod tests {
             stop: vec![],
             trace: None,
             stream_leaves: false,
+            constraint: None,
         }
     }
 
@@ -922,6 +933,12 @@ mod tests {
         let mut other = request();
         other.max_tokens = 17;
         assert_ne!(base, other.hash());
+        let mut other = request();
+        other.constraint = Some(Constraint::JsonObject);
+        assert_ne!(base, other.hash());
+        let mut schema = request();
+        schema.constraint = Some(Constraint::JsonSchema(r#"{"type":"object"}"#.into()));
+        assert_ne!(other.hash(), schema.hash());
         assert_eq!(base, request().hash());
     }
 

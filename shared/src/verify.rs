@@ -118,6 +118,11 @@ pub enum AuditFailure {
     /// (step, token, draw, sampler replay).
     #[error("leaves_mismatch")]
     LeavesMismatch,
+    /// A token the request's constraint (`response_format`) does not allow at its step, or
+    /// an end of generation where the constraint is not complete: the provider ignored the
+    /// constraint or applied another.
+    #[error("constraint_violated")]
+    ConstraintViolated,
 }
 
 impl AuditFailure {

@@ -72,6 +72,9 @@ pub struct Answer<'a> {
     /// Whether every piece of text the provider streamed was the detokenization of its
     /// tokens, as the gateway computed it with a vocabulary it trusts.
     pub text_matches: bool,
+    /// Whether every token was one the request's constraint allowed at its step, as the
+    /// gateway walked it over its own vocabulary (always, for an unconstrained request).
+    pub constraint_holds: bool,
     /// The step leaves the provider streamed with its tokens, when the request asked for them
     /// (their log-probabilities go to the client, so they must be the committed ones).
     pub leaves: Option<&'a [StepLeaf]>,
@@ -240,6 +243,9 @@ impl Procedure<'_> {
         }
         if !answer.text_matches {
             return fail(report, AuditFailure::TextMismatch, None, answer, None);
+        }
+        if !answer.constraint_holds {
+            return fail(report, AuditFailure::ConstraintViolated, None, answer, None);
         }
         if let Some(leaves) = answer.leaves
             && let Err(failure) =
@@ -810,6 +816,7 @@ mod tests {
             stop: vec![],
             trace: None,
             stream_leaves: false,
+            constraint: None,
         };
         let leaves: Vec<StepLeaf> = (0..steps)
             .map(|step| {
@@ -877,6 +884,7 @@ mod tests {
             tokens: &run.tokens,
             commitment: &run.signed,
             text_matches: true,
+            constraint_holds: true,
             leaves: None,
         }
     }

@@ -16,6 +16,7 @@ use std::io::{BufReader, Read};
 use std::path::Path;
 use std::sync::Arc;
 
+use proofmesh_shared::constraint::{ConstraintError, TokenSpace};
 use proofmesh_shared::text::{Pushed, TextStream};
 
 /// Most tokens a vocabulary may have (the largest vocabularies in use are ~260k).
@@ -46,6 +47,24 @@ const EOG_TEXTS: &[&str] = &[
     "</s>",
 ];
 
+/// Fill-in-the-middle marker texts (pad, repository, file separator) that llama.cpp also
+/// treats as end-of-generation when the file does not name them by id.
+const FIM_EOG_TEXTS: &[&str] = &[
+    "<|fim_pad|>",
+    "<fim-pad>",
+    "<fim_pad>",
+    "<|fim▁pad|>",
+    "<PAD>",
+    "<|fim_repo|>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<REPO>",
+    "<reponame>",
+    "<|file_sep|>",
+    "<file-sep>",
+    "<FILE_SEP>",
+];
+
 /// Why a vocabulary could not be read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -74,6 +93,10 @@ enum Kind {
 #[derive(Debug)]
 pub struct Vocabulary {
     pieces: Vec<Vec<u8>>,
+    /// End-of-generation tokens, ascending.
+    eog: Vec<u32>,
+    /// The grammar engine's view of it, built on the first constrained request.
+    space: std::sync::OnceLock<Result<Arc<TokenSpace>, ConstraintError>>,
 }
 
 impl Vocabulary {
@@ -126,7 +149,10 @@ impl Vocabulary {
                 "tokenizer.ggml.token_type" => types = Some(read_value(r, kind)?.integers()?),
                 "tokenizer.ggml.eos_token_id"
                 | "tokenizer.ggml.eot_token_id"
-                | "tokenizer.ggml.eom_token_id" => {
+                | "tokenizer.ggml.eom_token_id"
+                | "tokenizer.ggml.fim_pad_token_id"
+                | "tokenizer.ggml.fim_rep_token_id"
+                | "tokenizer.ggml.fim_sep_token_id" => {
                     if let Some(id) = read_value(r, kind)?.integer() {
                         eog.push(id as u32);
                     }
@@ -143,11 +169,19 @@ impl Vocabulary {
         let tokens = tokens.ok_or_else(|| VocabError::Format("no tokenizer.ggml.tokens".into()))?;
         let types = types.unwrap_or_default();
         let decoder = byte_decoder();
+        for (id, text) in tokens.iter().enumerate() {
+            if EOG_TEXTS.contains(&text.as_str()) || FIM_EOG_TEXTS.contains(&text.as_str()) {
+                eog.push(id as u32);
+            }
+        }
+        eog.retain(|&id| (id as usize) < tokens.len());
+        eog.sort_unstable();
+        eog.dedup();
         let pieces = tokens
             .iter()
             .enumerate()
             .map(|(id, text)| {
-                let control = eog.contains(&(id as u32)) || EOG_TEXTS.contains(&text.as_str());
+                let control = eog.binary_search(&(id as u32)).is_ok();
                 let ty = if control {
                     TOKEN_CONTROL
                 } else {
@@ -156,7 +190,23 @@ impl Vocabulary {
                 piece(kind, ty, text, &decoder)
             })
             .collect();
-        Ok(Self { pieces })
+        Ok(Self {
+            pieces,
+            eog,
+            space: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The end-of-generation tokens (end of sequence, of turn, of message), ascending.
+    pub fn eog(&self) -> &[u32] {
+        &self.eog
+    }
+
+    /// The grammar engine's view of this vocabulary (built once, on first use).
+    pub fn token_space(&self) -> Result<Arc<TokenSpace>, ConstraintError> {
+        self.space
+            .get_or_init(|| TokenSpace::new(self.pieces.clone(), &self.eog).map(Arc::new))
+            .clone()
     }
 }
 

@@ -1,5 +1,6 @@
 //! The chat completion request as OpenAI's SDKs send it, plus `verification_mode`.
 
+use proofmesh_shared::constraint::{Constraint, MAX_SCHEMA_BYTES};
 use proofmesh_shared::protocol::{ChatMessage, MAX_MESSAGES, MAX_STOP_LEN, MAX_STOP_SEQUENCES};
 use proofmesh_shared::sampling::SamplerParams;
 use serde::Deserialize;
@@ -70,6 +71,12 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 20)]
     pub top_logprobs: Option<u32>,
+    /// Constrain the answer: `{"type": "json_object"}` (any JSON object) or `{"type":
+    /// "json_schema", "json_schema": {"name", "schema", "strict"}}` (JSON valid against the
+    /// schema; always enforced, `strict` or not). Decoding is constrained token by token, and
+    /// the gateway checks every token of the answer against the same constraint itself.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
     /// Number of choices; only 1 is supported.
     #[serde(default)]
     #[schema(minimum = 1, maximum = 1)]
@@ -86,6 +93,39 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     #[schema(value_type = Option<String>, example = "merkle")]
     pub verification_mode: Option<String>,
+}
+
+/// `response_format`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// Plain text (no constraint).
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against a schema.
+    JsonSchema {
+        /// The schema and its name.
+        json_schema: JsonSchemaFormat,
+    },
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct JsonSchemaFormat {
+    /// The schema's name (letters, digits, `_` and `-`, at most 64).
+    pub name: String,
+    /// What the schema is for.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The JSON schema; JSON Schema features the grammar engine does not support are a 400
+    /// naming them.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub schema: Option<serde_json::Value>,
+    /// OpenAI's strict mode; the schema is always enforced here.
+    #[serde(default)]
+    pub strict: Option<bool>,
 }
 
 /// `stream_options`.
@@ -174,6 +214,8 @@ pub struct ValidatedChat {
     pub mode: VerificationMode,
     /// Log-probabilities to report, when asked for.
     pub logprobs: Option<LogprobsWanted>,
+    /// What decoding is constrained to, when anything.
+    pub constraint: Option<Constraint>,
 }
 
 impl ChatCompletionRequest {
@@ -260,6 +302,11 @@ impl ChatCompletionRequest {
             Some(name) => parse_mode(name)?,
         };
         let logprobs = logprobs_wanted(self.logprobs, self.top_logprobs)?;
+        let constraint = self
+            .response_format
+            .map(constraint_of)
+            .transpose()?
+            .flatten();
         let seed = self.seed.map_or_else(rand::random::<u64>, |s| s as u64);
         Ok(ValidatedChat {
             model: self.model,
@@ -277,8 +324,45 @@ impl ChatCompletionRequest {
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
             mode,
             logprobs,
+            constraint,
         })
     }
+}
+
+/// `response_format` as the constraint decoding follows.
+fn constraint_of(format: ResponseFormat) -> Result<Option<Constraint>, ApiError> {
+    let spec = match format {
+        ResponseFormat::Text => return Ok(None),
+        ResponseFormat::JsonObject => return Ok(Some(Constraint::JsonObject)),
+        ResponseFormat::JsonSchema { json_schema } => json_schema,
+    };
+    let name_ok = !spec.name.is_empty()
+        && spec.name.len() <= 64
+        && spec
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !name_ok {
+        return Err(ApiError::invalid(
+            "response_format.json_schema.name",
+            "'name' must be 1 to 64 letters, digits, '_' or '-'",
+        ));
+    }
+    let schema = spec.schema.unwrap_or_else(|| serde_json::json!({}));
+    if !schema.is_object() {
+        return Err(ApiError::invalid(
+            "response_format.json_schema.schema",
+            "'schema' must be a JSON Schema object",
+        ));
+    }
+    let text = schema.to_string();
+    if text.len() > MAX_SCHEMA_BYTES {
+        return Err(ApiError::invalid(
+            "response_format.json_schema.schema",
+            format!("'schema' may be at most {MAX_SCHEMA_BYTES} bytes of JSON"),
+        ));
+    }
+    Ok(Some(Constraint::JsonSchema(text)))
 }
 
 /// `logprobs` and `top_logprobs`, checked as OpenAI checks them.
@@ -415,6 +499,14 @@ mod tests {
             (
                 serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
                 "top_logprobs",
+            ),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}),
+                "response_format.json_schema.name",
+            ),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"name": "ab", "schema": [1]}}}),
+                "response_format.json_schema.schema",
             ),
         ];
         for (json, param) in cases {

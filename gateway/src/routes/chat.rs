@@ -16,6 +16,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use proofmesh_shared::commit::{Commitment, SignedCommitment, StepLeaf};
+use proofmesh_shared::constraint::{Constraint, ConstraintError};
 use proofmesh_shared::protocol::{GenerateFrame, GenerateRequest, RequestId};
 use proofmesh_shared::verify::AuditFailure;
 use tokio::sync::OwnedSemaphorePermit;
@@ -150,6 +151,9 @@ async fn answer(
     if chat.logprobs.is_some() {
         check_logprobs(&state, &chat, &candidates[0])?;
     }
+    if let Some(constraint) = &chat.constraint {
+        check_constraint(&state, &chat, &candidates[0], constraint)?;
+    }
     let request = GenerateRequest {
         version: GenerateRequest::VERSION,
         request_id: RequestId::random(),
@@ -158,6 +162,7 @@ async fn answer(
         sampler: chat.sampler,
         max_tokens: chat.max_tokens,
         stop: chat.stop.clone(),
+        constraint: chat.constraint.clone(),
         trace: proofmesh_shared::telemetry::current_context(),
         stream_leaves: chat.logprobs.is_some(),
     };
@@ -213,6 +218,32 @@ fn check_logprobs(
         ));
     }
     Ok(())
+}
+
+/// Whether this gateway can check the request's constraint: it compiles it over the model's
+/// vocabulary, its own, as it will walk every answer's tokens through it.
+fn check_constraint(
+    state: &AppState,
+    chat: &ValidatedChat,
+    candidate: &Candidate,
+    constraint: &Constraint,
+) -> Result<(), ApiError> {
+    match state.auditor.guide(&candidate.card.digest, constraint) {
+        Ok(_) => Ok(()),
+        Err(ConstraintError::Invalid(message)) => Err(ApiError::invalid(
+            "response_format",
+            format!("This response_format cannot be used: {message}"),
+        )),
+        Err(other) => Err(ApiError::invalid(
+            "response_format",
+            format!(
+                "response_format is not available for '{}' on this gateway: {message} (its \
+                 operator adds the model file with --vocabularies)",
+                chat.model,
+                message = other
+            ),
+        )),
+    }
 }
 
 /// The `logprobs` object of a whole answer, read off its streamed (and audited) leaves.
@@ -355,6 +386,7 @@ fn answer_of<'a>(
         tokens: &done.tokens,
         commitment: &done.commitment,
         text_matches: done.text_matches,
+        constraint_holds: done.constraint_holds,
         leaves: done.leaves.as_deref(),
     }
 }
@@ -630,6 +662,12 @@ fn events(
                         return;
                     }
                     tokens.push(token);
+                    // Only tokens the request's constraint allows go out.
+                    if !generation.allows(token) {
+                        state.auditor.observed(&generation.candidate.peer, AuditFailure::ConstraintViolated);
+                        yield Ok(json_event(&ApiError::verification_failed("failed:constraint_violated").body()));
+                        return;
+                    }
                     // Only text the gateway checked against the tokens goes out; the moment it
                     // differs, the stream ends with an error.
                     let Ok(text) = generation.text_of(token, text) else {
@@ -657,7 +695,7 @@ fn events(
                         yield Ok(json_event(&chunk(Delta { content: Some(text), ..Delta::default() }, None)));
                     }
                     let referee = generation.referee.take();
-                    let answer = Answer { provider: &generation.candidate, request: &request, tokens: &tokens, commitment: &commitment, text_matches: true, leaves: generation.leaves() };
+                    let answer = Answer { provider: &generation.candidate, request: &request, tokens: &tokens, commitment: &commitment, text_matches: true, constraint_holds: true, leaves: generation.leaves() };
                     let outcome = state.auditor.judge(&answer, chat.mode, referee).await;
                     let mut info = proofmesh_info(&chat, &generation, &commitment, &outcome);
                     if !state.auditor.deliverable(&outcome.verdict()) {

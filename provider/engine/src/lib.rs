@@ -55,6 +55,8 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use proofmesh_shared::commit::StepLeaf;
+pub use proofmesh_shared::constraint::Guide;
+use proofmesh_shared::constraint::{Constraint, ConstraintError, TokenSpace};
 use proofmesh_shared::protocol::{ChatMessage, FinishReason, RequestId};
 use proofmesh_shared::sampling::SamplerParams;
 use proofmesh_shared::verify::RefereeStep;
@@ -250,6 +252,9 @@ pub struct Job {
     pub max_tokens: u32,
     /// Where steps go; dropping the receiver cancels the job.
     pub events: mpsc::UnboundedSender<StepEvent>,
+    /// The request's constraint, when it has one: each step's candidates are taken among the
+    /// tokens it allows ([`Engine::guide`]).
+    pub guide: Option<Guide>,
 }
 
 /// What the engine reports for a job.
@@ -278,7 +283,7 @@ pub enum StepEvent {
 /// that either wakes it.
 #[derive(Debug)]
 pub(crate) enum Message {
-    Generate(Job),
+    Generate(Box<Job>),
     Reexecute(reexecute::Command),
     /// The last [`Engine`] handle is gone: end every job and return.
     Stop,
@@ -420,6 +425,8 @@ pub struct Engine {
     info: ModelInfo,
     load: Arc<EngineLoad>,
     next_reexecution: Arc<std::sync::atomic::AtomicU64>,
+    /// The grammar engine's view of the vocabulary, built on the first constrained request.
+    space: Arc<OnceLock<Result<Arc<TokenSpace>, ConstraintError>>>,
     _thread: Arc<EngineThread>,
 }
 
@@ -646,6 +653,7 @@ impl Engine {
                 info,
                 load,
                 next_reexecution: Arc::default(),
+                space: Arc::default(),
             }),
             Ok(Err(message)) => Err(EngineError::Context { message }),
             Err(_) => Err(EngineError::Stopped),
@@ -710,10 +718,24 @@ impl Engine {
             self.load.waiting.fetch_sub(1, Ordering::Relaxed);
             return Err(EngineError::Overloaded);
         }
-        self.messages.send(Message::Generate(job)).map_err(|_| {
-            self.load.waiting.fetch_sub(1, Ordering::Relaxed);
-            EngineError::Stopped
-        })
+        self.messages
+            .send(Message::Generate(Box::new(job)))
+            .map_err(|_| {
+                self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+                EngineError::Stopped
+            })
+    }
+
+    /// A fresh walk through `constraint` over this model's vocabulary, or why it cannot be
+    /// used (the message names unsupported schema features). The vocabulary's token trie is
+    /// built on the first call.
+    pub fn guide(&self, constraint: &Constraint) -> Result<Guide, ConstraintError> {
+        let space = self.space.get_or_init(|| {
+            let pieces = (0..self.info.n_vocab).map(|t| self.piece(t)).collect();
+            let eog: Vec<u32> = (0..self.info.n_vocab).filter(|&t| self.is_eog(t)).collect();
+            TokenSpace::new(pieces, &eog).map(Arc::new)
+        });
+        space.as_ref().map_err(Clone::clone)?.guide(constraint)
     }
 
     /// Starts re-executing an answer to `prompt` teacher-forced on a referee context of its
@@ -723,6 +745,19 @@ impl Engine {
         prompt: Vec<u32>,
         sampler: SamplerParams,
         max_tokens: u32,
+    ) -> Result<Reexecution, EngineError> {
+        self.reexecute_guided(prompt, sampler, max_tokens, None)
+    }
+
+    /// [`Engine::reexecute`] of an answer to a constrained request: at each claimed step the
+    /// referee's candidates and margin are taken among the tokens `guide` allows, as the
+    /// provider's were.
+    pub fn reexecute_guided(
+        &self,
+        prompt: Vec<u32>,
+        sampler: SamplerParams,
+        max_tokens: u32,
+        guide: Option<Guide>,
     ) -> Result<Reexecution, EngineError> {
         if prompt.is_empty() {
             return Err(EngineError::Prompt {
@@ -751,6 +786,7 @@ impl Engine {
                 prompt,
                 sampler,
                 max_tokens,
+                guide: guide.map(Box::new),
             }))
             .map_err(|_| EngineError::Stopped)?;
         Ok(reexecution)

@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
+use proofmesh_shared::constraint::Guide;
 use proofmesh_shared::sampling::{self, SamplerParams};
 use proofmesh_shared::verify::RefereeStep;
 use tokio::sync::oneshot;
@@ -37,6 +38,7 @@ pub(crate) enum Command {
         prompt: Vec<u32>,
         sampler: SamplerParams,
         max_tokens: u32,
+        guide: Option<Box<Guide>>,
     },
     Tokens {
         id: u64,
@@ -58,6 +60,8 @@ struct Job {
     prompt: Vec<u32>,
     sampler: SamplerParams,
     max_tokens: u32,
+    /// The request's constraint, walked along the claimed tokens.
+    guide: Option<Box<Guide>>,
     claimed: Vec<u32>,
     /// Positions already decoded (prompt first, then claimed tokens).
     fed: usize,
@@ -144,7 +148,8 @@ impl<'m> Referees<'m> {
                 prompt,
                 sampler,
                 max_tokens,
-            } => self.begin(id, prompt, sampler, max_tokens),
+                guide,
+            } => self.begin(id, prompt, sampler, max_tokens, guide),
             Command::Tokens { id, tokens } => {
                 if let Some(job) = self.jobs.iter_mut().find(|j| j.id == id) {
                     if job.claimed.len() + tokens.len() > job.max_tokens as usize {
@@ -171,7 +176,14 @@ impl<'m> Referees<'m> {
         }
     }
 
-    fn begin(&mut self, id: u64, prompt: Vec<u32>, sampler: SamplerParams, max_tokens: u32) {
+    fn begin(
+        &mut self,
+        id: u64,
+        prompt: Vec<u32>,
+        sampler: SamplerParams,
+        max_tokens: u32,
+        guide: Option<Box<Guide>>,
+    ) {
         let Some(context) = self.free.pop() else {
             // The handle reserved a context and only the engine thread gives one back, so this
             // cannot happen; should it, the job is unknown to `Finish` rather than waiting.
@@ -196,6 +208,7 @@ impl<'m> Referees<'m> {
             prompt,
             sampler,
             max_tokens,
+            guide,
             claimed: Vec::new(),
             fed: 0,
             result: Reexecuted {
@@ -286,12 +299,26 @@ fn feed(
     }
     ctx.decode(batch)
         .map_err(|e| format!("llama_decode failed: {e}"))?;
+    let mut scratch = Vec::new();
     for (step, batch_index) in scored {
         let claimed = job.claimed[step];
         let logits = ctx.get_logits_ith(batch_index);
-        let top = sampling::top_candidates(logits);
+        // Constrained: the candidates among the allowed tokens, as the provider took them; a
+        // claimed token the constraint does not allow cannot be the sampler's choice.
+        let (top, allowed) = match job.guide.as_deref_mut() {
+            None => (sampling::top_candidates(logits), true),
+            Some(guide) => {
+                let top = guide.candidates(logits, &mut scratch);
+                let allowed = top.is_some() && guide.advance(claimed);
+                (
+                    top.unwrap_or_else(|| sampling::top_candidates(logits)),
+                    allowed,
+                )
+            }
+        };
         let logsumexp = sampling::logsumexp(logits);
         let (claimed_logit, margin) = match logits.get(claimed as usize) {
+            Some(&logit) if claimed < n_vocab && !allowed => (logit, f32::INFINITY),
             Some(&logit) if claimed < n_vocab => {
                 let draw = sampling::draw(job.sampler.seed, step as u32);
                 (

@@ -159,10 +159,16 @@ impl Referee {
                 request.max_tokens
             )));
         }
+        let guide = request
+            .constraint
+            .as_ref()
+            .map(|c| self.engine.guide(c))
+            .transpose()
+            .map_err(|e| RefereeError::Invalid(format!("constraint: {e}")))?;
         self.admit(asker)?;
         let reexecution = self
             .engine
-            .reexecute(prompt.clone(), request.sampler, request.max_tokens)
+            .reexecute_guided(prompt.clone(), request.sampler, request.max_tokens, guide)
             .inspect_err(|_| self.refund(asker))?;
         Ok(RefereeJob {
             referee: self.clone(),

@@ -136,7 +136,7 @@ pub(super) fn run(
                 queue.try_recv()
             };
             match message {
-                Ok(Message::Generate(job)) => waiting.push_back(job),
+                Ok(Message::Generate(job)) => waiting.push_back(*job),
                 Ok(Message::Reexecute(command)) => referees.on_command(command),
                 Ok(Message::Stop) => return,
                 Err(TryRecvError::Empty) => break,
@@ -354,7 +354,13 @@ fn step(
     batch_index: i32,
 ) -> Option<FinishReason> {
     let logits = ctx.get_logits_ith(batch_index);
-    let top = sampling::top_candidates(logits);
+    let top = match &mut slot.job.guide {
+        None => sampling::top_candidates(logits),
+        // The candidates among the tokens the constraint allows (the leaf commits those).
+        Some(guide) => guide
+            .candidates(logits, &mut Vec::new())
+            .unwrap_or_default(),
+    };
     let draw = sampling::draw(slot.job.sampler.seed, slot.steps);
     let Some(token) = sampling::sample(&top, &slot.job.sampler, draw) else {
         let _ = slot.job.events.send(StepEvent::Failed {
@@ -369,6 +375,9 @@ fn step(
         logsumexp: sampling::logsumexp(logits),
         top,
     };
+    if let Some(guide) = &mut slot.job.guide {
+        guide.advance(token);
+    }
     let llama_token = LlamaToken(token as i32);
     let eog = model.vocab().is_eog(llama_token);
     let piece = if eog {

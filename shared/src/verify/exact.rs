@@ -257,6 +257,7 @@ mod tests {
             stop: vec![],
             trace: None,
             stream_leaves: false,
+            constraint: None,
         };
         let mut leaves = Vec::new();
         for step in 0..steps {
