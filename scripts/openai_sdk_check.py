@@ -4,9 +4,19 @@
 Usage: openai_sdk_check.py BASE_URL MODEL   (BASE_URL like http://127.0.0.1:8080/v1)
 Exits non-zero with a message on the first thing that does not work.
 """
+import json
+import math
 import sys
 
 import openai
+import pydantic
+
+
+class Person(pydantic.BaseModel):
+    """What the structured-output check asks for: the SDK turns it into a strict json_schema."""
+
+    name: str = pydantic.Field(max_length=20)
+    age: int = pydantic.Field(ge=0, le=120)
 
 
 def main() -> int:
@@ -56,13 +66,67 @@ def main() -> int:
     assert finish in ("stop", "length"), finish
     assert proofmesh and proofmesh["verdict"] == "passed", proofmesh
 
+    # Structured output: the SDK's parse() sends a strict json_schema made from the Pydantic
+    # model and parses the answer back into it; the gateway constrained and checked every token.
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    parsed = parse(
+        model=model,
+        messages=[{"role": "user", "content": "Invent a person: give a name and an age."}],
+        response_format=Person,
+        max_tokens=64,
+        temperature=0,
+        extra_body={"verification_mode": "merkle"},
+    )
+    person = parsed.choices[0].message.parsed
+    assert isinstance(person, Person), parsed
+    assert parsed.proofmesh["verdict"] == "passed", parsed.proofmesh
+    json_object = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Describe a cat as a JSON object."}],
+        response_format={"type": "json_object"},
+        max_tokens=64,
+        temperature=0,
+    )
+    if json_object.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(json_object.choices[0].message.content), dict), json_object
+
+    # Log-probabilities, read off the committed leaves.
+    with_logprobs = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+    )
+    content = with_logprobs.choices[0].logprobs.content
+    assert content, with_logprobs
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 5, entry
+        assert entry.top_logprobs[0].logprob == entry.logprob, entry  # greedy
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token, entry
+    assert "".join(e.token for e in content) == with_logprobs.choices[0].message.content
+    probability = math.exp(sum(e.logprob for e in content))
+
     try:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
         raise AssertionError("unknown model accepted")
     except openai.NotFoundError as e:
         assert e.code == "model_not_found", e
 
-    print(f"openai {openai.__version__}: models.list, plain, raw headers, stream and errors OK; answer: {text!r}")
+    try:
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=21
+        )
+        raise AssertionError("top_logprobs 21 accepted")
+    except openai.BadRequestError as e:
+        assert e.param == "top_logprobs", e
+
+    print(
+        f"openai {openai.__version__}: models.list, plain, raw headers, stream, parse() into "
+        f"{person!r}, json_object, logprobs (answer probability {probability:.3g}) and errors OK; "
+        f"answer: {text!r}"
+    )
     return 0
 
 

@@ -87,6 +87,32 @@ async function main(argv) {
   check(FINISH.has(finish), 'stream finish_reason', finish);
   check(proofmesh?.verdict === 'passed', 'stream proofmesh.verdict', proofmesh);
 
+  // Structured output: a strict json_schema, constrained and checked by the gateway.
+  const schema = {
+    type: 'object',
+    properties: {
+      city: { type: 'string', maxLength: 24 },
+      celsius: { type: 'integer', minimum: -50, maximum: 60 },
+    },
+    required: ['city', 'celsius'],
+    additionalProperties: false,
+  };
+  const structured = await client.chat.completions.create({
+    model,
+    messages: [{ role: 'user', content: 'What is the weather like in Paris today?' }],
+    response_format: { type: 'json_schema', json_schema: { name: 'weather', schema, strict: true } },
+    max_tokens: 64,
+    temperature: 0,
+    verification_mode: 'merkle',
+  });
+  const weather = JSON.parse(structured.choices[0].message.content);
+  check(
+    typeof weather.city === 'string' && Number.isInteger(weather.celsius),
+    'structured answer does not match its schema',
+    weather,
+  );
+  check(structured.proofmesh?.verdict === 'passed', 'structured proofmesh.verdict', structured.proofmesh);
+
   try {
     await client.chat.completions.create({
       model: 'no-such-model',
@@ -100,7 +126,7 @@ async function main(argv) {
   }
 
   console.log(
-    `openai-node ${VERSION}: models.list, plain, raw headers, stream and errors OK; answer: ${JSON.stringify(text)}`,
+    `openai-node ${VERSION}: models.list, plain, raw headers, stream, json_schema (${JSON.stringify(weather)}) and errors OK; answer: ${JSON.stringify(text)}`,
   );
   return 0;
 }
