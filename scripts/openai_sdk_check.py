@@ -114,6 +114,13 @@ def main() -> int:
     except openai.NotFoundError as e:
         assert e.code == "model_not_found", e
 
+    # The legacy text completion API.
+    legacy = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=2
+    )
+    assert legacy.choices[0].text and legacy.proofmesh["verdict"] == "passed", legacy
+    assert "".join(legacy.choices[0].logprobs.tokens) == legacy.choices[0].text, legacy
+
     try:
         client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=21
@@ -124,7 +131,8 @@ def main() -> int:
 
     print(
         f"openai {openai.__version__}: models.list, plain, raw headers, stream, parse() into "
-        f"{person!r}, json_object, logprobs (answer probability {probability:.3g}) and errors OK; "
+        f"{person!r}, json_object, logprobs (answer probability {probability:.3g}), "
+        f"completions.create ({legacy.choices[0].text!r}) and errors OK; "
         f"answer: {text!r}"
     )
     return 0

@@ -63,6 +63,7 @@ fn answer() -> &'static Answer {
             trace: None,
             stream_leaves: false,
             constraint: None,
+            prompt: None,
         };
         let leaves: Vec<StepLeaf> = (0..STEPS)
             .map(|step| StepLeaf {

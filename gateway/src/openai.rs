@@ -4,10 +4,13 @@
 //! - [`request`]: `POST /v1/chat/completions` body, its validation and conversion into a
 //!   [`proofmesh_shared::protocol::GenerateRequest`].
 //! - [`response`]: the non-streaming response, the SSE chunks and `/v1/models`.
+//! - [`legacy`]: `POST /v1/completions` (text completion): its request, which runs through the
+//!   chat pipeline with a text prompt, and its response shape.
 //! - [`logprobs`]: OpenAI's `logprobs` object, read off the committed step leaves.
 //! - [`extract`]: the JSON extractor whose rejections are [`crate::error::ApiError`]s.
 
 pub mod extract;
+pub mod legacy;
 pub mod logprobs;
 pub mod request;
 pub mod response;

@@ -24,13 +24,16 @@ Point an OpenAI SDK's `base_url` at `http://<gateway>/v1`. proofmesh adds the op
         license(name = "MIT OR Apache-2.0"),
     ),
     tags(
-        (name = "chat", description = "OpenAI chat completions"),
+        (name = "chat", description = "OpenAI chat completions, and legacy text completions"),
         (name = "models", description = "Models the mesh serves"),
         (name = "audits", description = "Verdicts on answers released before their audit (`verification_mode: fraud`)"),
         (name = "providers", description = "The providers this gateway knows: models, stake, payments, reputation, latency and load"),
         (name = "operations", description = "Health, readiness and metrics"),
     ),
-    components(schemas(crate::openai::response::ChatCompletionChunk))
+    components(schemas(
+        crate::openai::response::ChatCompletionChunk,
+        crate::openai::legacy::TextCompletion
+    ))
 )]
 pub struct ApiDoc;
 
@@ -38,6 +41,7 @@ pub struct ApiDoc;
 pub fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(chat::completions))
+        .routes(routes!(chat::text_completions))
         .routes(routes!(models::list))
         .routes(routes!(audits::get))
         .routes(routes!(providers::list))

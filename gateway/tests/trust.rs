@@ -465,6 +465,7 @@ async fn idle_referee_jobs_of_strangers_hold_no_context() {
             trace: None,
             stream_leaves: false,
             constraint: None,
+            prompt: None,
         };
         let ticket = RefereeTicket {
             referee: referee.to_bytes(),

@@ -495,6 +495,7 @@ async fn exact_forgeries(
             trace: None,
             stream_leaves: false,
             constraint: None,
+            prompt: None,
         };
         let commit =
             |request: &GenerateRequest, leaves: &[StepLeaf], prompt: &[u32], finish, signer| {

@@ -325,6 +325,7 @@ mod tests {
             trace: None,
             stream_leaves: false,
             constraint: None,
+            prompt: None,
         }
     }
 

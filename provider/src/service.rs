@@ -315,7 +315,7 @@ impl Service {
             )
         };
         // Refused before tokenizing when even its fewest possible tokens cannot fit.
-        let fewest = self.engine.fewest_tokens(&request.messages);
+        let fewest = self.engine.fewest_tokens_of(request.prompt());
         if fewest + request.max_tokens as usize > window {
             return Err(too_long(format!("at least {fewest}")));
         }
@@ -328,8 +328,8 @@ impl Service {
         }
         // Tokenizing is CPU work: off the async runtime's workers.
         let engine = self.engine.clone();
-        let messages = request.messages.clone();
-        let prompt = tokio::task::spawn_blocking(move || engine.tokenize_chat(&messages))
+        let asked = request.clone();
+        let prompt = tokio::task::spawn_blocking(move || engine.tokenize(asked.prompt()))
             .await
             .map_err(|e| Refusal::new(RemoteErrorKind::Internal, e.to_string()))?
             .map_err(|e| Refusal::new(RemoteErrorKind::InvalidRequest, e.to_string()))?;
@@ -339,7 +339,6 @@ impl Service {
         Ok(prompt)
     }
 
-    /// Queues the generation on the engine; its steps arrive on the returned channel.
     /// The request's constraint compiled over this model's vocabulary (off the async workers:
     /// a large schema takes milliseconds, the first one builds the token trie).
     async fn guide(&self, request: &GenerateRequest) -> Result<Option<Guide>, Refusal> {
@@ -356,7 +355,8 @@ impl Service {
             .map_err(|e| Refusal::new(RemoteErrorKind::InvalidRequest, format!("constraint: {e}")))
     }
 
-    /// Queues `prompt` on the engine, decoding under `guide` when the request is constrained.
+    /// Queues the generation on the engine, decoding under `guide` when the request is
+    /// constrained; its steps arrive on the returned channel.
     pub(crate) fn submit(
         &self,
         request: &GenerateRequest,

@@ -399,7 +399,7 @@ impl Cheat {
             return Err("CopiedLogits needs the claimed model".into());
         };
         let prompt = engine
-            .tokenize_chat(&request.messages)
+            .tokenize(request.prompt())
             .map_err(|e| e.to_string())?;
         let run = engine
             .reexecute(prompt, request.sampler, request.max_tokens)

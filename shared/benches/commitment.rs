@@ -59,6 +59,7 @@ fn run(steps: u32) -> Run {
         trace: None,
         stream_leaves: false,
         constraint: None,
+        prompt: None,
     };
     let leaves: Vec<StepLeaf> = (0..steps)
         .map(|step| {

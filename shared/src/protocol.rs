@@ -186,8 +186,13 @@ pub struct GenerateRequest {
     pub request_id: RequestId,
     /// The model the gateway wants, by content.
     pub model_digest: ModelDigest,
-    /// The conversation; the provider applies the model's own chat template.
+    /// The conversation; the provider applies the model's own chat template. Empty for a
+    /// text prompt.
     pub messages: Vec<ChatMessage>,
+    /// A text prompt (`/v1/completions`), run as it is, without a chat template; `messages`
+    /// is then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
     /// Sampler settings.
     pub sampler: SamplerParams,
     /// Most tokens to generate.
@@ -222,6 +227,9 @@ impl GenerateRequest {
             request_id: &'a RequestId,
             model_digest: &'a ModelDigest,
             messages: &'a [ChatMessage],
+            // Absent when there is none, like `constraint`.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            prompt: Option<&'a str>,
             sampler: &'a SamplerParams,
             max_tokens: u32,
             stop: &'a [String],
@@ -235,6 +243,7 @@ impl GenerateRequest {
             request_id: &self.request_id,
             model_digest: &self.model_digest,
             messages: &self.messages,
+            prompt: self.prompt.as_deref(),
             sampler: &self.sampler,
             max_tokens: self.max_tokens,
             stop: &self.stop,
@@ -246,6 +255,25 @@ impl GenerateRequest {
             bytes.clear();
         }
         crate::sha256(&[b"proofmesh/request/v1", &bytes])
+    }
+}
+
+/// What a request's model runs on.
+#[derive(Debug, Clone, Copy)]
+pub enum Prompt<'a> {
+    /// A conversation, through the model's chat template.
+    Chat(&'a [ChatMessage]),
+    /// A text prompt, as it is.
+    Text(&'a str),
+}
+
+impl GenerateRequest {
+    /// The request's prompt.
+    pub fn prompt(&self) -> Prompt<'_> {
+        match &self.prompt {
+            Some(text) => Prompt::Text(text),
+            None => Prompt::Chat(&self.messages),
+        }
     }
 }
 
@@ -352,8 +380,14 @@ impl GenerateRequest {
                 format!("this node serves {serves}"),
             ));
         }
-        if self.messages.is_empty() || self.messages.len() > MAX_MESSAGES {
-            return invalid("between 1 and 256 messages are required");
+        match &self.prompt {
+            None if self.messages.is_empty() || self.messages.len() > MAX_MESSAGES => {
+                return invalid("between 1 and 256 messages are required");
+            }
+            Some(text) if !self.messages.is_empty() || text.is_empty() => {
+                return invalid("a text prompt is non-empty and comes without messages");
+            }
+            _ => {}
         }
         if self.max_tokens == 0 {
             return invalid("max_tokens must be at least 1");
@@ -887,6 +921,7 @@ mod tests {
             trace: None,
             stream_leaves: false,
             constraint: None,
+            prompt: None,
         }
     }
 

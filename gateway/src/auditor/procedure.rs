@@ -817,6 +817,7 @@ mod tests {
             trace: None,
             stream_leaves: false,
             constraint: None,
+            prompt: None,
         };
         let leaves: Vec<StepLeaf> = (0..steps)
             .map(|step| {

@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 
 use crate::auditor::{ModeError, VerificationMode};
 use crate::error::ApiError;
+use crate::openai::legacy::Surface;
 use crate::openai::logprobs::{LogprobsWanted, MAX_TOP_LOGPROBS};
 
 /// Completion length when the client names none. Small models ramble; clients that want more say
@@ -216,6 +217,10 @@ pub struct ValidatedChat {
     pub logprobs: Option<LogprobsWanted>,
     /// What decoding is constrained to, when anything.
     pub constraint: Option<Constraint>,
+    /// A text prompt run as it is (`/v1/completions`); `messages` is then empty.
+    pub prompt: Option<String>,
+    /// Which API the answer goes back through.
+    pub surface: Surface,
 }
 
 impl ChatCompletionRequest {
@@ -325,6 +330,8 @@ impl ChatCompletionRequest {
             mode,
             logprobs,
             constraint,
+            prompt: None,
+            surface: Surface::Chat,
         })
     }
 }

@@ -1,4 +1,6 @@
-//! `POST /v1/chat/completions`: validate, route, generate, audit, answer.
+//! `POST /v1/chat/completions`: validate, route, generate, audit, answer; and the legacy
+//! `POST /v1/completions`, whose text prompt runs through the same pipeline and whose answer
+//! is only shaped differently ([`crate::openai::legacy`]).
 //!
 //! One provider answers, audited as its mode says; `consensus` requests, answered by several,
 //! are in [`consensus`].
@@ -30,6 +32,7 @@ use crate::failover::{self, Attempts, Deadline, Failure};
 use crate::inference::{self, Completed, Generation};
 use crate::lifecycle::Lifecycle;
 use crate::openai::extract::OpenAiJson;
+use crate::openai::legacy::{CompletionRequest, Surface, TextCompletion};
 use crate::openai::logprobs::ChoiceLogprobs;
 use crate::openai::request::{ChatCompletionRequest, ValidatedChat};
 use crate::openai::response::{
@@ -95,12 +98,83 @@ pub async fn completions(
     headers: HeaderMap,
     OpenAiJson(body): OpenAiJson<ChatCompletionRequest>,
 ) -> Response {
+    respond(state, caller, &headers, Asked::Chat(body)).await
+}
+
+/// `POST /v1/completions`: a text prompt, continued without a chat template, committed and
+/// audited exactly like a chat completion.
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "chat",
+    request_body(content = CompletionRequest, content_type = "application/json"),
+    params(
+        ("x-proofmesh-provider" = Option<String>, Header,
+            description = "Pin the request to one provider, by libp2p peer id"),
+    ),
+    responses(
+        (status = 200,
+            description = "The completion (`text_completion`), with the same `proofmesh` object \
+and `x-proofmesh-*` headers as a chat completion. With `stream: true`, server-sent events of \
+`text_completion` chunks, then `data: [DONE]`.",
+            content(
+                (TextCompletion = "application/json"),
+                (String = "text/event-stream"),
+            )),
+        (status = 400, description = "Invalid request (`param` names the field)", body = ErrorBody),
+        (status = 401, description = "`invalid_api_key`", body = ErrorBody),
+        (status = 404, description = "`model_not_found`", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`", body = ErrorBody,
+            headers(("retry-after" = String, description = "Seconds to wait before retrying"))),
+        (status = 502, description = "The provider failed, or `verification_failed`", body = ErrorBody),
+        (status = 503, description = "`no_provider_available`, `verification_unavailable` or `shutting_down`", body = ErrorBody),
+        (status = 504, description = "`provider_timeout` or `request_timeout`", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(
+    name = "completions",
+    skip_all,
+    fields(request_id = tracing::field::Empty, model = tracing::field::Empty, verification_mode = tracing::field::Empty)
+)]
+pub async fn text_completions(
+    State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+    OpenAiJson(body): OpenAiJson<CompletionRequest>,
+) -> Response {
+    respond(state, caller, &headers, Asked::Text(body)).await
+}
+
+/// A request as it came, through either API.
+#[derive(Debug)]
+enum Asked {
+    Chat(ChatCompletionRequest),
+    Text(CompletionRequest),
+}
+
+impl Asked {
+    fn validate(self, default_mode: VerificationMode) -> Result<ValidatedChat, ApiError> {
+        match self {
+            Self::Chat(body) => body.validate(default_mode),
+            Self::Text(body) => body.validate(default_mode),
+        }
+    }
+}
+
+/// Answers either API's request, and leaves its mode on the response.
+async fn respond(
+    state: AppState,
+    caller: Option<Extension<Caller>>,
+    headers: &HeaderMap,
+    asked: Asked,
+) -> Response {
     let arrival = Arrival {
         at: Instant::now(),
         caller: caller.map(|Extension(caller)| caller),
     };
     let mut mode = None;
-    let mut response = answer(state, &headers, body, arrival, &mut mode)
+    let mut response = answer(state, headers, asked, arrival, &mut mode)
         .await
         .unwrap_or_else(IntoResponse::into_response);
     if let Some(mode) = mode {
@@ -116,7 +190,7 @@ pub struct ModeLabel(pub &'static str);
 async fn answer(
     state: AppState,
     headers: &HeaderMap,
-    body: ChatCompletionRequest,
+    asked: Asked,
     arrival: Arrival,
     mode: &mut Option<VerificationMode>,
 ) -> Result<Response, ApiError> {
@@ -131,7 +205,7 @@ async fn answer(
             1 + rand::random::<u64>() % 3,
         ));
     };
-    let chat = body.validate(state.default_mode)?;
+    let chat = asked.validate(state.default_mode)?;
     *mode = Some(chat.mode);
     let mut candidates = resolve(&state, &chat.model)?;
     if let Some(pinned) = headers.get(PIN_HEADER) {
@@ -163,6 +237,7 @@ async fn answer(
         max_tokens: chat.max_tokens,
         stop: chat.stop.clone(),
         constraint: chat.constraint.clone(),
+        prompt: chat.prompt.clone(),
         trace: proofmesh_shared::telemetry::current_context(),
         stream_leaves: chat.logprobs.is_some(),
     };
@@ -337,8 +412,7 @@ async fn plain_response(
         }
         attempts.succeeded(&generation.candidate);
         let logprobs = logprobs_of(state, chat, request, done.leaves.as_deref());
-        let body = completion(chat, request, &done, &info, logprobs);
-        let mut response = axum::Json(body).into_response();
+        let mut response = body(chat, completion(chat, request, &done, &info, logprobs));
         set_headers(response.headers_mut(), &info, true);
         return Ok(response);
     }
@@ -446,12 +520,15 @@ fn price(state: &AppState, chat: &ValidatedChat, signed: &SignedCommitment, toke
 fn prompt_token_bound(chat: &ValidatedChat) -> u64 {
     const PER_MESSAGE: u64 = 16;
     const TEMPLATE: u64 = 256;
-    chat.messages.iter().fold(TEMPLATE, |bound, m| {
-        bound
-            .saturating_add(m.content.len() as u64)
-            .saturating_add(m.role.len() as u64)
-            .saturating_add(PER_MESSAGE)
-    })
+    let text = chat.prompt.as_ref().map_or(0, |p| p.len() as u64);
+    chat.messages
+        .iter()
+        .fold(TEMPLATE.saturating_add(text), |bound, m| {
+            bound
+                .saturating_add(m.content.len() as u64)
+                .saturating_add(m.role.len() as u64)
+                .saturating_add(PER_MESSAGE)
+        })
 }
 
 /// Who pays for a request: its API key's id, when keys are on.
@@ -635,15 +712,15 @@ fn events(
     admitted: OwnedSemaphorePermit,
     audit_id: Option<AuditId>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    let chunks = Chunks::new(&chat, &request);
-    let chunks_opening = chunks.opening();
-    let chunk = move |delta, finish_reason| chunks.chunk(delta, finish_reason);
+    let mut chunks = Chunks::new(&chat, &request);
     let vocabulary = state.auditor.vocabulary(&request.model_digest);
     let wanted = chat.logprobs.zip(vocabulary);
     async_stream::stream! {
         // The request counts against the gateway's limit until its stream ends.
         let _admitted = admitted;
-        yield Ok(chunks_opening);
+        if let Some(opening) = chunks.opening() {
+            yield Ok(opening);
+        }
         let mut tokens: Vec<u32> = Vec::new();
         loop {
             let frame = match generation.next().await {
@@ -679,9 +756,7 @@ fn events(
                         content: generation.last_leaf().and_then(|leaf| wanted.entry(leaf, vocabulary)).into_iter().collect(),
                     });
                     if !text.is_empty() || logprobs.as_ref().is_some_and(|l| !l.content.is_empty()) {
-                        let mut event = chunk(Delta { content: Some(text), ..Delta::default() }, None);
-                        event.choices[0].logprobs = logprobs;
-                        yield Ok(json_event(&event));
+                        yield Ok(chunks.content(text, logprobs));
                     }
                 }
                 GenerateFrame::Done { text, commitment, .. } => {
@@ -692,7 +767,7 @@ fn events(
                         return;
                     };
                     if !text.is_empty() {
-                        yield Ok(json_event(&chunk(Delta { content: Some(text), ..Delta::default() }, None)));
+                        yield Ok(chunks.content(text, None));
                     }
                     let referee = generation.referee.take();
                     let answer = Answer { provider: &generation.candidate, request: &request, tokens: &tokens, commitment: &commitment, text_matches: true, constraint_holds: true, leaves: generation.leaves() };
@@ -714,7 +789,7 @@ fn events(
                     }
                     state.registry.succeeded(&generation.candidate.peer);
                     // What the provider signed (and the audit checked), not its unsigned claims.
-                    let closing = Chunks::new(&chat, &request).closing(&commitment.commitment, tokens.len(), &info, chat.include_usage);
+                    let closing = chunks.closing(&commitment.commitment, tokens.len(), &info, chat.include_usage);
                     for event in closing {
                         yield Ok(event);
                     }
@@ -737,12 +812,15 @@ fn events(
     }
 }
 
-/// The chunks of one streamed answer.
+/// The chunks of one streamed answer, in the shape of the API it was asked through.
 #[derive(Debug, Clone)]
 struct Chunks {
     id: String,
     created: u64,
     model: String,
+    surface: Surface,
+    /// Characters of text sent so far (a text completion's `text_offset`).
+    sent: usize,
 }
 
 impl Chunks {
@@ -751,6 +829,8 @@ impl Chunks {
             id: completion_id(&request.request_id),
             created: unix_now(),
             model: chat.model.clone(),
+            surface: chat.surface.clone(),
+            sent: 0,
         }
     }
 
@@ -772,21 +852,58 @@ impl Chunks {
         }
     }
 
-    /// The first chunk: the role.
-    fn opening(&self) -> Event {
-        json_event(&self.chunk(
+    /// `chunk` as an event of this stream's API.
+    fn event(&mut self, chunk: ChatCompletionChunk) -> Event {
+        match &self.surface {
+            Surface::Chat => json_event(&chunk),
+            Surface::Text { .. } => {
+                let chars = chunk
+                    .choices
+                    .first()
+                    .and_then(|c| c.delta.content.as_deref())
+                    .map_or(0, |t| t.chars().count());
+                let event = json_event(&TextCompletion::from_chunk(chunk, self.sent));
+                self.sent += chars;
+                event
+            }
+        }
+    }
+
+    /// The event carrying new `text`, and its tokens' log-probabilities when asked for.
+    fn content(&mut self, text: String, logprobs: Option<ChoiceLogprobs>) -> Event {
+        let mut chunk = self.chunk(
             Delta {
-                role: Some("assistant"),
-                content: Some(String::new()),
+                content: Some(text),
+                ..Delta::default()
             },
             None,
-        ))
+        );
+        chunk.choices[0].logprobs = logprobs;
+        self.event(chunk)
+    }
+
+    /// The first event: the role (chat), or the echoed prompt (text, with `echo`).
+    fn opening(&mut self) -> Option<Event> {
+        match &self.surface {
+            Surface::Chat => Some(json_event(&self.chunk(
+                Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                },
+                None,
+            ))),
+            Surface::Text { echo: None } => None,
+            Surface::Text { echo: Some(prompt) } => {
+                let prompt = prompt.clone();
+                Some(self.content(prompt, None))
+            }
+        }
     }
 
     /// The last events: the finish chunk carrying `proofmesh` (what the provider signed, and
     /// the audit checked, not its unsigned claims), the usage chunk when asked for, `[DONE]`.
     fn closing(
-        &self,
+        &mut self,
         signed: &Commitment,
         completion_tokens: usize,
         info: &ProofmeshInfo,
@@ -794,16 +911,26 @@ impl Chunks {
     ) -> Vec<Event> {
         let mut last = self.chunk(Delta::default(), Some(signed.finish_reason.as_openai()));
         last.proofmesh = Some(info.clone());
-        let mut events = vec![json_event(&last)];
+        let mut events = vec![self.event(last)];
         if include_usage {
             let mut usage = self.chunk(Delta::default(), None);
             usage.choices.clear();
             usage.usage = Some(Usage::new(signed.prompt_tokens, completion_tokens as u32));
             usage.proofmesh = Some(info.clone());
-            events.push(json_event(&usage));
+            events.push(self.event(usage));
         }
         events.push(Event::default().data("[DONE]"));
         events
+    }
+}
+
+/// A finished answer's JSON body, in the shape of the API it was asked through.
+fn body(chat: &ValidatedChat, completion: ChatCompletion) -> Response {
+    match &chat.surface {
+        Surface::Chat => axum::Json(completion).into_response(),
+        Surface::Text { echo } => {
+            axum::Json(TextCompletion::from_chat(completion, echo.as_deref())).into_response()
+        }
     }
 }
 

@@ -57,7 +57,7 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use proofmesh_shared::commit::StepLeaf;
 pub use proofmesh_shared::constraint::Guide;
 use proofmesh_shared::constraint::{Constraint, ConstraintError, TokenSpace};
-use proofmesh_shared::protocol::{ChatMessage, FinishReason, RequestId};
+use proofmesh_shared::protocol::{ChatMessage, FinishReason, Prompt, RequestId};
 use proofmesh_shared::sampling::SamplerParams;
 use proofmesh_shared::verify::RefereeStep;
 use tokio::sync::{mpsc, oneshot};
@@ -674,6 +674,32 @@ impl Engine {
             .map(|m| m.content.len() + m.role.len())
             .sum();
         bytes / (2 * self.info.longest_token_bytes.max(1) as usize)
+    }
+
+    /// [`Engine::fewest_tokens`] of either kind of prompt.
+    pub fn fewest_tokens_of(&self, prompt: Prompt<'_>) -> usize {
+        match prompt {
+            Prompt::Chat(messages) => self.fewest_tokens(messages),
+            Prompt::Text(text) => text.len() / (2 * self.info.longest_token_bytes.max(1) as usize),
+        }
+    }
+
+    /// The tokens a request's prompt runs as: a chat through the model's template
+    /// ([`Engine::tokenize_chat`]), a text prompt as it is (special tokens in it are parsed,
+    /// and the model's start token added if it wants one, as llama.cpp's server does).
+    pub fn tokenize(&self, prompt: Prompt<'_>) -> Result<Vec<u32>, EngineError> {
+        match prompt {
+            Prompt::Chat(messages) => self.tokenize_chat(messages),
+            Prompt::Text(text) => {
+                let tokens = self.model.vocab().tokenize(text.as_bytes(), true, true);
+                if tokens.is_empty() {
+                    return Err(EngineError::Prompt {
+                        message: "the prompt is empty".into(),
+                    });
+                }
+                Ok(tokens.into_iter().map(|t| t.0 as u32).collect())
+            }
+        }
     }
 
     /// Applies the model's own chat template (ChatML when it has none) and tokenizes the result.

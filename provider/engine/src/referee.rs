@@ -141,7 +141,7 @@ impl Referee {
             .validate(&self.digest)
             .map_err(|refusal| RefereeError::Invalid(refusal.message))?;
         let window = self.engine.info().context_size as usize;
-        let fewest = self.engine.fewest_tokens(&request.messages);
+        let fewest = self.engine.fewest_tokens_of(request.prompt());
         if fewest + request.max_tokens as usize > window {
             return Err(RefereeError::Invalid(format!(
                 "prompt of at least {fewest} tokens plus max_tokens {} exceeds this referee's context of {window}",
@@ -150,7 +150,7 @@ impl Referee {
         }
         let prompt = self
             .engine
-            .tokenize_chat(&request.messages)
+            .tokenize(request.prompt())
             .map_err(|e| RefereeError::Invalid(e.to_string()))?;
         if prompt.len() + request.max_tokens as usize > window {
             return Err(RefereeError::Invalid(format!(

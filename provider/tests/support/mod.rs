@@ -162,6 +162,7 @@ pub fn greedy_request(digest: ModelDigest, max_tokens: u32) -> GenerateRequest {
         trace: None,
         stream_leaves: false,
         constraint: None,
+        prompt: None,
     }
 }
 

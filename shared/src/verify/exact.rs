@@ -258,6 +258,7 @@ mod tests {
             trace: None,
             stream_leaves: false,
             constraint: None,
+            prompt: None,
         };
         let mut leaves = Vec::new();
         for step in 0..steps {

@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use proofmesh_shared::protocol::GenerateRequest;
 
 use super::{
-    Arrival, Chunks, answer_of, caller_id, completion, json_event, price, proofmesh_info,
-    record_usage, set_headers, withheld,
+    Arrival, Chunks, answer_of, body, caller_id, completion, price, proofmesh_info, record_usage,
+    set_headers, withheld,
 };
 use crate::auditor::consensus::Reconciliation;
 use crate::auditor::{Answer, VerificationMode};
@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::failover::{Attempts, Failure};
 use crate::inference::{self, Completed, Generation};
 use crate::openai::request::ValidatedChat;
-use crate::openai::response::{ConsensusInfo, ConsensusMember, Delta, ProofmeshInfo};
+use crate::openai::response::{ConsensusInfo, ConsensusMember, ProofmeshInfo};
 use crate::state::AppState;
 
 /// Answers a `consensus` request: gathers the answers, has them judged, pays each provider whose
@@ -81,7 +81,7 @@ pub(super) async fn respond(
     let mut response = if chat.stream {
         stream(chat, request, done, &info)
     } else {
-        axum::Json(completion(chat, request, done, &info, None)).into_response()
+        body(chat, completion(chat, request, done, &info, None))
     };
     set_headers(response.headers_mut(), &info, true);
     Ok(response)
@@ -172,15 +172,9 @@ fn stream(
     done: &Completed,
     info: &ProofmeshInfo,
 ) -> Response {
-    let chunks = Chunks::new(chat, request);
-    let text = chunks.chunk(
-        Delta {
-            content: Some(done.text.clone()),
-            ..Delta::default()
-        },
-        None,
-    );
-    let mut events = vec![chunks.opening(), json_event(&text)];
+    let mut chunks = Chunks::new(chat, request);
+    let mut events: Vec<Event> = chunks.opening().into_iter().collect();
+    events.push(chunks.content(done.text.clone(), None));
     events.extend(chunks.closing(
         &done.commitment.commitment,
         done.tokens.len(),
