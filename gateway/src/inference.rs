@@ -19,6 +19,7 @@ use proofmesh_shared::protocol::{
     FRAME_GAP_TIMEOUT, FinishReason, GENERATE_PROTOCOL, GenerateFrame, GenerateRequest,
     MAX_STREAM_FRAME, RemoteErrorKind, TOKEN_GAP_TIMEOUT, read_frame, write_frame,
 };
+use proofmesh_shared::sampling::CANDIDATES;
 use proofmesh_shared::verify::AuditFailure;
 
 use crate::access::Caller;
@@ -54,8 +55,10 @@ pub struct Generation {
     /// The leaves the provider streamed, when the request asked for them.
     leaves: Option<Vec<StepLeaf>>,
     /// The request's constraint, walked along the tokens as they arrive (the gateway's own,
-    /// over its vocabulary); `Err` when a constrained request could not get one.
-    guide: Result<Option<Guide>, ()>,
+    /// over its vocabulary).
+    guide: Option<Guide>,
+    /// Whether the request's stop sequences may cut the answer short.
+    has_stops: bool,
     /// Tokens the request allows.
     max_tokens: u32,
     /// Tokens and text bytes received so far.
@@ -184,12 +187,29 @@ impl Generation {
     /// Takes a token frame's leaf into [`Generation::leaves`] when the request asked for leaves
     /// (a token without one is a provider failing the request); drops it otherwise.
     fn keep_leaf(&mut self, frame: &mut GenerateFrame) -> Result<(), ApiError> {
-        let GenerateFrame::Token { leaf, .. } = frame else {
+        let GenerateFrame::Token {
+            leaf, step, token, ..
+        } = frame
+        else {
             return Ok(());
         };
         let leaf = leaf.take();
         match (&mut self.leaves, leaf) {
-            (Some(leaves), Some(leaf)) => leaves.push(*leaf),
+            // Before any value of it reaches a client: the leaf is this step's and token's,
+            // its candidates are within bounds and hold the token (the rest of the per-leaf
+            // checks, and the Merkle root, come at the end).
+            (Some(leaves), Some(leaf)) => {
+                let fits = leaf.step == *step
+                    && leaf.token == *token
+                    && leaf.top.len() <= CANDIDATES
+                    && leaf.logprob(leaf.token).is_some();
+                if !fits {
+                    self.auditor
+                        .observed(&self.candidate.peer, AuditFailure::LeavesMismatch);
+                    return Err(ApiError::verification_failed("failed:leaves_mismatch"));
+                }
+                leaves.push(*leaf);
+            }
             (Some(_), None) => {
                 return Err(ApiError::provider_failed(
                     "The provider did not send the step leaves the request asked for",
@@ -204,11 +224,15 @@ impl Generation {
     /// Call once per token, in order: a token it does not allow ends the walk, and every later
     /// one is refused too.
     pub fn allows(&mut self, token: u32) -> bool {
-        match &mut self.guide {
-            Ok(None) => true,
-            Ok(Some(guide)) => guide.advance(token),
-            Err(()) => false,
-        }
+        self.guide.as_mut().is_none_or(|guide| guide.advance(token))
+    }
+
+    /// Whether an answer that ended for `reason` is complete under the request's constraint:
+    /// a `stop` without a stop sequence that could have cut it must end where the constraint
+    /// is complete (a provider cannot stop a JSON answer halfway and call it done).
+    pub fn ends_well(&mut self, reason: FinishReason) -> bool {
+        let cut = reason == FinishReason::Length || self.has_stops;
+        cut || self.guide.as_mut().is_none_or(Guide::complete)
     }
 
     /// The leaf of the last token read, when the request asked for leaves.
@@ -279,6 +303,7 @@ impl Generation {
                     text: tail,
                     commitment,
                 } => {
+                    constraint_holds &= self.ends_well(finish_reason);
                     match self.tail_of(tail) {
                         Ok(tail) => text.push_str(&tail),
                         Err(TextMismatch) => text_matches = false,
@@ -364,6 +389,19 @@ async fn try_start(
     deadline: Deadline,
 ) -> Result<Generation, Failure> {
     let started_at = Instant::now();
+    // The gateway's own walk through the constraint (compiled when the request was checked,
+    // so a failure here is the gateway's, never the provider's).
+    let guide = match &request.constraint {
+        None => None,
+        Some(c) => Some(
+            state
+                .auditor
+                .guide(&candidate.card.digest, c)
+                .map_err(|e| {
+                    Failure::Refused(ApiError::invalid("response_format", e.to_string()))
+                })?,
+        ),
+    };
     let Some(load) = state.registry.try_track(candidate.peer) else {
         return Err(Failure::Full);
     };
@@ -399,14 +437,8 @@ async fn try_start(
                     .auditor
                     .transcript(&candidate.card.digest, &request.stop),
                 leaves: request.stream_leaves.then(Vec::new),
-                guide: match &request.constraint {
-                    None => Ok(None),
-                    Some(c) => state
-                        .auditor
-                        .guide(&candidate.card.digest, c)
-                        .map(Some)
-                        .map_err(|_| ()),
-                },
+                guide,
+                has_stops: !request.stop.is_empty(),
                 max_tokens: request.max_tokens,
                 tokens_seen: 0,
                 text_bytes: 0,

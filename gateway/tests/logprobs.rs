@@ -235,10 +235,27 @@ async fn a_provider_that_reports_other_logprobs_than_it_committed_fails_every_re
         );
     }
     // Without logprobs the same provider is honest, and its answers pass.
+    // (Its neighbour below signs the surer values; the referee's logsumexp shows them.)
     let body = chat_body(
         PROMPT,
         json!({"model": "fake-logprobs", "verification_mode": "merkle"}),
     );
     let (status, _, answer) = mesh.chat(body).await;
     assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_commits_surer_logprobs_than_the_model_fails_its_audit() {
+    let mesh = Mesh::start(&[ProviderSpec::tampering("surer", Tamper::SurerLogprobs)]).await;
+    for temperature in [0.0, 0.8] {
+        let body = chat_body(
+            PROMPT,
+            json!({"model": "surer", "logprobs": true, "verification_mode": "merkle",
+                   "temperature": temperature}),
+        );
+        let (status, _, answer) = mesh.chat(body).await;
+        assert_eq!(status, 502, "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains("failed:logits_diverge"), "{message}");
+    }
 }

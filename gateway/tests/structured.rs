@@ -238,3 +238,34 @@ async fn providers_that_ignore_the_constraint_or_apply_another_fail_every_reques
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_stops_a_json_answer_halfway_fails_even_unaudited() {
+    // It stops after four tokens and claims the model ended there: every token it sent was
+    // allowed, but the JSON is not complete, and no stop sequence could have cut it.
+    let mesh = Mesh::start(&[ProviderSpec::tampering("truncate", Tamper::Truncate)]).await;
+    let (prompt, schema) = schemas().remove(0);
+    for stream in [false, true] {
+        let body = chat_body(
+            prompt,
+            json!({"model": "truncate", "response_format": json_schema(&schema), "max_tokens": 64,
+                   "verification_mode": "none", "stream": stream}),
+        );
+        let message = if stream {
+            let (_, _, data) = mesh.chat_stream(body).await;
+            let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+            last["error"]["message"].as_str().unwrap_or("").to_string()
+        } else {
+            let (status, _, answer) = mesh.chat(body).await;
+            assert_eq!(status, 502, "{answer}");
+            answer["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        };
+        assert!(
+            message.contains("constraint_violated"),
+            "stream {stream}: {message}"
+        );
+    }
+}

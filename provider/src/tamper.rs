@@ -93,6 +93,10 @@ pub enum Tamper {
     /// logsumexp is [`FAKE_LOGPROB_SHIFT`] lower than committed: every log-probability it
     /// reports looks that much more confident, while its tokens and sampler replay still hold.
     FakeLogprobs,
+    /// Generates honestly, but commits (and streams) every leaf with its logsumexp
+    /// [`FAKE_LOGPROB_SHIFT`] lower, though never below its best logit: log-probabilities
+    /// surer than the model's (a likely token shown as certain), signed.
+    SurerLogprobs,
     /// Decodes a constrained request as if it had no constraint (the engine's plain choice at
     /// every step), and commits that honestly: a provider that ignores `response_format`.
     IgnoresConstraint,
@@ -240,6 +244,14 @@ impl Cheat {
         }
         let streamed = self.rewrite(&mut kept, &service.engine, request);
         let (mut leaves, pieces): (Vec<StepLeaf>, Vec<Vec<u8>>) = kept.into_iter().unzip();
+        if self.tamper == Tamper::SurerLogprobs {
+            // Surer, but never more than certain: the exact checks refuse a logsumexp below
+            // the best logit, so a careful cheat stays at or above it.
+            for leaf in &mut leaves {
+                let best = leaf.top.first().map_or(leaf.logsumexp, |c| c.logit);
+                leaf.logsumexp = (leaf.logsumexp - FAKE_LOGPROB_SHIFT).max(best);
+            }
+        }
         self.copy_logits(&mut leaves, request)
             .await
             .map_err(|e| Refusal::new(RemoteErrorKind::Internal, e))?;

@@ -81,6 +81,8 @@ pub enum ConstraintError {
 pub struct TokenSpace {
     factory: Arc<ParserFactory>,
     vocab_size: usize,
+    /// Tokens that show no text (control and end-of-generation tokens).
+    silent: Arc<[bool]>,
 }
 
 impl std::fmt::Debug for TokenSpace {
@@ -97,11 +99,16 @@ impl TokenSpace {
     /// constraint is complete).
     pub fn new(mut pieces: Vec<Vec<u8>>, eog: &[u32]) -> Result<Self, ConstraintError> {
         let vocab_size = pieces.len();
-        let first_eog = *eog
+        let silent: Arc<[bool]> = pieces.iter().map(Vec::is_empty).collect();
+        let eog: Vec<u32> = eog
             .iter()
-            .find(|&&t| (t as usize) < vocab_size)
+            .copied()
+            .filter(|&t| (t as usize) < vocab_size)
+            .collect();
+        let first_eog = *eog
+            .first()
             .ok_or_else(|| ConstraintError::Vocabulary("no end-of-generation token".into()))?;
-        for &t in eog {
+        for &t in &eog {
             if let Some(piece) = pieces.get_mut(t as usize) {
                 // The trie knows special tokens by this first byte; the name is only for logs.
                 *piece = [
@@ -113,7 +120,7 @@ impl TokenSpace {
         }
         let size = u32::try_from(vocab_size)
             .map_err(|_| ConstraintError::Vocabulary("too many tokens".into()))?;
-        let trie = TokTrie::from(&TokRxInfo::new(size, first_eog), &pieces).with_eos_tokens(eog);
+        let trie = TokTrie::from(&TokRxInfo::new(size, first_eog), &pieces).with_eos_tokens(&eog);
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
         let mut factory = ParserFactory::new_simple(&env)
             .map_err(|e| ConstraintError::Vocabulary(e.to_string()))?;
@@ -122,6 +129,7 @@ impl TokenSpace {
         Ok(Self {
             factory: Arc::new(factory),
             vocab_size,
+            silent,
         })
     }
 
@@ -135,6 +143,8 @@ impl TokenSpace {
         Ok(Guide {
             matcher,
             vocab_size: self.vocab_size,
+            silent: Arc::clone(&self.silent),
+            walk: Walk::Open,
         })
     }
 }
@@ -143,12 +153,25 @@ impl TokenSpace {
 pub struct Guide {
     matcher: Matcher,
     vocab_size: usize,
+    silent: Arc<[bool]>,
+    walk: Walk,
+}
+
+/// Where a walk stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// Tokens may follow.
+    Open,
+    /// The constraint was complete and a silent token ended the answer: nothing may follow.
+    Ended,
+    /// A token the constraint does not allow was taken.
+    Broken,
 }
 
 impl std::fmt::Debug for Guide {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Guide")
-            .field("stopped", &self.matcher.is_stopped())
+            .field("walk", &self.walk)
             .finish_non_exhaustive()
     }
 }
@@ -156,26 +179,55 @@ impl std::fmt::Debug for Guide {
 impl Guide {
     /// The tokens allowed now: those that continue the constraint, and the end-of-generation
     /// tokens when it is complete (only those once nothing can follow). `None` once the walk
-    /// broke (a token it did not allow was taken).
+    /// ended or broke.
     pub fn allowed(&mut self) -> Option<SimpleVob> {
+        if self.walk != Walk::Open {
+            return None;
+        }
         self.matcher.compute_mask_or_eos().ok()
     }
 
-    /// Takes `token`; whether it was allowed. A disallowed token breaks the walk for good.
+    /// Takes `token`; whether it was allowed. A token that shows text must continue the
+    /// constraint; one that shows none (end of generation, control) may only end a complete
+    /// answer, and nothing may follow it. A disallowed token breaks the walk for good.
+    ///
+    /// The engine only ever samples from [`Guide::allowed`], whose silent tokens are the
+    /// model's end-of-generation ones; accepting any silent token as the end here keeps the
+    /// gateway's check independent of which control tokens a llama.cpp version counts as
+    /// end-of-generation (the client sees the same text either way).
     pub fn advance(&mut self, token: u32) -> bool {
-        if self.matcher.is_error() {
+        let allowed = self.walk == Walk::Open && self.takes(token);
+        if !allowed {
+            self.walk = Walk::Broken;
+        }
+        allowed
+    }
+
+    fn takes(&mut self, token: u32) -> bool {
+        let Some(&silent) = self.silent.get(token as usize) else {
             return false;
+        };
+        if silent {
+            let complete =
+                self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false);
+            if complete && !self.matcher.is_error() {
+                self.walk = Walk::Ended;
+            }
+            return complete && !self.matcher.is_error();
         }
-        if self.matcher.is_stopped() {
-            // Complete: only an end-of-generation token may follow, and nothing after it.
-            let done = self.allowed().is_some_and(|m| m.is_allowed(token));
-            let _ = self.matcher.consume_token(u32::MAX);
-            return done;
-        }
-        matches!(self.matcher.try_consume_tokens(&[token]), Ok(1)) || {
-            // Leave the matcher in its error state, so later steps are refused too.
-            let _ = self.matcher.consume_token(u32::MAX);
-            false
+        !self.matcher.is_stopped() && matches!(self.matcher.try_consume_tokens(&[token]), Ok(1))
+    }
+
+    /// Whether the answer so far is complete: a silent token ended it, or the constraint
+    /// could end here.
+    pub fn complete(&mut self) -> bool {
+        match self.walk {
+            Walk::Ended => true,
+            Walk::Broken => false,
+            Walk::Open => {
+                !self.matcher.is_error()
+                    && (self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false))
+            }
         }
     }
 
@@ -245,6 +297,24 @@ mod tests {
         let mut early = bytes(r#"{"ok":"#);
         early.push(end);
         assert!(!check_tokens(&mut space.guide(&schema).unwrap(), &early));
+        // A token id past the vocabulary, at any point, is refused, never a panic.
+        let mut far = bytes(r#"{"ok":true}"#);
+        far.push(u32::MAX);
+        assert!(!check_tokens(&mut space.guide(&schema).unwrap(), &far));
+        assert!(!check_tokens(
+            &mut space.guide(&schema).unwrap(),
+            &[u32::MAX]
+        ));
+        // A silent (control) token inside the JSON is refused; at its end it ends it.
+        let control = end - 1;
+        assert!(!check_tokens(
+            &mut space.guide(&schema).unwrap(),
+            &[u32::from(b'{'), control]
+        ));
+        let mut ended = bytes(r#"{"ok":true}"#);
+        ended.push(control);
+        let mut guide = space.guide(&schema).unwrap();
+        assert!(check_tokens(&mut guide, &ended) && guide.complete());
         // Nothing after the end.
         let mut after = good.clone();
         after.push(u32::from(b' '));

@@ -226,7 +226,7 @@ async fn answer(
         check_logprobs(&state, &chat, &candidates[0])?;
     }
     if let Some(constraint) = &chat.constraint {
-        check_constraint(&state, &chat, &candidates[0], constraint)?;
+        check_constraint(&state, &chat, &candidates[0], constraint).await?;
     }
     let request = GenerateRequest {
         version: GenerateRequest::VERSION,
@@ -297,14 +297,27 @@ fn check_logprobs(
 
 /// Whether this gateway can check the request's constraint: it compiles it over the model's
 /// vocabulary, its own, as it will walk every answer's tokens through it.
-fn check_constraint(
+async fn check_constraint(
     state: &AppState,
     chat: &ValidatedChat,
     candidate: &Candidate,
     constraint: &Constraint,
 ) -> Result<(), ApiError> {
-    match state.auditor.guide(&candidate.card.digest, constraint) {
-        Ok(_) => Ok(()),
+    // Compiling a schema takes milliseconds, and the first one builds the token trie.
+    let auditor = state.auditor.clone();
+    let digest = candidate.card.digest;
+    let constraint = constraint.clone();
+    let compiled =
+        tokio::task::spawn_blocking(move || auditor.guide(&digest, &constraint).map(drop))
+            .await
+            .map_err(|_| {
+                ApiError::invalid(
+                    "response_format",
+                    "This response_format could not be compiled",
+                )
+            })?;
+    match compiled {
+        Ok(()) => Ok(()),
         Err(ConstraintError::Invalid(message)) => Err(ApiError::invalid(
             "response_format",
             format!("This response_format cannot be used: {message}"),
@@ -759,8 +772,13 @@ fn events(
                         yield Ok(chunks.content(text, logprobs));
                     }
                 }
-                GenerateFrame::Done { text, commitment, .. } => {
+                GenerateFrame::Done { text, commitment, finish_reason } => {
                     record_usage(&state, &generation, tokens.len(), &arrival);
+                    if !generation.ends_well(finish_reason) {
+                        state.auditor.observed(&generation.candidate.peer, AuditFailure::ConstraintViolated);
+                        yield Ok(json_event(&ApiError::verification_failed("failed:constraint_violated").body()));
+                        return;
+                    }
                     let Ok(text) = generation.tail_of(text) else {
                         state.auditor.observed(&generation.candidate.peer, AuditFailure::TextMismatch);
                         yield Ok(json_event(&ApiError::verification_failed("failed:text_mismatch").body()));

@@ -146,7 +146,8 @@ impl Thresholds {
 }
 
 /// The distance between a provider's committed candidates and the referee's at one step: the
-/// centred RMS of `provider logit - referee logit` over the union of both candidate sets. A
+/// centred RMS of `provider logit - referee logit` over the union of both candidate sets and
+/// of the two logsumexps. A
 /// side that lacks an id contributes its smallest candidate logit (an upper bound on the true
 /// value); the referee's exact logit for the claimed token is used when known. Centring removes
 /// any constant offset, so only the shape of the distribution counts.
@@ -179,6 +180,10 @@ pub fn step_distance(leaf: &StepLeaf, referee: &RefereeStep) -> f32 {
             diffs.push(f64::from(provider_logit(c.id)) - f64::from(c.logit));
         }
     }
+    // The logsumexp too, as one more value that must move with the logits: a provider's
+    // log-probabilities are `logit - logsumexp`, so a logsumexp committed apart from its
+    // logits (probabilities that look surer than the model is) shows here.
+    diffs.push(f64::from(leaf.logsumexp) - f64::from(referee.logsumexp));
     let n = diffs.len() as f64;
     let mean = diffs.iter().sum::<f64>() / n;
     let variance = diffs.iter().map(|d| (d - mean) * (d - mean)).sum::<f64>() / n;
@@ -319,8 +324,26 @@ mod tests {
     fn identical_or_shifted_logits_are_at_distance_zero() {
         let l = [(1, 5.0), (2, 4.0), (3, 2.5)];
         assert_eq!(step_distance(&leaf(&l), &referee(&l)), 0.0);
+        // Every logit two higher: the logsumexp is two higher too.
         let shifted = [(1, 7.0), (2, 6.0), (3, 4.5)];
-        assert!(step_distance(&leaf(&l), &referee(&shifted)) < 1e-6);
+        let moved = RefereeStep {
+            logsumexp: 12.0,
+            ..referee(&shifted)
+        };
+        assert!(step_distance(&leaf(&l), &moved) < 1e-6);
+    }
+
+    #[test]
+    fn a_logsumexp_committed_apart_from_its_logits_is_far() {
+        // The same logits, but a logsumexp one lower: every log-probability one higher.
+        let l = [(1, 5.0), (2, 4.0), (3, 2.5)];
+        let surer = StepLeaf {
+            logsumexp: 9.0,
+            ..leaf(&l)
+        };
+        let d = step_distance(&surer, &referee(&l));
+        assert!(d > EXACT.step_distance, "{d}");
+        assert!(d > 0.4, "{d}");
     }
 
     #[test]
