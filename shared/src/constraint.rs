@@ -3,7 +3,7 @@
 //!
 //! The provider's engine masks its logits with it before the sampler takes its candidates, a
 //! referee masks its own the same way before it scores the claimed tokens, and the gateway
-//! replays the answer's tokens through it ([`check_tokens`]): every token must be allowed at
+//! replays the answer's tokens through it ([`Guide::advance`]): every token must be allowed at
 //! its step, and an end-of-generation token only where the constraint is complete. All three
 //! run this module over the same vocabulary bytes, so they agree on every mask; the
 //! constraint is part of the request hash, so the provider cannot apply another one.
@@ -208,12 +208,11 @@ impl Guide {
             return false;
         };
         if silent {
-            let complete =
-                self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false);
-            if complete && !self.matcher.is_error() {
+            let complete = self.can_end();
+            if complete {
                 self.walk = Walk::Ended;
             }
-            return complete && !self.matcher.is_error();
+            return complete;
         }
         !self.matcher.is_stopped() && matches!(self.matcher.try_consume_tokens(&[token]), Ok(1))
     }
@@ -224,11 +223,15 @@ impl Guide {
         match self.walk {
             Walk::Ended => true,
             Walk::Broken => false,
-            Walk::Open => {
-                !self.matcher.is_error()
-                    && (self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false))
-            }
+            Walk::Open => self.can_end(),
         }
+    }
+
+    /// Whether the constraint is complete at this point (nothing more can follow, or it could
+    /// end here).
+    fn can_end(&mut self) -> bool {
+        !self.matcher.is_error()
+            && (self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false))
     }
 
     /// The sampler's candidates among the tokens allowed now: [`sampling::top_candidates`]
@@ -250,16 +253,14 @@ impl Guide {
     }
 }
 
-/// The gateway's check of an answer against its request's constraint: every token allowed at
-/// its step, in order. (A `length` finish may stop anywhere; an end-of-generation token is
-/// allowed only where the constraint is complete, which [`Guide::advance`] enforces.)
-pub fn check_tokens(guide: &mut Guide, tokens: &[u32]) -> bool {
-    tokens.iter().all(|&t| guide.advance(t))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Walks `tokens` in order, as the gateway does while they stream.
+    fn check_tokens(guide: &mut Guide, tokens: &[u32]) -> bool {
+        tokens.iter().all(|&t| guide.advance(t))
+    }
 
     /// Bytes 0..=255 as tokens 0..=255, a few multi-byte tokens, and an end token.
     fn space() -> (TokenSpace, u32) {

@@ -754,15 +754,13 @@ fn events(
                     tokens.push(token);
                     // Only tokens the request's constraint allows go out.
                     if !generation.allows(token) {
-                        state.auditor.observed(&generation.candidate.peer, AuditFailure::ConstraintViolated);
-                        yield Ok(json_event(&ApiError::verification_failed("failed:constraint_violated").body()));
+                        yield Ok(caught(&state, &generation, AuditFailure::ConstraintViolated));
                         return;
                     }
                     // Only text the gateway checked against the tokens goes out; the moment it
                     // differs, the stream ends with an error.
                     let Ok(text) = generation.text_of(token, text) else {
-                        state.auditor.observed(&generation.candidate.peer, AuditFailure::TextMismatch);
-                        yield Ok(json_event(&ApiError::verification_failed("failed:text_mismatch").body()));
+                        yield Ok(caught(&state, &generation, AuditFailure::TextMismatch));
                         return;
                     };
                     let logprobs = wanted.as_ref().map(|(wanted, vocabulary)| ChoiceLogprobs {
@@ -775,13 +773,11 @@ fn events(
                 GenerateFrame::Done { text, commitment, finish_reason } => {
                     record_usage(&state, &generation, tokens.len(), &arrival);
                     if !generation.ends_well(finish_reason) {
-                        state.auditor.observed(&generation.candidate.peer, AuditFailure::ConstraintViolated);
-                        yield Ok(json_event(&ApiError::verification_failed("failed:constraint_violated").body()));
+                        yield Ok(caught(&state, &generation, AuditFailure::ConstraintViolated));
                         return;
                     }
                     let Ok(text) = generation.tail_of(text) else {
-                        state.auditor.observed(&generation.candidate.peer, AuditFailure::TextMismatch);
-                        yield Ok(json_event(&ApiError::verification_failed("failed:text_mismatch").body()));
+                        yield Ok(caught(&state, &generation, AuditFailure::TextMismatch));
                         return;
                     };
                     if !text.is_empty() {
@@ -828,6 +824,13 @@ fn events(
             }
         }
     }
+}
+
+/// The provider was seen failing `failure` while its answer streamed: it is penalised, and the
+/// stream ends with this error event.
+fn caught(state: &AppState, generation: &Generation, failure: AuditFailure) -> Event {
+    state.auditor.observed(&generation.candidate.peer, failure);
+    json_event(&ApiError::verification_failed(&format!("failed:{failure}")).body())
 }
 
 /// The chunks of one streamed answer, in the shape of the API it was asked through.
