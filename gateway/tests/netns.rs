@@ -279,14 +279,17 @@ async fn a_cut_link_fails_over_and_the_partition_heals() {
     let healed_at = Instant::now();
     wait_for_providers(&http, &base, 2, Duration::from_secs(90)).await;
     let rejoined = healed_at.elapsed();
+    // Requests it failed across the cut put it last in line for up to the registry's longest
+    // cooldown (5 s doubling per failure in a row, at most MAX_COOLDOWN); so ask until it has
+    // served one, for as long as that cooldown and a margin (a dozen quick requests could all
+    // fall inside it, which made this test flaky).
     let mut seen = std::collections::HashSet::new();
-    for _ in 0..12 {
+    let patience = proofmesh_gateway::registry::MAX_COOLDOWN + Duration::from_secs(20);
+    while seen.len() < 2 && healed_at.elapsed() < rejoined + patience {
         let (status, provider, body) = complete(http.clone(), url.clone(), 16).await;
         assert_eq!(status, 200, "{body}");
         seen.insert(provider);
-        if seen.len() == 2 {
-            break;
-        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(seen.len(), 2, "the healed provider is routed to again");
     println!(
