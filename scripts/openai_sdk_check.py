@@ -108,6 +108,62 @@ def main() -> int:
     assert "".join(e.token for e in content) == with_logprobs.choices[0].message.content
     probability = math.exp(sum(e.logprob for e in content))
 
+    # A tool loop: the model calls the function, its result goes back as a `tool` message, the
+    # model answers. `tool_choice="required"` constrains decoding to a well-formed call.
+    tools = [{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}},
+                       "required": ["city"], "additionalProperties": False},
+    }}]
+    messages = [{"role": "user", "content": "What is the weather like in Paris?"}]
+    calling = client.chat.completions.create(
+        model=model, messages=messages, tools=tools, tool_choice="required", max_tokens=64,
+        temperature=0, extra_body={"verification_mode": "merkle"},
+    )
+    choice = calling.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, calling
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.id.startswith("call_"), call
+    city = json.loads(call.function.arguments)["city"]
+    assert calling.proofmesh["verdict"] == "passed", calling.proofmesh
+    # The loop an agent runs: answer each call and ask again under `auto`, at most three
+    # rounds, then insist on a reply (`tool_choice="none"`): a 135M model tends to call again.
+    rounds, reply = 0, None
+    while reply is None:
+        for call_made in choice.message.tool_calls:
+            messages.append({"role": "assistant", "content": None,
+                             "tool_calls": [call_made.model_dump(exclude_none=True)]})
+            messages.append({"role": "tool", "tool_call_id": call_made.id, "content": "18 C and sunny"})
+        rounds += 1
+        turn = client.chat.completions.create(
+            model=model, messages=messages, tools=tools, tool_choice="auto" if rounds < 3 else "none",
+            max_tokens=64, temperature=0, extra_body={"verification_mode": "merkle"},
+        )
+        assert turn.proofmesh["verdict"] == "passed", turn.proofmesh
+        choice = turn.choices[0]
+        reply = choice.message.content
+        assert reply is not None or choice.finish_reason == "tool_calls", turn
+    # Streamed: the SDK's stream helper reassembles the call from its `delta.tool_calls`.
+    with client.beta.chat.completions.stream(
+        model=model, messages=messages[:1], tools=tools, tool_choice="required", max_tokens=64,
+        temperature=0,
+    ) as stream:
+        for _ in stream:
+            pass
+        streamed_call = stream.get_final_completion().choices[0].message.tool_calls[0]
+    assert streamed_call.function.name == "get_weather", streamed_call
+    assert json.loads(streamed_call.function.arguments) == json.loads(call.function.arguments)
+
+    try:
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "x"}], tools=tools,
+            tool_choice={"type": "function", "function": {"name": "rm_rf"}},
+        )
+        raise AssertionError("unknown tool in tool_choice accepted")
+    except openai.BadRequestError as e:
+        assert e.param == "tool_choice", e
+
     try:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
         raise AssertionError("unknown model accepted")
@@ -131,7 +187,9 @@ def main() -> int:
 
     print(
         f"openai {openai.__version__}: models.list, plain, raw headers, stream, parse() into "
-        f"{person!r}, json_object, logprobs (answer probability {probability:.3g}), "
+        f"{person!r}, json_object, a tool loop (get_weather({city!r}), "
+        f"{rounds} result(s) sent back, then {reply!r}), a "
+        f"streamed tool call reassembled, logprobs (answer probability {probability:.3g}), "
         f"completions.create ({legacy.choices[0].text!r}) and errors OK; "
         f"answer: {text!r}"
     )

@@ -62,6 +62,7 @@ fn answer() -> &'static Answer {
             stop: vec![],
             trace: None,
             stream_leaves: false,
+            tools: None,
             constraint: None,
             prompt: None,
         };

@@ -6,6 +6,7 @@
 //! - [`response`]: the non-streaming response, the SSE chunks and `/v1/models`.
 //! - [`legacy`]: `POST /v1/completions` (text completion): its request, which runs through the
 //!   chat pipeline with a text prompt, and its response shape.
+//! - [`tools`]: `tools`, `tool_choice` and the calls in the history and the answer.
 //! - [`logprobs`]: OpenAI's `logprobs` object, read off the committed step leaves.
 //! - [`extract`]: the JSON extractor whose rejections are [`crate::error::ApiError`]s.
 
@@ -14,3 +15,4 @@ pub mod legacy;
 pub mod logprobs;
 pub mod request;
 pub mod response;
+pub mod tools;

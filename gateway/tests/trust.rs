@@ -464,6 +464,7 @@ async fn idle_referee_jobs_of_strangers_hold_no_context() {
             stop: vec![],
             trace: None,
             stream_leaves: false,
+            tools: None,
             constraint: None,
             prompt: None,
         };

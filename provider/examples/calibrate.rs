@@ -494,6 +494,7 @@ async fn exact_forgeries(
             stop: vec![],
             trace: None,
             stream_leaves: false,
+            tools: None,
             constraint: None,
             prompt: None,
         };

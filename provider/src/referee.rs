@@ -324,6 +324,7 @@ mod tests {
             stop: vec![],
             trace: None,
             stream_leaves: false,
+            tools: None,
             constraint: None,
             prompt: None,
         }

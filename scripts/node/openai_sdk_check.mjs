@@ -113,6 +113,37 @@ async function main(argv) {
   );
   check(structured.proofmesh?.verdict === 'passed', 'structured proofmesh.verdict', structured.proofmesh);
 
+  // One tool call, constrained to a well-formed call by tool_choice: 'required'.
+  const calling = await client.chat.completions.create({
+    model,
+    messages: [{ role: 'user', content: 'What is the weather like in Paris?' }],
+    tools: [
+      {
+        type: 'function',
+        function: {
+          name: 'get_weather',
+          description: 'The current weather in a city',
+          parameters: {
+            type: 'object',
+            properties: { city: { type: 'string', maxLength: 24 } },
+            required: ['city'],
+            additionalProperties: false,
+          },
+        },
+      },
+    ],
+    tool_choice: 'required',
+    max_tokens: 64,
+    temperature: 0,
+    verification_mode: 'merkle',
+  });
+  const call = calling.choices[0].message.tool_calls?.[0];
+  check(calling.choices[0].finish_reason === 'tool_calls', 'tool call finish_reason', calling.choices[0]);
+  check(call?.function?.name === 'get_weather', 'tool call name', call);
+  const args = JSON.parse(call.function.arguments);
+  check(typeof args.city === 'string', 'tool call arguments', args);
+  check(calling.proofmesh?.verdict === 'passed', 'tool call proofmesh.verdict', calling.proofmesh);
+
   try {
     await client.chat.completions.create({
       model: 'no-such-model',
@@ -126,7 +157,7 @@ async function main(argv) {
   }
 
   console.log(
-    `openai-node ${VERSION}: models.list, plain, raw headers, stream, json_schema (${JSON.stringify(weather)}) and errors OK; answer: ${JSON.stringify(text)}`,
+    `openai-node ${VERSION}: models.list, plain, raw headers, stream, json_schema (${JSON.stringify(weather)}), a tool call (get_weather(${call.function.arguments})) and errors OK; answer: ${JSON.stringify(text)}`,
   );
   return 0;
 }

@@ -58,6 +58,7 @@ fn run(steps: u32) -> Run {
         stop: vec![],
         trace: None,
         stream_leaves: false,
+        tools: None,
         constraint: None,
         prompt: None,
     };

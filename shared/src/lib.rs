@@ -21,6 +21,8 @@
 //! - [`constraint`]: constrained decoding (JSON object, JSON schema) as a mask per step that
 //!   provider, referee and gateway compute alike, and the gateway's replay of an answer
 //!   through it.
+//! - [`tools`]: tool calling in llama.cpp's generic JSON format: the schema a call is
+//!   constrained to, the system note and history text, and reading calls back.
 //! - [`signing`]: signatures by node keys (commitments, openings, tickets, referee evidence).
 //! - [`text`]: turning token bytes into the visible text, with stop sequences: the provider
 //!   streams by it and the gateway checks the stream by it, so both cut text the same way.
@@ -48,6 +50,7 @@ pub mod sampling;
 pub mod signing;
 pub mod telemetry;
 pub mod text;
+pub mod tools;
 pub mod verify;
 
 /// A 32-byte SHA-256 digest, used for model digests, request and output hashes and Merkle nodes.

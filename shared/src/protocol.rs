@@ -203,6 +203,11 @@ pub struct GenerateRequest {
     /// one the constraint allows at its step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraint: Option<Constraint>,
+    /// Tools the model may call, as OpenAI's JSON array ([`crate::tools::tools_json`]): the
+    /// chat template is rendered with them. Calls are made in the format of
+    /// [`crate::tools`], which `constraint` holds the answer to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<String>,
     /// The gateway's trace context, so the provider's spans join the request's trace. Not
     /// covered by [`GenerateRequest::hash`]: it says nothing about what is generated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -237,6 +242,8 @@ impl GenerateRequest {
             // hash as they always did.
             #[serde(skip_serializing_if = "Option::is_none")]
             constraint: Option<&'a Constraint>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            tools: Option<&'a str>,
         }
         let bound = Bound {
             version: self.version,
@@ -248,6 +255,7 @@ impl GenerateRequest {
             max_tokens: self.max_tokens,
             stop: &self.stop,
             constraint: self.constraint.as_ref(),
+            tools: self.tools.as_deref(),
         };
         let mut bytes = Vec::new();
         // Writing CBOR into a Vec cannot fail for these plain types.
@@ -261,8 +269,9 @@ impl GenerateRequest {
 /// What a request's model runs on.
 #[derive(Debug, Clone, Copy)]
 pub enum Prompt<'a> {
-    /// A conversation, through the model's chat template.
-    Chat(&'a [ChatMessage]),
+    /// A conversation, through the model's chat template, with the tools it may call (OpenAI's
+    /// JSON array) when it has any.
+    Chat(&'a [ChatMessage], Option<&'a str>),
     /// A text prompt, as it is.
     Text(&'a str),
 }
@@ -272,7 +281,7 @@ impl GenerateRequest {
     pub fn prompt(&self) -> Prompt<'_> {
         match &self.prompt {
             Some(text) => Prompt::Text(text),
-            None => Prompt::Chat(&self.messages),
+            None => Prompt::Chat(&self.messages, self.tools.as_deref()),
         }
     }
 }
@@ -391,6 +400,15 @@ impl GenerateRequest {
         }
         if self.max_tokens == 0 {
             return invalid("max_tokens must be at least 1");
+        }
+        match &self.tools {
+            Some(_) if self.prompt.is_some() => {
+                return invalid("tools come with messages, not a text prompt");
+            }
+            Some(tools) if tools.len() > crate::tools::MAX_TOOLS_BYTES => {
+                return invalid("the tools may be at most 64 KiB of JSON");
+            }
+            _ => {}
         }
         if self.stop.len() > MAX_STOP_SEQUENCES || self.stop.iter().any(|s| s.len() > MAX_STOP_LEN)
         {
@@ -920,6 +938,7 @@ mod tests {
             stop: vec![],
             trace: None,
             stream_leaves: false,
+            tools: None,
             constraint: None,
             prompt: None,
         }
@@ -974,6 +993,9 @@ mod tests {
         let mut schema = request();
         schema.constraint = Some(Constraint::JsonSchema(r#"{"type":"object"}"#.into()));
         assert_ne!(other.hash(), schema.hash());
+        let mut tools = request();
+        tools.tools = Some("[]".into());
+        assert_ne!(base, tools.hash());
         assert_eq!(base, request().hash());
     }
 

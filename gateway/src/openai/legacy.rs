@@ -138,6 +138,7 @@ impl CompletionRequest {
             messages: vec![RequestMessage {
                 role: "user".into(),
                 content: Some(Content::Text(prompt.clone())),
+                ..RequestMessage::default()
             }],
             stream: self.stream,
             stream_options: self.stream_options,
@@ -152,6 +153,9 @@ impl CompletionRequest {
             logprobs: None,
             top_logprobs: None,
             response_format: None,
+            tools: None,
+            tool_choice: None,
+            parallel_tool_calls: None,
             n: self.n,
             verification_mode: self.verification_mode,
         };
@@ -246,7 +250,7 @@ impl TextCompletion {
                     logprobs: c
                         .logprobs
                         .map(|l| TextLogprobs::from_chat(l, prefix.chars().count())),
-                    text: format!("{prefix}{}", c.message.content),
+                    text: format!("{prefix}{}", c.message.content.unwrap_or_default()),
                     index: c.index,
                     finish_reason: Some(c.finish_reason),
                 }

@@ -10,6 +10,9 @@ use crate::auditor::{ModeError, VerificationMode};
 use crate::error::ApiError;
 use crate::openai::legacy::Surface;
 use crate::openai::logprobs::{LogprobsWanted, MAX_TOP_LOGPROBS};
+use crate::openai::tools::{
+    self, CallBook, MessageToolCall, RequestTool, ToolChoiceParam, ToolUse,
+};
 
 /// Completion length when the client names none. Small models ramble; clients that want more say
 /// so with `max_tokens`.
@@ -78,6 +81,20 @@ pub struct ChatCompletionRequest {
     /// the gateway checks every token of the answer against the same constraint itself.
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
+    /// Functions the model may call. Calls come back in `message.tool_calls` with
+    /// `finish_reason: "tool_calls"`; decoding is constrained so that each call names a
+    /// declared function with arguments valid against its `parameters`, and the gateway checks
+    /// every token of the answer against that constraint itself.
+    #[serde(default)]
+    #[schema(max_items = 64)]
+    pub tools: Option<Vec<RequestTool>>,
+    /// `auto` (the default with tools: a call or a reply), `required` (a call), `none` (no
+    /// call; the tools are left out), or `{"type": "function", "function": {"name": …}}`.
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoiceParam>,
+    /// Allow several calls in one answer (default false, as llama.cpp's server).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
     /// Number of choices; only 1 is supported.
     #[serde(default)]
     #[schema(minimum = 1, maximum = 1)]
@@ -148,14 +165,20 @@ pub enum Stop {
 }
 
 /// One message.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct RequestMessage {
-    /// `system`, `developer`, `user` or `assistant`.
-    #[schema(pattern = "^(system|developer|user|assistant)$", example = "user")]
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
+    #[schema(pattern = "^(system|developer|user|assistant|tool)$", example = "user")]
     pub role: String,
     /// Text, or a list of parts of which only `text` parts are supported.
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant message's calls.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<MessageToolCall>>,
+    /// A `tool` message: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// Message content.
@@ -221,6 +244,8 @@ pub struct ValidatedChat {
     pub prompt: Option<String>,
     /// Which API the answer goes back through.
     pub surface: Surface,
+    /// The tools the model may call; the answer is then read back as calls or a reply.
+    pub tools: Option<ToolUse>,
 }
 
 impl ChatCompletionRequest {
@@ -244,11 +269,12 @@ impl ChatCompletionRequest {
                 format!("'messages' may contain at most {MAX_MESSAGES} messages"),
             ));
         }
-        let messages = self
+        let mut book = CallBook::default();
+        let mut messages = self
             .messages
             .into_iter()
             .enumerate()
-            .map(|(i, m)| convert_message(i, m))
+            .map(|(i, m)| convert_message(i, m, &mut book))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(n) = self.n
             && n != 1
@@ -307,11 +333,22 @@ impl ChatCompletionRequest {
             Some(name) => parse_mode(name)?,
         };
         let logprobs = logprobs_wanted(self.logprobs, self.top_logprobs)?;
-        let constraint = self
+        let mut constraint = self
             .response_format
             .map(constraint_of)
             .transpose()?
             .flatten();
+        let plan = tools::plan(
+            self.tools,
+            self.tool_choice,
+            self.parallel_tool_calls,
+            constraint.as_ref(),
+        )?;
+        let tools = plan.map(|plan| {
+            tools::instruct(&mut messages, &plan.instruction);
+            constraint = Some(plan.constraint);
+            plan.tools
+        });
         let seed = self.seed.map_or_else(rand::random::<u64>, |s| s as u64);
         Ok(ValidatedChat {
             model: self.model,
@@ -332,6 +369,7 @@ impl ChatCompletionRequest {
             constraint,
             prompt: None,
             surface: Surface::Chat,
+            tools,
         })
     }
 }
@@ -395,16 +433,22 @@ fn logprobs_wanted(
     }
 }
 
-fn convert_message(index: usize, message: RequestMessage) -> Result<ChatMessage, ApiError> {
+fn convert_message(
+    index: usize,
+    message: RequestMessage,
+    book: &mut CallBook,
+) -> Result<ChatMessage, ApiError> {
     let role = match message.role.as_str() {
         "system" | "developer" => "system",
         "user" => "user",
         "assistant" => "assistant",
+        // A tool's result, reported as the user's: every template takes that role.
+        "tool" => "user",
         other => {
             return Err(ApiError::invalid(
                 format!("messages[{index}].role"),
                 format!(
-                    "Unsupported role '{other}'; expected system, developer, user or assistant"
+                    "Unsupported role '{other}'; expected system, developer, user, assistant or tool"
                 ),
             ));
         }
@@ -434,6 +478,11 @@ fn convert_message(index: usize, message: RequestMessage) -> Result<ChatMessage,
             "Message content must not contain NUL characters",
         ));
     }
+    let content = match (message.role.as_str(), &message.tool_calls) {
+        ("assistant", Some(calls)) if !calls.is_empty() => book.calls(index, calls)?,
+        ("tool", _) => book.result(index, message.tool_call_id.as_deref(), &content)?,
+        _ => content,
+    };
     Ok(ChatMessage {
         role: role.into(),
         content,
@@ -465,6 +514,37 @@ mod tests {
     }
 
     #[test]
+    fn tools_constrain_the_answer_and_instruct_the_model() {
+        let v = parse(serde_json::json!({
+            "model": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "response_format": {"type": "json_object"}
+        }))
+        .unwrap();
+        assert!(v.tools.unwrap().json.contains("\"name\":\"f\""));
+        assert!(
+            v.messages[0]
+                .content
+                .starts_with("Be brief.\n\nRespond in JSON format")
+        );
+        // The tools' constraint, with response_format shaping a reply in text.
+        let Some(Constraint::JsonSchema(schema)) = v.constraint else {
+            panic!("a schema")
+        };
+        assert!(
+            schema.contains("\"response\":{\"type\":\"object\"}"),
+            "{schema}"
+        );
+        // `none` leaves them out: no constraint, no instruction.
+        let v = parse(serde_json::json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"
+        }))
+        .unwrap();
+        assert!(v.tools.is_none() && v.constraint.is_none() && v.messages.len() == 1);
+    }
+
+    #[test]
     fn bad_fields_name_their_param() {
         let cases = [
             (
@@ -472,8 +552,12 @@ mod tests {
                 "messages",
             ),
             (
-                serde_json::json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}),
+                serde_json::json!({"model": "m", "messages": [{"role": "function", "content": "x"}]}),
                 "messages[0].role",
+            ),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}),
+                "messages[0].tool_call_id",
             ),
             (
                 serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}),

@@ -4,6 +4,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::logprobs::ChoiceLogprobs;
+use super::tools::{DeltaToolCall, MessageToolCall};
 
 /// What proofmesh adds to every answer: who served it, what it was bound to, how it was checked.
 /// Sent as `x-proofmesh-*` headers, as `proofmesh` in the JSON body, and in the last SSE event.
@@ -160,7 +161,7 @@ pub struct Choice {
     pub index: u32,
     /// The assistant's message.
     pub message: AssistantMessage,
-    /// `stop` or `length`.
+    /// `stop`, `length` or `tool_calls`.
     pub finish_reason: &'static str,
     /// With `logprobs: true`: each token's log-probability, read off the committed leaves.
     pub logprobs: Option<ChoiceLogprobs>,
@@ -171,8 +172,12 @@ pub struct Choice {
 pub struct AssistantMessage {
     /// `assistant`.
     pub role: &'static str,
-    /// The generated text.
-    pub content: String,
+    /// The generated text; null when the model called tools instead.
+    #[schema(required = true)]
+    pub content: Option<String>,
+    /// The calls the model made (with `tools`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<MessageToolCall>>,
 }
 
 /// One SSE chunk.
@@ -218,6 +223,9 @@ pub struct Delta {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// The calls the model made (with `tools`), each whole in one delta.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<DeltaToolCall>>,
 }
 
 /// `GET /v1/models`.

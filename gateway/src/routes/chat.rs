@@ -33,12 +33,13 @@ use crate::inference::{self, Completed, Generation};
 use crate::lifecycle::Lifecycle;
 use crate::openai::extract::OpenAiJson;
 use crate::openai::legacy::{CompletionRequest, Surface, TextCompletion};
-use crate::openai::logprobs::ChoiceLogprobs;
+use crate::openai::logprobs::{ChoiceLogprobs, TokenLogprob};
 use crate::openai::request::{ChatCompletionRequest, ValidatedChat};
 use crate::openai::response::{
     AssistantMessage, AuditStatistics, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice,
     Delta, ProofmeshInfo, Usage, unix_now,
 };
+use crate::openai::tools::{self, DeltaToolCall};
 use crate::registry::{Candidate, Lookup};
 use crate::state::AppState;
 
@@ -238,6 +239,7 @@ async fn answer(
         stop: chat.stop.clone(),
         constraint: chat.constraint.clone(),
         prompt: chat.prompt.clone(),
+        tools: chat.tools.as_ref().map(|t| t.json.clone()),
         trace: proofmesh_shared::telemetry::current_context(),
         stream_leaves: chat.logprobs.is_some(),
     };
@@ -303,6 +305,12 @@ async fn check_constraint(
     candidate: &Candidate,
     constraint: &Constraint,
 ) -> Result<(), ApiError> {
+    // With tools, the constraint is made of their schemas.
+    let param = if chat.tools.is_some() {
+        "tools"
+    } else {
+        "response_format"
+    };
     // Compiling a schema takes milliseconds, and the first one builds the token trie.
     let auditor = state.auditor.clone();
     let digest = candidate.card.digest;
@@ -310,25 +318,19 @@ async fn check_constraint(
     let compiled =
         tokio::task::spawn_blocking(move || auditor.guide(&digest, &constraint).map(drop))
             .await
-            .map_err(|_| {
-                ApiError::invalid(
-                    "response_format",
-                    "This response_format could not be compiled",
-                )
-            })?;
+            .map_err(|_| ApiError::invalid(param, format!("The {param} could not be compiled")))?;
     match compiled {
         Ok(()) => Ok(()),
         Err(ConstraintError::Invalid(message)) => Err(ApiError::invalid(
-            "response_format",
-            format!("This response_format cannot be used: {message}"),
+            param,
+            format!("This {param} cannot be used: {message}"),
         )),
         Err(other) => Err(ApiError::invalid(
-            "response_format",
+            param,
             format!(
-                "response_format is not available for '{}' on this gateway: {message} (its \
-                 operator adds the model file with --vocabularies)",
+                "{param} is not available for '{}' on this gateway: {other} (its operator adds \
+                 the model file with --vocabularies)",
                 chat.model,
-                message = other
             ),
         )),
     }
@@ -441,6 +443,28 @@ fn completion(
     logprobs: Option<ChoiceLogprobs>,
 ) -> ChatCompletion {
     let signed = &done.commitment.commitment;
+    let finish_reason = signed.finish_reason.as_openai();
+    let (message, finish_reason) = match &chat.tools {
+        None => (
+            AssistantMessage {
+                role: "assistant",
+                content: Some(done.text.clone()),
+                tool_calls: None,
+            },
+            finish_reason,
+        ),
+        Some(_) => {
+            let answered = tools::read_answer(&done.text, finish_reason);
+            (
+                AssistantMessage {
+                    role: "assistant",
+                    content: answered.content,
+                    tool_calls: answered.calls,
+                },
+                answered.finish_reason,
+            )
+        }
+    };
     ChatCompletion {
         id: completion_id(&request.request_id),
         object: "chat.completion",
@@ -448,11 +472,8 @@ fn completion(
         model: chat.model.clone(),
         choices: vec![Choice {
             index: 0,
-            message: AssistantMessage {
-                role: "assistant",
-                content: done.text.clone(),
-            },
-            finish_reason: signed.finish_reason.as_openai(),
+            message,
+            finish_reason,
             logprobs,
         }],
         usage: Usage::new(signed.prompt_tokens, done.tokens.len() as u32),
@@ -534,6 +555,12 @@ fn prompt_token_bound(chat: &ValidatedChat) -> u64 {
     const PER_MESSAGE: u64 = 16;
     const TEMPLATE: u64 = 256;
     let text = chat.prompt.as_ref().map_or(0, |p| p.len() as u64);
+    // Tools are rendered by the template, or listed in a system note; either way as JSON no
+    // longer than the note's pretty-printed list, plus the template's own text.
+    let tools = chat.tools.as_ref().map_or(0, |t| {
+        proofmesh_shared::tools::system_note(&t.json).map_or(4 * t.json.len(), |n| n.len()) as u64
+    });
+    let text = text.saturating_add(tools);
     chat.messages
         .iter()
         .fold(TEMPLATE.saturating_add(text), |bound, m| {
@@ -766,8 +793,9 @@ fn events(
                     let logprobs = wanted.as_ref().map(|(wanted, vocabulary)| ChoiceLogprobs {
                         content: generation.last_leaf().and_then(|leaf| wanted.entry(leaf, vocabulary)).into_iter().collect(),
                     });
-                    if !text.is_empty() || logprobs.as_ref().is_some_and(|l| !l.content.is_empty()) {
-                        yield Ok(chunks.content(text, logprobs));
+                    let news = !text.is_empty() || logprobs.as_ref().is_some_and(|l| !l.content.is_empty());
+                    if news && let Some(event) = chunks.content(text, logprobs) {
+                        yield Ok(event);
                     }
                 }
                 GenerateFrame::Done { text, commitment, finish_reason } => {
@@ -780,8 +808,10 @@ fn events(
                         yield Ok(caught(&state, &generation, AuditFailure::TextMismatch));
                         return;
                     };
-                    if !text.is_empty() {
-                        yield Ok(chunks.content(text, None));
+                    if !text.is_empty()
+                        && let Some(event) = chunks.content(text, None)
+                    {
+                        yield Ok(event);
                     }
                     let referee = generation.referee.take();
                     let answer = Answer { provider: &generation.candidate, request: &request, tokens: &tokens, commitment: &commitment, text_matches: true, constraint_holds: true, leaves: generation.leaves() };
@@ -842,6 +872,15 @@ struct Chunks {
     surface: Surface,
     /// Characters of text sent so far (a text completion's `text_offset`).
     sent: usize,
+    /// With tools: the answer so far, held back until it can be read as calls or a reply.
+    held: Option<Held>,
+}
+
+/// What a streamed answer to a request with tools holds back until its end.
+#[derive(Debug, Clone, Default)]
+struct Held {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl Chunks {
@@ -852,6 +891,7 @@ impl Chunks {
             model: chat.model.clone(),
             surface: chat.surface.clone(),
             sent: 0,
+            held: chat.tools.is_some().then(Held::default),
         }
     }
 
@@ -890,8 +930,19 @@ impl Chunks {
         }
     }
 
-    /// The event carrying new `text`, and its tokens' log-probabilities when asked for.
-    fn content(&mut self, text: String, logprobs: Option<ChoiceLogprobs>) -> Event {
+    /// The event carrying new `text`, and its tokens' log-probabilities when asked for; none
+    /// while an answer with tools is held back.
+    fn content(&mut self, text: String, logprobs: Option<ChoiceLogprobs>) -> Option<Event> {
+        if let Some(held) = &mut self.held {
+            held.text.push_str(&text);
+            held.logprobs
+                .extend(logprobs.into_iter().flat_map(|l| l.content));
+            return None;
+        }
+        Some(self.content_event(text, logprobs))
+    }
+
+    fn content_event(&mut self, text: String, logprobs: Option<ChoiceLogprobs>) -> Event {
         let mut chunk = self.chunk(
             Delta {
                 content: Some(text),
@@ -910,13 +961,14 @@ impl Chunks {
                 Delta {
                     role: Some("assistant"),
                     content: Some(String::new()),
+                    tool_calls: None,
                 },
                 None,
             ))),
             Surface::Text { echo: None } => None,
             Surface::Text { echo: Some(prompt) } => {
                 let prompt = prompt.clone();
-                Some(self.content(prompt, None))
+                Some(self.content_event(prompt, None))
             }
         }
     }
@@ -930,9 +982,40 @@ impl Chunks {
         info: &ProofmeshInfo,
         include_usage: bool,
     ) -> Vec<Event> {
-        let mut last = self.chunk(Delta::default(), Some(signed.finish_reason.as_openai()));
+        let mut finish_reason = signed.finish_reason.as_openai();
+        let mut events = Vec::new();
+        if let Some(held) = self.held.take() {
+            let answered = tools::read_answer(&held.text, finish_reason);
+            finish_reason = answered.finish_reason;
+            let logprobs = (!held.logprobs.is_empty()).then_some(ChoiceLogprobs {
+                content: held.logprobs,
+            });
+            let calls = answered.calls.map(|calls| {
+                calls
+                    .into_iter()
+                    .zip(0..)
+                    .map(|(call, index)| DeltaToolCall {
+                        index,
+                        id: call.id,
+                        kind: "function",
+                        function: call.function,
+                    })
+                    .collect()
+            });
+            let mut chunk = self.chunk(
+                Delta {
+                    content: answered.content,
+                    tool_calls: calls,
+                    ..Delta::default()
+                },
+                None,
+            );
+            chunk.choices[0].logprobs = logprobs;
+            events.push(self.event(chunk));
+        }
+        let mut last = self.chunk(Delta::default(), Some(finish_reason));
         last.proofmesh = Some(info.clone());
-        let mut events = vec![self.event(last)];
+        events.push(self.event(last));
         if include_usage {
             let mut usage = self.chunk(Delta::default(), None);
             usage.choices.clear();

@@ -41,6 +41,7 @@
 mod prefix;
 mod reexecute;
 pub mod referee;
+mod template;
 mod thread;
 pub mod variants;
 
@@ -427,6 +428,8 @@ pub struct Engine {
     next_reexecution: Arc<std::sync::atomic::AtomicU64>,
     /// The grammar engine's view of the vocabulary, built on the first constrained request.
     space: Arc<OnceLock<Result<Arc<TokenSpace>, ConstraintError>>>,
+    /// The model's Jinja chat template, compiled on the first request with tools.
+    template: Arc<OnceLock<Result<template::ChatTemplate, String>>>,
     _thread: Arc<EngineThread>,
 }
 
@@ -654,6 +657,7 @@ impl Engine {
                 load,
                 next_reexecution: Arc::default(),
                 space: Arc::default(),
+                template: Arc::default(),
             }),
             Ok(Err(message)) => Err(EngineError::Context { message }),
             Err(_) => Err(EngineError::Stopped),
@@ -679,7 +683,11 @@ impl Engine {
     /// [`Engine::fewest_tokens`] of either kind of prompt.
     pub fn fewest_tokens_of(&self, prompt: Prompt<'_>) -> usize {
         match prompt {
-            Prompt::Chat(messages) => self.fewest_tokens(messages),
+            Prompt::Chat(messages, tools) => {
+                let tools = tools.map_or(0, str::len);
+                self.fewest_tokens(messages)
+                    + tools / (2 * self.info.longest_token_bytes.max(1) as usize)
+            }
             Prompt::Text(text) => text.len() / (2 * self.info.longest_token_bytes.max(1) as usize),
         }
     }
@@ -689,7 +697,8 @@ impl Engine {
     /// and the model's start token added if it wants one, as llama.cpp's server does).
     pub fn tokenize(&self, prompt: Prompt<'_>) -> Result<Vec<u32>, EngineError> {
         match prompt {
-            Prompt::Chat(messages) => self.tokenize_chat(messages),
+            Prompt::Chat(messages, None) => self.tokenize_chat(messages),
+            Prompt::Chat(messages, Some(tools)) => self.tokenize_with_tools(messages, tools),
             Prompt::Text(text) => {
                 let tokens = self.model.vocab().tokenize(text.as_bytes(), true, true);
                 if tokens.is_empty() {
@@ -725,6 +734,50 @@ impl Engine {
             .map_err(|e| prompt_err(&e))?;
         let tokens = self.model.vocab().tokenize(prompt.as_bytes(), true, true);
         Ok(tokens.into_iter().map(|t| t.0 as u32).collect())
+    }
+
+    /// Renders the model's own Jinja chat template with `tools` (minijinja, as llama.cpp's
+    /// server does with `--jinja`) and tokenizes the result as [`Engine::tokenize_chat`] does.
+    pub fn tokenize_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &str,
+    ) -> Result<Vec<u32>, EngineError> {
+        let template = self
+            .template
+            .get_or_init(|| self.chat_template())
+            .as_ref()
+            .map_err(|message| EngineError::Prompt {
+                message: message.clone(),
+            })?;
+        let prompt = template
+            .render(messages, tools)
+            .map_err(|message| EngineError::Prompt { message })?;
+        // The tokenizer adds the start token itself where the model wants one: a template that
+        // writes it too would double it (llama.cpp's server strips it the same way).
+        let prompt = match self.model.vocab().should_add_bos() {
+            true => prompt.strip_prefix(template.bos()).unwrap_or(&prompt),
+            false => &prompt,
+        };
+        let tokens = self.model.vocab().tokenize(prompt.as_bytes(), true, true);
+        Ok(tokens.into_iter().map(|t| t.0 as u32).collect())
+    }
+
+    /// The model's chat template, compiled (ChatML when it has none).
+    fn chat_template(&self) -> Result<template::ChatTemplate, String> {
+        const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let source = match self.model.chat_template(None) {
+            Ok(template) => template.to_string().map_err(|e| e.to_string())?,
+            Err(_) => CHATML.to_owned(),
+        };
+        let vocab = self.model.vocab();
+        let text = |token| {
+            vocab
+                .text(token)
+                .map(|t| t.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        template::ChatTemplate::new(&source, text(vocab.bos()), text(vocab.eos()))
     }
 
     /// Queue depth and busy slots right now.

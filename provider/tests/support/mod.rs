@@ -161,6 +161,7 @@ pub fn greedy_request(digest: ModelDigest, max_tokens: u32) -> GenerateRequest {
         stop: vec![],
         trace: None,
         stream_leaves: false,
+        tools: None,
         constraint: None,
         prompt: None,
     }

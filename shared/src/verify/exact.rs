@@ -257,6 +257,7 @@ mod tests {
             stop: vec![],
             trace: None,
             stream_leaves: false,
+            tools: None,
             constraint: None,
             prompt: None,
         };

@@ -174,7 +174,7 @@ fn stream(
 ) -> Response {
     let mut chunks = Chunks::new(chat, request);
     let mut events: Vec<Event> = chunks.opening().into_iter().collect();
-    events.push(chunks.content(done.text.clone(), None));
+    events.extend(chunks.content(done.text.clone(), None));
     events.extend(chunks.closing(
         &done.commitment.commitment,
         done.tokens.len(),
