@@ -58,13 +58,13 @@ impl Tool {
         json!({"type": "function", "function": function})
     }
 
-    /// The schema of one call to it.
-    fn call_schema(&self) -> Value {
+    /// The schema of one call to it, its arguments' schema placed by `place`.
+    fn call_schema(&self, arguments: Value) -> Value {
         json!({
             "type": "object",
             "properties": {
                 "name": {"type": "string", "const": self.name},
-                "arguments": self.parameters,
+                "arguments": arguments,
             },
             "required": ["name", "arguments"],
             "additionalProperties": false,
@@ -89,7 +89,12 @@ pub fn schema(
         ToolChoice::Function(name) => tools.iter().filter(|t| &t.name == name).collect(),
         _ => tools.iter().collect(),
     };
-    let mut calls: Vec<Value> = callable.iter().map(|t| t.call_schema()).collect();
+    let mut defs = serde_json::Map::new();
+    let mut calls: Vec<Value> = callable
+        .iter()
+        .enumerate()
+        .map(|(i, t)| t.call_schema(placed(t.parameters.clone(), &format!("t{i}"), &mut defs)))
+        .collect();
     let call = match calls.len() {
         1 => calls.remove(0),
         _ => json!({"anyOf": calls}),
@@ -102,12 +107,78 @@ pub fn schema(
         ("tool_call", call)
     };
     let calling = object_of(key, value);
-    match choice {
+    let mut schema = match choice {
         ToolChoice::Auto => {
             let text = response.unwrap_or_else(|| json!({"type": "string"}));
+            let text = placed(text, "response", &mut defs);
             json!({"anyOf": [calling, object_of("response", text)]})
         }
         _ => calling,
+    };
+    if !defs.is_empty() {
+        schema["$defs"] = Value::Object(defs);
+    }
+    schema
+}
+
+/// Where a schema goes inside the combined one: as it is, unless it refers to anything; then
+/// it moves into the combined `$defs` as `name`, with its own definitions as `name.<def>`
+/// and every reference rewritten to match (nested, its `#` and `#/$defs/X` would point at
+/// the combined schema's root instead).
+fn placed(mut schema: Value, name: &str, defs: &mut serde_json::Map<String, Value>) -> Value {
+    if !refers(&schema) {
+        return schema;
+    }
+    if let Value::Object(fields) = &mut schema {
+        for key in ["$defs", "definitions"] {
+            if let Some(Value::Object(own)) = fields.remove(key) {
+                for (def, mut body) in own {
+                    rewrite_refs(&mut body, name);
+                    defs.insert(format!("{name}.{def}"), body);
+                }
+            }
+        }
+    }
+    rewrite_refs(&mut schema, name);
+    defs.insert(name.to_owned(), schema);
+    json!({"$ref": format!("#/$defs/{name}")})
+}
+
+/// Whether a schema holds a `$ref` anywhere.
+fn refers(schema: &Value) -> bool {
+    match schema {
+        Value::Object(fields) => fields.iter().any(|(k, v)| k == "$ref" || refers(v)),
+        Value::Array(items) => items.iter().any(refers),
+        _ => false,
+    }
+}
+
+/// Points a moved schema's references (`#`, `#/$defs/X`, `#/definitions/X`) at its new place.
+fn rewrite_refs(schema: &mut Value, name: &str) {
+    match schema {
+        Value::Object(fields) => {
+            for (key, value) in fields.iter_mut() {
+                match (key.as_str(), value) {
+                    ("$ref", Value::String(target)) => {
+                        let moved = if target == "#" {
+                            Some(format!("#/$defs/{name}"))
+                        } else {
+                            ["#/$defs/", "#/definitions/"].iter().find_map(|root| {
+                                target
+                                    .strip_prefix(root)
+                                    .map(|def| format!("#/$defs/{name}.{def}"))
+                            })
+                        };
+                        if let Some(moved) = moved {
+                            *target = moved;
+                        }
+                    }
+                    (_, value) => rewrite_refs(value, name),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| rewrite_refs(v, name)),
+        _ => {}
     }
 }
 
@@ -151,23 +222,28 @@ pub struct ToolCall {
     pub arguments: String,
 }
 
-/// An assistant's earlier calls as the text the model would have written for them.
-pub fn calls_text(calls: &[ToolCall]) -> String {
+/// An assistant's earlier calls as the text the model would have written for them, with the
+/// text it wrote beside them, if any (as llama.cpp keeps it).
+pub fn calls_text(calls: &[ToolCall], content: &str) -> String {
     let call = |c: &ToolCall| {
         let arguments = serde_json::from_str::<Value>(&c.arguments)
             .unwrap_or_else(|_| Value::String(c.arguments.clone()));
         json!({"name": c.name, "arguments": arguments})
     };
-    match calls {
+    let mut written = match calls {
         [one] => json!({"tool_call": call(one)}),
         many => json!({"tool_calls": many.iter().map(call).collect::<Vec<_>>()}),
+    };
+    if !content.is_empty() {
+        written["content"] = json!(content);
     }
-    .to_string()
+    written.to_string()
 }
 
-/// A tool's result as the text of a user message (every template takes that role).
-pub fn result_text(tool: &str, content: &str) -> String {
-    json!({"tool_response": {"tool": tool, "content": content}}).to_string()
+/// A tool's result, answering the call `id`, as the text of a user message (every template
+/// takes that role).
+pub fn result_text(tool: &str, id: &str, content: &str) -> String {
+    json!({"tool_response": {"tool": tool, "tool_call_id": id, "content": content}}).to_string()
 }
 
 /// What a constrained answer said.
@@ -180,33 +256,119 @@ pub enum Reply {
 }
 
 impl Reply {
-    /// Reads an answer in the format; `None` when it is not (cut short by `max_tokens`).
+    /// Reads an answer in the format; `None` when it is not (cut short by `max_tokens`), or
+    /// when some object in it names a key twice (`"city"` and `"ci\u0074y"`: the grammar
+    /// compares keys as written, a JSON reader as meant, so the second would silently replace
+    /// a value the grammar checked). A call's arguments are the exact text that was checked.
     pub fn parse(answer: &str) -> Option<Self> {
-        let value: Value = serde_json::from_str(answer).ok()?;
-        let object = value.as_object()?;
-        let call = |v: &Value| {
-            Some(ToolCall {
-                name: v.get("name")?.as_str()?.to_owned(),
-                arguments: v.get("arguments")?.to_string(),
-            })
+        serde_json::from_str::<Unique>(answer).ok()?;
+        let reply: Written<'_> = serde_json::from_str(answer).ok()?;
+        let call = |c: WrittenCall<'_>| ToolCall {
+            name: c.name,
+            arguments: c.arguments.get().to_owned(),
         };
-        if let Some(one) = object.get("tool_call") {
-            return Some(Self::Calls(vec![call(one)?]));
+        match reply {
+            Written {
+                tool_call: Some(one),
+                ..
+            } => Some(Self::Calls(vec![call(one)])),
+            Written {
+                tool_calls: Some(many),
+                ..
+            } => Some(Self::Calls(many.into_iter().map(call).collect())),
+            Written {
+                response: Some(text),
+                ..
+            } => Some(Self::Text(
+                serde_json::from_str::<String>(text.get())
+                    .unwrap_or_else(|_| text.get().to_owned()),
+            )),
+            _ => None,
         }
-        if let Some(many) = object.get("tool_calls") {
-            let calls = many.as_array()?.iter().map(call).collect::<Option<_>>()?;
-            return Some(Self::Calls(calls));
+    }
+}
+
+/// An answer as written: one of its keys.
+#[derive(serde::Deserialize)]
+struct Written<'a> {
+    #[serde(borrow, default)]
+    tool_call: Option<WrittenCall<'a>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<WrittenCall<'a>>>,
+    #[serde(borrow, default)]
+    response: Option<&'a serde_json::value::RawValue>,
+}
+
+/// One call as written.
+#[derive(serde::Deserialize)]
+struct WrittenCall<'a> {
+    name: String,
+    #[serde(borrow)]
+    arguments: &'a serde_json::value::RawValue,
+}
+
+/// Any JSON value with no object naming a key twice (keys compared unescaped).
+struct Unique;
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueVisitor)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = Unique;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON without duplicate keys")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key) {
+                return Err(serde::de::Error::custom("a key named twice"));
+            }
+            map.next_value::<Unique>()?;
         }
-        match object.get("response")? {
-            Value::String(text) => Some(Self::Text(text.clone())),
-            other => Some(Self::Text(other.to_string())),
-        }
+        Ok(Unique)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
+        while seq.next_element::<Unique>()?.is_some() {}
+        Ok(Unique)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+
+    fn visit_unit<E>(self) -> Result<Unique, E> {
+        Ok(Unique)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
     use crate::constraint::{Constraint, TokenSpace};
@@ -306,13 +468,63 @@ mod tests {
             },
         ];
         assert_eq!(
-            Reply::parse(&calls_text(&written)),
+            Reply::parse(&calls_text(&written, "")),
             Some(Reply::Calls(written.clone()))
         );
         assert_eq!(
-            Reply::parse(&calls_text(&written[..1])),
+            Reply::parse(&calls_text(&written[..1], "Let me look.")),
             Some(Reply::Calls(written[..1].to_vec()))
         );
+    }
+
+    #[test]
+    fn a_key_named_twice_is_no_call_and_arguments_are_the_text_checked() {
+        // The grammar compares keys as written: `ci\u0074y` is another key to it, the same one
+        // to a JSON reader, which would keep the second value.
+        let twice =
+            r#"{"tool_call":{"name":"f","arguments":{"city":"Paris","ci\u0074y":{"x":1}}}}"#;
+        assert_eq!(Reply::parse(twice), None);
+        let nested = r#"{"tool_call":{"name":"f","arguments":{"a":[{"b":1,"b":2}]}}}"#;
+        assert_eq!(Reply::parse(nested), None);
+        // Numbers are handed back as written, not as a float reading of them.
+        let big = r#"{"tool_call":{"name":"f","arguments":{"n":123456789012345678901234567890}}}"#;
+        let Some(Reply::Calls(calls)) = Reply::parse(big) else {
+            panic!("a call")
+        };
+        assert_eq!(
+            calls[0].arguments,
+            r#"{"n":123456789012345678901234567890}"#
+        );
+    }
+
+    #[test]
+    fn schemas_that_refer_to_their_definitions_keep_working_when_combined() {
+        // As Pydantic writes a model with a nested one.
+        let tool = Tool {
+            name: "book".into(),
+            description: None,
+            parameters: json!({
+                "$defs": {"Author": {"type": "object", "properties": {"name": {"type": "string"}},
+                                     "required": ["name"], "additionalProperties": false}},
+                "type": "object",
+                "properties": {"author": {"$ref": "#/$defs/Author"}},
+                "required": ["author"], "additionalProperties": false,
+            }),
+        };
+        let response = json!({"definitions": {"N": {"type": "integer"}}, "type": "object",
+            "properties": {"n": {"$ref": "#/definitions/N"}}, "required": ["n"],
+            "additionalProperties": false});
+        let combined = schema(&[tool], &ToolChoice::Auto, false, Some(response));
+        assert!(accepts(
+            &combined,
+            r#"{"tool_call":{"name":"book","arguments":{"author":{"name":"Ann"}}}}"#
+        ));
+        assert!(!accepts(
+            &combined,
+            r#"{"tool_call":{"name":"book","arguments":{"author":{"x":1}}}}"#
+        ));
+        assert!(accepts(&combined, r#"{"response":{"n":3}}"#));
+        assert!(!accepts(&combined, r#"{"response":{"n":"3"}}"#));
     }
 
     #[test]

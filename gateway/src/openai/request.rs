@@ -479,7 +479,7 @@ fn convert_message(
         ));
     }
     let content = match (message.role.as_str(), &message.tool_calls) {
-        ("assistant", Some(calls)) if !calls.is_empty() => book.calls(index, calls)?,
+        ("assistant", Some(calls)) if !calls.is_empty() => book.calls(index, calls, &content)?,
         ("tool", _) => book.result(index, message.tool_call_id.as_deref(), &content)?,
         _ => content,
     };

@@ -281,7 +281,12 @@ pub struct CallBook {
 impl CallBook {
     /// An assistant message's calls, written as the model would have written them; each is
     /// remembered by its id.
-    pub fn calls(&mut self, index: usize, calls: &[MessageToolCall]) -> Result<String, ApiError> {
+    pub fn calls(
+        &mut self,
+        index: usize,
+        calls: &[MessageToolCall],
+        content: &str,
+    ) -> Result<String, ApiError> {
         let mut written = Vec::with_capacity(calls.len());
         for (j, call) in calls.iter().enumerate() {
             if call.kind != "function" || !good_name(&call.function.name) {
@@ -297,7 +302,7 @@ impl CallBook {
                 arguments: call.function.arguments.clone(),
             });
         }
-        Ok(tools::calls_text(&written))
+        Ok(tools::calls_text(&written, content))
     }
 
     /// A `tool` message's content as the user message that reports the result.
@@ -307,13 +312,15 @@ impl CallBook {
         id: Option<&str>,
         content: &str,
     ) -> Result<String, ApiError> {
-        let name = id.and_then(|id| self.names.get(id)).ok_or_else(|| {
+        let (id, name) = id
+            .and_then(|id| self.names.get_key_value(id))
+            .ok_or_else(|| {
             ApiError::invalid(
                 format!("messages[{index}].tool_call_id"),
                 "A message with role 'tool' must answer a preceding assistant message's tool call by its 'tool_call_id'",
             )
         })?;
-        Ok(tools::result_text(name, content))
+        Ok(tools::result_text(name, id, content))
     }
 }
 
@@ -466,14 +473,14 @@ mod tests {
         let call: MessageToolCall = serde_json::from_value(serde_json::json!({"id": "call_1",
             "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}))
         .unwrap();
-        let text = book.calls(0, &[call]).unwrap();
+        let text = book.calls(0, &[call], "").unwrap();
         assert_eq!(
             text,
             r#"{"tool_call":{"name":"get_weather","arguments":{"city":"Paris"}}}"#
         );
         assert_eq!(
             book.result(1, Some("call_1"), "18 C").unwrap(),
-            r#"{"tool_response":{"tool":"get_weather","content":"18 C"}}"#
+            r#"{"tool_response":{"tool":"get_weather","tool_call_id":"call_1","content":"18 C"}}"#
         );
     }
 }

@@ -555,10 +555,14 @@ fn prompt_token_bound(chat: &ValidatedChat) -> u64 {
     const PER_MESSAGE: u64 = 16;
     const TEMPLATE: u64 = 256;
     let text = chat.prompt.as_ref().map_or(0, |p| p.len() as u64);
-    // Tools are rendered by the template, or listed in a system note; either way as JSON no
-    // longer than the note's pretty-printed list, plus the template's own text.
+    // Tools are listed in a system note, or rendered by the template (indented, escaped, with
+    // its own text around them): bounded by six bytes for each of theirs (a `\u00XX` escape)
+    // and a fixed allowance for the template's tool text.
+    const TOOL_TEXT: u64 = 4096;
     let tools = chat.tools.as_ref().map_or(0, |t| {
-        proofmesh_shared::tools::system_note(&t.json).map_or(4 * t.json.len(), |n| n.len()) as u64
+        (t.json.len() as u64)
+            .saturating_mul(6)
+            .saturating_add(TOOL_TEXT)
     });
     let text = text.saturating_add(tools);
     chat.messages
@@ -957,10 +961,11 @@ impl Chunks {
     /// The first event: the role (chat), or the echoed prompt (text, with `echo`).
     fn opening(&mut self) -> Option<Event> {
         match &self.surface {
+            // An answer that may be calls opens with no content, as OpenAI's do.
             Surface::Chat => Some(json_event(&self.chunk(
                 Delta {
                     role: Some("assistant"),
-                    content: Some(String::new()),
+                    content: self.held.is_none().then(String::new),
                     tool_calls: None,
                 },
                 None,

@@ -6,7 +6,7 @@
 //! clock (`strftime_now` is not offered), so a referee renders the prompt the provider did.
 
 use minijinja::syntax::SyntaxConfig;
-use minijinja::value::Serde;
+use minijinja::value::{Kwargs, Serde, Value};
 use minijinja::{Environment, Error, ErrorKind, context};
 use proofmesh_shared::protocol::ChatMessage;
 use serde::Serialize;
@@ -15,6 +15,9 @@ use serde::Serialize;
 const NAME: &str = "chat";
 /// A tool no template names by chance: a template that shows it renders tools itself.
 const PROBE: &str = "proofmesh_probe_tool";
+/// Most instructions one rendering may run (a chat template runs thousands): a template that
+/// loops without end fails instead of holding the thread that renders it.
+const FUEL: u64 = 10_000_000;
 
 /// A compiled chat template.
 pub(crate) struct ChatTemplate {
@@ -51,6 +54,10 @@ impl ChatTemplate {
             .build()
             .map_err(|e| e.to_string())?;
         env.set_syntax(syntax);
+        env.set_fuel(Some(FUEL));
+        // As Hugging Face's `tojson` (Python's `json.dumps`, non-ASCII kept), not minijinja's,
+        // which escapes `<`, `>`, `&` and `'` for HTML.
+        env.add_filter("tojson", tojson);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -134,6 +141,66 @@ impl ChatTemplate {
     }
 }
 
+/// `tojson` as Hugging Face's templates know it: `json.dumps(value, ensure_ascii=False,
+/// indent=indent)`, so `", "` and `": "` between items, or `indent` spaces and `": "`.
+fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let mut out = Vec::new();
+    let written = match indent {
+        Some(n) => {
+            let spaces = vec![b' '; n.min(16)];
+            let formatter = serde_json::ser::PrettyFormatter::with_indent(&spaces);
+            value.serialize(&mut serde_json::Serializer::with_formatter(
+                &mut out, formatter,
+            ))
+        }
+        None => value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out,
+            PythonSeparators,
+        )),
+    };
+    written.map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let text = String::from_utf8(out)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    Ok(Value::from_safe_string(text))
+}
+
+/// Python's default JSON separators: `", "` and `": "`.
+struct PythonSeparators;
+
+impl serde_json::ser::Formatter for PythonSeparators {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -195,6 +262,32 @@ mod tests {
             prompt,
             "<|im_start|>system\n# Tools{\"name\": \"get_weather\", \"parameters\": {\"type\": \"object\"}}<|im_end|><|im_start|>user\nWeather?<|im_end|><|im_start|>assistant"
         );
+    }
+
+    #[test]
+    fn tojson_writes_as_python_does_and_endless_templates_run_out_of_fuel() {
+        let template = ChatTemplate::new(
+            "{{ tools | tojson }}|{{ tools[0] | tojson(indent=2) }}",
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        let tools = r#"[{"a":"the user's <b>","b":[1,{}],"c":"é"}]"#;
+        let prompt = template
+            .render_raw(&user("x"), &serde_json::from_str(tools).unwrap())
+            .unwrap();
+        assert_eq!(
+            prompt,
+            "[{\"a\": \"the user's <b>\", \"b\": [1, {}], \"c\": \"é\"}]|{\n  \"a\": \"the user's <b>\",\n  \"b\": [\n    1,\n    {}\n  ],\n  \"c\": \"é\"\n}"
+        );
+        let endless = ChatTemplate::new(
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        let error = endless.render(&user("x"), TOOLS).unwrap_err();
+        assert!(error.contains("fuel"), "{error}");
     }
 
     #[test]
