@@ -3,6 +3,7 @@
 OpenAI-compatible server, same model, threads and parallel slots, same prompts, one run.
 
     bench/serve.py [--concurrency 1,4,16] [--tokens 128] [--threads 2] [--rounds 2]
+                   [--structured-concurrency 1,4]
 
 Rows for proofmesh in `none`, `merkle` and `fraud` mode (fraud: released at once, a drawn share
 audited afterwards; a table pairs it with `none` round by round, and another reports the audit work
@@ -16,7 +17,10 @@ slots (llama-server's default is 4) and a context of 2,560 tokens per slot (room
 prompt); then, in interleaved rounds (each round starting with the next target, so that the
 machine's drift does not always land on the same one), each target gets the same fixed prompt set
 from `concurrency` client threads, streaming and not; every cell is the median over rounds. Prints one table: aggregate generated tokens/s, TTFT and latency p50/p99, failures, and
-the proofmesh/llama-server ratio, paired round by round. Everything listens on 127.0.0.1; every loop is bounded.
+the proofmesh/llama-server ratio, paired round by round. At `--structured-concurrency` levels a
+further table does the same with every request carrying one json_schema `response_format`
+(llama-server and proofmesh `none` and `merkle`), failing any answer that does not parse into the
+schema's keys. Everything listens on 127.0.0.1; every loop is bounded.
 """
 import argparse
 import json
@@ -64,9 +68,20 @@ def percentile(xs, p):
     return xs[k]
 
 
-def one_request(url, prompt, tokens, stream, mode):
+# The structured-output rows' schema: room for about `--tokens` tokens of JSON, bounded so that a
+# small model finishes it.
+SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string", "maxLength": 60},
+    "points": {"type": "array", "minItems": 1, "maxItems": 4, "items": {"type": "string", "maxLength": 120}}},
+    "required": ["title", "points"], "additionalProperties": False}
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
+
+
+def one_request(url, prompt, tokens, stream, mode, constrained=False):
     body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
             "temperature": 0, "stream": stream}
+    if constrained:
+        body["response_format"] = RESPONSE_FORMAT
     if stream:
         body["stream_options"] = {"include_usage": True}
     if mode:
@@ -78,7 +93,12 @@ def one_request(url, prompt, tokens, stream, mode):
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=600) as resp:
         audit_id = resp.headers.get("x-proofmesh-audit-id")
-        generated = json.load(resp)["usage"]["completion_tokens"]
+        answer = json.load(resp)
+        generated = answer["usage"]["completion_tokens"]
+    if constrained and answer["choices"][0]["finish_reason"] == "stop":
+        value = json.loads(answer["choices"][0]["message"]["content"])  # a failure if not JSON
+        if not (isinstance(value, dict) and set(value) == {"title", "points"}):
+            raise ValueError(f"answer outside the schema: {value!r}")
     if audit_id:
         with FRAUD_IDS_LOCK:
             FRAUD_IDS.append(audit_id)
@@ -86,7 +106,7 @@ def one_request(url, prompt, tokens, stream, mode):
     return latency, latency, generated
 
 
-def load(url, concurrency, tokens, stream, mode, requests):
+def load(url, concurrency, tokens, stream, mode, requests, constrained=False):
     """Runs `requests` requests from `concurrency` threads; returns metrics."""
     jobs = list(range(requests))
     lock = threading.Lock()
@@ -99,7 +119,7 @@ def load(url, concurrency, tokens, stream, mode, requests):
                     return
                 i = jobs.pop()
             try:
-                r = one_request(url, PROMPTS[i % len(PROMPTS)], tokens, stream, mode)
+                r = one_request(url, PROMPTS[i % len(PROMPTS)], tokens, stream, mode, constrained)
                 with lock:
                     results.append(r)
             except Exception as e:  # noqa: BLE001 - every failure is counted and shown
@@ -205,6 +225,28 @@ def stall(url, mode, streams, tokens):
             "tokens_during": min(got, default=0), "failures": failures}
 
 
+def structured_rows(targets, c, parallel, args, requests):
+    """Interleaved rounds of json_schema requests on llama-server and proofmesh (none, merkle)."""
+    wanted = [t for t in targets if t[1] and t[0] in ("llama-server", "proofmesh none", "proofmesh merkle")]
+    agg = {name: {"tps": [], "lat": [], "failures": []} for name, _, _ in wanted}
+    for r in range(args.rounds):
+        for name, url, mode in wanted[r % len(wanted):] + wanted[:r % len(wanted)]:
+            m = load(url + "/v1/chat/completions", c, args.tokens, False, mode, requests, constrained=True)
+            agg[name]["tps"].append(m["tps"])
+            agg[name]["lat"] += m["lat"]
+            agg[name]["failures"] += m["failures"]
+    rows = []
+    for name, _, _ in wanted:
+        a = agg[name]
+        ratios = [t / b for t, b in zip(a["tps"], agg["llama-server"]["tps"])]
+        rows.append((c, parallel, name, statistics.median(a["tps"]), percentile(a["lat"], 50),
+                     percentile(a["lat"], 99), len(a["failures"]), statistics.median(ratios), min(ratios),
+                     max(ratios)))
+        for f in a["failures"][:3]:
+            print(f"  structured {name} c={c}: {f}", file=sys.stderr)
+    return rows
+
+
 def engine_load(bins, model, threads, concurrency, tokens, requests):
     """The provider's engine in-process (provider/examples/engine_load.rs): no mesh, no HTTP."""
     out = subprocess.run([os.path.join(bins, "examples", "engine_load"), model, str(threads), str(concurrency),
@@ -235,8 +277,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level")
     ap.add_argument("--stall-concurrency", type=int, default=4,
                     help="level at which a ~2,000-token prompt arrives mid-run (0: skip)")
+    ap.add_argument("--structured-concurrency", default="1,4",
+                    help="levels that also get structured-output rows: every request with the same "
+                         "json_schema response_format, on llama-server and proofmesh (empty: skip)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    structured_levels = {int(c) for c in args.structured_concurrency.split(",") if c}
 
     subprocess.run(["cargo", "build", "--release", "--locked", "-p", "proofmesh-gateway", "-p", "proofmesh-provider",
                     "--bins", "--example", "engine_load"], cwd=ROOT, check=True)
@@ -246,7 +292,7 @@ def main():
     llama_bin = subprocess.run([os.path.join(ROOT, "bench", "llama_cpp.sh"), "llama-server"], check=True,
                                capture_output=True, text=True).stdout.strip()
     logs = tempfile.mkdtemp(prefix="proofmesh-serve-")
-    rows, stalls, pairs, deferred = [], [], [], []
+    rows, stalls, pairs, deferred, structured = [], [], [], [], []
     for c in levels:
         parallel = max(4, c)
         procs = []
@@ -311,6 +357,8 @@ def main():
                                  min(ratios), max(ratios)))
                     for f in a["failures"][:3]:
                         print(f"  {name} c={c}: {f}", file=sys.stderr)
+            if c in structured_levels:
+                structured += structured_rows(targets, c, parallel, args, requests)
             with FRAUD_IDS_LOCK:
                 ids = FRAUD_IDS[:]
                 FRAUD_IDS.clear()
@@ -363,6 +411,16 @@ def main():
             ended = ", ".join(f"{k} {v}" for k, v in sorted(d["statuses"].items()))
             print(f"| {c} | {d['answers']} | {d['drawn']} | {ended} | {percentile(d['audit_ms'], 50):.0f} ms | "
                   f"{percentile(d['audit_ms'], 99):.0f} ms | {percentile(d['evidence_bytes'], 50):.0f} B |")
+    if structured:
+        print("\nStructured output: every request with the same json_schema response_format (plain requests; "
+              "llama-server compiles the schema to its own grammar, proofmesh constrains with llguidance and "
+              "the gateway walks every token through the schema); ratio paired round by round with "
+              "llama-server's constrained figure:\n")
+        print("| conc | slots | server | gen tok/s | latency p50 | latency p99 | failed | ratio | range |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for c, par, name, tps, l50, l99, failed, ratio, low, high in structured:
+            print(f"| {c} | {par} | {name} | {tps:.1f} | {l50:.0f} ms | {l99:.0f} ms | {failed} | {ratio:.2f} "
+                  f"| {low:.2f}-{high:.2f} |")
     if stalls:
         print("\nA ~2,000-token prompt arriving while streams run (llama-server prefills with its default "
               "batch of 2048, proofmesh in batches of 512 shared with the running streams' tokens, so "

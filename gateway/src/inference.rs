@@ -57,8 +57,6 @@ pub struct Generation {
     /// The request's constraint, walked along the tokens as they arrive (the gateway's own,
     /// over its vocabulary).
     guide: Option<Guide>,
-    /// Whether the request's stop sequences may cut the answer short.
-    has_stops: bool,
     /// Tokens the request allows.
     max_tokens: u32,
     /// Tokens and text bytes received so far.
@@ -228,10 +226,13 @@ impl Generation {
     }
 
     /// Whether an answer that ended for `reason` is complete under the request's constraint:
-    /// a `stop` without a stop sequence that could have cut it must end where the constraint
-    /// is complete (a provider cannot stop a JSON answer halfway and call it done).
+    /// a `stop` must end where the constraint is complete, unless one of the request's stop
+    /// sequences ended it, as the gateway's own transcript of the tokens shows (a provider
+    /// cannot stop a JSON answer or a tool call halfway and call it done, nor claim a stop
+    /// sequence that is not there).
     pub fn ends_well(&mut self, reason: FinishReason) -> bool {
-        let cut = reason == FinishReason::Length || self.has_stops;
+        let cut = reason == FinishReason::Length
+            || self.transcript.as_ref().is_some_and(Transcript::stopped);
         cut || self.guide.as_mut().is_none_or(Guide::complete)
     }
 
@@ -438,7 +439,6 @@ async fn try_start(
                     .transcript(&candidate.card.digest, &request.stop),
                 leaves: request.stream_leaves.then(Vec::new),
                 guide,
-                has_stops: !request.stop.is_empty(),
                 max_tokens: request.max_tokens,
                 tokens_seen: 0,
                 text_bytes: 0,

@@ -15,7 +15,7 @@ mod support;
 
 use proofmesh_provider::Tamper;
 use serde_json::{Value, json};
-use support::{HONEST, Mesh, ProviderSpec, chat_body, header};
+use support::{HONEST, Mesh, ProviderSpec, chat_body, fails_both_ways, header};
 
 /// Five schemas of the kinds agent code asks for, with a prompt each. Strings and numbers are
 /// bounded, as OpenAI's strict schemas usually are, so a small model finishes its JSON.
@@ -219,22 +219,8 @@ async fn providers_that_ignore_the_constraint_or_apply_another_fail_every_reques
                 json!({"model": cheat, "response_format": json_schema(&schema), "max_tokens": 64,
                        "verification_mode": mode, "seed": i, "temperature": 0.5}),
             );
-            let (status, _, answer) = mesh.chat(body.clone()).await;
-            assert_eq!(status, 502, "{cheat} {mode}: {answer}");
-            let message = answer["error"]["message"].as_str().unwrap();
-            assert!(
-                message.contains("failed:constraint_violated"),
-                "{cheat} {mode}: {message}"
-            );
-
-            let mut streamed = body;
-            streamed["stream"] = json!(true);
-            let (_, _, data) = mesh.chat_stream(streamed).await;
-            let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
-            assert_eq!(
-                last["error"]["code"], "verification_failed",
-                "{cheat} {mode}: {last}"
-            );
+            let what = format!("{cheat} {mode}");
+            fails_both_ways(&mesh, body, "failed:constraint_violated", &what).await;
         }
     }
 }
@@ -242,30 +228,25 @@ async fn providers_that_ignore_the_constraint_or_apply_another_fail_every_reques
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_stops_a_json_answer_halfway_fails_even_unaudited() {
     // It stops after four tokens and claims the model ended there: every token it sent was
-    // allowed, but the JSON is not complete, and no stop sequence could have cut it.
+    // allowed, but the JSON is not complete, and no stop sequence cut it: not even when the
+    // request has stop sequences, which a provider could otherwise claim (the gateway's own
+    // transcript shows none matched). The same for a tool call.
     let mesh = Mesh::start(&[ProviderSpec::tampering("truncate", Tamper::Truncate)]).await;
     let (prompt, schema) = schemas().remove(0);
-    for stream in [false, true] {
-        let body = chat_body(
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": schema}}]);
+    let asks = [
+        json!({"tools": tools, "tool_choice": "required", "stop": ["###"]}),
+        json!({"response_format": json_schema(&schema), "stop": ["\n\n\n"]}),
+        json!({"response_format": json_schema(&schema)}),
+    ];
+    for ask in asks {
+        let mut body = chat_body(
             prompt,
-            json!({"model": "truncate", "response_format": json_schema(&schema), "max_tokens": 64,
-                   "verification_mode": "none", "stream": stream}),
+            json!({"model": "truncate", "max_tokens": 64, "verification_mode": "none"}),
         );
-        let message = if stream {
-            let (_, _, data) = mesh.chat_stream(body).await;
-            let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
-            last["error"]["message"].as_str().unwrap_or("").to_string()
-        } else {
-            let (status, _, answer) = mesh.chat(body).await;
-            assert_eq!(status, 502, "{answer}");
-            answer["error"]["message"]
-                .as_str()
-                .unwrap_or("")
-                .to_string()
-        };
-        assert!(
-            message.contains("constraint_violated"),
-            "stream {stream}: {message}"
-        );
+        for (key, value) in ask.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        fails_both_ways(&mesh, body, "failed:constraint_violated", &ask.to_string()).await;
     }
 }

@@ -13,7 +13,7 @@ mod support;
 
 use proofmesh_provider::Tamper;
 use serde_json::{Value, json};
-use support::{HONEST, Mesh, ProviderSpec, chat_body, header};
+use support::{HONEST, Mesh, ProviderSpec, chat_body, fails_both_ways, header};
 
 fn weather() -> Value {
     json!({"type": "function", "function": {
@@ -206,21 +206,8 @@ async fn providers_that_answer_outside_the_tools_fail_every_request() {
                        "max_tokens": 64, "verification_mode": mode, "seed": i,
                        "temperature": 0.5}),
             );
-            let (status, _, answer) = mesh.chat(body.clone()).await;
-            assert_eq!(status, 502, "{cheat} {mode}: {answer}");
-            let message = answer["error"]["message"].as_str().unwrap();
-            assert!(
-                message.contains("failed:constraint_violated"),
-                "{cheat} {mode}: {message}"
-            );
-            let mut streamed = body;
-            streamed["stream"] = json!(true);
-            let (_, _, data) = mesh.chat_stream(streamed).await;
-            let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
-            assert_eq!(
-                last["error"]["code"], "verification_failed",
-                "{cheat} {mode}: {last}"
-            );
+            let what = format!("{cheat} {mode}");
+            fails_both_ways(&mesh, body, "failed:constraint_violated", &what).await;
             failed += 2;
         }
     }

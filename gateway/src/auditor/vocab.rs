@@ -490,6 +490,11 @@ impl Transcript {
     pub fn finish(&mut self) -> String {
         self.text.finish()
     }
+
+    /// Whether one of the request's stop sequences ended the answer.
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
 }
 
 #[cfg(test)]

@@ -638,6 +638,28 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Asserts that `body` fails verification with `failure` (e.g. `failed:constraint_violated`)
+/// when asked plainly (a 502 naming it), and that streamed it ends with a
+/// `verification_failed` error event; `what` labels the assertion messages.
+pub async fn fails_both_ways(mesh: &Mesh, body: Value, failure: &str, what: &str) {
+    let (status, _, answer) = mesh.chat(body.clone()).await;
+    assert_eq!(status, 502, "{what}: {answer}");
+    assert_eq!(answer["error"]["code"], "verification_failed", "{what}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(failure), "{what}: {message}");
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (_, _, data) = mesh.chat_stream(streamed).await;
+    let last: Value = data
+        .last()
+        .and_then(|d| serde_json::from_str(d).ok())
+        .unwrap_or_default();
+    assert_eq!(
+        last["error"]["code"], "verification_failed",
+        "{what}: {last}"
+    );
+}
+
 /// A short chat request body.
 pub fn chat_body(content: &str, extra: Value) -> Value {
     let mut body = json!({

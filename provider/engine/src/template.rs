@@ -168,17 +168,22 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
 /// Python's default JSON separators: `", "` and `": "`.
 struct PythonSeparators;
 
+/// `", "` before every item but the first.
+fn between<W: ?Sized + std::io::Write>(writer: &mut W, first: bool) -> std::io::Result<()> {
+    if first {
+        Ok(())
+    } else {
+        writer.write_all(b", ")
+    }
+}
+
 impl serde_json::ser::Formatter for PythonSeparators {
     fn begin_array_value<W: ?Sized + std::io::Write>(
         &mut self,
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        between(writer, first)
     }
 
     fn begin_object_key<W: ?Sized + std::io::Write>(
@@ -186,11 +191,7 @@ impl serde_json::ser::Formatter for PythonSeparators {
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        between(writer, first)
     }
 
     fn begin_object_value<W: ?Sized + std::io::Write>(
