@@ -144,35 +144,32 @@ fn placed(mut schema: Value, name: &str, defs: &mut serde_json::Map<String, Valu
     json!({"$ref": format!("#/$defs/{name}")})
 }
 
+/// Keywords whose values are data, not schemas: a `$ref` in them is not a reference.
+const DATA: [&str; 4] = ["const", "enum", "default", "examples"];
+
 /// Whether a schema holds a `$ref` anywhere.
 fn refers(schema: &Value) -> bool {
     match schema {
-        Value::Object(fields) => fields.iter().any(|(k, v)| k == "$ref" || refers(v)),
+        Value::Object(fields) => fields
+            .iter()
+            .any(|(k, v)| k == "$ref" || (!DATA.contains(&k.as_str()) && refers(v))),
         Value::Array(items) => items.iter().any(refers),
         _ => false,
     }
 }
 
-/// Points a moved schema's references (`#`, `#/$defs/X`, `#/definitions/X`) at its new place.
+/// Points a moved schema's local references at its new place.
 fn rewrite_refs(schema: &mut Value, name: &str) {
     match schema {
         Value::Object(fields) => {
             for (key, value) in fields.iter_mut() {
                 match (key.as_str(), value) {
                     ("$ref", Value::String(target)) => {
-                        let moved = if target == "#" {
-                            Some(format!("#/$defs/{name}"))
-                        } else {
-                            ["#/$defs/", "#/definitions/"].iter().find_map(|root| {
-                                target
-                                    .strip_prefix(root)
-                                    .map(|def| format!("#/$defs/{name}.{def}"))
-                            })
-                        };
-                        if let Some(moved) = moved {
+                        if let Some(moved) = moved_ref(target, name) {
                             *target = moved;
                         }
                     }
+                    (key, _) if DATA.contains(&key) => {}
                     (_, value) => rewrite_refs(value, name),
                 }
             }
@@ -180,6 +177,22 @@ fn rewrite_refs(schema: &mut Value, name: &str) {
         Value::Array(items) => items.iter_mut().for_each(|v| rewrite_refs(v, name)),
         _ => {}
     }
+}
+
+/// Where a local reference of the schema moved to `$defs/name` points now: `#` to it, its
+/// own definitions to `name.<def>`, any other path below it. Remote references stay.
+fn moved_ref(target: &str, name: &str) -> Option<String> {
+    let rest = target.strip_prefix('#')?;
+    let rest = rest.strip_prefix('/').unwrap_or(rest);
+    if rest.is_empty() {
+        return Some(format!("#/$defs/{name}"));
+    }
+    for root in ["$defs/", "definitions/"] {
+        if let Some(def) = rest.strip_prefix(root) {
+            return Some(format!("#/$defs/{name}.{def}"));
+        }
+    }
+    Some(format!("#/$defs/{name}/{rest}"))
 }
 
 /// `{"type": "object"}` with one required property.
@@ -257,34 +270,31 @@ pub enum Reply {
 
 impl Reply {
     /// Reads an answer in the format; `None` when it is not (cut short by `max_tokens`), or
-    /// when some object in it names a key twice (`"city"` and `"ci\u0074y"`: the grammar
-    /// compares keys as written, a JSON reader as meant, so the second would silently replace
-    /// a value the grammar checked). A call's arguments are the exact text that was checked.
+    /// when a call's arguments name a key twice in one object (`"city"` and `"ci\u0074y"`:
+    /// the grammar compares keys as written, a JSON reader as meant, so the second would
+    /// silently replace a value the grammar checked). A call's arguments are the exact text
+    /// that was checked.
     pub fn parse(answer: &str) -> Option<Self> {
-        serde_json::from_str::<Unique>(answer).ok()?;
         let reply: Written<'_> = serde_json::from_str(answer).ok()?;
-        let call = |c: WrittenCall<'_>| ToolCall {
-            name: c.name,
-            arguments: c.arguments.get().to_owned(),
+        let call = |c: WrittenCall<'_>| {
+            let arguments = c.arguments.get();
+            unique_keys(arguments).then(|| ToolCall {
+                name: c.name,
+                arguments: arguments.to_owned(),
+            })
         };
-        match reply {
-            Written {
-                tool_call: Some(one),
-                ..
-            } => Some(Self::Calls(vec![call(one)])),
-            Written {
-                tool_calls: Some(many),
-                ..
-            } => Some(Self::Calls(many.into_iter().map(call).collect())),
-            Written {
-                response: Some(text),
-                ..
-            } => Some(Self::Text(
-                serde_json::from_str::<String>(text.get())
-                    .unwrap_or_else(|_| text.get().to_owned()),
-            )),
-            _ => None,
+        if let Some(one) = reply.tool_call {
+            return Some(Self::Calls(vec![call(one)?]));
         }
+        if let Some(many) = reply.tool_calls {
+            return Some(Self::Calls(
+                many.into_iter().map(call).collect::<Option<_>>()?,
+            ));
+        }
+        let text = reply.response?;
+        Some(Self::Text(
+            serde_json::from_str::<String>(text.get()).unwrap_or_else(|_| text.get().to_owned()),
+        ))
     }
 }
 
@@ -295,8 +305,16 @@ struct Written<'a> {
     tool_call: Option<WrittenCall<'a>>,
     #[serde(borrow, default)]
     tool_calls: Option<Vec<WrittenCall<'a>>>,
-    #[serde(borrow, default)]
-    response: Option<&'a serde_json::value::RawValue>,
+    /// Present even when it is `null` (a schema may allow that reply).
+    #[serde(default, deserialize_with = "present")]
+    response: Option<Box<serde_json::value::RawValue>>,
+}
+
+/// A field that is there, whatever its value (`Option` alone reads `null` as absent).
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Box<serde_json::value::RawValue>>, D::Error> {
+    serde::Deserialize::deserialize(deserializer).map(Some)
 }
 
 /// One call as written.
@@ -307,7 +325,13 @@ struct WrittenCall<'a> {
     arguments: &'a serde_json::value::RawValue,
 }
 
-/// Any JSON value with no object naming a key twice (keys compared unescaped).
+/// Whether no object in this JSON names a key twice (keys compared unescaped). Scalars are
+/// not read, so a number no float can hold is no failure.
+fn unique_keys(json: &str) -> bool {
+    serde_json::from_str::<Unique>(json).is_ok()
+}
+
+/// A JSON value that passed [`unique_keys`].
 struct Unique;
 
 impl<'de> serde::Deserialize<'de> for Unique {
@@ -317,6 +341,15 @@ impl<'de> serde::Deserialize<'de> for Unique {
 }
 
 struct UniqueVisitor;
+
+/// Checks a nested object or array; a scalar needs nothing.
+fn nested<E: serde::de::Error>(value: &serde_json::value::RawValue) -> Result<(), E> {
+    let text = value.get();
+    if text.starts_with(['{', '[']) && !unique_keys(text) {
+        return Err(E::custom("a key named twice"));
+    }
+    Ok(())
+}
 
 impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
     type Value = Unique;
@@ -331,37 +364,15 @@ impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
             if !seen.insert(key) {
                 return Err(serde::de::Error::custom("a key named twice"));
             }
-            map.next_value::<Unique>()?;
+            nested(map.next_value::<&serde_json::value::RawValue>()?)?;
         }
         Ok(Unique)
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
-        while seq.next_element::<Unique>()?.is_some() {}
-        Ok(Unique)
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
-        Ok(Unique)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
-        Ok(Unique)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
-        Ok(Unique)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
-        Ok(Unique)
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
-        Ok(Unique)
-    }
-
-    fn visit_unit<E>(self) -> Result<Unique, E> {
+        while let Some(item) = seq.next_element::<&serde_json::value::RawValue>()? {
+            nested(item)?;
+        }
         Ok(Unique)
     }
 }
@@ -495,6 +506,18 @@ mod tests {
             calls[0].arguments,
             r#"{"n":123456789012345678901234567890}"#
         );
+        // Even one no float can hold, which the grammar allows.
+        let huge = r#"{"tool_call":{"name":"f","arguments":{"n":[1e400]}}}"#;
+        assert!(matches!(Reply::parse(huge), Some(Reply::Calls(_))));
+        // A reply is text whatever its keys, and `null` is a reply too.
+        assert_eq!(
+            Reply::parse(r#"{"response":{"a":1,"a":2}}"#),
+            Some(Reply::Text(r#"{"a":1,"a":2}"#.into()))
+        );
+        assert_eq!(
+            Reply::parse(r#"{"response":null}"#),
+            Some(Reply::Text("null".into()))
+        );
     }
 
     #[test]
@@ -514,7 +537,7 @@ mod tests {
         let response = json!({"definitions": {"N": {"type": "integer"}}, "type": "object",
             "properties": {"n": {"$ref": "#/definitions/N"}}, "required": ["n"],
             "additionalProperties": false});
-        let combined = schema(&[tool], &ToolChoice::Auto, false, Some(response));
+        let combined = schema(&[tool], &ToolChoice::Auto, false, Some(response.clone()));
         assert!(accepts(
             &combined,
             r#"{"tool_call":{"name":"book","arguments":{"author":{"name":"Ann"}}}}"#
@@ -525,6 +548,35 @@ mod tests {
         ));
         assert!(accepts(&combined, r#"{"response":{"n":3}}"#));
         assert!(!accepts(&combined, r#"{"response":{"n":"3"}}"#));
+        // Other local paths, and a recursive schema's `#`, follow it; data is left alone.
+        let tree = Tool {
+            name: "tree".into(),
+            description: None,
+            parameters: json!({
+                "type": "object",
+                "properties": {
+                    "label": {"type": "string", "const": "x", "default": {"$ref": "#"}},
+                    "same": {"$ref": "#/properties/label"},
+                    "children": {"type": "array", "maxItems": 2, "items": {"$ref": "#"}},
+                },
+                "required": ["label", "same"], "additionalProperties": false,
+            }),
+        };
+        let combined = schema(&[tree], &ToolChoice::Required, false, None);
+        let text = combined.to_string();
+        assert!(text.contains(r##""default":{"$ref":"#"}"##), "{text}");
+        assert!(
+            text.contains(r##""$ref":"#/$defs/t0/properties/label""##),
+            "{text}"
+        );
+        assert!(accepts(
+            &combined,
+            r#"{"tool_call":{"name":"tree","arguments":{"label":"x","same":"x","children":[{"label":"x","same":"x"}]}}}"#
+        ));
+        assert!(!accepts(
+            &combined,
+            r#"{"tool_call":{"name":"tree","arguments":{"label":"x","same":"y"}}}"#
+        ));
     }
 
     #[test]

@@ -658,6 +658,8 @@ pub async fn fails_both_ways(mesh: &Mesh, body: Value, failure: &str, what: &str
         last["error"]["code"], "verification_failed",
         "{what}: {last}"
     );
+    let message = last["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(failure), "{what}, streamed: {message}");
 }
 
 /// A short chat request body.
