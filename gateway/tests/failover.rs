@@ -208,7 +208,9 @@ async fn a_provider_streaming_without_end_is_cut_off_at_max_tokens() {
 }
 
 /// Kills the provider serving a request while it generates, `PROOFMESH_KILL_TRIALS` times
-/// (default 4; `bench/` runs 100), half plain and half streamed. No request may hang; every
+/// (default 4; the acceptance run used 100: `PROOFMESH_KILL_TRIALS=100 cargo test -p
+/// proofmesh-gateway --test failover -- killing`, recorded in `bench/results.md`), half plain
+/// and half streamed. No request may hang; every
 /// plain one is answered by the other provider (failover), and every streamed one either
 /// completes or ends with an error event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
