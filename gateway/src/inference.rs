@@ -363,16 +363,18 @@ fn refusal(kind: RemoteErrorKind, message: &str) -> Failure {
 }
 
 /// Opens a generation on the next provider `attempts` offers that accepts `request`; in a
-/// refereed mode, a referee starts following it at once. When none does, the retry policy's
-/// error for the whole request.
+/// refereed mode, a referee starts following it at once. `guide` is the request's constraint,
+/// compiled once when the request was checked: each generation walks a copy of it. When none
+/// does, the retry policy's error for the whole request.
 pub async fn start<'a>(
     state: &AppState,
     attempts: &mut Attempts<'a>,
     request: &GenerateRequest,
+    guide: Option<&Guide>,
     mode: VerificationMode,
 ) -> Result<Generation, ApiError> {
     while let Some(candidate) = attempts.next_candidate() {
-        match try_start(state, candidate, request, attempts.deadline()).await {
+        match try_start(state, candidate, request, guide, attempts.deadline()).await {
             Ok(mut generation) => {
                 generation.referee = state.auditor.follow(candidate, request, mode);
                 return Ok(generation);
@@ -387,22 +389,10 @@ async fn try_start(
     state: &AppState,
     candidate: &Candidate,
     request: &GenerateRequest,
+    guide: Option<&Guide>,
     deadline: Deadline,
 ) -> Result<Generation, Failure> {
     let started_at = Instant::now();
-    // The gateway's own walk through the constraint (compiled when the request was checked,
-    // so a failure here is the gateway's, never the provider's).
-    let guide = match &request.constraint {
-        None => None,
-        Some(c) => Some(
-            state
-                .auditor
-                .guide(&candidate.card.digest, c)
-                .map_err(|e| {
-                    Failure::Refused(ApiError::invalid("response_format", e.to_string()))
-                })?,
-        ),
-    };
     let Some(load) = state.registry.try_track(candidate.peer) else {
         return Err(Failure::Full);
     };
@@ -438,7 +428,7 @@ async fn try_start(
                     .auditor
                     .transcript(&candidate.card.digest, &request.stop),
                 leaves: request.stream_leaves.then(Vec::new),
-                guide,
+                guide: guide.cloned(),
                 max_tokens: request.max_tokens,
                 tokens_seen: 0,
                 text_bytes: 0,

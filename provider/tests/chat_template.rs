@@ -6,8 +6,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use proofmesh_provider::engine::{Engine, EngineConfig};
+mod support;
+
+use proofmesh_provider::engine::Engine;
 use proofmesh_shared::protocol::{ChatMessage, Prompt};
+use proofmesh_shared::tools::{Join, add_to_system};
 
 const TOOLS: &str = r#"[{"type":"function","function":{"name":"get_weather","description":"The weather in a city","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}]"#;
 
@@ -20,18 +23,8 @@ fn message(role: &str, content: &str) -> ChatMessage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minijinja_renders_the_models_template_as_llama_cpp_does() {
-    let path = proofmesh_provider::fetch::default_model_path();
-    assert!(
-        path.is_file(),
-        "run `cargo run -p proofmesh-provider -- fetch-model` first (scripts/test.sh does)"
-    );
-    let config = EngineConfig {
-        threads: 2,
-        context_size: 512,
-        parallel: 1,
-        referee_slots: 0,
-        ..EngineConfig::new(path)
-    };
+    // Only the template and the tokenizer run: the small engine's context is room enough.
+    let config = support::small_engine().await;
     let engine = tokio::task::spawn_blocking(move || Engine::start(&config))
         .await
         .unwrap()
@@ -56,14 +49,9 @@ async fn minijinja_renders_the_models_template_as_llama_cpp_does() {
         let with_tools = engine
             .tokenize(Prompt::Chat(&messages, Some(TOOLS)))
             .unwrap();
-        // The same conversation with the note written in by hand, through llama.cpp.
+        // The same conversation with the note added as the provider adds it, through llama.cpp.
         let mut noted = messages.clone();
-        match noted.first_mut() {
-            Some(first) if first.role == "system" => {
-                first.content = format!("{note}\n\n{}", first.content);
-            }
-            _ => noted.insert(0, message("system", &note)),
-        }
+        add_to_system(&mut noted, &note, Join::Before);
         let by_llama = engine.tokenize(Prompt::Chat(&noted, None)).unwrap();
         assert_eq!(with_tools, by_llama, "{messages:?}");
         // And the tools are in it: without them the prompt is another.

@@ -145,6 +145,7 @@ impl TokenSpace {
             vocab_size: self.vocab_size,
             silent: Arc::clone(&self.silent),
             walk: Walk::Open,
+            masked: Vec::new(),
         })
     }
 }
@@ -155,6 +156,22 @@ pub struct Guide {
     vocab_size: usize,
     silent: Arc<[bool]>,
     walk: Walk,
+    /// The masked logits of [`Guide::candidates`], reused from step to step.
+    masked: Vec<f32>,
+}
+
+impl Clone for Guide {
+    /// The walk as it stands, continued independently (a fresh guide's copy is a fresh walk,
+    /// without compiling the constraint again).
+    fn clone(&self) -> Self {
+        Self {
+            matcher: self.matcher.deep_clone(),
+            vocab_size: self.vocab_size,
+            silent: Arc::clone(&self.silent),
+            walk: self.walk,
+            masked: Vec::new(),
+        }
+    }
 }
 
 /// Where a walk stands.
@@ -235,19 +252,20 @@ impl Guide {
     }
 
     /// The sampler's candidates among the tokens allowed now: [`sampling::top_candidates`]
-    /// over `logits` with every other token at minus infinity. `scratch` is reused across
-    /// steps. `None` once the walk broke.
-    pub fn candidates(&mut self, logits: &[f32], scratch: &mut Vec<f32>) -> Option<Vec<TopLogit>> {
+    /// over `logits` with every other token at minus infinity. `None` once the walk broke.
+    pub fn candidates(&mut self, logits: &[f32]) -> Option<Vec<TopLogit>> {
         let mask = self.allowed()?;
-        scratch.clear();
-        scratch.extend(logits.iter().enumerate().map(|(id, &logit)| {
-            if id < self.vocab_size && mask.is_allowed(id as u32) {
-                logit
-            } else {
-                f32::NEG_INFINITY
-            }
-        }));
-        let mut top = sampling::top_candidates(scratch);
+        let vocab_size = self.vocab_size;
+        self.masked.clear();
+        self.masked
+            .extend(logits.iter().enumerate().map(|(id, &logit)| {
+                if id < vocab_size && mask.is_allowed(id as u32) {
+                    logit
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
+        let mut top = sampling::top_candidates(&self.masked);
         top.retain(|c| c.logit.is_finite());
         Some(top)
     }
@@ -332,8 +350,7 @@ mod tests {
         let (space, end) = space();
         let mut guide = space.guide(&Constraint::JsonObject).unwrap();
         let logits: Vec<f32> = (0..=end).map(|t| (t % 17) as f32).collect();
-        let mut scratch = Vec::new();
-        let top = guide.candidates(&logits, &mut scratch).unwrap();
+        let top = guide.candidates(&logits).unwrap();
         assert!(!top.is_empty());
         let mask = guide.allowed().unwrap();
         assert!(top.iter().all(|c| mask.is_allowed(c.id)));

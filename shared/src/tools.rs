@@ -205,6 +205,35 @@ fn object_of(key: &str, schema: Value) -> Value {
     })
 }
 
+/// Where text joins the system message's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Join {
+    /// Before it (the provider's list of tools).
+    Before,
+    /// After it (the gateway's [`instruction`]).
+    After,
+}
+
+/// Adds `text` to the conversation's system message, before or after its own text and a
+/// blank line; a conversation without one gets a system message of `text` first.
+pub fn add_to_system(messages: &mut Vec<crate::protocol::ChatMessage>, text: &str, join: Join) {
+    match messages.first_mut() {
+        Some(first) if first.role == "system" => {
+            first.content = match join {
+                Join::Before => format!("{text}\n\n{}", first.content),
+                Join::After => format!("{}\n\n{text}", first.content),
+            };
+        }
+        _ => messages.insert(
+            0,
+            crate::protocol::ChatMessage {
+                role: "system".into(),
+                content: text.to_owned(),
+            },
+        ),
+    }
+}
+
 /// The line the gateway adds to the system message: how to answer.
 pub fn instruction(choice: &ToolChoice, parallel: bool) -> String {
     let key = if parallel { "tool_calls" } else { "tool_call" };

@@ -3,6 +3,7 @@
 use proofmesh_shared::constraint::{Constraint, MAX_SCHEMA_BYTES};
 use proofmesh_shared::protocol::{ChatMessage, MAX_MESSAGES, MAX_STOP_LEN, MAX_STOP_SEQUENCES};
 use proofmesh_shared::sampling::SamplerParams;
+use proofmesh_shared::tools::{Join, add_to_system};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
@@ -345,7 +346,7 @@ impl ChatCompletionRequest {
             constraint.as_ref(),
         )?;
         let tools = plan.map(|plan| {
-            tools::instruct(&mut messages, &plan.instruction);
+            add_to_system(&mut messages, &plan.instruction, Join::After);
             constraint = Some(plan.constraint);
             plan.tools
         });
@@ -381,13 +382,7 @@ fn constraint_of(format: ResponseFormat) -> Result<Option<Constraint>, ApiError>
         ResponseFormat::JsonObject => return Ok(Some(Constraint::JsonObject)),
         ResponseFormat::JsonSchema { json_schema } => json_schema,
     };
-    let name_ok = !spec.name.is_empty()
-        && spec.name.len() <= 64
-        && spec
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if !name_ok {
+    if !tools::good_name(&spec.name) {
         return Err(ApiError::invalid(
             "response_format.json_schema.name",
             "'name' must be 1 to 64 letters, digits, '_' or '-'",

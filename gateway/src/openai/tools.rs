@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 
 use proofmesh_shared::constraint::Constraint;
-use proofmesh_shared::protocol::ChatMessage;
 use proofmesh_shared::tools::{self, MAX_TOOLS, MAX_TOOLS_BYTES, Tool, ToolCall, ToolChoice};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -248,28 +247,14 @@ fn checked_tools(declared: Vec<RequestTool>) -> Result<Vec<Tool>, ApiError> {
     Ok(checked)
 }
 
-fn good_name(name: &str) -> bool {
+/// Whether `name` is 1 to 64 letters, digits, `_` or `-`: OpenAI's rule for the names of
+/// functions and of `json_schema` response formats.
+pub(crate) fn good_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-}
-
-/// Adds `line` to the conversation's system message (a new one first, when it has none).
-pub fn instruct(messages: &mut Vec<ChatMessage>, line: &str) {
-    match messages.first_mut() {
-        Some(first) if first.role == "system" => {
-            first.content = format!("{}\n\n{line}", first.content);
-        }
-        _ => messages.insert(
-            0,
-            ChatMessage {
-                role: "system".into(),
-                content: line.to_owned(),
-            },
-        ),
-    }
 }
 
 /// The history's calls by id, so a `tool` message can name the tool it answers.

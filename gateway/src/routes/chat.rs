@@ -18,7 +18,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use proofmesh_shared::commit::{Commitment, SignedCommitment, StepLeaf};
-use proofmesh_shared::constraint::{Constraint, ConstraintError};
+use proofmesh_shared::constraint::{Constraint, ConstraintError, Guide};
 use proofmesh_shared::protocol::{GenerateFrame, GenerateRequest, RequestId};
 use proofmesh_shared::verify::AuditFailure;
 use tokio::sync::OwnedSemaphorePermit;
@@ -39,7 +39,7 @@ use crate::openai::response::{
     AssistantMessage, AuditStatistics, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice,
     Delta, ProofmeshInfo, Usage, unix_now,
 };
-use crate::openai::tools::{self, DeltaToolCall};
+use crate::openai::tools::{self, Answered, DeltaToolCall};
 use crate::registry::{Candidate, Lookup};
 use crate::state::AppState;
 
@@ -226,9 +226,13 @@ async fn answer(
     if chat.logprobs.is_some() {
         check_logprobs(&state, &chat, &candidates[0])?;
     }
-    if let Some(constraint) = &chat.constraint {
-        check_constraint(&state, &chat, &candidates[0], constraint).await?;
-    }
+    let guide = match &chat.constraint {
+        Some(constraint) => {
+            Some(check_constraint(&state, &chat, &candidates[0], constraint).await?)
+        }
+        None => None,
+    };
+    let guide = guide.as_ref();
     let request = GenerateRequest {
         version: GenerateRequest::VERSION,
         request_id: RequestId::random(),
@@ -255,17 +259,18 @@ async fn answer(
     };
     let mut attempts = Attempts::new(retry, state.registry.clone(), &candidates, arrival.at);
     if chat.mode == VerificationMode::Consensus {
-        consensus::respond(&state, &chat, &request, &mut attempts, &arrival).await
+        consensus::respond(&state, &chat, &request, guide, &mut attempts, &arrival).await
     } else if chat.stream {
         // Failover happens only before the first byte: once a provider accepted, the stream is
         // its, and a failure ends it with an error event.
-        let mut generation = inference::start(&state, &mut attempts, &request, chat.mode).await?;
+        let mut generation =
+            inference::start(&state, &mut attempts, &request, guide, chat.mode).await?;
         generation.bill_to(arrival.caller.clone());
         Ok(stream_response(
             state, chat, request, generation, arrival, admitted,
         ))
     } else {
-        plain_response(&state, &chat, &request, &mut attempts, &arrival).await
+        plain_response(&state, &chat, &request, guide, &mut attempts, &arrival).await
     }
 }
 
@@ -297,14 +302,14 @@ fn check_logprobs(
     Ok(())
 }
 
-/// Whether this gateway can check the request's constraint: it compiles it over the model's
-/// vocabulary, its own, as it will walk every answer's tokens through it.
+/// The request's constraint compiled over the model's vocabulary, the gateway's own, as it
+/// will walk every answer's tokens through it; or why this gateway cannot check it.
 async fn check_constraint(
     state: &AppState,
     chat: &ValidatedChat,
     candidate: &Candidate,
     constraint: &Constraint,
-) -> Result<(), ApiError> {
+) -> Result<Guide, ApiError> {
     // With tools, the constraint is made of their schemas.
     let param = if chat.tools.is_some() {
         "tools"
@@ -315,12 +320,11 @@ async fn check_constraint(
     let auditor = state.auditor.clone();
     let digest = candidate.card.digest;
     let constraint = constraint.clone();
-    let compiled =
-        tokio::task::spawn_blocking(move || auditor.guide(&digest, &constraint).map(drop))
-            .await
-            .map_err(|_| ApiError::invalid(param, format!("The {param} could not be compiled")))?;
+    let compiled = tokio::task::spawn_blocking(move || auditor.guide(&digest, &constraint))
+        .await
+        .map_err(|_| ApiError::invalid(param, format!("The {param} could not be compiled")))?;
     match compiled {
-        Ok(()) => Ok(()),
+        Ok(guide) => Ok(guide),
         Err(ConstraintError::Invalid(message)) => Err(ApiError::invalid(
             param,
             format!("This {param} cannot be used: {message}"),
@@ -389,11 +393,12 @@ async fn plain_response(
     state: &AppState,
     chat: &ValidatedChat,
     request: &GenerateRequest,
+    guide: Option<&Guide>,
     attempts: &mut Attempts<'_>,
     arrival: &Arrival,
 ) -> Result<Response, ApiError> {
     loop {
-        let mut generation = inference::start(state, attempts, request, chat.mode).await?;
+        let mut generation = inference::start(state, attempts, request, guide, chat.mode).await?;
         generation.bill_to(arrival.caller.clone());
         let done = match generation.collect().await {
             Ok(done) => done,
@@ -443,27 +448,14 @@ fn completion(
     logprobs: Option<ChoiceLogprobs>,
 ) -> ChatCompletion {
     let signed = &done.commitment.commitment;
-    let finish_reason = signed.finish_reason.as_openai();
-    let (message, finish_reason) = match &chat.tools {
-        None => (
-            AssistantMessage {
-                role: "assistant",
-                content: Some(done.text.clone()),
-                tool_calls: None,
-            },
-            finish_reason,
-        ),
-        Some(_) => {
-            let answered = tools::read_answer(&done.text, finish_reason);
-            (
-                AssistantMessage {
-                    role: "assistant",
-                    content: answered.content,
-                    tool_calls: answered.calls,
-                },
-                answered.finish_reason,
-            )
-        }
+    // With tools, the answer is read as calls or a reply; else it is the text.
+    let answered = match &chat.tools {
+        Some(_) => tools::read_answer(&done.text, signed.finish_reason.as_openai()),
+        None => Answered {
+            content: Some(done.text.clone()),
+            calls: None,
+            finish_reason: signed.finish_reason.as_openai(),
+        },
     };
     ChatCompletion {
         id: completion_id(&request.request_id),
@@ -472,8 +464,12 @@ fn completion(
         model: chat.model.clone(),
         choices: vec![Choice {
             index: 0,
-            message,
-            finish_reason,
+            message: AssistantMessage {
+                role: "assistant",
+                content: answered.content,
+                tool_calls: answered.calls,
+            },
+            finish_reason: answered.finish_reason,
             logprobs,
         }],
         usage: Usage::new(signed.prompt_tokens, done.tokens.len() as u32),

@@ -669,27 +669,22 @@ impl Engine {
         &self.info
     }
 
-    /// The fewest tokens `messages` can take (their text over the longest token's, halved for
-    /// any normalisation the tokenizer does): a bound known without tokenizing, so that an
-    /// oversized prompt is refused before any work is spent on it.
-    pub fn fewest_tokens(&self, messages: &[ChatMessage]) -> usize {
-        let bytes: usize = messages
-            .iter()
-            .map(|m| m.content.len() + m.role.len())
-            .sum();
-        bytes / (2 * self.info.longest_token_bytes.max(1) as usize)
-    }
-
-    /// [`Engine::fewest_tokens`] of either kind of prompt.
+    /// The fewest tokens a prompt can take (its text, a chat's tools included, over the
+    /// longest token's, halved for any normalisation the tokenizer does): a bound known
+    /// without tokenizing, so that an oversized prompt is refused before any work is spent on
+    /// it.
     pub fn fewest_tokens_of(&self, prompt: Prompt<'_>) -> usize {
-        match prompt {
+        let bytes = match prompt {
             Prompt::Chat(messages, tools) => {
-                let tools = tools.map_or(0, str::len);
-                self.fewest_tokens(messages)
-                    + tools / (2 * self.info.longest_token_bytes.max(1) as usize)
+                let text: usize = messages
+                    .iter()
+                    .map(|m| m.content.len() + m.role.len())
+                    .sum();
+                text + tools.map_or(0, str::len)
             }
-            Prompt::Text(text) => text.len() / (2 * self.info.longest_token_bytes.max(1) as usize),
-        }
+            Prompt::Text(text) => text.len(),
+        };
+        bytes / (2 * self.info.longest_token_bytes.max(1) as usize)
     }
 
     /// The tokens a request's prompt runs as: a chat through the model's template

@@ -299,7 +299,6 @@ fn feed(
     }
     ctx.decode(batch)
         .map_err(|e| format!("llama_decode failed: {e}"))?;
-    let mut scratch = Vec::new();
     for (step, batch_index) in scored {
         let claimed = job.claimed[step];
         let logits = ctx.get_logits_ith(batch_index);
@@ -308,7 +307,7 @@ fn feed(
         let (top, allowed) = match job.guide.as_deref_mut() {
             None => (sampling::top_candidates(logits), true),
             Some(guide) => {
-                let top = guide.candidates(logits, &mut scratch);
+                let top = guide.candidates(logits);
                 let allowed = top.is_some() && guide.advance(claimed);
                 (
                     top.unwrap_or_else(|| sampling::top_candidates(logits)),

@@ -9,6 +9,7 @@ use minijinja::syntax::SyntaxConfig;
 use minijinja::value::{Kwargs, Serde, Value};
 use minijinja::{Environment, Error, ErrorKind, context};
 use proofmesh_shared::protocol::ChatMessage;
+use proofmesh_shared::tools::{Join, add_to_system};
 use serde::Serialize;
 
 /// The name the template is compiled under.
@@ -101,18 +102,7 @@ impl ChatTemplate {
         }
         let note = proofmesh_shared::tools::system_note(tools).map_err(|e| e.to_string())?;
         let mut noted = messages.to_vec();
-        match noted.first_mut() {
-            Some(first) if first.role == "system" => {
-                first.content = format!("{note}\n\n{}", first.content);
-            }
-            _ => noted.insert(
-                0,
-                ChatMessage {
-                    role: "system".into(),
-                    content: note,
-                },
-            ),
-        }
+        add_to_system(&mut noted, &note, Join::Before);
         self.render_raw(&noted, &parsed)
     }
 

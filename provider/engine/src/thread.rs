@@ -357,9 +357,7 @@ fn step(
     let top = match &mut slot.job.guide {
         None => sampling::top_candidates(logits),
         // The candidates among the tokens the constraint allows (the leaf commits those).
-        Some(guide) => guide
-            .candidates(logits, &mut Vec::new())
-            .unwrap_or_default(),
+        Some(guide) => guide.candidates(logits).unwrap_or_default(),
     };
     let draw = sampling::draw(slot.job.sampler.seed, slot.steps);
     let Some(token) = sampling::sample(&top, &slot.job.sampler, draw) else {

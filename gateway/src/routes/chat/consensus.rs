@@ -5,6 +5,7 @@
 
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
+use proofmesh_shared::constraint::Guide;
 use proofmesh_shared::protocol::GenerateRequest;
 
 use super::{
@@ -26,6 +27,7 @@ pub(super) async fn respond(
     state: &AppState,
     chat: &ValidatedChat,
     request: &GenerateRequest,
+    guide: Option<&Guide>,
     attempts: &mut Attempts<'_>,
     arrival: &Arrival,
 ) -> Result<Response, ApiError> {
@@ -33,7 +35,7 @@ pub(super) async fn respond(
     if attempts.left() < wanted {
         return Err(too_few(wanted, attempts.left(), "can take it"));
     }
-    let finished = gather(state, request, attempts, arrival, wanted).await?;
+    let finished = gather(state, request, guide, attempts, arrival, wanted).await?;
     let answers: Vec<Answer<'_>> = finished
         .iter()
         .map(|(generation, done)| answer_of(generation, request, done))
@@ -93,6 +95,7 @@ pub(super) async fn respond(
 async fn gather(
     state: &AppState,
     request: &GenerateRequest,
+    guide: Option<&Guide>,
     attempts: &mut Attempts<'_>,
     arrival: &Arrival,
     wanted: usize,
@@ -101,7 +104,9 @@ async fn gather(
     while finished.len() < wanted {
         let mut running = Vec::new();
         for _ in finished.len()..wanted {
-            match inference::start(state, attempts, request, VerificationMode::Consensus).await {
+            let started =
+                inference::start(state, attempts, request, guide, VerificationMode::Consensus);
+            match started.await {
                 Ok(mut generation) => {
                     generation.bill_to(arrival.caller.clone());
                     running.push(generation);
