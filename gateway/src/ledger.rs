@@ -113,7 +113,7 @@ fn new_id() -> PaymentId {
 }
 
 /// What a provider has at this gateway (µcr).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
     /// The stake it last declared (signed), µcr.
     pub stake_declared: u64,
@@ -138,26 +138,6 @@ pub struct Account {
     /// held after it (it was in flight) is forfeited as those held then were.
     #[serde(default)]
     pub convicted_ms: Option<u64>,
-    /// Its last [`MAX_CONVICTIONS`] proven frauds, oldest first: a declaration signed before
-    /// some of them but recorded after (it was in flight) is slashed by those, as the stake
-    /// that stood then.
-    #[serde(default)]
-    pub convictions: Vec<Conviction>,
-}
-
-/// Convictions kept per account: past these the stake has long been cut to nothing at any
-/// share that matters, and an older declaration is refused as stale.
-pub const MAX_CONVICTIONS: usize = 64;
-
-/// One proven fraud's slash.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Conviction {
-    /// When it was proven (unix milliseconds).
-    pub at_ms: u64,
-    /// What it slashed (µcr).
-    pub cut: u64,
-    /// The most the stake could stand at after it.
-    pub cap: u64,
 }
 
 impl Account {
@@ -537,18 +517,10 @@ impl Ledger {
             let share = self.config.slash_share.clamp(0.0, 1.0);
             account(write, &key, |a| {
                 let standing = a.stake();
-                let cut = slash(standing, share);
+                let cut = (standing as f64 * share).round() as u64;
                 a.slashed = a.slashed.saturating_add(cut);
-                a.stake_cap = Some(standing - cut);
+                a.stake_cap = Some(standing - cut.min(standing));
                 a.convicted_ms = Some(now);
-                if a.convictions.len() >= MAX_CONVICTIONS {
-                    a.convictions.remove(0);
-                }
-                a.convictions.push(Conviction {
-                    at_ms: now,
-                    cut,
-                    cap: standing - cut,
-                });
                 forfeiture.slashed = cut;
             })?;
             Ok(forfeiture)
@@ -582,17 +554,14 @@ impl Ledger {
 
     /// Records `provider`'s declared stake (its signature already checked), unless it is
     /// older than the one recorded. Whether it was recorded.
-    ///
-    /// A declaration signed before some of its convictions but recorded after them was the
-    /// stake that stood when they were proven: they are applied again, to it, in place of
-    /// what they cut from the declaration they found.
     pub fn declare_stake(&self, provider: &PeerId, stake: u64, declared_ms: u64) -> Result<bool> {
-        let share = self.config.slash_share.clamp(0.0, 1.0);
         self.transaction(|write| {
             let mut newer = false;
             account(write, &provider.to_bytes(), |a| {
                 if declared_ms > a.stake_declared_ms {
-                    newer = redeclare(a, stake, declared_ms, share);
+                    a.stake_declared = stake;
+                    a.stake_declared_ms = declared_ms;
+                    newer = true;
                 }
             })?;
             Ok(newer)
@@ -816,42 +785,6 @@ fn charge(write: &WriteTransaction, caller: &str, amount: u64) -> Result<()> {
     })
 }
 
-/// What a conviction at `share` cuts from `standing`.
-fn slash(standing: u64, share: f64) -> u64 {
-    ((standing as f64 * share).round() as u64).min(standing)
-}
-
-/// Records `stake`, signed at `declared_ms` (newer than the recorded one), in `a`, replaying
-/// the convictions proven since it was signed. Whether it was recorded: one signed before
-/// every conviction kept, when older ones were dropped, is refused as stale.
-fn redeclare(a: &mut Account, stake: u64, declared_ms: u64, share: f64) -> bool {
-    let since = a.convictions.partition_point(|c| c.at_ms < declared_ms);
-    if since == 0 && a.convictions.len() >= MAX_CONVICTIONS {
-        return false;
-    }
-    a.stake_declared = stake;
-    a.stake_declared_ms = declared_ms;
-    if since == a.convictions.len() {
-        return true;
-    }
-    let mut standing = match since {
-        0 => stake,
-        n => stake.min(a.convictions[n - 1].cap),
-    };
-    for conviction in &mut a.convictions[since..] {
-        let cut = slash(standing, share);
-        a.slashed = a.slashed.saturating_sub(conviction.cut).saturating_add(cut);
-        standing -= cut;
-        *conviction = Conviction {
-            cut,
-            cap: standing,
-            ..*conviction
-        };
-    }
-    a.stake_cap = Some(standing);
-    true
-}
-
 fn account(write: &WriteTransaction, key: &[u8], change: impl FnOnce(&mut Account)) -> Result<()> {
     update(write, ACCOUNTS, key, change)
 }
@@ -992,53 +925,34 @@ mod tests {
         assert_eq!(ledger.account(&honest).unwrap().paid, 30);
         assert_eq!(ledger.caller(ANONYMOUS).unwrap().refunded, 30);
         // A new, larger declaration does not undo the slash.
-        let later = crate::auditor::book::now_ms() + 60_000;
-        ledger.declare_stake(&cheat, 1_500, later).unwrap();
+        ledger.declare_stake(&cheat, 1_500, 20).unwrap();
         assert_eq!(ledger.account(&cheat).unwrap().stake(), 500);
         assert_eq!(ledger.forfeit_all(&cheat).unwrap().slashed, 250);
         assert_eq!(ledger.account(&cheat).unwrap().stake(), 250);
         // A smaller one lowers it.
-        ledger.declare_stake(&cheat, 100, later + 1).unwrap();
+        ledger.declare_stake(&cheat, 100, 30).unwrap();
         assert_eq!(ledger.account(&cheat).unwrap().stake(), 100);
     }
 
     #[test]
-    fn a_declaration_recorded_after_convictions_it_predates_is_slashed_by_them() {
+    fn a_declaration_dated_before_a_conviction_does_not_raise_the_stake() {
+        // A declaration's time is the provider's claim (only one from the future is refused):
+        // a convicted cheat may date a larger one between its last declaration and its
+        // conviction, as if it had been in flight. It stands capped all the same.
         let ledger = ledger();
         let cheat = PeerId::random();
-        let signed = crate::auditor::book::now_ms() - 1;
-        // Convicted twice before its declaration arrived (it was in flight): nothing was known
-        // to slash, and nothing may stand.
-        assert_eq!(ledger.forfeit_all(&cheat).unwrap().slashed, 0);
-        assert_eq!(ledger.forfeit_all(&cheat).unwrap().slashed, 0);
-        assert_eq!(ledger.account(&cheat).unwrap().stake(), 0);
-        // The declaration stood when both were proven: both cut it.
-        assert!(ledger.declare_stake(&cheat, 1_000, signed).unwrap());
+        let first = crate::auditor::book::now_ms() - 10_000;
+        ledger.declare_stake(&cheat, 1_000, first).unwrap();
+        assert_eq!(ledger.forfeit_all(&cheat).unwrap().slashed, 500);
+        assert!(ledger.declare_stake(&cheat, 1_000_000, first + 1).unwrap());
         let account = ledger.account(&cheat).unwrap();
-        assert_eq!((account.stake(), account.slashed), (250, 750));
-        // A later, newer one signed before both replaces it in the replay, once.
-        assert!(ledger.declare_stake(&cheat, 2_000, signed + 1).unwrap());
-        let account = ledger.account(&cheat).unwrap();
-        assert_eq!((account.stake(), account.slashed), (500, 1_500));
-        // One signed after both stands capped.
-        let after = crate::auditor::book::now_ms() + 60_000;
-        assert!(ledger.declare_stake(&cheat, 4_000, after).unwrap());
-        let account = ledger.account(&cheat).unwrap();
-        assert_eq!((account.stake(), account.slashed), (500, 1_500));
-    }
-
-    #[test]
-    fn a_declaration_older_than_every_conviction_kept_is_stale() {
-        let ledger = ledger();
-        let cheat = PeerId::random();
-        for _ in 0..MAX_CONVICTIONS + 1 {
-            ledger.forfeit_all(&cheat).unwrap();
-        }
-        assert!(!ledger.declare_stake(&cheat, 1_000, 1).unwrap());
-        assert_eq!(
-            ledger.account(&cheat).unwrap().convictions.len(),
-            MAX_CONVICTIONS
-        );
+        assert_eq!((account.stake(), account.slashed), (500, 500));
+        // Convicted before any declaration was recorded: nothing was known to slash, and
+        // nothing stands, whatever it declares later and whenever it says it signed.
+        let other = PeerId::random();
+        assert_eq!(ledger.forfeit_all(&other).unwrap().slashed, 0);
+        assert!(ledger.declare_stake(&other, 1_000, first).unwrap());
+        assert_eq!(ledger.account(&other).unwrap().stake(), 0);
     }
 
     #[test]
