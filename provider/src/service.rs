@@ -46,6 +46,10 @@ async fn hung_up(stream: &mut libp2p::Stream) {
 enum Kept {
     Yes,
     Not,
+    /// It closed the stream before sending its request: a place taken for nothing. Rare from
+    /// an honest gateway (its client left in between), so it counts as lightly as a stream
+    /// past the quota; a peer that opens and drops streams by the thousand is banned.
+    Wasted,
 }
 
 /// What every stream handler shares.
@@ -89,8 +93,14 @@ impl Service {
             let service = Arc::clone(&self);
             let client = client.clone();
             tokio::spawn(async move {
-                if service.serve(peer, stream).await == Kept::Not {
-                    let _ = client.report(peer, Offence::Violation).await;
+                match service.serve(peer, stream).await {
+                    Kept::Yes => {}
+                    Kept::Not => {
+                        let _ = client.report(peer, Offence::Violation).await;
+                    }
+                    Kept::Wasted => {
+                        let _ = client.report(peer, Offence::Refused).await;
+                    }
                 }
                 drop(slot);
             });
@@ -154,7 +164,7 @@ impl Service {
                 let kept = if e.is_violation() {
                     Kept::Not
                 } else {
-                    Kept::Yes
+                    Kept::Wasted
                 };
                 let refusal = Refusal::new(RemoteErrorKind::InvalidRequest, e.to_string());
                 let _ = send_refusal(&mut stream, refusal).await;

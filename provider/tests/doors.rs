@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use proofmesh_shared::net::{Client, STRIKES_TO_BAN};
 use proofmesh_shared::protocol::{
-    GENERATE_PROTOCOL, GENERATE_STREAMS_PER_GATEWAY, GenerateFrame, GenerateRequest,
-    MAX_STREAM_FRAME, ModelDigest, RemoteErrorKind, write_frame,
+    GENERATE_PROTOCOL, GENERATE_STREAMS_PER_GATEWAY, GENERATE_STREAMS_TOTAL, GenerateFrame,
+    GenerateRequest, MAX_STREAM_FRAME, ModelDigest, REQUEST_READ_TIMEOUT, RemoteErrorKind,
+    write_frame,
 };
 
 fn request(digest: ModelDigest) -> GenerateRequest {
@@ -114,6 +115,127 @@ async fn a_flooding_peer_is_refused_then_banned_while_others_are_served() {
     );
 }
 
+/// Pushes streams from `flooder` until the provider bans it; how many it opened before.
+async fn flood_until_banned(flooder: &Client, peer: PeerId) -> usize {
+    let mut refused = 0;
+    loop {
+        let opened = tokio::time::timeout(
+            Duration::from_secs(5),
+            flooder
+                .stream_control()
+                .open_stream(peer, GENERATE_PROTOCOL),
+        )
+        .await;
+        match opened {
+            Ok(Ok(_)) => refused += 1,
+            Ok(Err(_)) | Err(_) => return refused,
+        }
+        assert!(
+            refused <= 4 * STRIKES_TO_BAN as usize,
+            "still not banned after {refused} refused streams"
+        );
+    }
+}
+
+/// Sybils: identity after identity takes its whole quota with silent streams, then floods
+/// until it is banned. Together they held every place the provider has. Their connections are
+/// closed by the ban, but the streams on them take a while to notice (up to the request read
+/// timeout); the places must come back with the connections, or the banned crowd keeps the
+/// door shut on everyone for that long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn banned_identities_give_their_places_back_at_once() {
+    let mut engine = support::small_engine().await;
+    engine.referee_slots = 0;
+    let (started, _stop) = support::provider(engine, 60).await;
+    let (peer, digest) = (started.peer_id, started.model.digest);
+    let honest = support::client(started.listen_addrs.clone());
+    served(&honest, peer, digest).await;
+
+    let sybils: Vec<Client> = (0..GENERATE_STREAMS_TOTAL / GENERATE_STREAMS_PER_GATEWAY)
+        .map(|_| support::client(started.listen_addrs.clone()))
+        .collect();
+    let filling = Instant::now();
+    let mut held = Vec::new();
+    for sybil in &sybils {
+        for _ in 0..GENERATE_STREAMS_PER_GATEWAY {
+            held.push(support::open(sybil, peer, GENERATE_PROTOCOL).await);
+        }
+    }
+    // Every place is taken: the honest gateway is turned away, as nobody's fault.
+    let mut turned_away = support::open(&honest, peer, GENERATE_PROTOCOL).await;
+    match frame(&mut turned_away).await {
+        GenerateFrame::Error { kind, .. } => assert_eq!(kind, RemoteErrorKind::Overloaded),
+        other => panic!("expected an overloaded refusal, got {other:?}"),
+    }
+    for sybil in &sybils {
+        flood_until_banned(sybil, peer).await;
+    }
+    let banned_after = filling.elapsed();
+    // The sybils still hold their ends of the silent streams; only the provider's bans closed
+    // the connections. The honest gateway is served now, not after the read timeout.
+    let mut asked = support::open(&honest, peer, GENERATE_PROTOCOL).await;
+    write_frame(&mut asked, &request(digest)).await.unwrap();
+    let first = frame(&mut asked).await;
+    let asked_after = filling.elapsed();
+    assert!(
+        matches!(first, GenerateFrame::Accepted { .. }),
+        "the honest gateway was refused {asked_after:?} after the sybils began \
+         (bans done at {banned_after:?}): {first:?}"
+    );
+    // Only a run that gets here within the read timeout tells anything (later, the silent
+    // streams would have timed out anyway): say which this was.
+    let telling = if asked_after < REQUEST_READ_TIMEOUT {
+        "within"
+    } else {
+        "NOT within (this run could not tell)"
+    };
+    println!(
+        "sybils banned {banned_after:?} after they filled the door; honest request accepted at \
+         {asked_after:?}, {telling} the read timeout of {REQUEST_READ_TIMEOUT:?}"
+    );
+    drop(held);
+}
+
+/// A peer that opens streams and drops them before sending a request takes a place each time
+/// for nothing; it never passes its quota that way, so each such stream is a strike of its own,
+/// and one that does it by the hundred is banned like any flooder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_drops_its_streams_unasked_is_banned() {
+    let mut engine = support::small_engine().await;
+    engine.referee_slots = 0;
+    let (started, _stop) = support::provider(engine, 60).await;
+    let (peer, digest) = (started.peer_id, started.model.digest);
+    let honest = support::client(started.listen_addrs.clone());
+    let flooder = support::client(started.listen_addrs.clone());
+    drop(support::open(&flooder, peer, GENERATE_PROTOCOL).await);
+    let mut dropped = 1;
+    let banned = loop {
+        let opened = tokio::time::timeout(
+            Duration::from_secs(5),
+            flooder
+                .stream_control()
+                .open_stream(peer, GENERATE_PROTOCOL),
+        )
+        .await;
+        match opened {
+            Ok(Ok(stream)) => {
+                drop(stream);
+                dropped += 1;
+            }
+            Ok(Err(_)) | Err(_) => break true,
+        }
+        if dropped > 8 * STRIKES_TO_BAN as usize {
+            break false;
+        }
+    };
+    assert!(
+        banned,
+        "still not banned after {dropped} streams dropped unasked"
+    );
+    println!("banned after {dropped} streams dropped before a request");
+    served(&honest, peer, digest).await;
+}
+
 /// A gateway that hangs up while its requests wait in the engine's queue gets its places at the
 /// door back at once, not when the engine reaches them: otherwise an honest gateway whose
 /// clients gave up would be refused (and struck) for streams it no longer holds.
@@ -128,7 +250,7 @@ async fn requests_abandoned_in_the_queue_free_their_places_at_once() {
 
     // One long answer holds the engine's only sequence...
     let mut long = request(digest);
-    long.messages[0].content = "Count from 1 to 200, one number per line.".into();
+    long.messages[0].content = "Write a long story about a dragon who learns to fly.".into();
     long.max_tokens = 200;
     let mut running = support::open(&busy, peer, GENERATE_PROTOCOL).await;
     write_frame(&mut running, &long).await.unwrap();

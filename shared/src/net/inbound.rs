@@ -8,8 +8,10 @@
 //! stream and frees its place when dropped). A stream past either gets the door's refusal frame
 //! (the protocol's own "overloaded" answer) and is closed; one past its own peer's quota is also
 //! reported as a [`Refused`]
-//! event, and the event loop counts it against the peer ([`super::conduct`]). Outbound streams
-//! still go through `libp2p-stream`'s `Control`.
+//! event, and the event loop counts it against the peer ([`super::conduct`]). When a peer's last
+//! connection closes (it left, or was banned), its places are given back at once: its streams
+//! may take a while to notice, and until they do a crowd of banned identities would otherwise
+//! hold every place. Outbound streams still go through `libp2p-stream`'s `Control`.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -60,6 +62,9 @@ pub struct Slot {
     /// Which door it came through: a door closed and opened again starts its count afresh.
     door: u64,
     peer: PeerId,
+    /// Which of the peer's stays it belongs to: a place already given back when the peer's
+    /// connections closed is not given back twice.
+    stay: u64,
 }
 
 impl Drop for Slot {
@@ -67,7 +72,7 @@ impl Drop for Slot {
         if let Some(door) = self.doors.lock().get_mut(&self.protocol)
             && door.id == self.door
         {
-            door.release(&self.peer);
+            door.release(&self.peer, self.stay);
         }
     }
 }
@@ -109,21 +114,40 @@ struct Door {
     id: u64,
     sender: mpsc::Sender<Inbound>,
     quota: Quota,
-    held: HashMap<PeerId, usize>,
+    held: HashMap<PeerId, Held>,
     total: usize,
+    /// Numbers the peers' stays (see [`Held`]).
+    stays: u64,
     /// Written to a stream refused at this door, so that the opener can tell "no room" from
     /// a broken peer.
     refusal: Arc<[u8]>,
 }
 
+/// The places one peer holds at a door, during one stay: from its first place until it holds
+/// none, or until its last connection closes.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    count: usize,
+    stay: u64,
+}
+
 impl Door {
-    fn release(&mut self, peer: &PeerId) {
+    /// Gives back one place of `peer`'s stay `stay`; nothing when that stay is over.
+    fn release(&mut self, peer: &PeerId, stay: u64) {
+        let Some(held) = self.held.get_mut(peer).filter(|held| held.stay == stay) else {
+            return;
+        };
+        held.count = held.count.saturating_sub(1);
+        if held.count == 0 {
+            self.held.remove(peer);
+        }
         self.total = self.total.saturating_sub(1);
-        if let Some(n) = self.held.get_mut(peer) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.held.remove(peer);
-            }
+    }
+
+    /// Ends `peer`'s stay: every place it holds is free again.
+    fn forget(&mut self, peer: &PeerId) {
+        if let Some(held) = self.held.remove(peer) {
+            self.total = self.total.saturating_sub(held.count);
         }
     }
 }
@@ -171,6 +195,7 @@ impl Doors {
                 quota,
                 held: HashMap::new(),
                 total: 0,
+                stays: 0,
                 refusal: refusal.into(),
             };
             doors.insert(protocol, door);
@@ -179,6 +204,13 @@ impl Doors {
         drop(doors);
         drop(closed);
         incoming
+    }
+
+    /// Gives back every place `peer` holds, at every door: it has no connection left.
+    fn forget(&self, peer: &PeerId) {
+        for door in self.lock().values_mut() {
+            door.forget(peer);
+        }
     }
 
     /// The protocols whose door is open.
@@ -201,13 +233,24 @@ impl Doors {
         let Some(door) = doors.get_mut(&protocol) else {
             return Err(RefusalReason::Full);
         };
-        let held = door.held.get(&peer).copied().unwrap_or(0);
+        let held = door.held.get(&peer).map_or(0, |held| held.count);
         let reason = if held >= door.quota.per_peer {
             RefusalReason::OverQuota
         } else if door.total >= door.quota.total {
             RefusalReason::Full
         } else if let Ok(permit) = door.sender.try_reserve() {
-            *door.held.entry(peer).or_default() += 1;
+            let stay = match door.held.get_mut(&peer) {
+                Some(held) => {
+                    held.count += 1;
+                    held.stay
+                }
+                None => {
+                    let stay = door.stays;
+                    door.stays += 1;
+                    door.held.insert(peer, Held { count: 1, stay });
+                    stay
+                }
+            };
             door.total += 1;
             permit.send(Inbound {
                 peer,
@@ -217,6 +260,7 @@ impl Doors {
                     protocol,
                     door: door.id,
                     peer,
+                    stay,
                 },
             });
             return Ok(());
@@ -302,7 +346,13 @@ impl NetworkBehaviour for Behaviour {
         Ok(self.handler(peer))
     }
 
-    fn on_swarm_event(&mut self, _: FromSwarm) {}
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        if let FromSwarm::ConnectionClosed(closed) = event
+            && closed.remaining_established == 0
+        {
+            self.doors.forget(&closed.peer_id);
+        }
+    }
 
     fn on_connection_handler_event(
         &mut self,
@@ -414,6 +464,41 @@ mod tests {
     use super::*;
 
     const PROTOCOL: StreamProtocol = StreamProtocol::new("/test/1");
+
+    #[test]
+    fn a_peer_that_left_holds_no_places() {
+        let quota = Quota {
+            per_peer: 2,
+            total: 2,
+        };
+        let mut door = Door {
+            id: 0,
+            sender: mpsc::channel(1).0,
+            quota,
+            held: HashMap::new(),
+            total: 0,
+            refusal: Arc::from(Vec::new()),
+            stays: 0,
+        };
+        let (gone, back) = (PeerId::random(), PeerId::random());
+        door.held.insert(gone, Held { count: 2, stay: 0 });
+        door.total = 2;
+        door.stays = 1;
+        door.forget(&gone);
+        assert_eq!(door.total, 0, "its places are free at once");
+        // Back within the same stay number space: a new stay, and the old slots' late
+        // releases do not touch it.
+        door.held.insert(gone, Held { count: 1, stay: 1 });
+        door.held.insert(back, Held { count: 1, stay: 2 });
+        door.total = 2;
+        door.release(&gone, 0);
+        door.release(&gone, 0);
+        assert_eq!(door.total, 2);
+        assert_eq!(door.held.get(&gone).map(|h| h.count), Some(1));
+        door.release(&gone, 1);
+        assert_eq!(door.total, 1);
+        assert!(!door.held.contains_key(&gone));
+    }
 
     #[test]
     fn a_door_opens_once_per_protocol() {
