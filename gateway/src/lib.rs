@@ -299,7 +299,7 @@ pub async fn run(
         access: config.access.clone(),
     };
     let lifecycle = state.lifecycle.clone();
-    let listener = tokio::net::TcpListener::bind(config.http_listen).await?;
+    let listener = http::listen(config.http_listen)?;
     let http_addr = listener.local_addr()?;
     let p2p_addrs = client.wait_listen_addrs().await?;
     tracing::info!(%http_addr, peer = %client.local_peer_id(), "gateway listening");

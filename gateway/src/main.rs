@@ -181,6 +181,11 @@ struct Flags {
     #[arg(long, env = "PROOFMESH_MAX_CONNECTIONS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_connections: Option<u32>,
+    /// HTTP connections one client address (IPv6: its /64) may hold at once; more are closed
+    /// as soon as accepted; 0: no cap, for a gateway behind a reverse proxy [default: 256].
+    #[arg(long, env = "PROOFMESH_MAX_CONNECTIONS_PER_ADDRESS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections_per_address: Option<u32>,
     /// API key file, written by `proofmesh-gateway keys create`; set, every API route needs
     /// `Authorization: Bearer <key>` from it (401 otherwise) and each key's rates apply (429)
     /// [default: none, the API is open].
@@ -534,6 +539,7 @@ async fn main() -> anyhow::Result<()> {
             header_read_timeout: Duration::from_secs(settings.header_read_timeout_secs),
             body_read_timeout: Duration::from_secs(settings.body_read_timeout_secs),
             max_connections: settings.max_connections as usize,
+            max_connections_per_address: settings.max_connections_per_address as usize,
         },
         policy: AuditPolicy {
             challenge_count: usize::from(settings.challenges),

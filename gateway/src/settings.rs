@@ -58,6 +58,10 @@ pub struct GatewaySettings {
     pub body_read_timeout_secs: u64,
     /// HTTP connections open at once; more are closed on accept.
     pub max_connections: u32,
+    /// HTTP connections one client address (IPv6: its /64) may hold open at once; more are
+    /// closed on accept. 0: no cap (behind a reverse proxy, which gives every client its own
+    /// address).
+    pub max_connections_per_address: u32,
     /// API key file (`proofmesh-gateway keys create` writes it); set, every API route needs a
     /// key from it. Unset, the API is open.
     pub api_keys_file: Option<PathBuf>,
@@ -148,6 +152,7 @@ impl Default for GatewaySettings {
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 30,
             max_connections: 4096,
+            max_connections_per_address: 256,
             api_keys_file: None,
             public_models: true,
             public_operations: true,
@@ -234,6 +239,12 @@ impl GatewaySettings {
             self.max_connections,
             1..=1_000_000,
             "1 to 1000000",
+        )?;
+        check_range(
+            "max_connections_per_address",
+            self.max_connections_per_address,
+            0..=1_000_000,
+            "0 (no cap) to 1000000",
         )?;
         for pin in &self.pins {
             if let Err(why) = crate::catalog::parse_pin(pin) {

@@ -2,6 +2,8 @@
 //! own limits (a client that sends its headers byte by byte, slowloris, or keeps a connection
 //! idle is cut off while the gateway keeps serving others).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use std::process::Command;
@@ -96,6 +98,69 @@ async fn slow_and_idle_clients_are_cut_off() {
     // Meanwhile, and after, others are served.
     let health = reqwest::get(mesh.url("/healthz")).await.expect("healthz");
     assert_eq!(health.status(), 200);
+}
+
+/// Opens a TCP connection to `to` from the loopback address `from` (127.0.0.0/8 is all
+/// loopback on Linux, so one machine can play several client hosts).
+async fn connect_from(from: &str, to: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{from}:0").parse().expect("address"))
+        .expect("bind");
+    socket.connect(to).await.expect("connect")
+}
+
+/// One host holding many idle connections cannot take the gateway's places from the others:
+/// past its own cap, its new connections are closed at once, and another host is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_every_connection() {
+    let cap = 8;
+    let (mesh, started) = start_gateway_with(GatewayOptions {
+        no_local_referee: true,
+        no_vocabulary: true,
+        max_connections_per_address: Some(cap),
+        ..GatewayOptions::default()
+    })
+    .await;
+    let addr = started.http_addr;
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        held.push(connect_from("127.0.0.2", addr).await);
+    }
+    // Past the cap (and long before the 10 s header deadline would close it), a new
+    // connection from the same host is closed as soon as it is accepted.
+    let mut extra = connect_from("127.0.0.2", addr).await;
+    let closed = closed_within(&mut extra, Duration::from_secs(5))
+        .await
+        .expect("the connection past the cap is closed");
+    assert!(closed < Duration::from_secs(5), "{closed:?}");
+    // The held ones stay open, and another host is served meanwhile.
+    assert!(
+        closed_within(&mut held[0], Duration::from_millis(500))
+            .await
+            .is_none(),
+        "a connection within the cap was closed"
+    );
+    let mut other = connect_from("127.0.0.3", addr).await;
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    other.read_to_string(&mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let health = reqwest::get(mesh.url("/healthz")).await.expect("healthz");
+    assert_eq!(health.status(), 200);
+    // Once the host closes some, it may open as many again.
+    held.truncate(cap - 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut again = connect_from("127.0.0.2", addr).await;
+    assert!(
+        closed_within(&mut again, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "a place given back was not free again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

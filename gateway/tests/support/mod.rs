@@ -221,6 +221,8 @@ pub struct GatewayOptions {
     pub header_read_timeout: Option<Duration>,
     /// Time a client gets to send its whole body (default: the product's).
     pub body_read_timeout: Option<Duration>,
+    /// HTTP connections one client address may hold (default: the product's).
+    pub max_connections_per_address: Option<usize>,
     /// Require these API keys (default: an open API).
     pub api_keys: Option<proofmesh_gateway::access::KeyFile>,
 }
@@ -279,6 +281,9 @@ pub async fn start_gateway_with(options: GatewayOptions) -> (Mesh, proofmesh_gat
             body_read_timeout: options
                 .body_read_timeout
                 .unwrap_or(proofmesh_gateway::http::HttpLimits::default().body_read_timeout),
+            max_connections_per_address: options.max_connections_per_address.unwrap_or(
+                proofmesh_gateway::http::HttpLimits::default().max_connections_per_address,
+            ),
             ..proofmesh_gateway::http::HttpLimits::default()
         },
         policy: AuditPolicy {
