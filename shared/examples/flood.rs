@@ -5,6 +5,11 @@
 //! achieved. Talks only to the address it is given.
 //!
 //!     cargo run --release -p proofmesh-shared --example flood -- ADDR/p2p/PEER [--seconds 600]
+//!         [--identities N] [--held N]
+//!
+//! `--identities 1 --held 1000` is one peer holding up to 1,000 streams open at once
+//! (`bench/pressure.py`); by default a new identity follows each banned one until time is up,
+//! each holding at most 64.
 
 use std::time::{Duration, Instant};
 
@@ -13,30 +18,37 @@ use libp2p::{Multiaddr, PeerId};
 use proofmesh_shared::net::{self, NetConfig, Role};
 use proofmesh_shared::protocol::GENERATE_PROTOCOL;
 
-/// Streams one identity holds open at most (the rest are opened and dropped).
+/// Streams one identity holds open at most by default (the rest are opened and dropped).
 const HELD_PER_IDENTITY: usize = 64;
+/// The most streams `--held` may ask one identity to hold.
+const MAX_HELD: usize = 100_000;
 /// How long one stream open may take before the identity is given up.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+
+const USAGE: &str = "usage: flood ADDR/p2p/PEER [--seconds N] [--identities N] [--held N]";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let target: Multiaddr = args
-        .next()
-        .ok_or("usage: flood ADDR/p2p/PEER [--seconds N]")?
-        .parse()?;
-    let seconds: u64 = match (args.next().as_deref(), args.next()) {
-        (Some("--seconds"), Some(n)) => n.parse()?,
-        _ => 600,
-    };
+    let target: Multiaddr = args.next().ok_or(USAGE)?.parse()?;
+    let (mut seconds, mut identities_max, mut held_max) = (600u64, u64::MAX, HELD_PER_IDENTITY);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or(USAGE)?;
+        match flag.as_str() {
+            "--seconds" => seconds = value.parse()?,
+            "--identities" => identities_max = value.parse()?,
+            "--held" => held_max = value.parse::<usize>()?.min(MAX_HELD),
+            _ => return Err(USAGE.into()),
+        }
+    }
     let Some(Protocol::P2p(peer)) = target.iter().last() else {
         return Err("the address must end in /p2p/<peer id>".into());
     };
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let (mut identities, mut opened, mut refused_or_failed) = (0u64, 0u64, 0u64);
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && identities < identities_max {
         identities += 1;
-        let (o, f) = one_identity(&target, peer, deadline).await?;
+        let (o, f) = one_identity(&target, peer, deadline, held_max).await?;
         opened += o;
         refused_or_failed += f;
     }
@@ -52,6 +64,7 @@ async fn one_identity(
     target: &Multiaddr,
     peer: PeerId,
     deadline: Instant,
+    held_max: usize,
 ) -> Result<(u64, u64), Box<dyn std::error::Error>> {
     let (client, _events, event_loop) = net::new(NetConfig {
         keypair: libp2p::identity::Keypair::generate_secp256k1(),
@@ -73,7 +86,7 @@ async fn one_identity(
             Ok(Ok(stream)) => {
                 opened += 1;
                 failures_in_row = 0;
-                if held.len() < HELD_PER_IDENTITY {
+                if held.len() < held_max {
                     held.push(stream);
                 }
             }
