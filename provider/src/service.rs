@@ -46,10 +46,6 @@ async fn hung_up(stream: &mut libp2p::Stream) {
 enum Kept {
     Yes,
     Not,
-    /// It closed the stream before sending its request: a place taken for nothing. Rare from
-    /// an honest gateway (its client left in between), so it counts as lightly as a stream
-    /// past the quota; a peer that opens and drops streams by the thousand is banned.
-    Wasted,
 }
 
 /// What every stream handler shares.
@@ -93,14 +89,8 @@ impl Service {
             let service = Arc::clone(&self);
             let client = client.clone();
             tokio::spawn(async move {
-                match service.serve(peer, stream).await {
-                    Kept::Yes => {}
-                    Kept::Not => {
-                        let _ = client.report(peer, Offence::Violation).await;
-                    }
-                    Kept::Wasted => {
-                        let _ = client.report(peer, Offence::Refused).await;
-                    }
+                if service.serve(peer, stream).await == Kept::Not {
+                    let _ = client.report(peer, Offence::Violation).await;
                 }
                 drop(slot);
             });
@@ -161,10 +151,14 @@ impl Service {
             Ok(Ok(request)) => request,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "unreadable generate request");
+                // A stream that ends or resets before its request is not struck: an honest
+                // gateway's own client can cause that (it hangs up while the request is being
+                // written), and a hostile client must not get its gateway banned that way. The
+                // door's quota bounds what opening and dropping streams can take.
                 let kept = if e.is_violation() {
                     Kept::Not
                 } else {
-                    Kept::Wasted
+                    Kept::Yes
                 };
                 let refusal = Refusal::new(RemoteErrorKind::InvalidRequest, e.to_string());
                 let _ = send_refusal(&mut stream, refusal).await;

@@ -69,25 +69,8 @@ async fn a_flooding_peer_is_refused_then_banned_while_others_are_served() {
 
     // A peer that keeps pushing past its quota is banned: its connection closes and it cannot
     // open anything more.
-    let mut refused: usize = 1;
     let flood_started = Instant::now();
-    let banned = loop {
-        let opened = tokio::time::timeout(
-            Duration::from_secs(5),
-            flooder
-                .stream_control()
-                .open_stream(peer, GENERATE_PROTOCOL),
-        )
-        .await;
-        match opened {
-            Ok(Ok(_)) => refused += 1,
-            Ok(Err(_)) | Err(_) => break true,
-        }
-        if refused > 4 * STRIKES_TO_BAN as usize {
-            break false;
-        }
-    };
-    assert!(banned, "still not banned after {refused} refused streams");
+    let refused = 1 + flood_until_banned(&flooder, peer).await;
     let flood_took = flood_started.elapsed();
     drop(held);
     let refusing_since = Instant::now();
@@ -194,46 +177,6 @@ async fn banned_identities_give_their_places_back_at_once() {
          {asked_after:?}, {telling} the read timeout of {REQUEST_READ_TIMEOUT:?}"
     );
     drop(held);
-}
-
-/// A peer that opens streams and drops them before sending a request takes a place each time
-/// for nothing; it never passes its quota that way, so each such stream is a strike of its own,
-/// and one that does it by the hundred is banned like any flooder.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_drops_its_streams_unasked_is_banned() {
-    let mut engine = support::small_engine().await;
-    engine.referee_slots = 0;
-    let (started, _stop) = support::provider(engine, 60).await;
-    let (peer, digest) = (started.peer_id, started.model.digest);
-    let honest = support::client(started.listen_addrs.clone());
-    let flooder = support::client(started.listen_addrs.clone());
-    drop(support::open(&flooder, peer, GENERATE_PROTOCOL).await);
-    let mut dropped = 1;
-    let banned = loop {
-        let opened = tokio::time::timeout(
-            Duration::from_secs(5),
-            flooder
-                .stream_control()
-                .open_stream(peer, GENERATE_PROTOCOL),
-        )
-        .await;
-        match opened {
-            Ok(Ok(stream)) => {
-                drop(stream);
-                dropped += 1;
-            }
-            Ok(Err(_)) | Err(_) => break true,
-        }
-        if dropped > 8 * STRIKES_TO_BAN as usize {
-            break false;
-        }
-    };
-    assert!(
-        banned,
-        "still not banned after {dropped} streams dropped unasked"
-    );
-    println!("banned after {dropped} streams dropped before a request");
-    served(&honest, peer, digest).await;
 }
 
 /// A gateway that hangs up while its requests wait in the engine's queue gets its places at the
