@@ -59,8 +59,8 @@ pub struct GatewaySettings {
     /// HTTP connections open at once; more are closed on accept.
     pub max_connections: u32,
     /// HTTP connections one client address (IPv6: its /64) may hold open at once; more are
-    /// closed on accept. 0: no cap (behind a reverse proxy, which gives every client its own
-    /// address).
+    /// closed on accept. 0: no cap (set it behind a reverse proxy or a carrier NAT, where
+    /// every client arrives from the same address).
     pub max_connections_per_address: u32,
     /// API key file (`proofmesh-gateway keys create` writes it); set, every API route needs a
     /// key from it. Unset, the API is open.

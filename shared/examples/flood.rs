@@ -7,9 +7,9 @@
 //!     cargo run --release -p proofmesh-shared --example flood -- ADDR/p2p/PEER [--seconds 600]
 //!         [--identities N] [--held N]
 //!
-//! `--identities 1 --held 1000` is one peer holding up to 1,000 streams open at once
-//! (`bench/pressure.py`); by default a new identity follows each banned one until time is up,
-//! each holding at most 64.
+//! `--held 1000` lets each identity hold up to 1,000 of the streams it opens (a provider admits
+//! 32 and refuses the rest); `--identities N` stops after N identities. By default a new identity
+//! follows each banned one until time is up, each holding at most 64.
 
 use std::time::{Duration, Instant};
 
