@@ -1,6 +1,8 @@
-"""Helpers the benchmark scripts share: a free loopback port and one timed streaming request."""
+"""Helpers the benchmark scripts share: a free loopback port, waiting for a mesh to come up, a
+node's peer id from its log, and one timed streaming request."""
 import json
 import socket
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -10,6 +12,29 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_providers(base_url, count, work, within=120):
+    """Waits until the gateway at `base_url` reports `count` providers; exits (naming the log
+    folder `work`) when it does not within `within` seconds."""
+    deadline = time.time() + within
+    while time.time() < deadline:
+        try:
+            if json.load(urllib.request.urlopen(base_url + "/healthz", timeout=5))["providers"] == count:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    sys.exit(f"the mesh did not come up; logs in {work}")
+
+
+def peer_id_from_log(path):
+    """The peer id a node logged with its listen address, or None."""
+    with open(path) as log:
+        for line in log:
+            if "listening" in line and "peer=" in line:
+                return line.split("peer=")[1].split()[0].strip('"')
+    return None
 
 
 @dataclass

@@ -47,7 +47,7 @@ import time
 import urllib.error
 import urllib.request
 
-from common import free_port
+from common import free_port, peer_id_from_log, wait_for_providers
 from soak import classify_plain, classify_stream, rss_mb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,22 +267,8 @@ def main():
     sampler = Sampler({"gateway": gateway.pid, "provider": honest.pid}, URL)
     bad = 0
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                health = json.load(urllib.request.urlopen(URL.replace("/v1/chat/completions", "/healthz"), timeout=5))
-                if health["providers"] == 2:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.5)
-        else:
-            sys.exit(f"the mesh did not come up; logs in {work}")
-        peer = None
-        for line in open(os.path.join(work, "honest.log")):
-            if "listening" in line and "peer=" in line:
-                peer = line.split("peer=")[1].split()[0].strip('"')
-                break
+        wait_for_providers(f"http://127.0.0.1:{http}", 2, work)
+        peer = peer_id_from_log(os.path.join(work, "honest.log"))
         if not peer:
             sys.exit(f"no peer id in the honest provider's log; logs in {work}")
         post(URL, ask(8))  # warm the prompt cache and the route

@@ -37,7 +37,7 @@ import time
 import urllib.error
 import urllib.request
 
-from common import free_port
+from common import free_port, peer_id_from_log, wait_for_providers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [
@@ -173,21 +173,8 @@ def main():
     flood = None
     stop = threading.Event()
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if json.load(urllib.request.urlopen(url + "/healthz", timeout=5))["providers"] == args.providers:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.5)
-        else:
-            sys.exit(f"the mesh did not come up; logs in {work}")
-        peer0 = None
-        for line in open(os.path.join(work, "provider0.log")):
-            if "listening" in line and "peer=" in line:
-                peer0 = line.split("peer=")[1].split()[0].strip('"')
-                break
+        wait_for_providers(url, args.providers, work)
+        peer0 = peer_id_from_log(os.path.join(work, "provider0.log"))
         rss_start = {"gateway": rss_mb(gateway.pid), **{f"provider{i}": rss_mb(p.pid) for i, p in providers.items()}}
         end = time.time() + args.minutes * 60
         if not peer0:
