@@ -148,7 +148,8 @@ pub(crate) async fn accept_streams(desk: Arc<Desk>, client: Client) {
     while let Some(Inbound { peer, stream, slot }) = incoming.next().await {
         let desk = Arc::clone(&desk);
         tokio::spawn(async move {
-            serve_stream(&desk, peer, stream).await;
+            // Called off when the gateway's last connection closes: its stream is dead.
+            slot.serve(serve_stream(&desk, peer, stream)).await;
             drop(slot);
         });
     }

@@ -89,7 +89,8 @@ impl Service {
             let service = Arc::clone(&self);
             let client = client.clone();
             tokio::spawn(async move {
-                if service.serve(peer, stream).await == Kept::Not {
+                // Called off when the gateway's last connection closes: its stream is dead.
+                if slot.serve(service.serve(peer, stream)).await == Some(Kept::Not) {
                     let _ = client.report(peer, Offence::Violation).await;
                 }
                 drop(slot);

@@ -1,15 +1,18 @@
 //! Real swarms on loopback: QUIC transport, capability discovery, and Kademlia provider records
 //! leading a gateway to a provider it was never told about.
 
-#![allow(clippy::unwrap_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
 use std::time::Duration;
 
-use libp2p::{Multiaddr, PeerId};
+use futures::AsyncReadExt;
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use proofmesh_shared::net::mesh_key::PreSharedKey;
-use proofmesh_shared::net::{self, Client, Event, NetConfig, NetError, Role};
+use proofmesh_shared::net::{
+    self, Client, Event, Inbound, NetConfig, NetError, Offence, Quota, Role,
+};
 use proofmesh_shared::protocol::Capabilities;
 use support::caps;
 use tokio::sync::mpsc;
@@ -160,4 +163,65 @@ async fn a_private_mesh_admits_only_nodes_with_its_key() {
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("a private mesh node listened on QUIC"),
     }
+}
+
+/// A node that bans a peer calls off the work on that peer's streams at once. A stream on a
+/// connection this node closed itself is not woken by the close: a task reading it would sit
+/// there until its own timeout (the provider's is 10 s), so a crowd of banned identities could
+/// keep hundreds of tasks alive past the places they were given back.
+#[tokio::test]
+async fn banning_a_peer_calls_off_the_work_on_its_streams() {
+    const PROTOCOL: StreamProtocol = StreamProtocol::new("/proofmesh/test-door/1");
+    let (server, _events, addrs) =
+        node(Role::Provider(caps()), "/ip4/127.0.0.1/tcp/0", vec![]).await;
+    let quota = Quota {
+        per_peer: 4,
+        total: 4,
+    };
+    let mut incoming = server.accept(PROTOCOL, quota, vec![]).unwrap();
+    let (opener, _oe, _) = node(Role::Gateway, "/ip4/127.0.0.1/tcp/0", addrs).await;
+    let server_id = server.local_peer_id();
+
+    // The opener's stream says nothing; the server's task waits on it.
+    let silent = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match opener
+                .stream_control()
+                .open_stream(server_id, PROTOCOL)
+                .await
+            {
+                Ok(stream) => return stream,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .expect("no stream to the server within 20 s");
+    let Inbound {
+        peer,
+        mut stream,
+        slot,
+    } = incoming.next().await.unwrap();
+    assert_eq!(peer, opener.local_peer_id());
+    let reading = tokio::spawn(async move {
+        let mut byte = [0u8; 1];
+        slot.serve(stream.read(&mut byte))
+            .await
+            .map(|read| read.ok())
+    });
+
+    // Enough violations and the server bans the opener, closing its connection.
+    let mut reports = 0;
+    while server.connected_peers().await.unwrap().contains(&peer) {
+        assert!(reports < 64, "still connected after {reports} violations");
+        server.report(peer, Offence::Violation).await.unwrap();
+        reports += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), reading).await;
+    assert!(
+        ended.is_ok(),
+        "the banned peer's stream still held its task 5 s after the ban"
+    );
+    drop(silent);
 }

@@ -9,13 +9,15 @@
 //! (the protocol's own "overloaded" answer) and is closed; one past its own peer's quota is also
 //! reported as a [`Refused`]
 //! event, and the event loop counts it against the peer ([`super::conduct`]). When a peer's last
-//! connection closes (it left, or was banned), its places are given back at once: its streams
-//! may take a while to notice, and until they do a crowd of banned identities would otherwise
-//! hold every place. Outbound streams still go through `libp2p-stream`'s `Control`.
+//! connection closes (it left, or was banned), its places are given back at once and the work
+//! on its streams is called off ([`Slot::serve`]): a stream whose connection was closed by this
+//! node does not always notice by itself, and until it would time out a crowd of banned
+//! identities would otherwise hold every place, or a task each. Outbound streams still go
+//! through `libp2p-stream`'s `Control`.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::future::{Ready, ready};
+use std::future::{Future, Ready, ready};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -33,6 +35,7 @@ use libp2p::swarm::{
 };
 use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// How many streams of one protocol a node takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +68,17 @@ pub struct Slot {
     /// Which of the peer's stays it belongs to: a place already given back when the peer's
     /// connections closed is not given back twice.
     stay: u64,
+    /// Cancelled when that stay ends with the peer's last connection.
+    gone: CancellationToken,
+}
+
+impl Slot {
+    /// Runs `work` (serving this slot's stream) until it ends, or until the peer has no
+    /// connection left, whichever comes first: `None` for the latter, when the stream is dead
+    /// and its place was given back already.
+    pub async fn serve<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        self.gone.run_until_cancelled(work).await
+    }
 }
 
 impl Drop for Slot {
@@ -125,10 +139,22 @@ struct Door {
 
 /// The places one peer holds at a door, during one stay: from its first place until it holds
 /// none, or until its last connection closes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Held {
     count: usize,
     stay: u64,
+    /// Handed to the stay's slots; cancelled when the stay ends with the connections.
+    gone: CancellationToken,
+}
+
+impl Held {
+    fn new(stay: u64) -> Self {
+        Self {
+            count: 1,
+            stay,
+            gone: CancellationToken::new(),
+        }
+    }
 }
 
 impl Door {
@@ -144,10 +170,12 @@ impl Door {
         self.total = self.total.saturating_sub(1);
     }
 
-    /// Ends `peer`'s stay: every place it holds is free again.
+    /// Ends `peer`'s stay: every place it holds is free again, and the work on its streams is
+    /// called off.
     fn forget(&mut self, peer: &PeerId) {
         if let Some(held) = self.held.remove(peer) {
             self.total = self.total.saturating_sub(held.count);
+            held.gone.cancel();
         }
     }
 }
@@ -239,18 +267,16 @@ impl Doors {
         } else if door.total >= door.quota.total {
             RefusalReason::Full
         } else if let Ok(permit) = door.sender.try_reserve() {
-            let stay = match door.held.get_mut(&peer) {
-                Some(held) => {
-                    held.count += 1;
-                    held.stay
-                }
-                None => {
-                    let stay = door.stays;
-                    door.stays += 1;
-                    door.held.insert(peer, Held { count: 1, stay });
-                    stay
-                }
-            };
+            let stays = &mut door.stays;
+            let held = door
+                .held
+                .entry(peer)
+                .and_modify(|held| held.count += 1)
+                .or_insert_with(|| {
+                    *stays += 1;
+                    Held::new(*stays - 1)
+                });
+            let (stay, gone) = (held.stay, held.gone.clone());
             door.total += 1;
             permit.send(Inbound {
                 peer,
@@ -261,6 +287,7 @@ impl Doors {
                     door: door.id,
                     peer,
                     stay,
+                    gone,
                 },
             });
             return Ok(());
@@ -481,15 +508,24 @@ mod tests {
             stays: 0,
         };
         let (gone, back) = (PeerId::random(), PeerId::random());
-        door.held.insert(gone, Held { count: 2, stay: 0 });
+        let first = Held {
+            count: 2,
+            ..Held::new(0)
+        };
+        let called_off = first.gone.clone();
+        door.held.insert(gone, first);
         door.total = 2;
         door.stays = 1;
         door.forget(&gone);
         assert_eq!(door.total, 0, "its places are free at once");
+        assert!(
+            called_off.is_cancelled(),
+            "and its streams' work is called off"
+        );
         // Back within the same stay number space: a new stay, and the old slots' late
         // releases do not touch it.
-        door.held.insert(gone, Held { count: 1, stay: 1 });
-        door.held.insert(back, Held { count: 1, stay: 2 });
+        door.held.insert(gone, Held::new(1));
+        door.held.insert(back, Held::new(2));
         door.total = 2;
         door.release(&gone, 0);
         door.release(&gone, 0);
