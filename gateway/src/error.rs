@@ -4,10 +4,14 @@
 //! strings the official SDKs understand. A 5xx never carries internals in `message`: the detail
 //! goes into the log (with the request's span), the client gets a plain sentence.
 
+use std::time::Duration;
+
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
+
+use crate::log_budget::LogBudget;
 
 /// An error as the client sees it.
 #[derive(Debug, Clone)]
@@ -355,10 +359,24 @@ impl ApiError {
     }
 }
 
+/// Requests answered 5xx are logged at warn, 20 a second at most: a client hammering a model
+/// with no provider left must not fill the operator's disk (each is logged at debug).
+static FAILURES: LogBudget = LogBudget::new(Duration::from_secs(1), 20);
+
+fn log_failure(error: &ApiError) {
+    let (status, code, message) = (error.status, error.code, &error.message);
+    match FAILURES.take() {
+        Some(left_out) => {
+            tracing::warn!(%status, ?code, %message, left_out, "request failed");
+        }
+        None => tracing::debug!(%status, ?code, %message, "request failed"),
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::warn!(status = %self.status, code = ?self.code, message = %self.message, "request failed");
+            log_failure(&self);
         }
         let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(retry) = self.should_retry {

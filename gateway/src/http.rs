@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -16,6 +16,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+
+use crate::log_budget::LogBudget;
 
 /// How long a request's whole body may take to arrive (a request extension the JSON
 /// extractor reads).
@@ -110,42 +112,20 @@ fn client_address(address: IpAddr) -> IpAddr {
     }
 }
 
-/// Connections closed at the door, logged at most once per [`REFUSAL_LOG_EVERY`] with how
-/// many since the last line: a flood of connections must not become a flood of log lines.
-#[derive(Debug)]
-struct RefusalLog {
-    logged: Option<Instant>,
-    refused: u64,
-}
+/// Connections closed at the door are logged at most once per 10 s, with how many since the
+/// last line: a flood of connections must not become a flood of log lines.
+static REFUSALS: LogBudget = LogBudget::new(Duration::from_secs(10), 1);
 
-/// How often closed-at-the-door connections are logged.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
-
-impl RefusalLog {
-    fn new() -> Self {
-        Self {
-            logged: None,
-            refused: 0,
-        }
-    }
-
-    /// Counts one connection closed for `why`; logs the count now and then.
-    fn refused(&mut self, peer: std::net::SocketAddr, why: &'static str) {
-        self.refused += 1;
-        tracing::debug!(%peer, why, "connection closed at once");
-        if self
-            .logged
-            .is_none_or(|logged| logged.elapsed() >= REFUSAL_LOG_EVERY)
-        {
-            tracing::warn!(
-                %peer,
-                why,
-                closed = self.refused,
-                "connections closed as soon as accepted (a flood, or limits set too low)"
-            );
-            self.logged = Some(Instant::now());
-            self.refused = 0;
-        }
+/// Counts one connection closed for `why`; logs the count now and then.
+fn refused(peer: std::net::SocketAddr, why: &'static str) {
+    tracing::debug!(%peer, why, "connection closed at once");
+    if let Some(left_out) = REFUSALS.take() {
+        tracing::warn!(
+            %peer,
+            why,
+            closed = left_out + 1,
+            "connections closed as soon as accepted (a flood, or limits set too low)"
+        );
     }
 }
 
@@ -189,7 +169,6 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let per_address = Arc::new(PerAddress::default());
-    let mut refusals = RefusalLog::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -210,13 +189,13 @@ pub async fn serve(
             cap => match per_address.take(peer.ip(), cap) {
                 Some(place) => Some(place),
                 None => {
-                    refusals.refused(peer, "max_connections_per_address");
+                    refused(peer, "max_connections_per_address");
                     continue;
                 }
             },
         };
         let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
-            refusals.refused(peer, "max_connections");
+            refused(peer, "max_connections");
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -272,18 +251,6 @@ mod tests {
         assert_eq!(one, client_address(ip("2001:db8:1:2:ffff::9")));
         assert_ne!(one, client_address(ip("2001:db8:1:3::1")));
         assert_eq!(client_address(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
-    }
-
-    #[test]
-    fn a_flood_of_refusals_is_logged_once_per_period() {
-        let mut log = RefusalLog::new();
-        let peer = "192.0.2.7:1".parse().unwrap();
-        log.refused(peer, "test");
-        assert!(log.logged.is_some(), "the first is logged");
-        for _ in 0..1000 {
-            log.refused(peer, "test");
-        }
-        assert_eq!(log.refused, 1000, "the rest wait for the next line");
     }
 
     #[test]

@@ -25,7 +25,8 @@
 //!   gateway can also re-execute answers with its own engine (and then links llama.cpp);
 //!   without it, it links none.
 //! - [`state`]: [`state::AppState`], shared by handlers.
-//! - [`metrics`]: the Prometheus metrics; [`lifecycle`]: draining on shutdown.
+//! - [`metrics`]: the Prometheus metrics; [`lifecycle`]: draining on shutdown;
+//!   [`log_budget`]: a flood of failures logged as a few lines with counts.
 //! - [`http`]: the HTTP server, with header and body deadlines and a connection cap.
 //! - [`settings`]: the layered configuration behind the command line.
 
@@ -38,6 +39,7 @@ pub mod http;
 pub mod inference;
 pub mod ledger;
 pub mod lifecycle;
+pub mod log_budget;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
@@ -60,7 +62,7 @@ use libp2p::{Multiaddr, PeerId};
 use proofmesh_shared::net::{self, Event, NetConfig, Role};
 use proofmesh_shared::protocol::SignedStake;
 use tokio::sync::{mpsc, oneshot};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::auditor::{
     AuditPolicy, Auditor, AuditorConfig, Dialer, LocalReferee, VerificationMode, Vocabulary,
@@ -174,7 +176,13 @@ pub fn app(state: AppState) -> Router {
             access::authorize,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(TraceLayer::new_for_http().make_span_with(http_span))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(http_span)
+                // `error::ApiError` logs each 5xx it answers, within a budget; tower-http's
+                // own ERROR line per failure would double them, without the budget.
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
         .with_state(state)
 }
 
