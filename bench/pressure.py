@@ -2,14 +2,16 @@
 """Pressure: a loopback mesh under each kind of abuse issue #15 names, one phase at a time, with
 an honest request's latency and every process's resident memory measured throughout.
 
-    bench/pressure.py [--seconds 40] [--idle 10000] [--slowloris 1000] [--clients 64]
+    bench/pressure.py [--seconds 40] [--idle 10000] [--slowloris 1000] [--slowloris-hosts 8]
+                      [--clients 64]
 
 A gateway (request deadline 30 s), one honest provider (4 slots, release builds, the default
 model) and a hostile provider (`provider/examples/hostile_provider.rs`, which streams tokens
 without end under the model name `endless`) run on 127.0.0.1. A prober sends one short honest
 request (8 tokens, plain) every second through the whole run; each phase reports the probes'
-latency (p50, max, failures) and the peak RSS of the gateway and the honest provider, sampled
-every 0.2 s. Phases, each `--seconds` long:
+latency (p50, max, failures), the peak RSS of the gateway and the honest provider, sampled
+every 0.2 s, and the lines the gateway logged (a flood must not become a flood of log lines).
+Phases, each `--seconds` long:
 
 - baseline: nothing else;
 - saturation: `--clients` threads send requests back to back (plain and streamed, 32 tokens):
@@ -17,7 +19,9 @@ every 0.2 s. Phases, each `--seconds` long:
   against the gateway's 30 s deadline;
 - endless: 8 threads ask the endless provider for `max_tokens` 400 (its context is 512; plain and streamed):
   each must end in an error, not in a gateway that buffers without bound;
-- slowloris: `--slowloris` connections to the gateway dribble a header byte a second; closed
+- slowloris: `--slowloris` connections to the gateway dribble a header byte a second, spread
+  over `--slowloris-hosts` source addresses (127.0.1.1, 127.0.1.2, ...) so that each stays
+  under the gateway's per-address cap and the header deadline is what cuts them off; closed
   ones are reopened (how many the gateway closed is reported);
 - idle connections: `--idle` TCP connections opened to the honest provider's libp2p port, and
   held without a byte sent (those the node closes are reopened once a second), then as many to
@@ -26,8 +30,8 @@ every 0.2 s. Phases, each `--seconds` long:
   provider from one identity, holding up to 1,000 at once, until it is banned, then the next
   identity does the same.
 
-The abusive TCP connections come from 127.0.0.2, another host as far as the servers can tell
-(127.0.0.0/8 is all loopback), the prober's from 127.0.0.1. Every loop is bounded by the
+The other abusive TCP connections come from 127.0.0.2, another host as far as the servers can
+tell (127.0.0.0/8 is all loopback), the prober's from 127.0.0.1. Every loop is bounded by the
 phase's time; exits 1 when a probe failed outside the saturation phase (where 429s are the
 point), an answer took past the deadline, a 429 came without `Retry-After`, a client hung, or an
 endless answer was delivered as a success. Talks only to loopback.
@@ -85,13 +89,19 @@ def ask(max_tokens, stream=False, model=MODEL_NAME, content="Say hello."):
             "temperature": 0, "stream": stream, "verification_mode": "none"}
 
 
-class Sampler:
-    """Peak RSS of each process, and the prober's latencies, per phase."""
+def lines(path):
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
 
-    def __init__(self, pids, url):
-        self.pids, self.url = pids, url
+
+class Sampler:
+    """Peak RSS of each process, the prober's latencies and the gateway's log lines, per phase."""
+
+    def __init__(self, pids, url, log):
+        self.pids, self.url, self.log = pids, url, log
         self.peak = {}
         self.probes = []
+        self.logged = 0
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
@@ -99,10 +109,11 @@ class Sampler:
         with self.lock:
             self.peak = {name: rss_mb(pid) for name, pid in self.pids.items()}
             self.probes = []
+            self.logged = lines(self.log)
 
     def take(self):
         with self.lock:
-            return dict(self.peak), list(self.probes)
+            return dict(self.peak), list(self.probes), lines(self.log) - self.logged
 
     def sample_rss(self):
         while not self.stop.wait(0.2):
@@ -149,17 +160,17 @@ def hammer(seconds, threads, body_of):
     return outcomes, slowest[0]
 
 
-def hold_connections(seconds, addr, count, dribble):
+def hold_connections(seconds, addr, count, dribble, sources=(ABUSER,)):
     """Keeps `count` TCP connections to `addr` open for `seconds` (reopening closed ones once a
-    second); with `dribble`, each sends a header byte a second. Returns (opened, closed by the
-    server, most held at once)."""
+    second), from the `sources` addresses in turn; with `dribble`, each sends a header byte a
+    second. Returns (opened, closed by the server, most held at once)."""
     conns, opened, closed, most = [], 0, 0, 0
 
     def fill():
         nonlocal opened
         while len(conns) < count:
             s = socket.socket()
-            s.bind((ABUSER, 0))
+            s.bind((sources[opened % len(sources)], 0))
             s.setblocking(False)
             try:
                 s.connect_ex(addr)
@@ -208,7 +219,7 @@ def hold_connections(seconds, addr, count, dribble):
 
 
 def summary(name, sampler, extra):
-    peak, probes = sampler.take()
+    peak, probes, logged = sampler.take()
     ok = [took for good, took, _ in probes if good]
     failed = collections.Counter(what for good, _, what in probes if not good)
     if failed:
@@ -216,7 +227,8 @@ def summary(name, sampler, extra):
     p50 = f"{statistics.median(ok) * 1000:.0f} ms" if ok else "-"
     worst = f"{max(ok) * 1000:.0f} ms" if ok else "-"
     rss = ", ".join(f"{k} {v:.0f}" for k, v in peak.items())
-    print(f"| {name} | {len(probes)} | {p50} | {worst} | {sum(failed.values())} | {rss} | {extra} |", flush=True)
+    print(f"| {name} | {len(probes)} | {p50} | {worst} | {sum(failed.values())} | {rss} | {logged} | {extra} |",
+          flush=True)
     return sum(failed.values())
 
 
@@ -229,6 +241,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=40, help="length of each phase")
     ap.add_argument("--idle", type=int, default=10_000, help="idle connections per target")
     ap.add_argument("--slowloris", type=int, default=1_000, help="dribbling HTTP connections")
+    ap.add_argument("--slowloris-hosts", type=int, default=8, choices=range(1, 255), metavar="1..254",
+                    help="source addresses the slowloris connections come from")
     ap.add_argument("--clients", type=int, default=64, help="saturating clients")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -264,7 +278,7 @@ def main():
                                 f"/ip4/127.0.0.1/tcp/{p2p}", "endless", "endless"],
                                stderr=open(os.path.join(work, "hostile.log"), "w"))
     procs = [gateway, honest, hostile]
-    sampler = Sampler({"gateway": gateway.pid, "provider": honest.pid}, URL)
+    sampler = Sampler({"gateway": gateway.pid, "provider": honest.pid}, URL, os.path.join(work, "gateway.log"))
     bad = 0
     try:
         wait_for_providers(f"http://127.0.0.1:{http}", 2, work)
@@ -275,8 +289,9 @@ def main():
         for target in (sampler.sample_rss, sampler.probe):
             threading.Thread(target=target, daemon=True).start()
         print(f"pressure: {args.seconds:g} s a phase; gateway deadline {DEADLINE} s; logs in {work}")
-        print("| phase | probes | probe p50 | probe max | probes failed | peak RSS MiB | what the phase did |")
-        print("|---|---|---|---|---|---|---|")
+        print("| phase | probes | probe p50 | probe max | probes failed | peak RSS MiB | gateway log lines "
+              "| what the phase did |")
+        print("|---|---|---|---|---|---|---|---|")
 
         sampler.reset()
         time.sleep(args.seconds)
@@ -298,8 +313,10 @@ def main():
                        f"{dict(outcomes)}; slowest {slowest:.1f} s")
 
         sampler.reset()
-        opened, closed, most = hold_connections(args.seconds, ("127.0.0.1", http), args.slowloris, dribble=True)
-        bad += summary(f"slowloris, {args.slowloris} connections", sampler,
+        hosts = [f"127.0.1.{i}" for i in range(1, args.slowloris_hosts + 1)]
+        opened, closed, most = hold_connections(args.seconds, ("127.0.0.1", http), args.slowloris, dribble=True,
+                                                sources=hosts)
+        bad += summary(f"slowloris, {args.slowloris} connections from {len(hosts)} hosts", sampler,
                        f"{opened} opened, {closed} closed by the gateway, at most {most} open at once")
 
         sampler.reset()
