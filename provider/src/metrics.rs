@@ -151,7 +151,40 @@ impl Default for ProviderMetrics {
     }
 }
 
+/// One request in `requests_processing` for as long as this lives, however it ends: a
+/// generation called off mid-way (its gateway's connection closed) is counted `abandoned`.
+#[derive(Debug)]
+pub(crate) struct Processing<'a> {
+    metrics: &'a ProviderMetrics,
+    finished: bool,
+}
+
+impl Processing<'_> {
+    /// The generation returned; its outcome is counted by the caller.
+    pub(crate) fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for Processing<'_> {
+    fn drop(&mut self) {
+        self.metrics.requests_processing.dec();
+        if !self.finished {
+            self.metrics.request_ended("abandoned");
+        }
+    }
+}
+
 impl ProviderMetrics {
+    /// Counts one request as processing until the guard is dropped.
+    pub(crate) fn processing(&self) -> Processing<'_> {
+        self.requests_processing.inc();
+        Processing {
+            metrics: self,
+            finished: false,
+        }
+    }
+
     /// Counts one finished request.
     pub fn request_ended(&self, outcome: &'static str) {
         self.requests
@@ -162,5 +195,37 @@ impl ProviderMetrics {
     /// The registry, for encoding.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn abandoned(metrics: &ProviderMetrics) -> u64 {
+        metrics
+            .requests
+            .get_or_create(&OutcomeLabels {
+                outcome: "abandoned",
+            })
+            .get()
+    }
+
+    #[test]
+    fn a_generation_called_off_midway_is_counted_and_leaves_the_gauge() {
+        let metrics = ProviderMetrics::default();
+        let finished = metrics.processing();
+        assert_eq!(metrics.requests_processing.get(), 1);
+        finished.finish();
+        assert_eq!(metrics.requests_processing.get(), 0);
+        assert_eq!(abandoned(&metrics), 0, "its caller counts a returned one");
+        // Dropped mid-way, as when the stream's connection closes.
+        drop(metrics.processing());
+        assert_eq!(
+            metrics.requests_processing.get(),
+            0,
+            "drain would wait for it"
+        );
+        assert_eq!(abandoned(&metrics), 1);
     }
 }

@@ -148,8 +148,14 @@ pub(crate) async fn accept_streams(desk: Arc<Desk>, client: Client) {
     while let Some(Inbound { peer, stream, slot }) = incoming.next().await {
         let desk = Arc::clone(&desk);
         tokio::spawn(async move {
-            // Called off when the gateway's last connection closes: its stream is dead.
-            slot.serve(serve_stream(&desk, peer, stream)).await;
+            // Called off when the stream's connection closes: it is dead.
+            if slot
+                .serve(serve_stream(&desk, peer, stream))
+                .await
+                .is_none()
+            {
+                count_job(&desk, "failed");
+            }
             drop(slot);
         });
     }
@@ -158,17 +164,14 @@ pub(crate) async fn accept_streams(desk: Arc<Desk>, client: Client) {
 /// Serves one gateway's referee stream: `Begin`, then `Tokens` as they come, `Finish`, `Open`.
 pub async fn serve_stream(desk: &Desk, asker: PeerId, mut stream: libp2p::Stream) {
     let outcome = serve(desk, asker, &mut stream).await;
-    if let Some(metrics) = &desk.metrics {
-        let outcome = match &outcome {
+    count_job(
+        desk,
+        match &outcome {
             Ok(()) => "completed",
             Err(StreamEnd::Job(RefereeError::Busy(_) | RefereeError::Invalid(_))) => "refused",
             Err(_) => "failed",
-        };
-        metrics
-            .referee_jobs
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
-    }
+        },
+    );
     if let Err(e) = outcome {
         tracing::debug!(gateway = %asker, error = %e, "referee job ended");
         if let Some(kind) = e.kind() {
@@ -180,6 +183,16 @@ pub async fn serve_stream(desk: &Desk, asker: PeerId, mut stream: libp2p::Stream
         }
     }
     let _ = stream.close().await;
+}
+
+/// Counts one referee job by how it ended.
+fn count_job(desk: &Desk, outcome: &'static str) {
+    if let Some(metrics) = &desk.metrics {
+        metrics
+            .referee_jobs
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
 }
 
 /// How a served referee stream ended badly.

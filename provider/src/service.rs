@@ -89,7 +89,7 @@ impl Service {
             let service = Arc::clone(&self);
             let client = client.clone();
             tokio::spawn(async move {
-                // Called off when the gateway's last connection closes: its stream is dead.
+                // Called off when the stream's connection closes: it is dead.
                 if slot.serve(service.serve(peer, stream)).await == Some(Kept::Not) {
                     let _ = client.report(peer, Offence::Violation).await;
                 }
@@ -190,12 +190,12 @@ impl Service {
                 "provider is shutting down",
             )))
         } else {
-            self.metrics.requests_processing.inc();
+            let processing = self.metrics.processing();
             let result = self
                 .generate(peer, &request, &mut stream, read_at)
                 .instrument(span.clone())
                 .await;
-            self.metrics.requests_processing.dec();
+            processing.finish();
             result
         };
         let _entered = span.enter();

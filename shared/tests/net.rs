@@ -219,9 +219,10 @@ async fn banning_a_peer_calls_off_the_work_on_its_streams() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ended = tokio::time::timeout(Duration::from_secs(5), reading).await;
+    // Woken by the cancel, the read may also find its stream dead by now: either way, it ended.
     assert!(
-        ended.is_ok(),
-        "the banned peer's stream still held its task 5 s after the ban"
+        matches!(ended, Ok(Ok(None | Some(None)))),
+        "the banned peer's stream still held its task 5 s after the ban: {ended:?}"
     );
     drop(silent);
 }

@@ -9,11 +9,11 @@
 //! (the protocol's own "overloaded" answer) and is closed; one past its own peer's quota is also
 //! reported as a [`Refused`]
 //! event, and the event loop counts it against the peer ([`super::conduct`]). When a peer's last
-//! connection closes (it left, or was banned), its places are given back at once and the work
-//! on its streams is called off ([`Slot::serve`]): a stream whose connection was closed by this
-//! node does not always notice by itself, and until it would time out a crowd of banned
-//! identities would otherwise hold every place, or a task each. Outbound streams still go
-//! through `libp2p-stream`'s `Control`.
+//! connection closes (it left, or was banned), its places are given back at once; and when any
+//! connection closes, the work on its streams is called off ([`Slot::serve`]). A stream whose
+//! connection this node closed itself is not woken by the close: until it timed out, a crowd
+//! of banned identities would otherwise hold every place, or a task each. Outbound streams
+//! still go through `libp2p-stream`'s `Control`.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -68,16 +68,16 @@ pub struct Slot {
     /// Which of the peer's stays it belongs to: a place already given back when the peer's
     /// connections closed is not given back twice.
     stay: u64,
-    /// Cancelled when that stay ends with the peer's last connection.
-    gone: CancellationToken,
+    /// Cancelled when the stream's connection closes.
+    closed: CancellationToken,
 }
 
 impl Slot {
-    /// Runs `work` (serving this slot's stream) until it ends, or until the peer has no
-    /// connection left, whichever comes first: `None` for the latter, when the stream is dead
-    /// and its place was given back already.
+    /// Runs `work` (serving this slot's stream) until it ends, or until the stream's
+    /// connection has closed, whichever comes first: `None` for the latter, when the stream is
+    /// dead.
     pub async fn serve<T>(&self, work: impl Future<Output = T>) -> Option<T> {
-        self.gone.run_until_cancelled(work).await
+        self.closed.run_until_cancelled(work).await
     }
 }
 
@@ -139,21 +139,15 @@ struct Door {
 
 /// The places one peer holds at a door, during one stay: from its first place until it holds
 /// none, or until its last connection closes.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct Held {
     count: usize,
     stay: u64,
-    /// Handed to the stay's slots; cancelled when the stay ends with the connections.
-    gone: CancellationToken,
 }
 
 impl Held {
     fn new(stay: u64) -> Self {
-        Self {
-            count: 1,
-            stay,
-            gone: CancellationToken::new(),
-        }
+        Self { count: 1, stay }
     }
 }
 
@@ -170,12 +164,10 @@ impl Door {
         self.total = self.total.saturating_sub(1);
     }
 
-    /// Ends `peer`'s stay: every place it holds is free again, and the work on its streams is
-    /// called off.
+    /// Ends `peer`'s stay: every place it holds is free again.
     fn forget(&mut self, peer: &PeerId) {
         if let Some(held) = self.held.remove(peer) {
             self.total = self.total.saturating_sub(held.count);
-            held.gone.cancel();
         }
     }
 }
@@ -250,12 +242,14 @@ impl Doors {
             .collect()
     }
 
-    /// Lets the stream in, or turns it away and says why.
+    /// Lets the stream in (its work called off by `closed`, its connection's), or turns it
+    /// away and says why.
     fn admit(
         &self,
         peer: PeerId,
         protocol: StreamProtocol,
         stream: Stream,
+        closed: &CancellationToken,
     ) -> Result<(), RefusalReason> {
         let mut doors = self.lock();
         let Some(door) = doors.get_mut(&protocol) else {
@@ -276,7 +270,7 @@ impl Doors {
                     *stays += 1;
                     Held::new(*stays - 1)
                 });
-            let (stay, gone) = (held.stay, held.gone.clone());
+            let stay = held.stay;
             door.total += 1;
             permit.send(Inbound {
                 peer,
@@ -287,7 +281,7 @@ impl Doors {
                     door: door.id,
                     peer,
                     stay,
-                    gone,
+                    closed: closed.clone(),
                 },
             });
             return Ok(());
@@ -344,6 +338,7 @@ impl Behaviour {
             remote: peer,
             doors: self.doors.clone(),
             refused: VecDeque::new(),
+            closed: CancellationToken::new(),
         }
     }
 }
@@ -407,6 +402,14 @@ pub(crate) struct Handler {
     remote: PeerId,
     doors: Doors,
     refused: VecDeque<Refused>,
+    /// Handed to the connection's slots; cancelled when the handler goes with its connection.
+    closed: CancellationToken,
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
 }
 
 impl ConnectionHandler for Handler {
@@ -448,7 +451,9 @@ impl ConnectionHandler for Handler {
             protocol: (stream, protocol),
             ..
         }) = event
-            && let Err(reason) = self.doors.admit(self.remote, protocol.clone(), stream)
+            && let Err(reason) =
+                self.doors
+                    .admit(self.remote, protocol.clone(), stream, &self.closed)
         {
             tracing::debug!(peer = %self.remote, %protocol, ?reason, "inbound stream refused");
             if reason == RefusalReason::OverQuota && self.refused.len() < MAX_PENDING_REFUSALS {
@@ -508,20 +513,11 @@ mod tests {
             stays: 0,
         };
         let (gone, back) = (PeerId::random(), PeerId::random());
-        let first = Held {
-            count: 2,
-            ..Held::new(0)
-        };
-        let called_off = first.gone.clone();
-        door.held.insert(gone, first);
+        door.held.insert(gone, Held { count: 2, stay: 0 });
         door.total = 2;
         door.stays = 1;
         door.forget(&gone);
         assert_eq!(door.total, 0, "its places are free at once");
-        assert!(
-            called_off.is_cancelled(),
-            "and its streams' work is called off"
-        );
         // Back within the same stay number space: a new stay, and the old slots' late
         // releases do not touch it.
         door.held.insert(gone, Held::new(1));
