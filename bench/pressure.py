@@ -20,9 +20,9 @@ Phases, each `--seconds` long:
 - endless: 8 threads ask the endless provider for `max_tokens` 400 (its context is 512; plain and streamed):
   each must end in an error, not in a gateway that buffers without bound;
 - slowloris: `--slowloris` connections to the gateway dribble a header byte a second, spread
-  over `--slowloris-hosts` source addresses (127.0.1.1, 127.0.1.2, ...) so that each stays
-  under the gateway's per-address cap and the header deadline is what cuts them off; closed
-  ones are reopened (how many the gateway closed is reported);
+  over `--slowloris-hosts` source addresses (127.0.1.1, 127.0.1.2, ...): with at most 256 from
+  each (the gateway's per-address cap; the defaults give 125), the header deadline is what cuts
+  them off; closed ones are reopened (how many the gateway closed is reported);
 - idle connections: `--idle` TCP connections opened to the honest provider's libp2p port, and
   held without a byte sent (those the node closes are reopened once a second), then as many to
   the gateway's HTTP port;

@@ -359,13 +359,23 @@ impl ApiError {
     }
 }
 
-/// Requests answered 5xx are logged at warn, 20 a second at most: a client hammering a model
-/// with no provider left must not fill the operator's disk (each is logged at debug).
-static FAILURES: LogBudget = LogBudget::new(Duration::from_secs(1), 20);
+/// Requests answered 502, 503 or 504 (the mesh failed them) are logged at warn, 20 per 10 s at
+/// most: a client hammering a model with no provider left must not fill the operator's disk
+/// (each is logged at debug).
+static MESH_FAILURES: LogBudget = LogBudget::new(Duration::from_secs(10), 20);
+/// The other 5xx (the gateway itself failed), with a budget of their own, so that a flood of
+/// the former does not hide them.
+static GATEWAY_FAILURES: LogBudget = LogBudget::new(Duration::from_secs(10), 20);
 
 fn log_failure(error: &ApiError) {
     let (status, code, message) = (error.status, error.code, &error.message);
-    match FAILURES.take() {
+    let budget = match status {
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
+            &MESH_FAILURES
+        }
+        _ => &GATEWAY_FAILURES,
+    };
+    match budget.take() {
         Some(left_out) => {
             tracing::warn!(%status, ?code, %message, left_out, "request failed");
         }
